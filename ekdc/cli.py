@@ -1,0 +1,120 @@
+"""The ``ekdc`` command line: each command parses, calls the library, prints. Nothing else lives here."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="ekdc",
+    help="Ensemble Knowledge Distillation: distill teachers into a multi-branch student, export it, bench it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console(highlight=False)
+
+
+@app.command()
+def distill(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<recipe name>, numbered if taken]."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a recipe field: key.path=value (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs", help="Where run folders go."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Train (or load) the teachers, then the EKD student, from a recipe."""
+    from .distillation import distill as run_distill
+    from .recipe import load_recipe
+    from .report import metrics_table
+
+    r = load_recipe(recipe, set_)
+    run = run_distill(r, out, resume=resume, runs_root=runs_root, console=console, progress=not quiet)
+    if run.metrics_path.exists():
+        console.print(metrics_table(run.metrics(), title=f"{r.name}: validation metrics ({run.path})"))
+
+
+@app.command()
+def export(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run folder [default: the newest under runs/]."),
+    out: Path = typer.Option(Path("export"), "--out", "-o", help="Output folder."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write student.fp16.onnx (fp16 compute, float32 I/O)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write student.int8.onnx (static QDQ, per-channel, QUInt8 activations)."),
+    trt: bool = typer.Option(False, "--trt", help="Also build student.plan with TensorRT (needs TensorRT and a GPU)."),
+    fold: str = typer.Option("auto", "--fold", help="Branch layout: grouped, separate, none, or auto (timed on ONNX Runtime)."),
+    calib: int = typer.Option(256, "--calib", help="Training images used to calibrate int8."),
+    parity_images: int = typer.Option(512, "--parity-images", help="Validation images used for parity checks."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest run."),
+):
+    """Fold the student's branches into one graph and export ONNX (fp32/fp16/int8) and a TensorRT plan."""
+    from .deploy.export import export as run_export
+    from .report import export_table
+
+    manifest = run_export(run_dir, out, fp16=fp16, int8=int8, trt=trt, fold_mode=fold, calib_images=calib,
+                          parity_images=parity_images, runs_root=runs_root, console=console)
+    console.print(export_table(manifest))
+
+
+@app.command()
+def bench(
+    models: List[Path] = typer.Argument(..., help="Exported ONNX files (or TensorRT plans)."),
+    against: Optional[Path] = typer.Option(None, "--against", help="Reference model [default: teachers.onnx beside the first model]."),
+    batch: str = typer.Option("1,8,64", "--batch", "-b", help="Comma-separated batch sizes."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads [default: all cores]."),
+    provider: str = typer.Option("cpu", "--provider", help="cpu, cuda or tensorrt."),
+    warmup: int = typer.Option(5, "--warmup", help="Warm-up runs per batch size."),
+    runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs per batch size and repeat."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Seconds per batch size and repeat (instead of --runs)."),
+    repeats: int = typer.Option(3, "--repeats", help="Measurement rounds, models interleaved, each in a fresh process."),
+    data: Optional[str] = typer.Option(None, "--data", help="Recipe or run folder whose validation split gives accuracy."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency against batch size."),
+):
+    """Measure latency, throughput, memory and accuracy of models against the teacher ensemble."""
+    from .benchmark import bench as run_bench
+    from .benchmark.report import bench_table
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch {batch!r}: expected comma-separated integers such as 1,8,64") from None
+    report = run_bench(models, against=against, batches=batches, threads=threads, provider=provider, warmup=warmup,
+                       runs=runs, duration=duration, repeats=repeats, data=data, json_path=json_path, plot_path=plot,
+                       console=console)
+    console.print(bench_table(report))
+
+
+@app.command("models")
+def list_models_cmd():
+    """List the architectures a recipe can name."""
+    from .models import list_models
+
+    for name in list_models():
+        console.print(name)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        print(f"ekdc: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("ekdc: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # click's own usage errors
+        import click
+
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise

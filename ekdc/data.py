@@ -1,0 +1,289 @@
+"""Data sets, seeded stratified splits, and batch augmentation.
+
+Every data set is decoded once into uint8 tensors ``[N, 3, H, W]`` kept in memory; batches are
+augmented as tensors (random crop after zero padding, horizontal flip) on the training device.
+Augmentation parameters are a pure function of (seed, epoch, sample index), so a resumed run sees
+the very views an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .recipe import Augment, DataConfig
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+@dataclasses.dataclass
+class DataSplits:
+    """Train and validation images (uint8 ``[N,3,H,W]``) and labels (int64), class names, normalisation."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# splits
+
+
+def stratified_split(
+    labels: np.ndarray, *, fraction: float | None = None, per_class: int | None = None, seed: int = 0,
+    candidates: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``candidates`` (indices into ``labels``, default all) into (picked, rest), stratified by
+    class: ``per_class`` items of each class, or ``fraction`` of each class (at least one).
+    Seeded and independent of the input order."""
+    labels = np.asarray(labels)
+    idx = np.arange(len(labels)) if candidates is None else np.sort(np.asarray(candidates))
+    rng = np.random.default_rng(seed)
+    picked, rest = [], []
+    for c in np.unique(labels[idx]):
+        members = idx[labels[idx] == c]
+        members = members[rng.permutation(len(members))]
+        k = per_class if per_class is not None else max(1, int(round(fraction * len(members))))
+        if k > len(members):
+            raise UserError(f"class {c} has {len(members)} images, fewer than the {k} asked for")
+        picked.append(members[:k])
+        rest.append(members[k:])
+    return np.sort(np.concatenate(picked)), np.sort(np.concatenate(rest))
+
+
+# --------------------------------------------------------------------------------------------------
+# data set registry: each returns (images uint8 [N,3,H,W], labels, classes, val or None)
+
+_DATASETS: dict[str, Callable] = {}
+
+
+def register_dataset(fn: Callable) -> Callable:
+    _DATASETS[fn.__name__.lstrip("_")] = fn
+    return fn
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+@register_dataset
+def _cifar10(cfg: DataConfig):
+    return _torchvision_cifar(cfg, "CIFAR10")
+
+
+@register_dataset
+def _cifar100(cfg: DataConfig):
+    return _torchvision_cifar(cfg, "CIFAR100")
+
+
+def _torchvision_cifar(cfg: DataConfig, cls_name: str):
+    """The official training split (from which validation is carved, like every data set here)."""
+    import torchvision
+
+    root = cfg.root or "data"
+    try:
+        ds = getattr(torchvision.datasets, cls_name)(root, train=True, download=cfg.download)
+    except RuntimeError as err:
+        raise UserError(
+            f"data.root: {cls_name} not found under '{root}' ({str(err).splitlines()[0]}); "
+            "set data.download: true to fetch it"
+        ) from None
+    x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    return x, np.asarray(ds.targets, dtype=np.int64), list(ds.classes), None
+
+
+def _scan_folder(root: Path, what: str) -> tuple[list[str], list[str], np.ndarray]:
+    if not root.is_dir():
+        raise UserError(f"{what}: folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for ci, c in enumerate(classes):
+        for dirpath, _, names in os.walk(root / c, followlinks=True):
+            for n in sorted(names):
+                if n.lower().endswith(IMG_EXTENSIONS):
+                    files.append(os.path.join(dirpath, n))
+                    labels.append(ci)
+    if not files:
+        raise UserError(f"{what}: no images in class folders under {root} (expected {root}/<class>/<image>)")
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def _decode(files: list[str], size: int) -> torch.Tensor:
+    from PIL import Image
+
+    out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                out[i] = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
+        except OSError as err:
+            raise UserError(f"cannot read image {f}: {err}") from None
+    return out
+
+
+class _LazyFolder:
+    """An image folder whose files are decoded only when selected (a 10% subset decodes 10%)."""
+
+    def __init__(self, files: list[str], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        return _decode([self.files[i] for i in idx], self.size)
+
+
+@register_dataset
+def _imagefolder(cfg: DataConfig):
+    classes, files, labels = _scan_folder(Path(cfg.root), "data.root")
+    val = None
+    if cfg.val_root:
+        vclasses, vfiles, vlabels = _scan_folder(Path(cfg.val_root), "data.val_root")
+        if vclasses != classes:
+            raise UserError(f"data.val_root: class folders {vclasses} differ from data.root's {classes}")
+        val = (_LazyFolder(vfiles, cfg.image_size), vlabels)
+    return _LazyFolder(files, cfg.image_size), labels, classes, val
+
+
+@register_dataset
+def _digits(cfg: DataConfig):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images): offline, in every install."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None].repeat(1, 3, 1, 1)
+    return x, d.target.astype(np.int64), [str(i) for i in range(10)], None
+
+
+@register_dataset
+def _synthetic(cfg: DataConfig):
+    """Learnable random data for tests: one smooth random template per class, plus noise."""
+    g = torch.Generator().manual_seed(1234)
+    k, n, s = cfg.num_classes, cfg.num_samples, cfg.image_size
+    templates = F.interpolate(torch.rand(k, 3, 4, 4, generator=g), size=(s, s), mode="bilinear", align_corners=False)
+    labels = torch.arange(n) % k
+    x = templates[labels] * 0.7 + torch.rand(n, 3, s, s, generator=g) * 0.3
+    return (x * 255).round().to(torch.uint8), labels.numpy(), [f"class_{i}" for i in range(k)], None
+
+
+def _take(images, idx: np.ndarray) -> torch.Tensor:
+    if isinstance(images, _LazyFolder):
+        return images.take(idx)
+    return images[torch.from_numpy(idx)]
+
+
+def load_data(cfg: DataConfig) -> DataSplits:
+    """Load the data set the recipe names, carve a seeded stratified validation split, optionally
+    keep a seeded stratified subset of the rest for training (limited-data regime)."""
+    images, labels, classes, val = _DATASETS[cfg.dataset](cfg)
+    if val is None:
+        vk = dict(per_class=cfg.val_per_class) if cfg.val_per_class else dict(fraction=cfg.val_fraction)
+        val_idx, train_idx = stratified_split(labels, seed=cfg.split_seed, **vk)
+        val_images, val_labels = images, labels
+    else:
+        val_images, val_labels = val
+        val_idx, train_idx = np.arange(len(val_labels)), np.arange(len(labels))
+    if cfg.per_class is not None or cfg.train_fraction is not None:
+        # a second, independent stream: the limited subset never depends on the validation draw
+        train_idx, _ = stratified_split(
+            labels, per_class=cfg.per_class, fraction=cfg.train_fraction, seed=cfg.split_seed + 1,
+            candidates=train_idx,
+        )
+    train_x = _resize(_take(images, train_idx), cfg.image_size)
+    val_x = _resize(_take(val_images, val_idx), cfg.image_size)
+    mean, std = cfg.mean, cfg.std
+    if mean is None or std is None:
+        f = train_x.float().div_(255)
+        mean = mean or [round(v, 4) for v in f.mean(dim=(0, 2, 3)).tolist()]
+        std = std or [round(max(v, 1e-3), 4) for v in f.std(dim=(0, 2, 3)).tolist()]
+    return DataSplits(
+        train_x=train_x.contiguous(),
+        train_y=torch.from_numpy(np.asarray(labels)[train_idx]),
+        val_x=val_x.contiguous(),
+        val_y=torch.from_numpy(np.asarray(val_labels)[val_idx]),
+        classes=classes,
+        mean=list(mean),
+        std=list(std),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# batches and augmentation
+
+
+def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x_uint8.float().div_(255) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def augment_params(n: int, aug: Augment | None, seed: int, epoch: int) -> torch.Tensor | None:
+    """Per-sample (dy, dx, flip) for one epoch, a pure function of (seed, epoch)."""
+    if aug is None:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    p = aug.crop_padding
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=g)
+    flip = torch.randint(0, 2, (n,), generator=g) if aug.hflip else torch.zeros(n, dtype=torch.long)
+    return torch.stack([dy, dx, flip], 1)
+
+
+def augment_batch(x: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random crop (after zero padding) and horizontal flip of a batch, vectorised: ``x`` is
+    ``[B,C,H,W]``, ``params`` ``[B,3]`` (dy, dx, flip) on the same device."""
+    b, c, h, w = x.shape
+    if padding:
+        x = F.pad(x, (padding, padding, padding, padding))
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = params[:, 0:1] + ar_h  # [B,H]
+    cols = params[:, 1:2] + ar_w  # [B,W]
+    flip = params[:, 2:3].bool()
+    cols = torch.where(flip, cols.flip(1), cols)
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    out = x.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # [B,H,W,C]
+    return out.permute(0, 3, 1, 2)
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Shuffled sample order for one epoch; with several ranks, each takes an equal shard."""
+    g = torch.Generator().manual_seed(seed * 7_919 + epoch + 1)
+    order = torch.randperm(n, generator=g)
+    if world > 1:
+        per = -(-n // world)
+        order = torch.cat([order, order[: per * world - n]])  # pad so every rank gets the same count
+        order = order[rank::world]
+    return order
+
+
+def iterate_batches(n: int, batch_size: int, order: torch.Tensor | None = None, drop_last: bool = False) -> Iterator[torch.Tensor]:
+    order = torch.arange(n) if order is None else order
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        if drop_last and len(idx) < batch_size and i > 0:
+            return
+        yield idx

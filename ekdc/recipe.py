@@ -1,0 +1,342 @@
+"""Recipes: YAML read with ``yaml.safe_load``, validated by a typed pydantic schema.
+
+Nothing in a recipe can import or run code: it is plain data, and every field has a type. Errors name
+the key path (``distill.temperature: must be > 0``) and, for unknown keys, suggest the closest one.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Augment(_Strict):
+    crop_padding: int = Field(4, ge=0, description="random crop after zero padding by this many pixels; 0 = off")
+    hflip: bool = True
+
+
+class DataConfig(_Strict):
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "digits", "synthetic"]
+    root: Optional[str] = Field(None, description="cifar: torchvision root; imagefolder: the training root")
+    download: bool = Field(False, description="cifar: let torchvision download the data set")
+    val_root: Optional[str] = Field(None, description="imagefolder: a separate validation root")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share carved from training data")
+    val_per_class: Optional[int] = Field(None, gt=0, description="validation images per class (overrides val_fraction)")
+    train_fraction: Optional[float] = Field(None, gt=0, le=1, description="limited data: keep this share")
+    per_class: Optional[int] = Field(None, gt=0, description="limited data: keep this many images a class")
+    image_size: int = Field(32, ge=8, le=512)
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    augment: Union[Augment, bool] = True
+    split_seed: int = Field(0, description="seed of the train/validation split (kept apart from the run seed)")
+    # synthetic data (tests only)
+    num_classes: int = Field(10, ge=2, description="synthetic only")
+    num_samples: int = Field(256, ge=4, description="synthetic only")
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three_channels(cls, v):
+        if v is not None and len(v) != 3:
+            raise ValueError("must list 3 values (R, G, B)")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v):
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _limited_one_way(self):
+        if self.train_fraction is not None and self.per_class is not None:
+            raise ValueError("set either train_fraction or per_class, not both")
+        if self.dataset == "imagefolder" and not self.root:
+            raise ValueError("imagefolder needs data.root (the training folder)")
+        return self
+
+    @property
+    def augment_config(self) -> Augment | None:
+        if self.augment is True:
+            return Augment()
+        if self.augment is False:
+            return None
+        return self.augment
+
+
+class Schedule(_Strict):
+    """How one network is trained: used by each teacher and by the student."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = True
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class TeacherConfig(_Strict):
+    name: Optional[str] = Field(None, description="defaults to the architecture, numbered if repeated")
+    arch: str
+    checkpoint: Optional[str] = Field(None, description="load this file instead of training")
+    train: Schedule = Field(default_factory=Schedule)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v):
+        from .models import check_model_name
+
+        check_model_name(v)
+        return v
+
+
+class StudentConfig(_Strict):
+    arch: Literal["ekd_student"] = "ekd_student"
+    num_branches: Optional[int] = Field(None, ge=1, description="defaults to the number of teachers")
+    trunk_width: int = Field(16, ge=1)
+    trunk_blocks: int = Field(1, ge=0)
+    branch_widths: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
+    branch_blocks: int = Field(1, ge=1, description="residual blocks per branch stage")
+
+    @field_validator("branch_widths")
+    @classmethod
+    def _positive(cls, v):
+        if any(w < 1 for w in v):
+            raise ValueError("every width must be >= 1")
+        return v
+
+
+class LossWeights(_Strict):
+    ce: float = Field(1.0, ge=0, description="per-branch cross-entropy")
+    ens: float = Field(1.0, ge=0, description="cross-entropy of the averaged logits")
+    kd: float = Field(1.0, ge=0, description="per-branch KL to its teacher at temperature T, times T^2")
+    feat: float = Field(0.0, ge=0, description="per-branch feature matching through a linear adapter")
+
+
+class DistillConfig(Schedule):
+    temperature: float = Field(4.0, description="softening temperature T of the KD term")
+    weights: LossWeights = Field(default_factory=LossWeights)
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_t(cls, v):
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+
+class Recipe(_Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    mode: Literal["ekd", "avg_kd", "ce"] = "ekd"
+    data: DataConfig
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.student.num_branches is None:
+            self.student.num_branches = len(self.teachers)
+        elif self.student.num_branches != len(self.teachers):
+            raise ValueError(
+                f"student.num_branches is {self.student.num_branches} but there are {len(self.teachers)} "
+                "teachers: EKD trains one branch per teacher"
+            )
+        seen: dict[str, int] = {}
+        for t in self.teachers:
+            if t.name is None:
+                n = seen.get(t.arch, 0)
+                t.name = t.arch if n == 0 else f"{t.arch}_{n}"
+            seen[t.arch] = seen.get(t.arch, 0) + 1
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# loading, overrides, error messages
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after", "function-before"))
+
+
+def _schema_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for 'did you mean')."""
+    import typing
+
+    cls: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return cls
+        ann = field.annotation
+        candidates = [ann, *typing.get_args(ann)]
+        nxt = None
+        for c in candidates:
+            for cc in [c, *typing.get_args(c)]:
+                if isinstance(cc, type) and issubclass(cc, BaseModel):
+                    nxt = cc
+        cls = nxt if nxt is not None else cls
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _first_error(err: ValidationError, where: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # pydantic reports union members as extra loc parts ("Augment", "bool"); drop them
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+    path = _format_loc(loc)
+    if e["type"] == "extra_forbidden":
+        owner = _schema_at(Recipe, loc[:-1])
+        hint = ""
+        if owner is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1)
+            if close:
+                hint = f" (did you mean '{close[0]}'?)"
+        return f"{where}: unknown key '{path}'{hint}"
+    if e["type"] == "missing":
+        return f"{where}: {path}: required key is missing"
+    msg = e["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    msg = msg.replace("Input should be", "must be").replace("greater than or equal to", ">=")
+    msg = msg.replace("greater than", ">").replace("less than or equal to", "<=").replace("less than", "<")
+    return f"{where}: {path}: {msg}" if path else f"{where}: {msg}"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise UserError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to the raw recipe mapping."""
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {item}: '{where}' is not an index of a list of {len(node)}")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                if node.get(part) is None:
+                    _check_known_path(parts[: i + 1], item)
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise UserError(f"--set {item}: '{where}' is not a mapping")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise UserError(f"--set {item}: '{'.'.join(parts)}' is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            _check_known_path(parts, item)
+            node[last] = value
+    return raw
+
+
+def _check_known_path(parts: list[str], item: str) -> None:
+    owner = _schema_at(Recipe, tuple(int(p) if p.isdigit() else p for p in parts[:-1]))
+    if owner is None:
+        return
+    if parts[-1] not in owner.model_fields:
+        close = difflib.get_close_matches(parts[-1], list(owner.model_fields), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"--set {item}: unknown key '{'.'.join(parts)}'{hint}")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"recipe not found: {path}")
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder, not a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> None:
+    """Relative data roots and checkpoints are read relative to the recipe file's folder... unless
+    they exist relative to the working directory, which is how people usually type them."""
+
+    def fix(p: str | None) -> str | None:
+        if p is None or os.path.isabs(p) or Path(p).exists():
+            return p
+        cand = base / p
+        return str(cand) if cand.exists() else p
+
+    recipe.data.root = fix(recipe.data.root)
+    recipe.data.val_root = fix(recipe.data.val_root)
+    for t in recipe.teachers:
+        t.checkpoint = fix(t.checkpoint)
+
+
+def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_first_error(err, where)) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (``--set key.path=value``) and validate a recipe."""
+    path = Path(path)
+    raw = apply_overrides(_read_yaml(path), overrides)
+    recipe = recipe_from_dict(raw, where=str(path))
+    _resolve_paths(recipe, path.resolve().parent)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

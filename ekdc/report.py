@@ -1,0 +1,42 @@
+"""Rich tables for what distill and export print."""
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def metrics_table(m: dict, title: str = "validation metrics") -> Table:
+    t = Table(title=title)
+    for col, just in (("model", "left"), ("arch", "left"), ("val acc", "right"), ("params", "right"), ("MACs", "right")):
+        t.add_column(col, justify=just)
+    s = m["student"]
+    branches = " / ".join(f"{a:.4f}" for a in s["branch_acc"])
+    t.add_row(f"student ({m['mode']})", f"ekd_student x{len(s['branch_acc'])}", f"{s['ensemble_acc']:.4f}",
+              _si(s["params"]), _si(s["macs"]))
+    t.add_row("  branches", "", branches, "", "")
+    for tr in m["teachers"]:
+        t.add_row(f"teacher {tr['name']}", tr["arch"], f"{tr['acc']:.4f}", _si(tr["params"]), _si(tr["macs"]))
+    tp = sum(tr["params"] for tr in m["teachers"])
+    tm = sum(tr["macs"] for tr in m["teachers"])
+    t.add_row("teacher ensemble", f"{len(m['teachers'])} teachers", f"{m['teacher_ensemble_acc']:.4f}", _si(tp), _si(tm))
+    t.caption = (f"student/ensemble: {s['params'] / tp:.1%} of params, {s['macs'] / tm:.1%} of MACs; "
+                 f"training {m['seconds']:.0f}s")
+    return t
+
+
+def export_table(manifest: dict) -> Table:
+    t = Table(title=f"ekdc export -> {manifest['out']}  (fold: {manifest['fold']['choice']})")
+    for col, just in (("file", "left"), ("kind", "left"), ("precision", "left"), ("size", "right"),
+                      ("parity", "left"), ("val acc", "right")):
+        t.add_column(col, justify=just)
+    for f in manifest["files"]:
+        acc = f.get("accuracy")
+        t.add_row(f["file"], f["kind"], f["precision"], f"{f['size_mb']:.2f} MB", f.get("parity_summary", ""),
+                  "" if acc is None else f"{acc:.4f}")
+    return t
