@@ -1,0 +1,161 @@
+"""ONNX export under the ekdc contract, ONNX Runtime sessions, parity and timing.
+
+Contract of every exported file: input ``images`` float32 ``[B,3,H,W]`` RGB in [0,1] with the
+normalisation inside the graph, dynamic batch; output ``logits`` float32 ``[B,C]``; metadata
+``ekdc.classes``, ``ekdc.input_size``, ``ekdc.kind``, ``ekdc.precision``, ``ekdc.recipe``.
+Reduced-precision files keep float32 I/O.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import _io
+
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+class DeployModel(nn.Module):
+    """``images`` in [0,1] -> normalise -> ``net`` -> float32 ``logits``. With ``half``, the network
+    runs in fp16 between a cast in and a cast out, so the file keeps float32 I/O."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], half: bool = False):
+        super().__init__()
+        self.net = net.half() if half else net
+        self.half = half
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) * self.inv_std
+        if self.half:
+            return self.net(x.half()).float()
+        return self.net(x)
+
+
+class TeacherEnsemble(nn.Module):
+    """The teacher ensemble as one module: the mean of the teachers' logits."""
+
+    def __init__(self, teachers: list[nn.Module]):
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t(x) for t in self.teachers]).mean(0)
+
+
+def export_onnx(model: DeployModel, path: str | Path, input_size: int, metadata: dict[str, str]) -> Path:
+    """Export with the dynamo exporter into one self-contained file (no external data), full
+    ``onnx.checker`` check, metadata set; written atomically."""
+    import onnx
+
+    model = model.eval()
+    example = torch.rand(2, 3, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with _io.atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        raw = tmp.with_suffix(".raw.onnx")
+        try:
+            torch.onnx.export(
+                model, (example,), str(raw), dynamo=True, external_data=False, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_shapes={"images": {0: batch}}, optimize=True, verbose=False,
+            )
+            proto = onnx.load(str(raw))
+        finally:
+            raw.unlink(missing_ok=True)
+        set_metadata(proto, metadata)
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+    return Path(path)
+
+
+def set_metadata(proto, metadata: dict[str, str]) -> None:
+    keep = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for k, v in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def contract_metadata(*, classes: list[str], input_size: int, kind: str, precision: str, recipe: str,
+                      run_dir: str | Path, extra: dict | None = None) -> dict[str, str]:
+    meta = {
+        "ekdc.classes": json.dumps(classes), "ekdc.input_size": str(input_size), "ekdc.kind": kind,
+        "ekdc.precision": precision, "ekdc.recipe": recipe, "ekdc.run_dir": str(Path(run_dir).resolve()),
+    }
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_session(sess, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of float32 ``images`` in [0,1], in batches."""
+    out = [sess.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(out)
+
+
+def parity(reference: np.ndarray, logits: np.ndarray) -> dict:
+    """How closely ``logits`` follow ``reference``: max abs difference (absolute and relative to the
+    reference's scale) and argmax agreement."""
+    diff = float(np.abs(reference - logits).max())
+    scale = float(np.abs(reference).max()) or 1.0
+    agree = float((reference.argmax(1) == logits.argmax(1)).mean())
+    return {"max_abs_diff": diff, "max_rel_diff": diff / scale, "argmax_agreement": agree, "images": int(len(logits))}
+
+
+def time_sessions(paths: dict[str, Path], input_size: int, batches: tuple[int, ...] = (1, 64), rounds: int = 5,
+                  min_runs: int = 5, threads: int | None = None) -> dict[str, dict[str, float]]:
+    """Median latency (ms) of each model at each batch, measured interleaved (round r times every
+    model) so machine drift favours none."""
+    sessions = {name: session(p, threads) for name, p in paths.items()}
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.random((b, 3, input_size, input_size), dtype=np.float32) for b in batches}
+    samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in paths}
+    for s in sessions.values():  # warm-up
+        for b in batches:
+            s.run([OUTPUT_NAME], {INPUT_NAME: inputs[b]})
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            for b in batches:
+                for _ in range(min_runs):
+                    t0 = time.perf_counter()
+                    s.run([OUTPUT_NAME], {INPUT_NAME: inputs[b]})
+                    samples[name][b].append((time.perf_counter() - t0) * 1e3)
+    return {n: {str(b): round(statistics.median(v), 4) for b, v in per.items()} for n, per in samples.items()}
+
+
+def pick_fastest(timings: dict[str, dict[str, float]]) -> str:
+    """The candidate with the lowest geometric mean, over batch sizes, of latency relative to the
+    best candidate at that batch: batch 1 and a large batch weigh the same."""
+    names = list(timings)
+    batches = list(next(iter(timings.values())))
+    best = {b: min(timings[n][b] for n in names) for b in batches}
+    score = {n: float(np.exp(np.mean([np.log(timings[n][b] / best[b]) for b in batches]))) for n in names}
+    return min(names, key=lambda n: score[n])
