@@ -21,6 +21,13 @@ app = typer.Typer(
 console = Console(highlight=False)
 
 
+def _show(table) -> None:
+    """Print a table; a pipe or a file has no width to respect, so there it is printed uncropped."""
+    if not console.is_terminal:
+        console.width = max(console.width, console.measure(table, options=console.options.update_width(400)).maximum)
+    console.print(table)
+
+
 @app.command()
 def distill(
     recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
@@ -38,7 +45,7 @@ def distill(
     r = load_recipe(recipe, set_)
     run = run_distill(r, out, resume=resume, runs_root=runs_root, console=console, progress=not quiet)
     if run.metrics_path.exists():
-        console.print(metrics_table(run.metrics(), title=f"{r.name}: validation metrics ({run.path})"))
+        _show(metrics_table(run.metrics(), title=f"{r.name}: validation metrics ({run.path})"))
 
 
 @app.command()
@@ -59,7 +66,7 @@ def export(
 
     manifest = run_export(run_dir, out, fp16=fp16, int8=int8, trt=trt, fold_mode=fold, calib_images=calib,
                           parity_images=parity_images, runs_root=runs_root, console=console)
-    console.print(export_table(manifest))
+    _show(export_table(manifest))
 
 
 @app.command()
@@ -88,7 +95,7 @@ def bench(
     report = run_bench(models, against=against, batches=batches, threads=threads, provider=provider, warmup=warmup,
                        runs=runs, duration=duration, repeats=repeats, data=data, json_path=json_path, plot_path=plot,
                        console=console)
-    console.print(bench_table(report))
+    _show(bench_table(report))
 
 
 @app.command("models")
@@ -101,20 +108,9 @@ def list_models_cmd():
 
 
 def main() -> None:
+    # standalone mode: Typer handles --help and its own usage errors (exit 2); ours end here
     try:
-        app(standalone_mode=False)
+        app()
     except UserError as err:
         print(f"ekdc: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("ekdc: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as err:  # click's own usage errors
-        import click
-
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise

@@ -139,7 +139,7 @@ def _decode(files: list[str], size: int) -> torch.Tensor:
                 im = im.convert("RGB")
                 if im.size != (size, size):
                     im = im.resize((size, size), Image.BILINEAR)
-                out[i] = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
+                out[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1)
         except OSError as err:
             raise UserError(f"cannot read image {f}: {err}") from None
     return out

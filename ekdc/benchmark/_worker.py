@@ -1,0 +1,345 @@
+"""The measured child process: loads ONE model, times it at each batch size, reports its peak memory,
+then (outside the timed part and after the memory reading) its accuracy.
+
+    python -m ekdc.benchmark._worker SPEC.json RESULT.json
+
+SPEC is written by the parent (``runner.py``); RESULT gets ``{"batches": {...}, "peak_rss_mib": ...}``
+or ``{"error": "one line"}``. Files, not stdout, because ONNX Runtime and TensorRT may print there.
+Imports stay minimal (numpy, the runtime) so the memory reading is the model's, not ekdc's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+_ORT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                 "tensorrt": "TensorrtExecutionProvider"}
+_MAX_SAMPLES = 200_000  # a duration budget on a microsecond model must not grow a list without bound
+
+
+class WorkerError(Exception):
+    """A problem with the model or the runtime, reported to the parent as one line."""
+
+
+# --------------------------------------------------------------------------------------------------
+# memory
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux keeps ``ru_maxrss`` across execve, so a child forked from a parent holding torch and a data
+    set would report the parent's size; VmHWM is the high-water mark of this program's own address
+    space since exec. ``ru_maxrss`` (KiB on Linux, bytes on macOS) where /proc is not available."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+class _GpuMemory:
+    """Device memory of this process (MiB, summed over GPUs) from NVML or nvidia-smi; where the
+    process is not visible by its PID (a container's own PID namespace), the growth of the devices'
+    used memory since this object was made (before the model was loaded)."""
+
+    def __init__(self) -> None:
+        self.method: Optional[str] = None
+        self._nvml, self._handles, self._base = None, [], 0
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self._base = sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles)
+            self._nvml = pynvml
+        except Exception:  # noqa: BLE001 - NVML is optional; nvidia-smi is tried next
+            self._nvml = None
+
+    def sample(self) -> Optional[float]:
+        pid = os.getpid()
+        if self._nvml is not None:
+            try:
+                used = sum(p.usedGpuMemory or 0 for h in self._handles
+                           for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid == pid)
+                if used:
+                    self.method = "process (NVML)"
+                    return used / (1 << 20)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+            out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
+            mine = [line.split(",")[1].strip() for line in out.splitlines()
+                    if line.count(",") == 1 and line.split(",")[0].strip() == str(pid)]
+            if mine and all(m.isdigit() for m in mine):
+                self.method = "process (nvidia-smi)"
+                return float(sum(int(m) for m in mine))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        if self._nvml is not None:
+            try:
+                used = sum(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles)
+                self.method = "device used-memory growth (NVML)"
+                return max(0.0, (used - self._base) / (1 << 20))
+            except Exception:  # noqa: BLE001
+                pass
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# runners: each turns an input batch into a callable that runs once and returns its latency (ms)
+
+
+class OrtRunner:
+    """ONNX Runtime: pinned intra-op threads, one inter-op thread, sequential execution, all graph
+    optimisations. On CUDA/TensorRT, inputs and outputs stay on the device through I/O binding."""
+
+    timing = "host clock around each run"
+
+    def __init__(self, spec: dict) -> None:
+        import onnxruntime as ort
+
+        self.ort, self.provider = ort, spec["provider"]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = int(spec["threads"])
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(spec["path"], opts, providers=self._providers(spec))
+        except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for bad graphs
+            raise WorkerError(f"ONNX Runtime cannot load the model: {_first_line(err)}") from None
+        want, got = _ORT_PROVIDER[self.provider], self.sess.get_providers()
+        if not got or got[0] != want:
+            # ORT silently falls back to the CPU when a GPU provider fails to start
+            raise WorkerError(f"{want} did not start (ONNX Runtime fell back to {got[0] if got else 'nothing'}): "
+                              "check the GPU, its driver and the CUDA/TensorRT libraries")
+        self.max_batch = max(spec["batches"]) if self.provider == "tensorrt" else None
+        if self.provider != "cpu":
+            self.timing = "host clock around each synchronised run (I/O bound on the device)"
+
+    def _providers(self, spec: dict) -> list:
+        if self.provider == "cpu":
+            return ["CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", {"device_id": 0})
+        if self.provider == "cuda":
+            return [cuda, "CPUExecutionProvider"]
+        h, w = spec["input_hw"]
+        big, opt = max(spec["batches"]), min(spec["batches"])
+        trt = ("TensorrtExecutionProvider", {
+            "device_id": 0,
+            # one engine for every batch size, built once and reused by the later rounds' processes
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": spec["cache_dir"],
+            "trt_profile_min_shapes": f"{INPUT_NAME}:1x3x{h}x{w}",
+            "trt_profile_opt_shapes": f"{INPUT_NAME}:{opt}x3x{h}x{w}",
+            "trt_profile_max_shapes": f"{INPUT_NAME}:{big}x3x{h}x{w}",
+        })
+        return [trt, cuda, "CPUExecutionProvider"]
+
+    def prepare(self, x: np.ndarray) -> Callable[[], float]:
+        if self.provider == "cpu":
+            feeds, run = {INPUT_NAME: x}, self.sess.run
+
+            def once() -> float:
+                t0 = time.perf_counter()
+                run([OUTPUT_NAME], feeds)
+                return (time.perf_counter() - t0) * 1e3
+
+            return once
+        binding = self.sess.io_binding()
+        x_device = self.ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)  # copied to the GPU once, not per run
+        binding.bind_ortvalue_input(INPUT_NAME, x_device)
+        binding.bind_output(OUTPUT_NAME, "cuda", 0)
+        run_bound = self.sess.run_with_iobinding
+
+        def once_bound() -> float:
+            _ = x_device  # the closure keeps the device buffer alive as long as the binding is used
+            t0 = time.perf_counter()
+            run_bound(binding)  # returns after the device has finished (ORT synchronises the run)
+            return (time.perf_counter() - t0) * 1e3
+
+        return once_bound
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+
+class PlanRunner:
+    """A serialized TensorRT engine, run with the TensorRT 10 API on torch-allocated device buffers;
+    latency from CUDA events on the stream, i.e. device-side time."""
+
+    timing = "CUDA events around each enqueue (device time)"
+
+    def __init__(self, spec: dict) -> None:
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError as err:
+            raise WorkerError(f"a .plan needs the tensorrt and torch packages ({err})") from None
+        if not torch.cuda.is_available():
+            raise WorkerError("a .plan runs only on a CUDA GPU, and none is visible")
+        self.trt, self.torch = trt, torch
+        logger = trt.Logger(trt.Logger.ERROR)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(Path(spec["path"]).read_bytes())
+        if self.engine is None:
+            raise WorkerError("TensorRT cannot deserialize the plan (built by another TensorRT version or GPU?)")
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        if names != {INPUT_NAME, OUTPUT_NAME}:
+            raise WorkerError(f"the plan's tensors are {sorted(names)}, expected images and logits")
+        for name in (INPUT_NAME, OUTPUT_NAME):
+            if self.engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
+                raise WorkerError(f"the plan's '{name}' is {self.engine.get_tensor_dtype(name)}, expected float32")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        shape = tuple(self.engine.get_tensor_shape(INPUT_NAME))
+        self.input_hw = (int(shape[2]), int(shape[3]))
+        lo, _, hi = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+        self._buffers: list = []  # keep device tensors alive while their addresses are bound
+
+    def _bind(self, x: np.ndarray):
+        torch = self.torch
+        b = x.shape[0]
+        if not self.min_batch <= b <= self.max_batch:
+            raise WorkerError(f"batch {b} is outside the plan's profile ({self.min_batch}..{self.max_batch}); "
+                              "rebuild the engine or pick batches in that range")
+        xd = torch.from_numpy(np.ascontiguousarray(x)).to("cuda")
+        self.context.set_input_shape(INPUT_NAME, tuple(xd.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAME)), dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address(INPUT_NAME, xd.data_ptr())
+        self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+        self._buffers = [xd, out]
+        torch.cuda.synchronize()
+        return out
+
+    def prepare(self, x: np.ndarray) -> Callable[[], float]:
+        self._bind(x)
+        torch, stream, context = self.torch, self.stream, self.context
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def once() -> float:
+            start.record(stream)
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise WorkerError("TensorRT failed to enqueue the engine")
+            end.record(stream)
+            end.synchronize()
+            return float(start.elapsed_time(end))
+
+        return once
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        out = self._bind(x)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise WorkerError("TensorRT failed to enqueue the engine")
+        self.stream.synchronize()
+        return out.cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# measurement
+
+
+def time_batch(once: Callable[[], float], warmup: int, runs: Optional[int], duration: Optional[float],
+               min_runs: int) -> list[float]:
+    """Latencies (ms) after ``warmup`` untimed runs: exactly ``runs``, or as many as fit in ``duration``
+    seconds (at least ``min_runs``)."""
+    for _ in range(warmup):
+        once()
+    samples: list[float] = []
+    deadline = time.perf_counter() + (duration or 0.0)
+    while True:
+        samples.append(once())
+        n = len(samples)
+        if runs is not None:
+            if n >= runs:
+                break
+        elif (n >= min_runs and time.perf_counter() >= deadline) or n >= _MAX_SAMPLES:
+            break
+    return samples
+
+
+def accuracy(runner, val_x_path: str, val_y_path: str, chunk: int, fixed_batch: Optional[int]) -> float:
+    """Top-1 accuracy on the validation images the parent saved (memory-mapped, float32 in [0,1])."""
+    x = np.load(val_x_path, mmap_mode="r")
+    y = np.load(val_y_path)
+    step = fixed_batch or chunk
+    correct = 0
+    for i in range(0, len(x), step):
+        xb = np.ascontiguousarray(x[i : i + step], dtype=np.float32)
+        n = len(xb)
+        if fixed_batch and n < fixed_batch:  # a graph with a frozen batch takes only full batches: pad
+            xb = np.concatenate([xb, np.zeros((fixed_batch - n, *xb.shape[1:]), np.float32)])
+        logits = np.asarray(runner.predict(xb))[:n]
+        correct += int((logits.argmax(1) == y[i : i + n]).sum())
+    return correct / max(1, len(x))
+
+
+def measure(spec: dict) -> dict[str, Any]:
+    baseline = peak_rss_mib()  # interpreter, numpy and ekdc's imports: the same for every model
+    gpu = _GpuMemory() if spec["provider"] != "cpu" or spec["format"] == "plan" else None
+    runner = PlanRunner(spec) if spec["format"] == "plan" else OrtRunner(spec)
+    hw = spec.get("input_hw") or getattr(runner, "input_hw", None)
+    if hw is None:
+        raise WorkerError("cannot tell the model's input size")
+    rng = np.random.default_rng(0)
+    result: dict[str, Any] = {"batches": {}, "baseline_rss_mib": baseline, "input_hw": list(hw),
+                              "timing": runner.timing}
+    device_peak: Optional[float] = None
+    for b in spec["batches"]:
+        x = rng.random((b, 3, *hw), dtype=np.float32)
+        once = runner.prepare(x)
+        result["batches"][str(b)] = time_batch(once, spec["warmup"], spec["runs"], spec["duration"], spec["min_runs"])
+        if gpu is not None:
+            d = gpu.sample()
+            device_peak = d if device_peak is None or (d is not None and d > device_peak) else device_peak
+        del once, x
+    # read peak memory now: the accuracy pass below loads the validation images, which are not the model's
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["device_mem_mib"] = device_peak
+    result["device_mem_method"] = gpu.method if gpu is not None else None
+    if spec.get("val_x"):
+        t0 = time.perf_counter()
+        chunk = min(256, runner.max_batch or 256)
+        result["accuracy"] = accuracy(runner, spec["val_x"], spec["val_y"], chunk, spec.get("fixed_batch"))
+        result["accuracy_seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m ekdc.benchmark._worker SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        result = measure(spec)
+    except WorkerError as err:
+        result = {"error": str(err)}
+    except Exception as err:  # noqa: BLE001 - anything else still reaches the parent as one line, plus detail
+        result = {"error": f"{type(err).__name__}: {_first_line(err)}", "traceback": traceback.format_exc()}
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Classify image files with any model exported by `ekdc export`. Needs onnxruntime, Pillow and
+numpy; no torch, no ekdc.
+
+    python infer.py student.onnx cat.jpg dog.png [--top 3]
+
+The model's metadata says the input size and the class names; normalisation is inside the graph,
+so the input is just RGB in [0, 1].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+
+def load_images(paths: list[str], size: int) -> np.ndarray:
+    batch = np.empty((len(paths), 3, size, size), dtype=np.float32)
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            batch[i] = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return batch
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="an exported .onnx file (student.onnx, student.int8.onnx, teachers.onnx, ...)")
+    ap.add_argument("images", nargs="+", help="image files")
+    ap.add_argument("--top", type=int, default=1, help="how many classes to print per image")
+    args = ap.parse_args()
+    try:
+        sess = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+        meta = sess.get_modelmeta().custom_metadata_map
+        classes = json.loads(meta["ekdc.classes"])
+        size = int(meta["ekdc.input_size"])
+        x = load_images(args.images, size)
+    except (OSError, KeyError, ValueError) as err:
+        print(f"infer.py: error: {err}", file=sys.stderr)
+        return 2
+    probs = softmax(sess.run(["logits"], {"images": x})[0])
+    for path, p in zip(args.images, probs):
+        top = np.argsort(-p)[: args.top]
+        print(f"{path}: " + ", ".join(f"{classes[k]} ({p[k]:.1%})" for k in top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny synthetic recipes and one trained tiny run reused by export tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(**over) -> dict:
+    """A recipe on synthetic 16x16 data: trains in seconds on a CPU."""
+    r = {
+        "name": "tiny",
+        "seed": 0,
+        "precision": "fp32",
+        "data": {"dataset": "synthetic", "num_classes": 4, "num_samples": 160, "image_size": 16, "val_fraction": 0.25},
+        "teachers": [
+            {"arch": "resnet8", "train": {"epochs": 2, "batch_size": 32, "lr": 0.05}},
+            {"arch": "wrn_16_2", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+        ],
+        "student": {"trunk_width": 8, "trunk_blocks": 1, "branch_widths": [8, 16], "branch_blocks": 1},
+        "distill": {"epochs": 2, "batch_size": 32, "lr": 0.05, "temperature": 4.0},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(r.get(k), dict):
+            r[k] = {**r[k], **v}
+        else:
+            r[k] = v
+    return r
+
+
+def write_recipe(path: Path, **over) -> Path:
+    path.write_text(yaml.safe_dump(tiny_recipe(**over), sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "160", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "ekdc", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One trained tiny run (through the library), shared by the export tests."""
+    from ekdc import distill, load_recipe
+
+    d = tmp_path_factory.mktemp("tiny_run")
+    recipe = load_recipe(write_recipe(d / "tiny.yaml"))
+    return distill(recipe, d / "run", progress=False).path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny run exported with fp16 and int8 (fold chosen by timing)."""
+    from ekdc import export
+
+    out = tmp_path_factory.mktemp("tiny_export")
+    manifest = export(tiny_run, out, fp16=True, int8=True, calib_images=32)
+    return out, manifest

@@ -1,0 +1,382 @@
+"""``ekdc bench`` on tiny hand-built ONNX files that follow the export contract (no torch, no training).
+
+The tiny graphs: images -> (x - mean) / std -> Conv(3->w, 3x3, pad 1) -> Relu -> GlobalAveragePool ->
+Flatten -> Gemm(w->10). The "teachers" file averages two such branches. At 16x16 one branch has
+w*27 + w conv parameters and w*10 + 10 head parameters; its MACs per image are 16*16*w*27 + w*10.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from ekdc.errors import UserError
+
+SIZE, CLASSES = 16, 10
+STUDENT_W, TEACHER_WS = 8, (16, 24)
+FAST = dict(batches=(1, 4), runs=3, repeats=2, warmup=1, threads=1)
+
+
+def branch_params(w: int) -> int:
+    return w * 27 + w + w * CLASSES + CLASSES
+
+
+def branch_macs(w: int) -> int:
+    return SIZE * SIZE * w * 27 + w * CLASSES
+
+
+# --------------------------------------------------------------------------------------------------
+# building contract-compliant ONNX files
+
+
+def _branch(tag: str, w: int, rng, nodes: list, inits: list, fp16_weights: bool) -> str:
+    """One conv branch reading ``x_norm``; returns the name of its [1,10] logits."""
+    def weight(name: str, arr: np.ndarray) -> str:
+        if not fp16_weights:
+            inits.append(numpy_helper.from_array(arr.astype(np.float32), name))
+            return name
+        # weights stored in fp16 and cast up at run time: a Cast chain the MAC counter must follow
+        inits.append(numpy_helper.from_array(arr.astype(np.float16), name + "_h"))
+        nodes.append(helper.make_node("Cast", [name + "_h"], [name], to=TensorProto.FLOAT))
+        return name
+
+    cw = weight(f"{tag}_conv_w", rng.normal(0, 0.3, (w, 3, 3, 3)))
+    cb = weight(f"{tag}_conv_b", rng.normal(0, 0.1, (w,)))
+    fw = weight(f"{tag}_fc_w", rng.normal(0, 0.3, (CLASSES, w)))
+    fb = weight(f"{tag}_fc_b", rng.normal(0, 0.1, (CLASSES,)))
+    nodes += [
+        helper.make_node("Conv", ["x_norm", cw, cb], [f"{tag}_c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", [f"{tag}_c"], [f"{tag}_r"]),
+        helper.make_node("GlobalAveragePool", [f"{tag}_r"], [f"{tag}_g"]),
+        helper.make_node("Flatten", [f"{tag}_g"], [f"{tag}_f"]),
+        helper.make_node("Gemm", [f"{tag}_f", fw, fb], [f"{tag}_o"], transB=1),
+    ]
+    return f"{tag}_o"
+
+
+def make_model(path: Path, widths: tuple[int, ...], *, kind: str, precision: str = "fp32", seed: int = 0,
+               run_dir: Path | None = None, fp16_weights: bool = False, input_name: str = "images") -> Path:
+    rng = np.random.default_rng(seed)
+    nodes: list = [helper.make_node("Sub", [input_name, "mean"], ["x_sub"]),
+                   helper.make_node("Div", ["x_sub", "std"], ["x_norm"])]
+    inits = [numpy_helper.from_array(np.full((1, 3, 1, 1), 0.5, np.float32), "mean"),
+             numpy_helper.from_array(np.full((1, 3, 1, 1), 0.25, np.float32), "std")]
+    outs = [_branch(f"b{i}", w, rng, nodes, inits, fp16_weights) for i, w in enumerate(widths)]
+    if len(outs) == 1:
+        nodes.append(helper.make_node("Identity", [outs[0]], ["logits"]))
+    else:
+        inits.append(numpy_helper.from_array(np.array(1.0 / len(outs), np.float32), "inv_n"))
+        nodes.append(helper.make_node("Sum", outs, ["sum"]))
+        nodes.append(helper.make_node("Mul", ["sum", "inv_n"], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    set_meta(model, kind=kind, precision=precision, run_dir=run_dir)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def set_meta(model, *, kind: str, precision: str, run_dir: Path | None) -> None:
+    meta = {"ekdc.classes": json.dumps([f"class_{i}" for i in range(CLASSES)]), "ekdc.input_size": str(SIZE),
+            "ekdc.kind": kind, "ekdc.precision": precision, "ekdc.recipe": "tinybench"}
+    if run_dir is not None:
+        meta["ekdc.run_dir"] = str(run_dir)
+    helper.set_model_props(model, meta)
+
+
+def quantize(src: Path, dst: Path, run_dir: Path) -> Path:
+    """Static QDQ int8 like ``ekdc export --int8``: per-channel weights, QUInt8 activations."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    class Reader:
+        def __init__(self):
+            rng = np.random.default_rng(1)
+            self._it = iter([{"images": rng.random((4, 3, SIZE, SIZE), dtype=np.float32)} for _ in range(2)])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    model = onnx.load(str(dst))
+    set_meta(model, kind="student", precision="int8", run_dir=run_dir)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def write_recipe(path: Path) -> Path:
+    recipe = {"name": "tinybench",
+              "data": {"dataset": "synthetic", "num_classes": CLASSES, "num_samples": 80, "image_size": SIZE,
+                       "val_per_class": 2},
+              "teachers": [{"arch": "resnet8"}]}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bench")
+    run = d / "run"
+    run.mkdir()
+    write_recipe(run / "recipe.yaml")  # a run folder, as the exported files' metadata names it
+    exp = d / "export"
+    exp.mkdir()
+    a = {"dir": d, "run": run, "recipe": run / "recipe.yaml"}
+    a["student"] = make_model(exp / "student.onnx", (STUDENT_W,), kind="student", run_dir=run)
+    a["fp16"] = make_model(exp / "student.fp16.onnx", (STUDENT_W,), kind="student", precision="fp16",
+                           run_dir=run, fp16_weights=True)
+    a["int8"] = quantize(a["student"], exp / "student.int8.onnx", run)
+    a["teachers"] = make_model(exp / "teachers.onnx", TEACHER_WS, kind="teachers", seed=1, run_dir=run)
+    lonely = d / "lonely"
+    lonely.mkdir()
+    a["lonely"] = make_model(lonely / "student.onnx", (STUDENT_W,), kind="student")
+    a["garbage"] = d / "garbage.onnx"
+    a["garbage"].write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    a["wrong_input"] = make_model(d / "wrong_input.onnx", (STUDENT_W,), kind="student", input_name="x")
+    return a
+
+
+@pytest.fixture(scope="module")
+def report(art) -> dict:
+    """One library run with data, JSON and plot, shared by the checks below."""
+    from ekdc.benchmark import bench
+
+    rep = bench([art["student"], art["fp16"], art["int8"]], data=art["recipe"], json_path=art["dir"] / "b.json",
+                plot_path=art["dir"] / "b.png", **FAST)
+    return rep
+
+
+# --------------------------------------------------------------------------------------------------
+# the library
+
+
+def test_report_shape_and_types(report, art):
+    on_disk = json.loads((art["dir"] / "b.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    names = [m["name"] for m in report["models"]]
+    assert names == ["student.onnx", "student.fp16.onnx", "student.int8.onnx", "teachers.onnx"]
+    assert report["reference"] == "teachers.onnx"
+    for m in report["models"]:
+        for key in ("name", "path", "params", "macs", "file_mb", "peak_mem_mb", "accuracy", "latency_ms", "throughput"):
+            assert key in m
+        assert isinstance(m["params"], int) and isinstance(m["macs"], int)
+        assert m["file_mb"] > 0 and m["peak_mem_mb"] > 0
+        assert set(m["latency_ms"]) == {"1", "4"} and set(m["throughput"]) == {"1", "4"}
+        for b, lat in m["latency_ms"].items():
+            assert set(lat) >= {"p50", "p90", "p99", "mean"}
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+            assert m["throughput"][b] == pytest.approx(int(b) * 1e3 / lat["mean"])
+            assert m["samples"][b] == FAST["runs"] * FAST["repeats"]  # per-round samples pooled
+            assert len(m["round_p50_ms"][b]) == FAST["repeats"] and m["spread_pct"][b] >= 0
+        assert m["device_mem_mb"] is None  # CPU
+        assert m["gflops"] == pytest.approx(2 * m["macs"] * m["throughput"]["4"] / 1e9)
+    assert set(report["speedup"]) == {"1", "4"}
+    mc = report["machine"]
+    assert mc["provider"] == "cpu" and mc["threads"] == 1 and mc["onnxruntime"] and mc["cpu"]
+
+
+def test_ratios_match_measurements(report):
+    first, ref = report["models"][0], report["models"][-1]
+    assert ref["is_reference"] and not first["is_reference"]
+    for b in ("1", "4"):
+        assert report["speedup"][b] == pytest.approx(ref["latency_ms"][b]["p50"] / first["latency_ms"][b]["p50"])
+    assert report["memory_ratio"] == pytest.approx(ref["peak_mem_mb"] / first["peak_mem_mb"])
+    for m in report["models"]:
+        vs = m["vs_reference"]
+        assert vs["params_ratio"] == pytest.approx(ref["params"] / m["params"])
+        assert vs["macs_ratio"] == pytest.approx(ref["macs"] / m["macs"])
+        assert vs["file_ratio"] == pytest.approx(ref["file_mb"] / m["file_mb"])
+    assert ref["vs_reference"]["speedup"] == {"1": 1.0, "4": 1.0}
+
+
+def test_params_and_macs_by_hand(report):
+    by = {m["name"]: m for m in report["models"]}
+    student = (branch_params(STUDENT_W), branch_macs(STUDENT_W))
+    assert student == (314, 55376)
+    # fp16 (weights through Cast) and int8 QDQ (weights through DequantizeLinear) count as fp32 does
+    for name in ("student.onnx", "student.fp16.onnx", "student.int8.onnx"):
+        assert (by[name]["params"], by[name]["macs"]) == student, name
+        assert by[name]["macs_exact"]
+    ref = by["teachers.onnx"]
+    assert ref["params"] == sum(branch_params(w) for w in TEACHER_WS)
+    assert ref["macs"] == sum(branch_macs(w) for w in TEACHER_WS)
+    assert by["student.int8.onnx"]["precision"] == "int8"
+
+
+def test_accuracy_matches_onnxruntime(report, art):
+    import onnxruntime as ort
+
+    from ekdc.data import load_data
+    from ekdc.recipe import load_recipe
+
+    splits = load_data(load_recipe(art["recipe"]).data)
+    x, y = (splits.val_x.float() / 255).numpy(), splits.val_y.numpy()
+    assert report["data"]["images"] == len(y) == 20
+    for m in report["models"]:
+        sess = ort.InferenceSession(m["path"], providers=["CPUExecutionProvider"])
+        expected = float((sess.run(["logits"], {"images": x})[0].argmax(1) == y).mean())
+        assert m["accuracy"] == pytest.approx(expected), m["name"]
+
+
+def test_plot_written(art, report):
+    data = (art["dir"] / "b.png").read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_and_markdown(report):
+    from rich.console import Console
+
+    from ekdc.benchmark.report import bench_table, markdown_table
+
+    console = Console(width=220, record=True)
+    console.print(bench_table(report))
+    text = console.export_text()
+    for name in ("student.onnx", "student.int8.onnx", "teachers.onnx", "fp32, reference", "speedup"):
+        assert name in text
+    md = markdown_table(report)
+    assert md.count("\n") == 2 + len(report["models"]) and "`teachers.onnx (reference)`" in md
+
+
+def test_no_reference_no_data(art):
+    from rich.console import Console
+
+    from ekdc.benchmark import bench
+
+    console = Console(width=200, record=True)
+    rep = bench(art["lonely"], console=console, batches=[2], runs=2, repeats=1, warmup=0, threads=1)
+    out = console.export_text()
+    assert "no reference" in out and "no accuracy" in out
+    assert rep["reference"] is None and rep["speedup"] == {"2": None} and rep["memory_ratio"] is None
+    [m] = rep["models"]
+    assert m["accuracy"] is None and m["spread_pct"]["2"] is None
+    assert all(v is None for v in m["vs_reference"]["speedup"].values())
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(batches=[0, 4]), "positive"),
+    (dict(batches=[]), "batch"),
+    (dict(provider="tpu"), "provider"),
+    (dict(runs=3, duration=1.0), "not both"),
+    (dict(repeats=0), "repeats"),
+    (dict(against="nowhere/teachers.onnx"), "not found"),
+    (dict(data="nowhere.yaml"), "no such"),
+    (dict(json_path="."), "folder"),
+])
+def test_bad_arguments(art, kwargs, word):
+    from ekdc.benchmark import bench
+
+    with pytest.raises(UserError) as e:
+        bench([art["student"]], **kwargs)
+    assert word in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_models(art, tmp_path):
+    from ekdc.benchmark.onnx_stats import inspect_model
+
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello, I am not a model\n")
+    for path, word in ((tmp_path / "missing.onnx", "not found"), (art["garbage"], "not an ONNX file"),
+                       (text, "not an ONNX file"), (art["wrong_input"], "'images'"), (tmp_path, "folder")):
+        with pytest.raises(UserError) as e:
+            inspect_model(path)
+        assert word in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line
+
+
+def run_cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "220", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "ekdc", "bench", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_cli_default_reference_and_data_from_metadata(art, tmp_path):
+    """Only the model: the teachers beside it are the reference, its run folder gives the accuracy."""
+    out_json = tmp_path / "r.json"
+    r = run_cli(art["student"], "--batch", "1,2", "--runs", "2", "--repeats", "1", "--warmup", "0",
+                "--threads", "1", "--json", out_json)
+    assert r.returncode == 0, r.stderr
+    assert "student.onnx" in r.stdout and "teachers.onnx" in r.stdout and "speedup" in r.stdout
+    rep = json.loads(out_json.read_text())
+    assert rep["reference"] == "teachers.onnx" and set(rep["speedup"]) == {"1", "2"}
+    assert all(m["accuracy"] is not None for m in rep["models"])
+    assert rep["data"]["source"] == str(art["run"])
+
+
+@pytest.mark.parametrize("case, word", [
+    ("missing", "not found"),
+    ("garbage", "not an ONNX file"),
+    ("wrong_input", "images"),
+    ("cuda", "CUDAExecutionProvider"),
+    ("batch", "batch"),
+])
+def test_cli_bad_input_one_line(art, case, word):
+    import onnxruntime as ort
+
+    if case == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    args = {
+        "missing": [art["dir"] / "missing.onnx"],
+        "garbage": [art["garbage"]],
+        "wrong_input": [art["wrong_input"]],
+        "cuda": [art["student"], "--provider", "cuda"],
+        "batch": [art["student"], "--batch", "1,-4"],
+    }[case]
+    r = run_cli(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmarks/bench_cifar10_limited.py
+
+
+def _bench_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cifar10_limited.py"
+    spec = importlib.util.spec_from_file_location("bench_cifar10_limited", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_script_needs_the_export(tmp_path, capsys):
+    script = _bench_script()
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "student.onnx").write_bytes(b"")
+    assert script.main(["--export", str(tmp_path / "export"), "--doc", str(tmp_path / "B.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "student.fp16.onnx" in err[0] and "teachers.onnx" in err[0]
+    assert not (tmp_path / "B.md").exists()
+
+
+def test_bench_script_writes_doc(art, tmp_path, capsys):
+    script = _bench_script()
+    doc = tmp_path / "docs" / "BENCHMARKS.md"
+    doc.parent.mkdir()
+    doc.write_text("# Benchmarks\n\nAn earlier section someone wrote.\n")
+    args = ["--export", str(art["student"].parent), "--doc", str(doc), "--json", str(tmp_path / "docs" / "b.json"),
+            "--plot", str(tmp_path / "docs" / "b.png"), "--runs", "2", "--repeats", "1", "--threads", "1"]
+    assert script.main(args) == 0, capsys.readouterr().err
+    text = doc.read_text()
+    assert "An earlier section someone wrote." in text  # other sections are kept
+    assert f"--data {art['run']}" in text and "ekdc bench" in text and "onnxruntime" in text
+    assert "`student.int8.onnx`" in text and "`teachers.onnx (reference)`" in text and "](b.png)" in text
+    assert json.loads((tmp_path / "docs" / "b.json").read_text())["reference"] == "teachers.onnx"

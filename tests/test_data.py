@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from ekdc.data import augment_batch, augment_params, epoch_order, load_data, stratified_split
+from ekdc.recipe import Augment, DataConfig
+
+
+def test_stratified_split_seeded_disjoint_balanced():
+    labels = np.repeat(np.arange(5), 40)
+    np.random.default_rng(3).shuffle(labels)
+    a, rest = stratified_split(labels, per_class=8, seed=1)
+    assert len(np.intersect1d(a, rest)) == 0 and len(a) + len(rest) == len(labels)
+    assert np.bincount(labels[a]).tolist() == [8] * 5
+    b, _ = stratified_split(labels, per_class=8, seed=1)
+    c, _ = stratified_split(labels, per_class=8, seed=2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    f, _ = stratified_split(labels, fraction=0.25, seed=0)
+    assert np.bincount(labels[f]).tolist() == [10] * 5
+
+
+def test_limited_subset_disjoint_from_validation():
+    cfg = DataConfig(dataset="synthetic", num_classes=4, num_samples=200, image_size=8, val_per_class=10, per_class=5)
+    d = load_data(cfg)
+    assert len(d.val_y) == 40 and len(d.train_y) == 20
+    assert torch.bincount(d.train_y).tolist() == [5] * 4
+    # synthetic images are unique: no validation image may appear in training
+    train = {bytes(x.numpy()) for x in d.train_x}
+    assert not any(bytes(x.numpy()) in train for x in d.val_x)
+
+
+def test_digits_offline():
+    d = load_data(DataConfig(dataset="digits", image_size=16, val_fraction=0.2, augment=False))
+    assert d.train_x.shape[1:] == (3, 16, 16) and d.train_x.dtype == torch.uint8
+    assert d.num_classes == 10 and len(d.train_y) + len(d.val_y) == 1797
+
+
+def test_imagefolder_root_missing_or_empty(tmp_path):
+    from ekdc import UserError
+
+    with pytest.raises(UserError, match="folder not found"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")))
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images"):
+        load_data(DataConfig(dataset="imagefolder", root=str(tmp_path / "empty")))
+
+
+def test_imagefolder_decodes(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(6):
+            Image.new("RGB", (10, 12), (i * 10, 0, 255 if c == "b" else 0)).save(tmp_path / c / f"{i}.png")
+    d = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_per_class=2))
+    assert d.classes == ["a", "b"] and d.train_x.shape == (8, 3, 8, 8) and len(d.val_y) == 4
+
+
+def test_augment_batch_matches_reference_crop_and_flip():
+    x = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
+    p = augment_params(6, Augment(crop_padding=2, hflip=True), seed=0, epoch=3)
+    out = augment_batch(x, p, 2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(6):
+        dy, dx, flip = p[i].tolist()
+        ref = padded[i, :, dy:dy + 8, dx:dx + 8]
+        ref = ref.flip(-1) if flip else ref
+        assert torch.equal(out[i], ref)
+    assert torch.equal(p, augment_params(6, Augment(crop_padding=2), seed=0, epoch=3))
+
+
+def test_epoch_order_shards_cover_everything():
+    full = epoch_order(10, seed=0, epoch=1)
+    assert sorted(full.tolist()) == list(range(10))
+    shards = [epoch_order(10, seed=0, epoch=1, rank=r, world=3) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    assert set(torch.cat(shards).tolist()) == set(range(10))

@@ -1,0 +1,103 @@
+"""`ekdc export`: the ONNX contract, parity, fp16/int8 files, the teacher ensemble, bad input."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ekdc.deploy.onnx import session
+from tests.conftest import run_cli
+
+
+def test_manifest_and_files(tiny_export):
+    out, manifest = tiny_export
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    names = {f["file"]: f for f in manifest["files"]}
+    assert set(names) == {"student.onnx", "teachers.onnx", "student.fp16.onnx", "student.int8.onnx"}
+    assert manifest["fold"]["choice"] in ("grouped", "separate")
+    assert set(manifest["fold"]["timings_ms"]) == {"grouped", "separate"}
+    assert manifest["fold"]["int8_choice"] in ("grouped", "separate")
+    s = names["student.onnx"]["parity"]
+    assert s["max_abs_diff"] <= 1e-4 and s["argmax_agreement"] == 1.0
+    assert names["student.fp16.onnx"]["parity"]["argmax_agreement"] >= 0.995
+    assert "accuracy_change" in names["student.int8.onnx"]
+    assert not list(out.glob(".ekdc-export-*"))  # temporary files cleaned up
+
+
+@pytest.mark.parametrize("fname, precision", [("student.onnx", "fp32"), ("student.fp16.onnx", "fp16"),
+                                              ("student.int8.onnx", "int8"), ("teachers.onnx", "fp32")])
+def test_contract(tiny_export, fname, precision):
+    out, manifest = tiny_export
+    path = out / fname
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    (inp,), (outp,) = model.graph.input, model.graph.output
+    assert inp.name == "images" and outp.name == "logits"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT == outp.type.tensor_type.elem_type
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["ekdc.classes"]) == manifest["classes"]
+    assert meta["ekdc.input_size"] == "16" and meta["ekdc.precision"] == precision
+    assert meta["ekdc.kind"] == ("teachers" if fname == "teachers.onnx" else "student")
+    assert meta["ekdc.recipe"] == "tiny"
+    sess = session(path)
+    for b in (1, 3, 64):
+        x = np.random.default_rng(b).random((b, 3, 16, 16), dtype=np.float32)
+        (y,) = sess.run(["logits"], {"images": x})
+        assert y.shape == (b, 4) and y.dtype == np.float32
+
+
+def test_student_onnx_matches_pytorch_student(tiny_run, tiny_export):
+    from ekdc.deploy.export import load_student
+
+    out, _ = tiny_export
+    student, ck = load_student(tiny_run / "student.pt")
+    x = torch.rand(8, 3, 16, 16)
+    norm = (x - torch.tensor(ck["mean"]).view(1, 3, 1, 1)) / torch.tensor(ck["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = student(norm).numpy()
+    (y,) = session(out / "student.onnx").run(["logits"], {"images": x.numpy()})
+    assert np.abs(y - ref).max() <= 1e-4
+
+
+def test_teachers_onnx_is_mean_of_teacher_logits(tiny_run, tiny_export):
+    from ekdc.distillation.trainer import load_teacher
+
+    out, manifest = tiny_export
+    x = torch.rand(5, 3, 16, 16)
+    norm = (x - torch.tensor(manifest["mean"]).view(1, 3, 1, 1)) / torch.tensor(manifest["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = [load_teacher(tiny_run / "teachers" / f"{n}.pt", n, 4).eval()(norm) for n in ("resnet8", "wrn_16_2")]
+    (y,) = session(out / "teachers.onnx").run(["logits"], {"images": x.numpy()})
+    assert np.abs(y - torch.stack(logits).mean(0).numpy()).max() <= 1e-4
+
+
+def test_export_cli_fixed_fold(tiny_run, tmp_path):
+    res = run_cli("export", tiny_run, "--out", tmp_path / "e", "--fold", "separate")
+    assert res.returncode == 0, res.stderr
+    assert "student.onnx" in res.stdout and "teachers.onnx" in res.stdout
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert m["fold"] == {"mode": "separate", "choice": "separate"}
+
+
+def test_export_bad_input(tiny_run, tmp_path):
+    def one_line(res, words):
+        assert res.returncode == 2, (res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in res.stderr and words in lines[0], lines
+
+    one_line(run_cli("export", "--runs", tmp_path / "no-runs"), "no run found")
+    one_line(run_cli("export", tmp_path / "missing-run"), "run folder not found")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "recipe.yaml").write_text((tiny_run / "recipe.yaml").read_text())
+    one_line(run_cli("export", half), "no trained student")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "recipe.yaml").write_text((tiny_run / "recipe.yaml").read_text())
+    (corrupt / "student.pt").write_bytes(b"\x80\x04garbage")
+    one_line(run_cli("export", corrupt), "corrupt")
+    one_line(run_cli("export", tiny_run, "--out", "/proc/ekdc-no"), "not writable")
+    one_line(run_cli("export", tiny_run, "--fold", "diagonal"), "--fold")
+    one_line(run_cli("export", tiny_run, "--out", tmp_path / "t", "--trt"), "--trt")

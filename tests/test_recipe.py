@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ekdc import UserError, load_recipe
+from ekdc.recipe import dump_recipe, recipe_from_dict
+from tests.conftest import ROOT, tiny_recipe, write_recipe
+
+
+def _error(tmp_path: Path, text: str, overrides=None) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_recipe(p, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def _yaml(**over) -> str:
+    return yaml.safe_dump(tiny_recipe(**over))
+
+
+def test_shipped_recipes_validate():
+    for p in sorted((ROOT / "recipes").glob("*.yaml")):
+        r = load_recipe(p)
+        assert r.student.num_branches == len(r.teachers)
+
+
+def test_defaults_and_round_trip(tmp_path):
+    r = load_recipe(write_recipe(tmp_path / "r.yaml"))
+    assert r.student.num_branches == 2 and r.mode == "ekd"
+    assert [t.name for t in r.teachers] == ["resnet8", "wrn_16_2"]
+    again = recipe_from_dict(yaml.safe_load(dump_recipe(r)))
+    assert again == r
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    raw = tiny_recipe()
+    raw["distill"]["temprature"] = 3
+    msg = _error(tmp_path, yaml.safe_dump(raw))
+    assert "distill.temprature" in msg and "did you mean 'temperature'" in msg
+
+
+def test_wrong_type_names_path(tmp_path):
+    msg = _error(tmp_path, _yaml(distill={"epochs": "many"}))
+    assert msg.split(": ", 1)[1].startswith("distill.epochs")
+
+
+@pytest.mark.parametrize("over, path, words", [
+    ({"distill": {"temperature": 0}}, "distill.temperature", "> 0"),
+    ({"distill": {"epochs": -1}}, "distill.epochs", ">= 1"),
+    ({"student": {"num_branches": 0}}, "student.num_branches", ">= 1"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset", "must be"),
+])
+def test_out_of_range(tmp_path, over, path, words):
+    msg = _error(tmp_path, _yaml(**over))
+    assert path in msg and words in msg
+
+
+def test_branch_count_must_match_teachers(tmp_path):
+    msg = _error(tmp_path, _yaml(student={"num_branches": 3}))
+    assert "num_branches is 3" in msg and "2 teachers" in msg
+
+
+def test_unknown_architecture(tmp_path):
+    raw = tiny_recipe()
+    raw["teachers"][0]["arch"] = "resnet21"
+    msg = _error(tmp_path, yaml.safe_dump(raw))
+    assert "teachers.0.arch" in msg and "resnet21" in msg and "did you mean" in msg
+
+
+def test_missing_not_yaml_not_mapping(tmp_path):
+    with pytest.raises(UserError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    assert "not valid YAML" in _error(tmp_path, "a: [1, 2\nb: }")
+    assert "must be a YAML mapping" in _error(tmp_path, "- just\n- a list\n")
+
+
+def test_yaml_cannot_run_code(tmp_path):
+    msg = _error(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\n")
+    assert "not valid YAML" in msg
+
+
+def test_set_overrides(tmp_path):
+    p = write_recipe(tmp_path / "r.yaml")
+    r = load_recipe(p, ["mode=avg_kd", "distill.temperature=2.5", "teachers.0.arch=resnet20",
+                        "data.augment=false", "student.branch_widths=[4, 8]"])
+    assert r.mode == "avg_kd" and r.distill.temperature == 2.5 and r.teachers[0].arch == "resnet20"
+    assert r.data.augment is False and r.student.branch_widths == [4, 8]
+
+
+@pytest.mark.parametrize("item, words", [
+    ("distill.temprature=3", "unknown key 'distill.temprature' (did you mean 'temperature'?)"),
+    ("teachers.5.arch=resnet20", "not an index"),
+    ("nokey", "expected key.path=value"),
+    ("mode=teach", "mode"),
+])
+def test_bad_set(tmp_path, item, words):
+    p = write_recipe(tmp_path / "r.yaml")
+    with pytest.raises(UserError) as e:
+        load_recipe(p, [item])
+    assert words in str(e.value)
