@@ -101,3 +101,30 @@ def test_export_bad_input(tiny_run, tmp_path):
     one_line(run_cli("export", tiny_run, "--out", "/proc/ekdc-no"), "not writable")
     one_line(run_cli("export", tiny_run, "--fold", "diagonal"), "--fold")
     one_line(run_cli("export", tiny_run, "--out", tmp_path / "t", "--trt"), "--trt")
+
+
+def test_infer_example_classifies_images_without_torch(tiny_export, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import ROOT
+
+    out, manifest = tiny_export
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.new("RGB", (20, 20), (40 * i, 100, 200)).save(p)
+        paths.append(str(p))
+    # torch is made unimportable: the example must not need it
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "torch.py").write_text("raise ImportError('no torch here')\n")
+    env = {"PYTHONPATH": str(block), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, str(ROOT / "export" / "infer.py"), str(out / "student.int8.onnx"), *paths,
+                          "--top", "2"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith(p) and any(c in line for c in manifest["classes"]) for line, p in zip(lines, paths))

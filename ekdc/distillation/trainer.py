@@ -452,6 +452,8 @@ def distill(
             elif final.exists():
                 model = load_teacher(final, tcfg.arch, data.num_classes)
                 secs = float(_io.load_checkpoint(final).get("seconds", 0.0))
+                if rt.is_main:  # a kill between saving the teacher and deleting its stage checkpoint
+                    run.stage_ckpt(f"teacher-{tcfg.name}").unlink(missing_ok=True)
                 rep.say(f"[dim]teacher {tcfg.name}: already trained in this run, loaded {final}[/dim]")
             else:
                 torch.manual_seed(recipe.seed + 101 * (ti + 1))

@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""EKD against the same student alone and against classic ensemble KD, on limited CIFAR-10.
+
+    python benchmarks/limited_data_study.py                 # run (or continue) the whole grid, then report
+    python benchmarks/limited_data_study.py --report-only   # rebuild docs/RESULTS.md from finished runs
+
+The grid: training subsets of 5,000 and 10,000 images (seeded, stratified, disjoint from a fixed
+5,000-image validation split) x modes ``ce`` (student alone), ``avg_kd`` (every branch from the
+averaged teachers), ``ekd`` (branch i from teacher i), ``ekd_feat`` (ekd plus feature matching) x
+seeds 0, 1, 2. Every cell uses the same recipe (recipes/cifar10-limited.yaml): same student, epochs,
+schedule, temperature; no mode gets more tuning than another. The teachers of each subset size are
+trained once (by the first cell) and loaded by every other cell of that size.
+
+Resumable: a cell with a metrics.json is never redone; a cell that was interrupted is continued with
+``--resume``; the grid can span several sessions. Each finished student is exported (folded, fp32
+ONNX) to show export loses nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {
+    "ce": ["mode=ce"],
+    "avg_kd": ["mode=avg_kd"],
+    "ekd": ["mode=ekd"],
+    "ekd_feat": ["mode=ekd", "distill.weights.feat=1.0"],
+}
+
+
+def _ekdc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ekdc", *args]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    with open(log, "a") as fh:
+        res = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    if res.returncode != 0:
+        sys.exit(f"limited_data_study: command failed (exit {res.returncode}); see {log}")
+
+
+def _teacher_sets(recipe: Path) -> list[str]:
+    import yaml
+
+    return [t.get("name") or t["arch"] for t in yaml.safe_load(recipe.read_text())["teachers"]]
+
+
+def run_grid(args) -> None:
+    recipe = Path(args.recipe)
+    teacher_names = _teacher_sets(recipe)
+    root = Path(args.runs_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for size in args.sizes:
+        per_class = size // 10
+        size_dir = root / f"n{size}"
+        first_cell = size_dir / f"{args.modes[0]}-s{args.seeds[0]}"
+        given = dict(args.teachers).get(size)
+        teachers_dir = Path(given) if given else first_cell / "teachers"
+        for mode in args.modes:
+            for seed in args.seeds:
+                cell = size_dir / f"{mode}-s{seed}"
+                sets = [f"data.per_class={per_class}", f"seed={seed}", *MODES[mode], *args.set]
+                if given or cell != first_cell:
+                    missing = [n for n in teacher_names if not (teachers_dir / f"{n}.pt").exists()]
+                    if missing:
+                        sys.exit(f"limited_data_study: no trained {missing} in {teachers_dir} ({first_cell} trains them)")
+                    sets += [f"teachers.{i}.checkpoint={(teachers_dir / f'{n}.pt').resolve()}"
+                             for i, n in enumerate(teacher_names)]
+                if not (cell / "metrics.json").exists():
+                    resume = ["--resume"] if (cell / "recipe.yaml").exists() else []
+                    cmd = _ekdc("distill", str(recipe), "--out", str(cell), "-q", *resume,
+                                *[a for s in sets for a in ("--set", s)])
+                    t0 = time.time()
+                    _run(cmd, root / "study.log")
+                    print(f"  {cell.name}: {time.time() - t0:.0f}s", flush=True)
+                if not (cell / "export" / "manifest.json").exists():
+                    _run(_ekdc("export", str(cell), "--out", str(cell / "export"), "--fold", "grouped"),
+                         root / "study.log")
+        report(args)
+
+
+def _mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.2f}"
+    return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
+
+
+def collect(root: Path, sizes, modes, seeds) -> dict:
+    rows, teachers = [], {}
+    for size in sizes:
+        for mode in modes:
+            cells = []
+            for seed in seeds:
+                cell = root / f"n{size}" / f"{mode}-s{seed}"
+                if not (cell / "metrics.json").exists():
+                    continue
+                m = json.loads((cell / "metrics.json").read_text())
+                exported = None
+                mf = cell / "export" / "manifest.json"
+                if mf.exists():
+                    exported = next(f["accuracy"] for f in json.loads(mf.read_text())["files"] if f["file"] == "student.onnx")
+                cells.append({"seed": seed, "ensemble": m["student"]["ensemble_acc"],
+                              "best_branch": max(m["student"]["branch_acc"]), "exported": exported,
+                              "seconds": m["seconds"], "macs": m["student"]["macs"], "params": m["student"]["params"]})
+                if size not in teachers:
+                    teachers[size] = {"teachers": m["teachers"], "ensemble": m["teacher_ensemble_acc"]}
+            rows.append({"size": size, "mode": mode, "cells": cells})
+    return {"rows": rows, "teachers": teachers}
+
+
+def _plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["size"] for r in data["rows"]})
+    modes = list(dict.fromkeys(r["mode"] for r in data["rows"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(modes))
+    for j, mode in enumerate(modes):
+        xs, ys, es = [], [], []
+        for i, size in enumerate(sizes):
+            accs = [c["ensemble"] for r in data["rows"] if r["size"] == size and r["mode"] == mode for c in r["cells"]]
+            if accs:
+                xs.append(i + (j - (len(modes) - 1) / 2) * width)
+                ys.append(100 * statistics.mean(accs))
+                es.append(100 * statistics.stdev(accs) if len(accs) > 1 else 0)
+        ax.bar(xs, ys, width, yerr=es, capsize=3, label=mode)
+    ax.set_xticks(range(len(sizes)), [f"{s:,} images" for s in sizes])
+    ax.set_ylabel("student validation accuracy (%)")
+    lo = min((100 * c["ensemble"] for r in data["rows"] for c in r["cells"]), default=0)
+    ax.set_ylim(max(0, lo - 5), None)
+    ax.legend(title="mode")
+    ax.set_title("EKD student on limited CIFAR-10 (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    root = Path(args.runs_root)
+    data = collect(root, args.sizes, args.modes, args.seeds)
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    (docs / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    _plot(data, docs / "results.png")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    lines = [
+        "# Results: EKD on limited CIFAR-10",
+        "",
+        "Written by `python benchmarks/limited_data_study.py` (resumable; `--report-only` rebuilds this page).",
+        f"Recipe: `{args.recipe}`, with `data.per_class` = size/10, `seed` and `mode` set per cell.",
+        f"Machine: {cpu}, {__import__('os').cpu_count()} cores, CPU training (bf16 autocast, channels_last).",
+        "",
+        "Validation: a fixed, seeded, stratified split of 5,000 images (500 a class) that no run trains on.",
+        "Accuracies in %, mean ± std over the seeds that have finished (n).",
+        "",
+        "## Teachers",
+        "",
+        "| train images | teacher | arch | acc | params | MACs |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    for size, t in sorted(data["teachers"].items()):
+        for tr in t["teachers"]:
+            lines.append(f"| {size:,} | {tr['name']} | {tr['arch']} | {100 * tr['acc']:.2f} | {tr['params'] / 1e6:.2f}M | {tr['macs'] / 1e6:.0f}M |")
+        tm = sum(tr["macs"] for tr in t["teachers"])
+        tp = sum(tr["params"] for tr in t["teachers"])
+        lines.append(f"| {size:,} | **ensemble** | {len(t['teachers'])} teachers | **{100 * t['ensemble']:.2f}** | {tp / 1e6:.2f}M | {tm / 1e6:.0f}M |")
+    lines += [
+        "",
+        "## Student (same architecture, epochs and schedule in every mode)",
+        "",
+        "| train images | mode | n | ensemble acc | best branch acc | exported ONNX acc | train s/run |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        c = r["cells"]
+        exp = [x["exported"] for x in c if x["exported"] is not None]
+        secs = f"{statistics.mean(x['seconds'] for x in c):.0f}" if c else "–"
+        lines.append(f"| {r['size']:,} | {r['mode']} | {len(c)} | {_mean_std([x['ensemble'] for x in c])} | "
+                     f"{_mean_std([x['best_branch'] for x in c])} | {_mean_std(exp)} | {secs} |")
+    lines += ["", "![accuracy by mode and training-set size](results.png)", ""]
+    out = docs / "RESULTS.md"
+    marker = "<!-- reading -->"
+    reading = ""
+    if out.exists() and marker in out.read_text():
+        reading = out.read_text().split(marker, 1)[1]
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n" + marker + (reading or "\n## Reading\n\n(to be written once the grid is complete)\n"))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="recipes/cifar10-limited.yaml")
+    ap.add_argument("--runs-root", default="runs/study")
+    ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[5000, 10000])
+    ap.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--set", action="append", default=[], help="extra recipe override for every cell")
+    ap.add_argument("--teachers", action="append", default=[], metavar="SIZE=DIR",
+                    type=lambda s: (int(s.split("=", 1)[0]), s.split("=", 1)[1]),
+                    help="load the teachers of a subset size from DIR (e.g. 5000=runs/cifar10-limited/teachers, "
+                         "trained by the same recipe) instead of training them in the first cell")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        sys.exit(f"limited_data_study: unknown mode(s) {bad}; choose from {list(MODES)}")
+    report(args) if args.report_only else run_grid(args)
+
+
+if __name__ == "__main__":
+    main()
