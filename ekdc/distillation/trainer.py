@@ -303,8 +303,7 @@ def train_stage(
             "train_acc": round(reduced[1], 5), "lr": opt.param_groups[0]["lr"], "images_per_s": round(ips, 1),
             "seconds": round(dt, 2), **{f"loss_{k}": round(v, 5) for k, v in zip(keys, reduced[2:])},
         }
-        rep.log(record)
-        if rt.is_main:
+        if rt.is_main:  # checkpoint first, then log: a logged epoch is always a saved one
             _io.save_checkpoint(
                 {
                     "state_dict": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
@@ -313,6 +312,7 @@ def train_stage(
                 },
                 ckpt_path,
             )
+        rep.log(record)
         info = f"loss {record['loss']:.3f}  acc {record['train_acc']:.3f}  {ips:,.0f} img/s"
         if rep.progress:
             rep.progress.update(task, advance=1, info=info)

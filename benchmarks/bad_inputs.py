@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Try every kind of bad input through the real CLI and write what ekdc answers to docs/ERRORS.md.
+
+    python benchmarks/bad_inputs.py [--doc docs/ERRORS.md]
+
+Each case must end with exit code 2 and exactly one line on stderr (no traceback); the script says
+which case does not, and exits 1 if any.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe(d: Path, **over) -> Path:
+    r = {
+        "name": "tiny", "precision": "fp32",
+        "data": {"dataset": "synthetic", "num_classes": 4, "num_samples": 64, "image_size": 16},
+        "teachers": [{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 16}},
+                     {"arch": "resnet8", "train": {"epochs": 1, "batch_size": 16}}],
+        "student": {"trunk_width": 4, "branch_widths": [8]},
+        "distill": {"epochs": 1, "batch_size": 16},
+    }
+    r.update(over)
+    p = d / "recipe.yaml"
+    p.write_text(yaml.safe_dump(r, sort_keys=False))
+    return p
+
+
+def _cases(d: Path) -> list[tuple[str, list[str]]]:
+    ok = _recipe(d)
+    (d / "not_yaml.yaml").write_text("data: [1, 2\nteachers: }\n")
+    (d / "list.yaml").write_text("- a\n- b\n")
+    (d / "empty_root" / "cat").mkdir(parents=True)
+    (d / "corrupt.pt").write_bytes(b"\x80\x04 this is no checkpoint")
+    (d / "corrupt.onnx").write_bytes(b"garbage, not protobuf")
+    run = d / "run"
+    subprocess.run([sys.executable, "-m", "ekdc", "distill", str(ok), "--out", str(run), "-q"], check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "ekdc", "export", str(run), "--out", str(d / "export"), "--fold", "grouped"],
+                   check=True, capture_output=True)
+    wrong_input = d / "wrong_input.onnx"
+    _rename_input(d / "export" / "student.onnx", wrong_input)
+    return [
+        ("recipe missing", ["distill", str(d / "missing.yaml")]),
+        ("recipe not YAML", ["distill", str(d / "not_yaml.yaml")]),
+        ("recipe not a mapping", ["distill", str(d / "list.yaml")]),
+        ("unknown key", ["distill", str(ok), "--set", "distill.temprature=2"]),
+        ("wrong type", ["distill", str(ok), "--set", "distill.epochs=many"]),
+        ("negative epochs", ["distill", str(ok), "--set", "distill.epochs=-3"]),
+        ("temperature <= 0", ["distill", str(ok), "--set", "distill.temperature=0"]),
+        ("zero branches", ["distill", str(ok), "--set", "student.num_branches=0"]),
+        ("branches != teachers", ["distill", str(ok), "--set", "student.num_branches=3"]),
+        ("unknown architecture", ["distill", str(ok), "--set", "teachers.0.arch=resnet21"]),
+        ("data root missing", ["distill", str(ok), "--set", "data.dataset=imagefolder", "--set", f"data.root={d}/nope"]),
+        ("data root empty", ["distill", str(ok), "--set", "data.dataset=imagefolder", "--set", f"data.root={d}/empty_root"]),
+        ("teacher checkpoint: other class count", ["distill", str(ok), "--out", str(d / "o1"), "--set", "data.num_classes=5",
+                                                   "--set", f"teachers.0.checkpoint={run}/teachers/resnet8.pt"]),
+        ("teacher checkpoint missing", ["distill", str(ok), "--out", str(d / "o2"), "--set", f"teachers.0.checkpoint={d}/gone.pt"]),
+        ("teacher checkpoint corrupt", ["distill", str(ok), "--out", str(d / "o3"), "--set", f"teachers.0.checkpoint={d}/corrupt.pt"]),
+        ("teacher checkpoint of another architecture", ["distill", str(ok), "--out", str(d / "o4"), "--set", "teachers.0.arch=resnet20",
+                                                        "--set", f"teachers.0.checkpoint={run}/teachers/resnet8.pt"]),
+        ("--set with an unknown path", ["distill", str(ok), "--set", "student.depth=3"]),
+        ("--set without =", ["distill", str(ok), "--set", "mode"]),
+        ("output folder not writable (distill)", ["distill", str(ok), "--out", "/proc/ekdc"]),
+        ("output folder already used", ["distill", str(ok), "--out", str(run)]),
+        ("--resume with nothing to resume", ["distill", str(ok), "--resume", "--out", str(d / "never")]),
+        ("device cuda without a GPU", ["distill", str(ok), "--set", "device=cuda"]),
+        ("export: no run found", ["export", "--runs", str(d / "no_runs")]),
+        ("export: run without a student", ["export", str(d / "o2")]),
+        ("export: output folder not writable", ["export", str(run), "--out", "/proc/ekdc"]),
+        ("export: --trt without TensorRT/GPU", ["export", str(run), "--out", str(d / "e2"), "--trt"]),
+        ("export: unknown --fold", ["export", str(run), "--fold", "diagonal"]),
+        ("bench: ONNX file missing", ["bench", str(d / "missing.onnx")]),
+        ("bench: ONNX file corrupt", ["bench", str(d / "corrupt.onnx")]),
+        ("bench: input not the contract's", ["bench", str(wrong_input)]),
+        ("bench: --provider cuda without a GPU", ["bench", str(d / "export" / "student.onnx"), "--provider", "cuda"]),
+        ("bench: --json not writable", ["bench", str(d / "export" / "student.onnx"), "--json", "/proc/ekdc/x.json"]),
+    ]
+
+
+def _rename_input(src: Path, dst: Path) -> None:
+    import onnx
+
+    m = onnx.load(str(src))
+    old = m.graph.input[0].name
+    m.graph.input[0].name = "pixels"
+    for node in m.graph.node:
+        node.input[:] = ["pixels" if i == old else i for i in node.input]
+    onnx.save(m, str(dst))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "ERRORS.md"))
+    args = ap.parse_args()
+    rows, bad = [], 0
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for what, argv in _cases(d):
+            res = subprocess.run([sys.executable, "-m", "ekdc", *argv], capture_output=True, text=True, env=env, cwd=d)
+            lines = res.stderr.strip().splitlines()
+            good = res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr
+            bad += not good
+            msg = (lines[0] if len(lines) == 1 else " / ".join(lines[-3:])).replace(tmp, "$TMP")
+            shown = " ".join(shlex.quote(a.replace(tmp, "$TMP")) for a in argv)
+            rows.append(f"| {what} | `ekdc {shown}` | {res.returncode} | `{msg.replace('|', '¦')}` |")
+            print(f"{'ok ' if good else 'BAD'} {what}: exit {res.returncode}: {msg}", flush=True)
+    text = "\n".join([
+        "# What ekdc says to bad input",
+        "",
+        "Written by `python benchmarks/bad_inputs.py`: every case through the real CLI; each must end with",
+        "exit code 2 and one line on stderr.",
+        "",
+        "| case | command | exit | stderr |",
+        "|---|---|---:|---|",
+        *rows,
+        "",
+    ])
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+    tmp_doc = Path(args.doc + ".tmp")
+    tmp_doc.write_text(text)
+    tmp_doc.replace(args.doc)
+    print(f"wrote {args.doc}; {bad} case(s) not handled as expected")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
