@@ -77,7 +77,9 @@ def _run_folder(folder: Path, given: Path | None) -> Path:
     candidates.append(meta.get("ekdc.run_dir"))
     for c in candidates:
         if c and (Path(c) / "recipe.yaml").is_file():
-            return Path(c)
+            path = Path(c)
+            # shown in the doc's command line: relative to here when it lies below, so it reads anywhere
+            return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
     raise UserError(f"no run folder for accuracy: the one {folder}/ names is missing; pass --run RUN_DIR")
 
 

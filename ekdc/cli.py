@@ -57,7 +57,7 @@ def export(
     trt: bool = typer.Option(False, "--trt", help="Also build student.plan with TensorRT (needs TensorRT and a GPU)."),
     fold: str = typer.Option("auto", "--fold", help="Branch layout: grouped, separate, none, or auto (timed on ONNX Runtime)."),
     calib: int = typer.Option(256, "--calib", help="Training images used to calibrate int8."),
-    parity_images: int = typer.Option(512, "--parity-images", help="Validation images used for parity checks."),
+    parity_images: int = typer.Option(0, "--parity-images", help="Validation images for parity and accuracy [default: all]."),
     runs_root: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest run."),
 ):
     """Fold the student's branches into one graph and export ONNX (fp32/fp16/int8) and a TensorRT plan."""

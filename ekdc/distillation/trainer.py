@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import _io
 from ..data import DataSplits, augment_batch, augment_params, epoch_order, iterate_batches, load_data, normalize
 from ..errors import UserError
-from ..models import EKDStudent, count_macs, count_params, create_model
+from ..models import count_macs, count_params, create_model
 from ..recipe import Recipe, Schedule, dump_recipe
 from ..run import RunDir, latest_run_path, new_run_path
 from .losses import EKDLoss
@@ -144,7 +144,8 @@ def make_scheduler(opt: torch.optim.Optimizer, s: Schedule, steps_per_epoch: int
 @torch.no_grad()
 def predict(model: nn.Module, x_uint8: torch.Tensor, data: DataSplits, rt: Runtime, batch_size: int = 256,
             branches: bool = False) -> torch.Tensor:
-    """Logits ``[N,C]`` (or per-branch ``[B,N,C]`` with ``branches``) of ``x_uint8``, in eval mode."""
+    """Logits ``[N,C]`` (or per-branch ``[N,B,C]`` with ``branches``) of ``x_uint8``, in eval mode and
+    fp32: the reported accuracy is that of the function export deploys, not of a bf16 approximation."""
     mean = torch.tensor(data.mean, device=rt.device)
     std = torch.tensor(data.std, device=rt.device)
     was = model.training
@@ -153,8 +154,7 @@ def predict(model: nn.Module, x_uint8: torch.Tensor, data: DataSplits, rt: Runti
     try:
         for idx in iterate_batches(len(x_uint8), batch_size):
             x = rt.to_input(x_uint8[idx], mean, std)
-            with rt.autocast():
-                z = model(x, return_branches=True).logits.transpose(0, 1) if branches else model(x)
+            z = model(x, return_branches=True).logits.transpose(0, 1) if branches else model(x)
             out.append(z.float().cpu())
     finally:
         model.train(was)
@@ -416,7 +416,6 @@ def distill(
     progress: bool = True,
 ) -> RunDir:
     """Train (or load) the teachers, then the EKD student; write the run folder and return it."""
-    t_start = time.perf_counter()
     rt = setup_runtime(recipe)
     run = RunDir(Path(".")) if not rt.is_main else _resolve_run(recipe, out, resume, runs_root)
     run = _broadcast_path(run, rt)
@@ -442,7 +441,6 @@ def distill(
     with _Reporter(run, rt, console, progress) as rep:
         # ---- teachers
         teachers: list[nn.Module] = []
-        teacher_rows = []
         stage_seconds = 0.0
         for ti, tcfg in enumerate(recipe.teachers):
             final = run.teacher_path(tcfg.name)
@@ -533,7 +531,6 @@ def distill(
             "teacher_ensemble_acc": accuracy(torch.stack(teacher_logits).mean(0), data.val_y),
             "mode": recipe.mode,
             "seconds": round(stage_seconds, 2),
-            "wall_seconds": round(time.perf_counter() - t_start, 2),
             "train_images": len(data.train_x),
             "val_images": len(data.val_x),
             "device": str(rt.device),
