@@ -65,8 +65,10 @@ def run_grid(args) -> None:
         first_cell = size_dir / f"{args.modes[0]}-s{args.seeds[0]}"
         given = dict(args.teachers).get(size)
         teachers_dir = Path(given) if given else first_cell / "teachers"
-        for mode in args.modes:
-            for seed in args.seeds:
+        # seed-major order: every mode gets its first seed before any mode gets its second, so a
+        # grid cut short by the end of a session still compares all modes
+        for seed in args.seeds:
+            for mode in args.modes:
                 cell = size_dir / f"{mode}-s{seed}"
                 sets = [f"data.per_class={per_class}", f"seed={seed}", *MODES[mode], *args.set]
                 if given or cell != first_cell:
@@ -85,7 +87,7 @@ def run_grid(args) -> None:
                 if not (cell / "export" / "manifest.json").exists():
                     _run(_ekdc("export", str(cell), "--out", str(cell / "export"), "--fold", "grouped"),
                          root / "study.log")
-        report(args)
+                report(args)  # after every cell, so the page is current whenever the grid stops
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -110,9 +112,12 @@ def collect(root: Path, sizes, modes, seeds) -> dict:
                 mf = cell / "export" / "manifest.json"
                 if mf.exists():
                     exported = next(f["accuracy"] for f in json.loads(mf.read_text())["files"] if f["file"] == "student.onnx")
+                # the student stage's own training time (a cell that trained the teachers counts them too in metrics)
+                log = [json.loads(line) for line in (cell / "log.jsonl").read_text().splitlines()]
+                student_s = sum(r.get("seconds", 0) for r in log if str(r.get("stage", "")).startswith("student-"))
                 cells.append({"seed": seed, "ensemble": m["student"]["ensemble_acc"],
                               "best_branch": max(m["student"]["branch_acc"]), "exported": exported,
-                              "seconds": m["seconds"], "macs": m["student"]["macs"], "params": m["student"]["params"]})
+                              "seconds": student_s, "macs": m["student"]["macs"], "params": m["student"]["params"]})
                 if size not in teachers:
                     teachers[size] = {"teachers": m["teachers"], "ensemble": m["teacher_ensemble_acc"]}
             rows.append({"size": size, "mode": mode, "cells": cells})
@@ -152,8 +157,8 @@ def _plot(data: dict, path: Path) -> None:
 def report(args) -> None:
     root = Path(args.runs_root)
     data = collect(root, args.sizes, args.modes, args.seeds)
-    docs = ROOT / "docs"
-    docs.mkdir(exist_ok=True)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
     (docs / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     _plot(data, docs / "results.png")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -183,7 +188,7 @@ def report(args) -> None:
         "",
         "## Student (same architecture, epochs and schedule in every mode)",
         "",
-        "| train images | mode | n | ensemble acc | best branch acc | exported ONNX acc | train s/run |",
+        "| train images | mode | n | ensemble acc | best branch acc | exported ONNX acc | student training s/run |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in data["rows"]:
@@ -204,7 +209,7 @@ def report(args) -> None:
     print(f"wrote {out}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/cifar10-limited.yaml")
     ap.add_argument("--runs-root", default="runs/study")
@@ -216,8 +221,9 @@ def main() -> None:
                     type=lambda s: (int(s.split("=", 1)[0]), s.split("=", 1)[1]),
                     help="load the teachers of a subset size from DIR (e.g. 5000=runs/cifar10-limited/teachers, "
                          "trained by the same recipe) instead of training them in the first cell")
+    ap.add_argument("--docs", default=str(ROOT / "docs"), help="where RESULTS.md, results.json and results.png go")
     ap.add_argument("--report-only", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         sys.exit(f"limited_data_study: unknown mode(s) {bad}; choose from {list(MODES)}")

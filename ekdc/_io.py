@@ -79,9 +79,9 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what} {path} is corrupt or not an ekdc checkpoint ({first[:160]})") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError):
+        # torch's own message here is about its weights_only default, which would mislead
+        raise UserError(f"{what} {path} is corrupt or not an ekdc checkpoint (it cannot be read as tensors and plain data)") from None
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise UserError(f"{what} {path} is not an ekdc checkpoint (no 'state_dict' in it)")
     return obj

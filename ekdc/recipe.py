@@ -283,7 +283,7 @@ def _check_known_path(parts: list[str], item: str) -> None:
         return
     if parts[-1] not in owner.model_fields:
         close = difflib.get_close_matches(parts[-1], list(owner.model_fields), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(owner.model_fields)})"
         raise UserError(f"--set {item}: unknown key '{'.'.join(parts)}'{hint}")
 
 

@@ -1,0 +1,46 @@
+"""The benchmark scripts' own logic (the heavy runs they drive are covered by the CLI tests)."""
+import importlib.util
+import json
+
+from tests.conftest import ROOT
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cell(root, size, mode, seed, acc, branches, exported):
+    cell = root / f"n{size}" / f"{mode}-s{seed}"
+    (cell / "export").mkdir(parents=True)
+    teachers = [{"name": "t1", "arch": "resnet8", "acc": 0.6, "params": 1000, "macs": 5000}]
+    (cell / "metrics.json").write_text(json.dumps({
+        "student": {"ensemble_acc": acc, "branch_acc": branches, "params": 10, "macs": 100},
+        "teachers": teachers, "teacher_ensemble_acc": 0.61, "mode": mode, "seconds": 99}))
+    (cell / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"stage": "teacher-t1", "epoch": 1, "seconds": 50}, {"stage": f"student-{mode}", "epoch": 1, "seconds": 7},
+        {"stage": f"student-{mode}", "epoch": 2, "seconds": 8}]) + "\n")
+    (cell / "export" / "manifest.json").write_text(json.dumps({"files": [{"file": "student.onnx", "accuracy": exported}]}))
+
+
+def test_limited_data_study_report(tmp_path):
+    study = _load("limited_data_study")
+    root = tmp_path / "study"
+    _cell(root, 5000, "ce", 0, 0.50, [0.40, 0.45], 0.50)
+    _cell(root, 5000, "ce", 1, 0.52, [0.41, 0.47], 0.52)
+    _cell(root, 5000, "ekd", 0, 0.60, [0.55, 0.58], 0.60)
+    docs = tmp_path / "docs"
+    study.main(["--runs-root", str(root), "--sizes", "5000", "--modes", "ce,ekd", "--seeds", "0,1",
+                "--docs", str(docs), "--report-only"])
+    text = (docs / "RESULTS.md").read_text()
+    assert "| 5,000 | ce | 2 | 51.00 ± 1.41 | 46.00 ± 1.41 | 51.00 ± 1.41 | 15 |" in text
+    assert "| 5,000 | ekd | 1 | 60.00 | 58.00 | 60.00 | 15 |" in text
+    assert "| 5,000 | **ensemble** | 1 teachers | **61.00** |" in text
+    assert (docs / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # a reading written below the marker survives a rebuild
+    (docs / "RESULTS.md").write_text(text.replace("(to be written once the grid is complete)", "EKD wins."))
+    study.main(["--runs-root", str(root), "--sizes", "5000", "--modes", "ce,ekd", "--seeds", "0,1",
+                "--docs", str(docs), "--report-only"])
+    assert "EKD wins." in (docs / "RESULTS.md").read_text()
