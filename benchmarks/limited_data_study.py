@@ -142,7 +142,8 @@ def _plot(data: dict, path: Path) -> None:
                 xs.append(i + (j - (len(modes) - 1) / 2) * width)
                 ys.append(100 * statistics.mean(accs))
                 es.append(100 * statistics.stdev(accs) if len(accs) > 1 else 0)
-        ax.bar(xs, ys, width, yerr=es, capsize=3, label=mode)
+        if xs:  # a mode with no finished run yet gets no legend entry
+            ax.bar(xs, ys, width, yerr=es, capsize=3, label=mode, color=f"C{j}")
     ax.set_xticks(range(len(sizes)), [f"{s:,} images" for s in sizes])
     ax.set_ylabel("student validation accuracy (%)")
     lo = min((100 * c["ensemble"] for r in data["rows"] for c in r["cells"]), default=0)
@@ -166,7 +167,9 @@ def report(args) -> None:
     lines = [
         "# Results: EKD on limited CIFAR-10",
         "",
-        "Written by `python benchmarks/limited_data_study.py` (resumable; `--report-only` rebuilds this page).",
+        "Written by `python benchmarks/limited_data_study.py --teachers 5000=runs/cifar10-limited/teachers`",
+        "(resumable; `--report-only` rebuilds this page; the 5,000-image teachers come from",
+        "`ekdc distill recipes/cifar10-limited.yaml`, the same recipe, seed and split).",
         f"Recipe: `{args.recipe}`, with `data.per_class` = size/10, `seed` and `mode` set per cell.",
         f"Machine: {cpu}, {__import__('os').cpu_count()} cores, CPU training (bf16 autocast, channels_last).",
         "",
