@@ -213,6 +213,7 @@ def _entry(path: Path, kind: str, precision: str, par: dict, acc: float, summary
 
 
 def _replace(src: Path, dst: Path) -> None:
-    """Move a finished file into place atomically (same folder, so a rename)."""
+    """Copy a finished file into place atomically. A copy, not a move: the int8 step still quantises
+    every fp32 candidate after the fp32 choice is made."""
     with _io.atomic_path(dst) as tmp:
         tmp.write_bytes(src.read_bytes())

@@ -276,9 +276,7 @@ def train_stage(
             xb = data.train_x[idx].to(rt.device, non_blocking=True)
             if params_ep is not None:
                 xb = augment_batch(xb, params_ep[idx].to(rt.device), aug.crop_padding)
-            x = normalize(xb, mean, std)
-            if rt.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = rt.to_input(xb, mean, std)
             y = data.train_y[idx].to(rt.device, non_blocking=True)
             with rt.autocast():
                 loss, terms, logits = step_loss(train_model, x, y, idx)
