@@ -59,18 +59,19 @@ def run_grid(args) -> None:
     teacher_names = _teacher_sets(recipe)
     root = Path(args.runs_root)
     root.mkdir(parents=True, exist_ok=True)
+    teacher_dirs = {}
     for size in args.sizes:
-        per_class = size // 10
-        size_dir = root / f"n{size}"
-        first_cell = size_dir / f"{args.modes[0]}-s{args.seeds[0]}"
         given = dict(args.teachers).get(size)
-        teachers_dir = Path(given) if given else first_cell / "teachers"
-        # seed-major order: every mode gets its first seed before any mode gets its second, so a
-        # grid cut short by the end of a session still compares all modes
-        for seed in args.seeds:
+        first_cell = root / f"n{size}" / f"{args.modes[0]}-s{args.seeds[0]}"
+        teacher_dirs[size] = (Path(given) if given else first_cell / "teachers", first_cell, bool(given))
+    # seed-major order, across sizes too: every (size, mode) row gets its first seed before any row
+    # gets its second, so a grid cut short by the end of a session still fills every row
+    for seed in args.seeds:
+        for size in args.sizes:
+            teachers_dir, first_cell, given = teacher_dirs[size]
             for mode in args.modes:
-                cell = size_dir / f"{mode}-s{seed}"
-                sets = [f"data.per_class={per_class}", f"seed={seed}", *MODES[mode], *args.set]
+                cell = root / f"n{size}" / f"{mode}-s{seed}"
+                sets = [f"data.per_class={size // 10}", f"seed={seed}", *MODES[mode], *args.set]
                 if given or cell != first_cell:
                     missing = [n for n in teacher_names if not (teachers_dir / f"{n}.pt").exists()]
                     if missing:
@@ -83,7 +84,7 @@ def run_grid(args) -> None:
                                 *[a for s in sets for a in ("--set", s)])
                     t0 = time.time()
                     _run(cmd, root / "study.log")
-                    print(f"  {cell.name}: {time.time() - t0:.0f}s", flush=True)
+                    print(f"  {cell.parent.name}/{cell.name}: {time.time() - t0:.0f}s", flush=True)
                 if not (cell / "export" / "manifest.json").exists():
                     _run(_ekdc("export", str(cell), "--out", str(cell / "export"), "--fold", "grouped"),
                          root / "study.log")

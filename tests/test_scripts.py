@@ -1,6 +1,8 @@
 """The benchmark scripts' own logic (the heavy runs they drive are covered by the CLI tests)."""
 import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -44,3 +46,49 @@ def test_limited_data_study_report(tmp_path):
     study.main(["--runs-root", str(root), "--sizes", "5000", "--modes", "ce,ekd", "--seeds", "0,1",
                 "--docs", str(docs), "--report-only"])
     assert "EKD wins." in (docs / "RESULTS.md").read_text()
+
+
+def test_limited_data_study_grid_order_and_resume(tmp_path, monkeypatch):
+    """Seed-major across sizes; the first cell of a size trains its teachers and the others load them;
+    a finished cell is never redone; an interrupted one is continued with --resume."""
+    study = _load("limited_data_study")
+    root = tmp_path / "study"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("teachers:\n  - arch: resnet8\n  - arch: resnet20\n    name: second\n")
+    calls = []
+
+    def fake_run(cmd, log):  # stands in for `ekdc distill` / `ekdc export`: writes what they would
+        out = Path(cmd[cmd.index("--out") + 1])
+        if cmd[3] == "distill":
+            calls.append((out.parent.name, out.name, cmd))
+            mode, seed = out.name.rsplit("-s", 1)
+            shutil.rmtree(out, ignore_errors=True)
+            _cell(out.parent.parent, int(out.parent.name[1:]), mode, int(seed), 0.5, [0.4], 0.5)
+            (out / "export" / "manifest.json").unlink()
+            (out / "teachers").mkdir()
+            for t in ("resnet8", "second"):
+                (out / "teachers" / f"{t}.pt").write_bytes(b"x")
+        else:
+            (out / "manifest.json").write_text(json.dumps({"files": [{"file": "student.onnx", "accuracy": 0.5}]}))
+
+    monkeypatch.setattr(study, "_run", fake_run)
+    # an interrupted cell: it has its recipe but no metrics yet
+    (root / "n20" / "ekd-s1").mkdir(parents=True)
+    (root / "n20" / "ekd-s1" / "recipe.yaml").write_text("{}")
+    args = ["--recipe", str(recipe), "--runs-root", str(root), "--sizes", "10,20", "--modes", "ce,ekd",
+            "--seeds", "0,1", "--docs", str(tmp_path / "docs")]
+    study.main(args)
+    assert [(s, c) for s, c, _ in calls] == [
+        ("n10", "ce-s0"), ("n10", "ekd-s0"), ("n20", "ce-s0"), ("n20", "ekd-s0"),
+        ("n10", "ce-s1"), ("n10", "ekd-s1"), ("n20", "ce-s1"), ("n20", "ekd-s1")]
+    by_cell = {(s, c): cmd for s, c, cmd in calls}
+    first = by_cell[("n20", "ce-s0")]
+    assert not any("checkpoint=" in a for a in first)  # trains its own teachers
+    later = by_cell[("n20", "ekd-s1")]
+    assert f"teachers.1.checkpoint={(root / 'n20' / 'ce-s0' / 'teachers' / 'second.pt').resolve()}" in later
+    assert "data.per_class=2" in later and "seed=1" in later and "mode=ekd" in later
+    assert "--resume" in later and "--resume" not in by_cell[("n10", "ekd-s1")]
+    assert "| 20 | ekd | 2 | 50.00 ± 0.00 |" in (tmp_path / "docs" / "RESULTS.md").read_text()
+    calls.clear()
+    study.main(args)  # everything finished: nothing is run again
+    assert calls == []
