@@ -99,6 +99,28 @@ def _mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
 
 
+def _stage_seconds(log: Path, prefix: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        r = json.loads(line)
+        if str(r.get("stage", "")).startswith(prefix):
+            out[r["stage"][len(prefix):]] = out.get(r["stage"][len(prefix):], 0.0) + r.get("seconds", 0.0)
+    return out
+
+
+def _teacher_seconds(cell: Path) -> dict[str, float]:
+    """Training seconds per teacher, from the log of the run that trained them: this cell's, or the run
+    whose teachers/ folder the cell's recipe loads checkpoints from."""
+    import yaml
+
+    own = _stage_seconds(cell / "log.jsonl", "teacher-")
+    if own:
+        return own
+    recipe = yaml.safe_load((cell / "recipe.yaml").read_text()) if (cell / "recipe.yaml").exists() else {}
+    ckpts = [t.get("checkpoint") for t in recipe.get("teachers", []) if t.get("checkpoint")]
+    return _stage_seconds(Path(ckpts[0]).parent.parent / "log.jsonl", "teacher-") if ckpts else {}
+
+
 def collect(root: Path, sizes, modes, seeds) -> dict:
     rows, teachers = [], {}
     for size in sizes:
@@ -120,7 +142,8 @@ def collect(root: Path, sizes, modes, seeds) -> dict:
                               "best_branch": max(m["student"]["branch_acc"]), "exported": exported,
                               "seconds": student_s, "macs": m["student"]["macs"], "params": m["student"]["params"]})
                 if size not in teachers:
-                    teachers[size] = {"teachers": m["teachers"], "ensemble": m["teacher_ensemble_acc"]}
+                    teachers[size] = {"teachers": m["teachers"], "ensemble": m["teacher_ensemble_acc"],
+                                      "seconds": _teacher_seconds(cell)}
             rows.append({"size": size, "mode": mode, "cells": cells})
     return {"rows": rows, "teachers": teachers}
 
@@ -179,19 +202,28 @@ def report(args) -> None:
         "",
         "## Teachers",
         "",
-        "| train images | teacher | arch | acc | params | MACs |",
-        "|---:|---|---|---:|---:|---:|",
+        "| train images | teacher | arch | acc | params | MACs | training s |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
+    ensemble_macs = {}
     for size, t in sorted(data["teachers"].items()):
+        secs = t.get("seconds", {})
         for tr in t["teachers"]:
-            lines.append(f"| {size:,} | {tr['name']} | {tr['arch']} | {100 * tr['acc']:.2f} | {tr['params'] / 1e6:.2f}M | {tr['macs'] / 1e6:.0f}M |")
-        tm = sum(tr["macs"] for tr in t["teachers"])
+            s = f"{secs[tr['name']]:.0f}" if tr["name"] in secs else "–"
+            lines.append(f"| {size:,} | {tr['name']} | {tr['arch']} | {100 * tr['acc']:.2f} | {tr['params'] / 1e6:.2f}M "
+                         f"| {tr['macs'] / 1e6:.0f}M | {s} |")
+        ensemble_macs[size] = tm = sum(tr["macs"] for tr in t["teachers"])
         tp = sum(tr["params"] for tr in t["teachers"])
-        lines.append(f"| {size:,} | **ensemble** | {len(t['teachers'])} teachers | **{100 * t['ensemble']:.2f}** | {tp / 1e6:.2f}M | {tm / 1e6:.0f}M |")
+        total = f"{sum(secs.values()):.0f}" if secs else "–"
+        lines.append(f"| {size:,} | **ensemble** | {len(t['teachers'])} teachers | **{100 * t['ensemble']:.2f}** "
+                     f"| {tp / 1e6:.2f}M | {tm / 1e6:.0f}M | {total} |")
+    lines += ["", "## Student (same architecture, epochs and schedule in every mode)", ""]
+    student = next((c for r in data["rows"] for c in r["cells"]), None)
+    if student:
+        share = ", ".join(f"{100 * student['macs'] / m:.1f}%" for m in sorted(set(ensemble_macs.values())))
+        lines += [f"`ekd_student`: {student['params'] / 1e6:.2f}M params, {student['macs'] / 1e6:.1f}M MACs "
+                  f"a 32x32 image ({share} of the teacher ensemble's).", ""]
     lines += [
-        "",
-        "## Student (same architecture, epochs and schedule in every mode)",
-        "",
         "| train images | mode | n | ensemble acc | best branch acc | exported ONNX acc | student training s/run |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -201,7 +233,11 @@ def report(args) -> None:
         secs = f"{statistics.mean(x['seconds'] for x in c):.0f}" if c else "–"
         lines.append(f"| {r['size']:,} | {r['mode']} | {len(c)} | {_mean_std([x['ensemble'] for x in c])} | "
                      f"{_mean_std([x['best_branch'] for x in c])} | {_mean_std(exp)} | {secs} |")
-    lines += ["", "![accuracy by mode and training-set size](results.png)", ""]
+    student_s = sum(c["seconds"] for r in data["rows"] for c in r["cells"])
+    teacher_s = sum(sum(t.get("seconds", {}).values()) for t in data["teachers"].values())
+    lines += ["", f"Training time so far: {(student_s + teacher_s) / 3600:.1f} h on this machine "
+              f"({teacher_s / 3600:.1f} h teachers, {student_s / 3600:.1f} h students; export and evaluation not counted).",
+              "", "![accuracy by mode and training-set size](results.png)", ""]
     out = docs / "RESULTS.md"
     marker = "<!-- reading -->"
     reading = ""

@@ -39,7 +39,9 @@ def test_limited_data_study_report(tmp_path):
     text = (docs / "RESULTS.md").read_text()
     assert "| 5,000 | ce | 2 | 51.00 ± 1.41 | 46.00 ± 1.41 | 51.00 ± 1.41 | 15 |" in text
     assert "| 5,000 | ekd | 1 | 60.00 | 58.00 | 60.00 | 15 |" in text
-    assert "| 5,000 | **ensemble** | 1 teachers | **61.00** |" in text
+    assert "| 5,000 | **ensemble** | 1 teachers | **61.00** | 0.00M | 0M | 50 |" in text  # teacher-t1's 50 s
+    assert "(2.0% of the teacher ensemble's)" in text  # the fake student's 100 MACs against 5,000
+    assert "Training time so far: 0.0 h" in text
     assert (docs / "results.png").read_bytes()[:4] == b"\x89PNG"
     # a reading written below the marker survives a rebuild
     (docs / "RESULTS.md").write_text(text.replace("(to be written once the grid is complete)", "EKD wins."))
