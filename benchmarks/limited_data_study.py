@@ -48,15 +48,17 @@ def _run(cmd: list[str], log: Path) -> None:
         sys.exit(f"limited_data_study: command failed (exit {res.returncode}); see {log}")
 
 
-def _teacher_sets(recipe: Path) -> list[str]:
-    import yaml
+def _teacher_names(recipe: Path, sets: list[str]) -> list[str]:
+    """The names the teachers' checkpoints are saved under, as `ekdc distill` resolves them (repeated
+    architectures numbered, ``--set`` applied)."""
+    from ekdc import load_recipe
 
-    return [t.get("name") or t["arch"] for t in yaml.safe_load(recipe.read_text())["teachers"]]
+    return [t.name for t in load_recipe(recipe, sets).teachers]
 
 
 def run_grid(args) -> None:
     recipe = Path(args.recipe)
-    teacher_names = _teacher_sets(recipe)
+    teacher_names = _teacher_names(recipe, args.set)
     root = Path(args.runs_root)
     root.mkdir(parents=True, exist_ok=True)
     teacher_dirs = {}
@@ -89,6 +91,12 @@ def run_grid(args) -> None:
                     _run(_ekdc("export", str(cell), "--out", str(cell / "export"), "--fold", "grouped"),
                          root / "study.log")
                 report(args)  # after every cell, so the page is current whenever the grid stops
+
+
+def _shown(path: str) -> str:
+    """A path as the page shows it: relative to the repository when inside it."""
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -194,7 +202,7 @@ def report(args) -> None:
         "Written by `python benchmarks/limited_data_study.py --teachers 5000=runs/cifar10-limited/teachers`",
         "(resumable; `--report-only` rebuilds this page; the 5,000-image teachers come from",
         "`ekdc distill recipes/cifar10-limited.yaml`, the same recipe, seed and split).",
-        f"Recipe: `{args.recipe}`, with `data.per_class` = size/10, `seed` and `mode` set per cell.",
+        f"Recipe: `{_shown(args.recipe)}`, with `data.per_class` = size/10, `seed` and `mode` set per cell.",
         f"Machine: {cpu}, {__import__('os').cpu_count()} cores, CPU training (bf16 autocast, channels_last).",
         "",
         "Validation: a fixed, seeded, stratified split of 5,000 images (500 a class) that no run trains on.",
@@ -264,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where RESULTS.md, results.json and results.png go")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
+    # the cells run with the repository as working directory: make every path the caller typed absolute
+    args.recipe, args.runs_root, args.docs = (str(Path(p).resolve()) for p in (args.recipe, args.runs_root, args.docs))
+    args.teachers = [(size, str(Path(d).resolve())) for size, d in args.teachers]
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         sys.exit(f"limited_data_study: unknown mode(s) {bad}; choose from {list(MODES)}")

@@ -212,10 +212,14 @@ def _schema_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 def _first_error(err: ValidationError, where: str) -> str:
     e = err.errors()[0]
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    # pydantic reports union members as extra loc parts ("Augment", "bool"); drop them
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+    # pydantic names the union member it tried as an extra loc part ("Augment", "bool"); drop those,
+    # not the user's own keys (which may be capitalised)
+    union_tags = {"bool", "int", "float", "str"} | {
+        c.__name__ for c in globals().values() if isinstance(c, type) and issubclass(c, BaseModel)}
+    unknown_key = len(loc) - 1 if e["type"] == "extra_forbidden" else None  # the user's key, whatever its name
+    loc = tuple(p for i, p in enumerate(loc) if not (i > 0 and i != unknown_key and p in union_tags))
     path = _format_loc(loc)
-    if e["type"] == "extra_forbidden":
+    if e["type"] == "extra_forbidden" and loc:
         owner = _schema_at(Recipe, loc[:-1])
         hint = ""
         if owner is not None:
@@ -307,14 +311,17 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
-    """Relative data roots and checkpoints are read relative to the recipe file's folder... unless
-    they exist relative to the working directory, which is how people usually type them."""
+    """Relative data roots and checkpoints are read relative to the working directory, which is how
+    people usually type them, else relative to the recipe file's folder. A path found either way is made
+    absolute, so the run folder's recipe.yaml works from any directory (``ekdc export``, ``--resume``)."""
 
     def fix(p: str | None) -> str | None:
-        if p is None or os.path.isabs(p) or Path(p).exists():
+        if p is None or os.path.isabs(p):
             return p
-        cand = base / p
-        return str(cand) if cand.exists() else p
+        for cand in (Path(p), base / p):
+            if cand.exists():
+                return str(cand.resolve())
+        return p  # not there (yet): a torchvision root with download, or an error reported where it is read
 
     recipe.data.root = fix(recipe.data.root)
     recipe.data.val_root = fix(recipe.data.val_root)

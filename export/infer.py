@@ -40,11 +40,20 @@ def main() -> int:
     args = ap.parse_args()
     try:
         sess = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
-        meta = sess.get_modelmeta().custom_metadata_map
-        classes = json.loads(meta["ekdc.classes"])
-        size = int(meta["ekdc.input_size"])
+    except Exception as err:  # noqa: BLE001 -- ONNX Runtime's load errors (NoSuchFile, InvalidProtobuf, ...) are plain Exceptions
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"infer.py: error: cannot load {args.model}: {first}", file=sys.stderr)
+        return 2
+    meta = sess.get_modelmeta().custom_metadata_map
+    if "ekdc.classes" not in meta or "ekdc.input_size" not in meta:
+        print(f"infer.py: error: {args.model} is not an ekdc export (no ekdc.classes / ekdc.input_size metadata)",
+              file=sys.stderr)
+        return 2
+    classes = json.loads(meta["ekdc.classes"])
+    size = int(meta["ekdc.input_size"])
+    try:
         x = load_images(args.images, size)
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, ValueError) as err:
         print(f"infer.py: error: {err}", file=sys.stderr)
         return 2
     probs = softmax(sess.run(["logits"], {"images": x})[0])

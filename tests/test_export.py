@@ -100,6 +100,7 @@ def test_export_bad_input(tiny_run, tmp_path):
     one_line(run_cli("export", corrupt), "corrupt")
     one_line(run_cli("export", tiny_run, "--out", "/proc/ekdc-no"), "not writable")
     one_line(run_cli("export", tiny_run, "--fold", "diagonal"), "--fold")
+    one_line(run_cli("export", tiny_run, "--out", tmp_path / "p", "--parity-images", "-5"), "--parity-images must be >= 0")
     one_line(run_cli("export", tiny_run, "--out", tmp_path / "t", "--trt"), "--trt")
 
 
@@ -128,3 +129,49 @@ def test_infer_example_classifies_images_without_torch(tiny_export, tmp_path):
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 2
     assert all(line.startswith(p) and any(c in line for c in manifest["classes"]) for line, p in zip(lines, paths))
+
+
+def test_infer_example_bad_inputs_one_line_exit_2(tiny_export, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import ROOT
+
+    out, _ = tiny_export
+    img = tmp_path / "img.png"
+    Image.new("RGB", (20, 20)).save(img)
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a protobuf at all")
+    foreign = tmp_path / "foreign.onnx"  # a valid model without ekdc's metadata
+    m = onnx.load(out / "student.onnx")
+    del m.metadata_props[:]
+    onnx.save(m, foreign)
+    cases = [(tmp_path / "missing.onnx", img, "cannot load"), (corrupt, img, "cannot load"),
+             (foreign, img, "is not an ekdc export"), (out / "student.onnx", tmp_path / "no.png", "no.png")]
+    for model, image, words in cases:
+        res = subprocess.run([sys.executable, str(ROOT / "export" / "infer.py"), str(model), str(image)],
+                             capture_output=True, text=True)
+        assert res.returncode == 2, (model, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("infer.py: error:") and words in lines[0], res.stderr
+
+
+def test_export_refuses_a_fold_that_does_not_match(tiny_run, tmp_path, monkeypatch):
+    """A wrong fold must never reach student.onnx: export compares it with the trained student first."""
+    from ekdc.deploy import export as export_mod
+
+    real_fold = export_mod.fold
+
+    def broken_fold(student, layout):
+        folded = real_fold(student, layout)
+        with torch.no_grad():
+            last = [m for m in folded.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.bias.add_(torch.linspace(0, 5, last.bias.numel()))  # e.g. heads' biases summed, not averaged
+        return folded
+
+    monkeypatch.setattr(export_mod, "fold", broken_fold)
+    with pytest.raises(RuntimeError, match="does not match the trained student"):
+        export_mod.export(tiny_run, tmp_path / "out", fold_mode="grouped", parity_images=16)
+    assert not (tmp_path / "out" / "student.onnx").exists()

@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekdc.deploy.fold import fold, randomize_bn, verify_fold
+from ekdc.deploy.fold import fold, randomize_for_verification, verify_fold
 from ekdc.models import create_model
 
 
@@ -19,7 +19,7 @@ def test_fold_is_exact(n, trunk_blocks, widths, blocks, layout, seed):
     torch.manual_seed(seed)
     s = create_model("ekd_student", num_classes=5, num_branches=n, trunk_width=8, trunk_blocks=trunk_blocks,
                      branch_widths=widths, branch_blocks=blocks)
-    randomize_bn(s, seed)
+    randomize_for_verification(s, seed)
     x = torch.randn(3, 3, 12, 12)
     assert verify_fold(s, layout, x) <= 1e-5
 

@@ -86,6 +86,7 @@ def test_divergence_stops_with_stage_and_epoch(tmp_path):
     assert res.returncode == 2, res.stderr
     line = res.stderr.strip().splitlines()
     assert len(line) == 1 and "training diverged: teacher-resnet8 loss is" in line[0] and "in epoch" in line[0]
+    assert "start a new run with a lower teachers.N.train.lr" in line[0]
     assert "Traceback" not in res.stderr
 
 

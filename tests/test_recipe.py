@@ -43,6 +43,21 @@ def test_unknown_key_suggests_closest(tmp_path):
     assert "distill.temprature" in msg and "did you mean 'temperature'" in msg
 
 
+@pytest.mark.parametrize("where, key, path, hint", [
+    ((), "Seed", "Seed", "seed"),
+    (("data",), "Root", "data.Root", "root"),
+    (("data", "augment"), "Hflip", "data.augment.Hflip", "hflip"),  # inside a union (Augment | bool)
+])
+def test_capitalised_unknown_key_is_named(tmp_path, where, key, path, hint):
+    raw = tiny_recipe()
+    node = raw
+    for part in where:
+        node = node.setdefault(part, {}) if part != "augment" else node.setdefault(part, {"hflip": True})
+    node[key] = 1
+    msg = _error(tmp_path, yaml.safe_dump(raw))
+    assert f"unknown key '{path}' (did you mean '{hint}'?)" in msg
+
+
 def test_wrong_type_names_path(tmp_path):
     msg = _error(tmp_path, _yaml(distill={"epochs": "many"}))
     assert msg.split(": ", 1)[1].startswith("distill.epochs")
@@ -102,3 +117,21 @@ def test_bad_set(tmp_path, item, words):
     with pytest.raises(UserError) as e:
         load_recipe(p, [item])
     assert words in str(e.value)
+
+
+def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch):
+    """A run folder's recipe.yaml must work from any directory (export, bench, --resume)."""
+    (tmp_path / "work" / "data").mkdir(parents=True)
+    (tmp_path / "work" / "t.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path / "work")
+    raw = tiny_recipe(data={"dataset": "imagefolder", "root": "data"})
+    raw["teachers"][0]["checkpoint"] = "t.pt"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    r = load_recipe(tmp_path / "r.yaml")
+    assert r.data.root == str(tmp_path / "work" / "data")
+    assert r.teachers[0].checkpoint == str(tmp_path / "work" / "t.pt")
+    saved = tmp_path / "run" / "recipe.yaml"
+    saved.parent.mkdir()
+    saved.write_text(dump_recipe(r))
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(saved) == r

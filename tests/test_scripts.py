@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_recipe
 
 
 def _load(name):
@@ -55,8 +55,9 @@ def test_limited_data_study_grid_order_and_resume(tmp_path, monkeypatch):
     a finished cell is never redone; an interrupted one is continued with --resume."""
     study = _load("limited_data_study")
     root = tmp_path / "study"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("teachers:\n  - arch: resnet8\n  - arch: resnet20\n    name: second\n")
+    # two teachers of one architecture: their checkpoints are resnet8.pt and resnet8_1.pt
+    write_recipe(tmp_path / "r.yaml", teachers=[{"arch": "resnet8"}, {"arch": "resnet8"}])
+    monkeypatch.chdir(tmp_path)  # relative paths are the caller's, though the cells run from the repository
     calls = []
 
     def fake_run(cmd, log):  # stands in for `ekdc distill` / `ekdc export`: writes what they would
@@ -68,7 +69,7 @@ def test_limited_data_study_grid_order_and_resume(tmp_path, monkeypatch):
             _cell(out.parent.parent, int(out.parent.name[1:]), mode, int(seed), 0.5, [0.4], 0.5)
             (out / "export" / "manifest.json").unlink()
             (out / "teachers").mkdir()
-            for t in ("resnet8", "second"):
+            for t in ("resnet8", "resnet8_1"):
                 (out / "teachers" / f"{t}.pt").write_bytes(b"x")
         else:
             (out / "manifest.json").write_text(json.dumps({"files": [{"file": "student.onnx", "accuracy": 0.5}]}))
@@ -77,8 +78,8 @@ def test_limited_data_study_grid_order_and_resume(tmp_path, monkeypatch):
     # an interrupted cell: it has its recipe but no metrics yet
     (root / "n20" / "ekd-s1").mkdir(parents=True)
     (root / "n20" / "ekd-s1" / "recipe.yaml").write_text("{}")
-    args = ["--recipe", str(recipe), "--runs-root", str(root), "--sizes", "10,20", "--modes", "ce,ekd",
-            "--seeds", "0,1", "--docs", str(tmp_path / "docs")]
+    args = ["--recipe", "r.yaml", "--runs-root", "study", "--sizes", "10,20", "--modes", "ce,ekd",
+            "--seeds", "0,1", "--docs", "docs"]
     study.main(args)
     assert [(s, c) for s, c, _ in calls] == [
         ("n10", "ce-s0"), ("n10", "ekd-s0"), ("n20", "ce-s0"), ("n20", "ekd-s0"),
@@ -87,7 +88,8 @@ def test_limited_data_study_grid_order_and_resume(tmp_path, monkeypatch):
     first = by_cell[("n20", "ce-s0")]
     assert not any("checkpoint=" in a for a in first)  # trains its own teachers
     later = by_cell[("n20", "ekd-s1")]
-    assert f"teachers.1.checkpoint={(root / 'n20' / 'ce-s0' / 'teachers' / 'second.pt').resolve()}" in later
+    assert f"teachers.1.checkpoint={(root / 'n20' / 'ce-s0' / 'teachers' / 'resnet8_1.pt').resolve()}" in later
+    assert by_cell[("n10", "ce-s0")][4] == str(tmp_path / "r.yaml")
     assert "data.per_class=2" in later and "seed=1" in later and "mode=ekd" in later
     assert "--resume" in later and "--resume" not in by_cell[("n10", "ekd-s1")]
     assert "| 20 | ekd | 2 | 50.00 ± 0.00 |" in (tmp_path / "docs" / "RESULTS.md").read_text()

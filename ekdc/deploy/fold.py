@@ -156,8 +156,10 @@ def fold(student: EKDStudent, layout: Layout = "grouped") -> nn.Module:
 
 
 @torch.no_grad()
-def randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    """Give every BatchNorm random statistics and affine parameters (folding must hold for any)."""
+def randomize_for_verification(model: nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm random statistics and affine parameters, and every Linear a random bias:
+    a fresh model has unit BN statistics and zero head biases, which would hide a folding error in
+    either (folding must hold for any values)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -166,6 +168,8 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
             m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
             m.weight.copy_(torch.rand(c, generator=g) + 0.5)
             m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g))
 
 
 @torch.no_grad()

@@ -209,11 +209,14 @@ class _Reporter:
 
 def _check_finite(loss: torch.Tensor, stage: str, epoch: int, run: RunDir) -> None:
     if not torch.isfinite(loss):
-        kept = run.stage_ckpt(stage)
-        keep = f"; the last good checkpoint is {kept}" if kept.exists() else ""
+        # --resume would retrace the same steps into the same NaN (the recipe must not change on resume),
+        # so the way on is a new run; teachers this run finished need not be trained again
+        lr_key = "distill.lr" if stage.startswith("student-") else "teachers.N.train.lr"
+        reuse = (f"; teachers finished in {run.path / 'teachers'} load with --set teachers.N.checkpoint=PATH"
+                 if any((run.path / "teachers").glob("*.pt")) else "")
         raise TrainingDiverged(
-            f"training diverged: {stage} loss is {float(loss)} in epoch {epoch + 1}{keep} "
-            "(lower the learning rate, then run again with --resume)"
+            f"training diverged: {stage} loss is {float(loss)} in epoch {epoch + 1} "
+            f"(start a new run with a lower {lr_key}{reuse})"
         )
 
 
