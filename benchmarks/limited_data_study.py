@@ -108,11 +108,14 @@ def _mean_std(xs: list[float]) -> str:
 
 
 def _stage_seconds(log: Path, prefix: str) -> dict[str, float]:
+    """Training seconds per stage whose name starts with ``prefix`` (keyed by the rest of the name),
+    summed over a run's log.jsonl epochs."""
     out: dict[str, float] = {}
     for line in log.read_text().splitlines() if log.exists() else []:
         r = json.loads(line)
-        if str(r.get("stage", "")).startswith(prefix):
-            out[r["stage"][len(prefix):]] = out.get(r["stage"][len(prefix):], 0.0) + r.get("seconds", 0.0)
+        stage = str(r.get("stage", ""))
+        if stage.startswith(prefix):
+            out[stage[len(prefix):]] = out.get(stage[len(prefix):], 0.0) + r.get("seconds", 0.0)
     return out
 
 
@@ -144,8 +147,7 @@ def collect(root: Path, sizes, modes, seeds) -> dict:
                 if mf.exists():
                     exported = next(f["accuracy"] for f in json.loads(mf.read_text())["files"] if f["file"] == "student.onnx")
                 # the student stage's own training time (a cell that trained the teachers counts them too in metrics)
-                log = [json.loads(line) for line in (cell / "log.jsonl").read_text().splitlines()]
-                student_s = sum(r.get("seconds", 0) for r in log if str(r.get("stage", "")).startswith("student-"))
+                student_s = sum(_stage_seconds(cell / "log.jsonl", "student-").values())
                 cells.append({"seed": seed, "ensemble": m["student"]["ensemble_acc"],
                               "best_branch": max(m["student"]["branch_acc"]), "exported": exported,
                               "seconds": student_s, "macs": m["student"]["macs"], "params": m["student"]["params"]})

@@ -219,7 +219,7 @@ def _first_error(err: ValidationError, where: str) -> str:
     unknown_key = len(loc) - 1 if e["type"] == "extra_forbidden" else None  # the user's key, whatever its name
     loc = tuple(p for i, p in enumerate(loc) if not (i > 0 and i != unknown_key and p in union_tags))
     path = _format_loc(loc)
-    if e["type"] == "extra_forbidden" and loc:
+    if e["type"] == "extra_forbidden":
         owner = _schema_at(Recipe, loc[:-1])
         hint = ""
         if owner is not None:
