@@ -99,12 +99,26 @@ def _shown(path: str) -> str:
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
-def _mean_std(xs: list[float]) -> str:
+def _mean_std(xs: list[float], signed: bool = False) -> str:
+    """Fractions shown in %, mean ± std; ``signed`` writes gaps with an explicit + or − sign."""
     if not xs:
         return "–"
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.2f}"
-    return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
+    mean = f"{100 * statistics.mean(xs):+.2f}".replace("-", "−") if signed else f"{100 * statistics.mean(xs):.2f}"
+    return mean if len(xs) == 1 else f"{mean} ± {100 * statistics.stdev(xs):.2f}"
+
+
+# (mode, baseline) pairs whose per-seed gaps the report shows: what KD adds to the student alone, and
+# what EKD's one-teacher-a-branch pairing adds to classic averaged-teacher KD
+_COMPARISONS = [("avg_kd", "ce"), ("ekd", "ce"), ("ekd_feat", "ce"), ("ekd", "avg_kd"), ("ekd_feat", "avg_kd")]
+
+
+def paired_gaps(rows: list[dict], size: int, mode: str, baseline: str) -> list[float]:
+    """Per-seed ensemble-accuracy gaps, mode minus baseline, over the seeds both have finished.
+
+    Cells of one seed share the training subset, the student's initialisation and the batch order, so a
+    gap taken seed by seed leaves out the run-to-run noise the two rows have in common."""
+    by_seed = {(r["mode"], c["seed"]): c["ensemble"] for r in rows if r["size"] == size for c in r["cells"]}
+    return [by_seed[(mode, s)] - by_seed[(baseline, s)] for (m, s) in sorted(by_seed) if m == mode and (baseline, s) in by_seed]
 
 
 def _stage_seconds(log: Path, prefix: str) -> dict[str, float]:
@@ -243,6 +257,18 @@ def report(args) -> None:
         secs = f"{statistics.mean(x['seconds'] for x in c):.0f}" if c else "–"
         lines.append(f"| {r['size']:,} | {r['mode']} | {len(c)} | {_mean_std([x['ensemble'] for x in c])} | "
                      f"{_mean_std([x['best_branch'] for x in c])} | {_mean_std(exp)} | {secs} |")
+    gap_lines = []
+    for size in args.sizes:
+        for mode, baseline in _COMPARISONS:
+            gaps = paired_gaps(data["rows"], size, mode, baseline)
+            if gaps:
+                above = sum(g > 0 for g in gaps)
+                gap_lines.append(f"| {size:,} | {mode} − {baseline} | {len(gaps)} | {_mean_std(gaps, signed=True)} "
+                                 f"| {above} of {len(gaps)} |")
+    if gap_lines:
+        lines += ["", "Paired by seed (a seed fixes the student's initialisation and batch order; every cell trains on",
+                  "the same subset), gap in points, mean ± std over the seeds both rows have finished:", "",
+                  "| train images | mode − baseline | seeds | gap, points | mode ahead in |", "|---:|---|---:|---:|---:|", *gap_lines]
     student_s = sum(c["seconds"] for r in data["rows"] for c in r["cells"])
     teacher_s = sum(sum(t.get("seconds", {}).values()) for t in data["teachers"].values())
     lines += ["", f"Training time so far: {(student_s + teacher_s) / 3600:.1f} h on this machine "

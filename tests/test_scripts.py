@@ -41,6 +41,8 @@ def test_limited_data_study_report(tmp_path):
     assert "| 5,000 | ekd | 1 | 60.00 | 58.00 | 60.00 | 15 |" in text
     assert "| 5,000 | **ensemble** | 1 teachers | **61.00** | 0.00M | 0M | 50 |" in text  # teacher-t1's 50 s
     assert "(2.0% of the teacher ensemble's)" in text  # the fake student's 100 MACs against 5,000
+    assert "| 5,000 | ekd − ce | 1 | +10.00 | 1 of 1 |" in text  # only seed 0 has both rows
+    assert "avg_kd − " not in text and "− avg_kd" not in text  # no avg_kd row, no gap against it
     assert "Training time so far: 0.0 h" in text
     assert (docs / "results.png").read_bytes()[:4] == b"\x89PNG"
     # a reading written below the marker survives a rebuild
@@ -48,6 +50,19 @@ def test_limited_data_study_report(tmp_path):
     study.main(["--runs-root", str(root), "--sizes", "5000", "--modes", "ce,ekd", "--seeds", "0,1",
                 "--docs", str(docs), "--report-only"])
     assert "EKD wins." in (docs / "RESULTS.md").read_text()
+
+
+def test_limited_data_study_paired_gaps_match_seeds():
+    study = _load("limited_data_study")
+    cells = lambda *accs: [{"seed": s, "ensemble": a} for s, a in accs]  # noqa: E731
+    rows = [{"size": 5000, "mode": "avg_kd", "cells": cells((0, 0.70), (1, 0.72), (2, 0.69))},
+            {"size": 5000, "mode": "ekd", "cells": cells((0, 0.71), (2, 0.68))},  # seed 1 not finished
+            {"size": 10000, "mode": "ekd", "cells": cells((1, 0.90))}]  # another size never pairs
+    gaps = study.paired_gaps(rows, 5000, "ekd", "avg_kd")
+    assert [round(g, 6) for g in gaps] == [0.01, -0.01]
+    assert study.paired_gaps(rows, 10000, "ekd", "avg_kd") == []
+    assert study._mean_std(gaps, signed=True) == "+0.00 ± 1.41"
+    assert study._mean_std([-0.0046], signed=True) == "−0.46"
 
 
 def test_limited_data_study_grid_order_and_resume(tmp_path, monkeypatch):
