@@ -129,7 +129,8 @@ def _stage_seconds(log: Path, prefix: str) -> dict[str, float]:
         r = json.loads(line)
         stage = str(r.get("stage", ""))
         if stage.startswith(prefix):
-            out[stage[len(prefix):]] = out.get(stage[len(prefix):], 0.0) + r.get("seconds", 0.0)
+            name = stage[len(prefix):]
+            out[name] = out.get(name, 0.0) + r.get("seconds", 0.0)
     return out
 
 
