@@ -272,7 +272,7 @@ def report(args) -> None:
                   "| train images | mode − baseline | seeds | gap, points | mode ahead in |", "|---:|---|---:|---:|---:|", *gap_lines]
     student_s = sum(c["seconds"] for r in data["rows"] for c in r["cells"])
     teacher_s = sum(sum(t.get("seconds", {}).values()) for t in data["teachers"].values())
-    lines += ["", f"Training time so far: {(student_s + teacher_s) / 3600:.1f} h on this machine "
+    lines += ["", f"Training time of the finished runs: {(student_s + teacher_s) / 3600:.1f} h on this machine "
               f"({teacher_s / 3600:.1f} h teachers, {student_s / 3600:.1f} h students; export and evaluation not counted).",
               "", "![accuracy by mode and training-set size](results.png)", ""]
     out = docs / "RESULTS.md"

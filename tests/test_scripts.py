@@ -43,7 +43,7 @@ def test_limited_data_study_report(tmp_path):
     assert "(2.0% of the teacher ensemble's)" in text  # the fake student's 100 MACs against 5,000
     assert "| 5,000 | ekd − ce | 1 | +10.00 | 1 of 1 |" in text  # only seed 0 has both rows
     assert "avg_kd − " not in text and "− avg_kd" not in text  # no avg_kd row, no gap against it
-    assert "Training time so far: 0.0 h" in text
+    assert "Training time of the finished runs: 0.0 h" in text
     assert (docs / "results.png").read_bytes()[:4] == b"\x89PNG"
     # a reading written below the marker survives a rebuild
     (docs / "RESULTS.md").write_text(text.replace("(to be written once the grid is complete)", "EKD wins."))
