@@ -4,34 +4,25 @@
     run = distill(load_recipe("recipes/quickstart.yaml"))
 """
 from .errors import UserError
-from .recipe import Recipe, load_recipe
-from .run import RunDir
 
 __version__ = "0.1.0"
 
+# every public name but UserError loads on first use: `ekdc --help` stays fast, and the bench's measuring
+# process (python -m ekdc.benchmark._worker) imports no torch, pydantic or onnx through this package
+_LAZY = {
+    "Recipe": ("recipe", "Recipe"), "load_recipe": ("recipe", "load_recipe"), "RunDir": ("run", "RunDir"),
+    "distill": ("distillation", "distill"), "fold": ("deploy.fold", "fold"), "export": ("deploy.export", "export"),
+    "bench": ("benchmark", "bench"), "create_model": ("models", "create_model"),
+    "list_models": ("models", "list_models"), "register_model": ("models", "register_model"),
+}
+
 
 def __getattr__(name: str):
-    # heavy submodules (torch, onnx) load on first use, so `ekdc --help` stays fast
-    if name == "distill":
-        from .distillation import distill
+    if name in _LAZY:
+        import importlib
 
-        return distill
-    if name == "fold":
-        from .deploy.fold import fold
-
-        return fold
-    if name == "export":
-        from .deploy.export import export
-
-        return export
-    if name == "bench":
-        from .benchmark import bench
-
-        return bench
-    if name in ("create_model", "list_models", "register_model"):
-        from . import models
-
-        return getattr(models, name)
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'ekdc' has no attribute {name!r}")
 
 

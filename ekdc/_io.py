@@ -18,25 +18,34 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class WriteError(UserError):
+    """A file could not be written (full disk, quota, permissions, file-size limit): one line naming it."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success, fsync and rename it onto ``path``."""
+    """Yield a temporary path beside ``path``; on success, fsync and rename it onto ``path``.
+
+    Any I/O error while writing ends in a ``WriteError`` naming ``path``; the temporary file is removed
+    and whatever ``path`` held before is left as it was."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise UserError(f"cannot write to {path.parent}: {err.strerror or err}") from None
+        raise WriteError(f"cannot write to {path.parent}: {err.strerror or err}") from None
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise WriteError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
 
 
@@ -62,10 +71,16 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    import io
+
     import torch
 
+    # serialised in memory first: torch.save reports a failed file write as a RuntimeError of its own,
+    # a plain write reports it as the OSError it is
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buf.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:

@@ -38,11 +38,12 @@ def distill(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Train (or load) the teachers, then the EKD student, from a recipe."""
-    from .distillation import distill as run_distill
     from .recipe import load_recipe
-    from .report import metrics_table
 
-    r = load_recipe(recipe, set_)
+    r = load_recipe(recipe, set_)  # before the heavy imports: a bad recipe is reported at once
+    from .distillation import distill as run_distill
+    from .tables import metrics_table
+
     run = run_distill(r, out, resume=resume, runs_root=runs_root, console=console, progress=not quiet)
     if run.metrics_path.exists():
         _show(metrics_table(run.metrics(), title=f"{r.name}: validation metrics ({run.path})"))
@@ -62,7 +63,7 @@ def export(
 ):
     """Fold the student's branches into one graph and export ONNX (fp32/fp16/int8) and a TensorRT plan."""
     from .deploy.export import export as run_export
-    from .report import export_table
+    from .tables import export_table
 
     manifest = run_export(run_dir, out, fp16=fp16, int8=int8, trt=trt, fold_mode=fold, calib_images=calib,
                           parity_images=parity_images, runs_root=runs_root, console=console)

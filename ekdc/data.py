@@ -1,6 +1,7 @@
 """Data sets, seeded stratified splits, and batch augmentation.
 
-Every data set is decoded once into uint8 tensors ``[N, 3, H, W]`` kept in memory; batches are
+``index_splits`` says which images form each split without decoding them; ``load_data`` decodes both
+splits once into uint8 tensors ``[N, 3, H, W]`` kept in memory for training; batches are
 augmented as tensors (random crop after zero padding, horizontal flip) on the training device.
 Augmentation parameters are a pure function of (seed, epoch, sample index), so a resumed run sees
 the very views an uninterrupted one would.
@@ -197,9 +198,38 @@ def _take(images, idx: np.ndarray) -> torch.Tensor:
     return images[torch.from_numpy(idx)]
 
 
-def load_data(cfg: DataConfig) -> DataSplits:
-    """Load the data set the recipe names, carve a seeded stratified validation split, optionally
-    keep a seeded stratified subset of the rest for training (limited-data regime)."""
+@dataclasses.dataclass
+class SplitIndex:
+    """Which images form the training and validation splits, before any image is decoded: an image
+    folder is only scanned, so a caller that needs a few images (int8 calibration, a bench) decodes
+    just those with ``take``."""
+
+    cfg: DataConfig
+    classes: list[str]
+    train_images: object  # uint8 tensor [N,3,h,w] or a lazily decoded folder
+    train_labels: np.ndarray
+    train_idx: np.ndarray  # positions in train_images
+    val_images: object
+    val_labels: np.ndarray
+    val_idx: np.ndarray
+
+    def size(self, split: str) -> int:
+        return len(self.train_idx if split == "train" else self.val_idx)
+
+    def take(self, split: str, positions: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (uint8 ``[n,3,S,S]`` at the recipe's size) and labels of a split, or of the given
+        positions in it (in that order)."""
+        images, labels, idx = ((self.train_images, self.train_labels, self.train_idx) if split == "train"
+                               else (self.val_images, self.val_labels, self.val_idx))
+        if positions is not None:
+            idx = idx[np.asarray(positions, dtype=np.int64)]
+        x = _resize(_take(images, idx), self.cfg.image_size)
+        return x.contiguous(), torch.from_numpy(np.asarray(labels)[idx])
+
+
+def index_splits(cfg: DataConfig) -> SplitIndex:
+    """The data set the recipe names, a seeded stratified validation split carved from it (unless it
+    has its own), and optionally a seeded stratified subset of the rest for training (limited data)."""
     images, labels, classes, val = _DATASETS[cfg.dataset](cfg)
     if val is None:
         vk = dict(per_class=cfg.val_per_class) if cfg.val_per_class else dict(fraction=cfg.val_fraction)
@@ -214,26 +244,35 @@ def load_data(cfg: DataConfig) -> DataSplits:
             labels, per_class=cfg.per_class, fraction=cfg.train_fraction, seed=cfg.split_seed + 1,
             candidates=train_idx,
         )
-    train_x = _resize(_take(images, train_idx), cfg.image_size)
-    val_x = _resize(_take(val_images, val_idx), cfg.image_size)
+    return SplitIndex(cfg, classes, images, np.asarray(labels), train_idx, val_images, np.asarray(val_labels), val_idx)
+
+
+def load_data(cfg: DataConfig) -> DataSplits:
+    """Both splits decoded into memory, with the normalisation (the recipe's, else the training split's)."""
+    index = index_splits(cfg)
+    train_x, train_y = index.take("train")
+    val_x, val_y = index.take("val")
     mean, std = cfg.mean, cfg.std
     if mean is None or std is None:
         f = train_x.float().div_(255)
         mean = mean or [round(v, 4) for v in f.mean(dim=(0, 2, 3)).tolist()]
         std = std or [round(max(v, 1e-3), 4) for v in f.std(dim=(0, 2, 3)).tolist()]
-    return DataSplits(
-        train_x=train_x.contiguous(),
-        train_y=torch.from_numpy(np.asarray(labels)[train_idx]),
-        val_x=val_x.contiguous(),
-        val_y=torch.from_numpy(np.asarray(val_labels)[val_idx]),
-        classes=classes,
-        mean=list(mean),
-        std=list(std),
-    )
+    return DataSplits(train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, classes=list(index.classes),
+                      mean=list(mean), std=list(std))
 
 
 # --------------------------------------------------------------------------------------------------
 # batches and augmentation
+
+
+@dataclasses.dataclass
+class Batch:
+    """One training step's input: what a ``forward_train`` gets."""
+
+    images: torch.Tensor  # augmented, normalised, on the training device
+    labels: torch.Tensor  # int64 [B]
+    indices: torch.Tensor  # each sample's position in the training split (int64 [B], CPU)
+    epoch: int  # 0-based
 
 
 def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

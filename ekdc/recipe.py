@@ -127,16 +127,13 @@ class LossWeights(_Strict):
     feat: float = Field(0.0, ge=0, description="per-branch feature matching through a linear adapter")
 
 
-class DistillConfig(Schedule):
-    temperature: float = Field(4.0, description="softening temperature T of the KD term")
-    weights: LossWeights = Field(default_factory=LossWeights)
+# the loss terms each mode trains on (feature matching pairs branch i with teacher i: ekd only)
+MODE_TERMS = {"ce": ("ce", "ens"), "avg_kd": ("ce", "ens", "kd"), "ekd": ("ce", "ens", "kd", "feat")}
 
-    @field_validator("temperature")
-    @classmethod
-    def _positive_t(cls, v):
-        if not v > 0:
-            raise ValueError("must be > 0")
-        return v
+
+class DistillConfig(Schedule):
+    temperature: float = Field(4.0, gt=0, description="softening temperature T of the KD term")
+    weights: LossWeights = Field(default_factory=LossWeights)
 
 
 class Recipe(_Strict):
@@ -176,6 +173,11 @@ class Recipe(_Strict):
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}")
+        terms = MODE_TERMS[self.mode]
+        w = self.distill.weights
+        if not any(getattr(w, t) > 0 for t in terms):
+            raise ValueError(f"distill.weights: every term mode '{self.mode}' trains on is 0 "
+                             f"({', '.join(f'weights.{t}' for t in terms)}): there is nothing to learn")
         return self
 
 

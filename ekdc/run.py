@@ -6,14 +6,26 @@
     runs/<name>/ckpt/<stage>.pt     the in-progress stage's last epoch (deleted when the stage ends)
     runs/<name>/log.jsonl           one JSON line per epoch and per event
     runs/<name>/metrics.json        validation metrics (see DESIGN.md)
+    runs/<name>/.lock               held by the one process training into the folder
+
+The checkpoint files' contents belong to ``checkpoint.py``; this module owns the folder: where a run
+goes, which run a command means, who may write into it, and its log.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from pathlib import Path
+from typing import Optional
 
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a run folder is then not guarded
+    fcntl = None
 
 
 class RunDir:
@@ -25,6 +37,7 @@ class RunDir:
     metrics_path = property(lambda self: self.path / "metrics.json")
     log_path = property(lambda self: self.path / "log.jsonl")
     ckpt_dir = property(lambda self: self.path / "ckpt")
+    lock_path = property(lambda self: self.path / ".lock")
 
     def teacher_path(self, name: str) -> Path:
         return self.path / "teachers" / f"{name}.pt"
@@ -49,8 +62,105 @@ class RunDir:
             raise UserError(f"{self.path} is not an ekdc run folder (no recipe.yaml in it)")
         return load_recipe(self.recipe_path)
 
+    def holds_files(self) -> bool:
+        """Whether the folder holds anything but its lock."""
+        return self.path.is_dir() and any(p.name != self.lock_path.name for p in self.path.iterdir())
+
+    def append_log(self, record: dict) -> None:
+        """Append one JSON line to log.jsonl. A write that fails part-way (full disk) is cut back off, so
+        the log never keeps a torn last line."""
+        from ._io import WriteError
+
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise WriteError(f"cannot write {self.log_path}: {err.strerror or err}") from None
+        try:
+            size = os.fstat(fd).st_size
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise WriteError(f"cannot write {self.log_path}: {err.strerror or err}") from None
+        finally:
+            os.close(fd)
+
+    def repair_log(self) -> None:
+        """Drop a torn last line (a process killed in the middle of a write) before appending again."""
+        try:
+            data = self.log_path.read_bytes()
+        except FileNotFoundError:
+            return
+        if data and not data.endswith(b"\n"):
+            with open(self.log_path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+
+class RunLock:
+    """An exclusive advisory lock on a run folder, held by the process that trains into it.
+
+    ``flock`` locks die with their process, so a run killed by ``kill -9`` leaves nothing that blocks
+    ``--resume``. The file holds the holder's pid, which a refused process names."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self._fh = None
+
+    def try_acquire(self) -> Optional[str]:
+        """Take the lock; returns None on success, else the holder's pid as text ("?" if unknown)."""
+        if fcntl is None:
+            return None
+        path = self.run.lock_path
+        while True:
+            fh = open(path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                fh.close()
+                return holder
+            # the holder before us may have removed the file after we opened it: then lock the new one
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return None
+
+    def acquire(self) -> "RunLock":
+        holder = self.try_acquire()
+        if holder is not None:
+            raise UserError(f"run folder {self.run.path} is in use by process {holder} (an 'ekdc distill' "
+                            "training into it); wait for it to end, or choose another --out")
+        return self
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        with contextlib.suppress(OSError):
+            self.run.lock_path.unlink()  # while still locked: a waiter re-checks the inode it locked
+        self._fh.close()
+        self._fh = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _numbered(base: Path) -> list[Path]:
@@ -65,20 +175,97 @@ def _numbered(base: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def new_run_path(runs_root: Path, name: str) -> Path:
-    """``runs/<name>``, or ``runs/<name>-N`` when earlier runs are there: nothing is overwritten."""
-    base = runs_root / name
-    existing = [p for p in _numbered(base) if any(p.iterdir())]
-    if not existing:
-        return base
-    last = existing[-1]
-    n = int(last.name.rsplit("-", 1)[1]) if last != base else 1
-    return runs_root / f"{name}-{n + 1}"
-
-
 def latest_run_path(runs_root: Path, name: str) -> Path | None:
-    found = [p for p in _numbered(runs_root / name) if any(p.iterdir())]
+    found = [p for p in _numbered(runs_root / name) if RunDir(p).holds_files()]
     return found[-1] if found else None
+
+
+def claim_new_run(runs_root: str | Path, name: str) -> tuple[RunDir, RunLock]:
+    """``runs/<name>``, or ``runs/<name>-N`` after the runs already there, created and locked: two
+    processes started at once get two folders, and nothing is overwritten."""
+    runs_root = Path(runs_root)
+    last = latest_run_path(runs_root, name)
+    n = 1 if last is None else (int(last.name.rsplit("-", 1)[1]) if last != runs_root / name else 1) + 1
+    while True:
+        run = RunDir(runs_root / (name if n == 1 else f"{name}-{n}"))
+        _make_dir(run.path)
+        lock = RunLock(run)
+        if lock.try_acquire() is None:
+            if not run.holds_files():
+                return run, lock
+            lock.release()
+        n += 1
+
+
+def _make_dir(path: Path) -> None:
+    from ._io import ensure_writable_dir
+
+    ensure_writable_dir(path)
+
+
+def open_training_run(recipe, out: str | Path | None, resume: bool, runs_root: str | Path) -> tuple[RunDir, RunLock]:
+    """The run folder ``ekdc distill`` trains into, locked for this process: a new one, the given
+    ``--out``, or (``--resume``) the run to continue, whose recipe must be this one."""
+    runs_root = Path(runs_root)
+    if not resume and not out:
+        return claim_new_run(runs_root, recipe.name)
+    if resume:
+        path = Path(out) if out else latest_run_path(runs_root, recipe.name)
+        if path is None or not (path / "recipe.yaml").is_file():
+            where = path if path else runs_root / recipe.name
+            raise UserError(f"--resume: no run to resume at {where} (no recipe.yaml there)")
+    else:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file, not a folder")
+        if RunDir(path).holds_files():
+            raise UserError(f"--out {path} already holds files; pass --resume to continue that run, or choose another folder")
+    run = RunDir(path)
+    _make_dir(run.path)
+    lock = RunLock(run).acquire()
+    try:
+        if resume:
+            diff = first_difference(run.recipe().model_dump(mode="json"), recipe.model_dump(mode="json"))
+            if diff:
+                raise UserError(f"--resume: the recipe differs from {path}/recipe.yaml at '{diff}'; resume with the same recipe")
+        elif run.holds_files():  # another process wrote here between the check above and the lock
+            raise UserError(f"--out {path} already holds files; pass --resume to continue that run, or choose another folder")
+    except BaseException:
+        lock.release()
+        raise
+    return run, lock
+
+
+def first_difference(a, b, prefix: str = "") -> str | None:
+    """The dotted key path of the first place two plain-data trees differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{prefix}{i}.")
+            if d:
+                return d
+        return None
+    return prefix.rstrip(".") if a != b else None
+
+
+def open_finished_run(run_dir: str | Path | None, runs_root: str | Path = "runs") -> RunDir:
+    """The run ``ekdc export`` reads: the one named, or the newest with a trained student. Reading takes
+    no lock: a finished student is never rewritten."""
+    if run_dir is None:
+        return find_latest_run(runs_root)
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"run folder not found: {run.path}")
+    if not run.recipe_path.is_file():
+        raise UserError(f"{run.path} is not an ekdc run folder (no recipe.yaml in it)")
+    if not run.student_path.is_file():
+        raise UserError(f"run {run.path} has no trained student (student.pt missing); finish it with 'ekdc distill RECIPE --resume'")
+    return run
 
 
 def find_latest_run(runs_root: str | Path = "runs") -> RunDir:

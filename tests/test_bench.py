@@ -344,13 +344,13 @@ def test_cli_bad_input_one_line(art, case, word):
 
 
 # --------------------------------------------------------------------------------------------------
-# benchmarks/bench_cifar10_limited.py
+# experiments/bench_cifar10_limited.py
 
 
 def _bench_script():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cifar10_limited.py"
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_cifar10_limited.py"
     spec = importlib.util.spec_from_file_location("bench_cifar10_limited", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

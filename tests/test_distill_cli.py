@@ -7,8 +7,17 @@ import torch
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 
+# long enough to learn the synthetic classes (their templates are far apart): 6 epochs reach 100% here
+LEARNS = dict(
+    data={"num_samples": 320, "augment": True}, precision="auto",
+    teachers=[{"arch": "resnet8", "train": {"epochs": 8, "batch_size": 32, "lr": 0.05}},
+              {"arch": "wrn_16_2", "train": {"epochs": 8, "batch_size": 32, "lr": 0.05}}],
+    distill={"epochs": 8, "batch_size": 32, "lr": 0.05},
+)
+
+
 def test_distill_end_to_end(tmp_path):
-    recipe = write_recipe(tmp_path / "tiny.yaml", data={"augment": True}, precision="auto")
+    recipe = write_recipe(tmp_path / "tiny.yaml", **LEARNS)
     res = run_cli("distill", recipe, "--runs", tmp_path / "runs", "--set", "distill.weights.feat=0.5", "-q")
     assert res.returncode == 0, res.stderr
     run = tmp_path / "runs" / "tiny"
@@ -18,13 +27,15 @@ def test_distill_end_to_end(tmp_path):
     assert not (run / "ckpt").exists()  # in-progress checkpoints are gone once every stage finished
     m = json.loads((run / "metrics.json").read_text())
     s = m["student"]
-    assert 0 <= s["ensemble_acc"] <= 1 and len(s["branch_acc"]) == 2 and s["params"] > 0 and s["macs"] > 0
+    # what the run must achieve: chance is 25%; the student learns the classes, as its teachers do
+    assert s["ensemble_acc"] >= 0.9 and m["teacher_ensemble_acc"] >= 0.9, m
+    assert len(s["branch_acc"]) == 2 and s["params"] > 0 and s["macs"] > 0
     assert [t["name"] for t in m["teachers"]] == ["resnet8", "wrn_16_2"]
     assert all(set(t) >= {"name", "arch", "acc", "params", "macs"} for t in m["teachers"])
-    assert 0 <= m["teacher_ensemble_acc"] <= 1 and m["mode"] == "ekd" and m["seconds"] > 0
+    assert m["mode"] == "ekd" and m["seconds"] > 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     student_epochs = [r for r in log if r.get("stage") == "student-ekd"]
-    assert len(student_epochs) == 2 and "loss_feat" in student_epochs[0] and "loss_kd" in student_epochs[0]
+    assert len(student_epochs) == 8 and "loss_feat" in student_epochs[0] and "loss_kd" in student_epochs[0]
     ck = torch.load(run / "student.pt", weights_only=True)
     assert not any(k.startswith("adapters.") for k in ck["state_dict"])  # training-only parts dropped
     # a second run never overwrites the first
@@ -67,7 +78,10 @@ def test_teacher_checkpoint_reuse_and_checks(tmp_path, tiny_run):
     (["distill", "{recipe}", "--set", "distill.temprature=2"], "did you mean 'temperature'"),
     (["distill", "{recipe}", "--set", "data.dataset=imagefolder", "--set", "data.root=/nonexistent"],
      "folder not found: /nonexistent"),
-    (["distill", "{recipe}", "--set", "device=cuda"], "no CUDA GPU"),
+    pytest.param(["distill", "{recipe}", "--set", "device=cuda"], "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+    (["distill", "{recipe}", "--set", "mode=ce", "--set", "distill.weights.ce=0", "--set", "distill.weights.ens=0"],
+     "every term mode 'ce' trains on is 0"),
     (["distill", "{recipe}", "--out", "/proc/ekdc-not-writable"], "not writable"),
     (["distill", "{recipe}", "--resume", "--out", "{tmp}/never-ran"], "no run to resume"),
 ])
@@ -79,6 +93,13 @@ def test_bad_input_one_line_exit_2(tmp_path, args, words):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr
     assert words in lines[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_device_trains(tmp_path):
+    res = run_cli("distill", write_recipe(tmp_path / "r.yaml"), "--set", "device=cuda", "--out", tmp_path / "run", "-q")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["device"].startswith("cuda")
 
 
 def test_existing_out_is_not_overwritten(tmp_path):

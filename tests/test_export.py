@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from ekdc.deploy.onnx import session
+from ekdc.contract import ort_session as session
 from tests.conftest import run_cli
 
 
@@ -49,7 +49,7 @@ def test_contract(tiny_export, fname, precision):
 
 
 def test_student_onnx_matches_pytorch_student(tiny_run, tiny_export):
-    from ekdc.deploy.export import load_student
+    from ekdc.checkpoint import load_student
 
     out, _ = tiny_export
     student, ck = load_student(tiny_run / "student.pt")
@@ -62,13 +62,13 @@ def test_student_onnx_matches_pytorch_student(tiny_run, tiny_export):
 
 
 def test_teachers_onnx_is_mean_of_teacher_logits(tiny_run, tiny_export):
-    from ekdc.distillation.trainer import load_teacher
+    from ekdc.checkpoint import load_teacher
 
     out, manifest = tiny_export
     x = torch.rand(5, 3, 16, 16)
     norm = (x - torch.tensor(manifest["mean"]).view(1, 3, 1, 1)) / torch.tensor(manifest["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
-        logits = [load_teacher(tiny_run / "teachers" / f"{n}.pt", n, 4).eval()(norm) for n in ("resnet8", "wrn_16_2")]
+        logits = [load_teacher(tiny_run / "teachers" / f"{n}.pt", n, manifest["classes"]).eval()(norm) for n in ("resnet8", "wrn_16_2")]
     (y,) = session(out / "teachers.onnx").run(["logits"], {"images": x.numpy()})
     assert np.abs(y - torch.stack(logits).mean(0).numpy()).max() <= 1e-4
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tests.conftest import run_cli, write_recipe
@@ -27,6 +28,7 @@ def _student_epochs(run) -> int:
     return sum('"stage": "student-ekd"' in line for line in log.read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", **RESUME_RECIPE)
     # reference: one uninterrupted run
@@ -90,6 +92,7 @@ def test_divergence_stops_with_stage_and_epoch(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", distill={"epochs": 2, "batch_size": 16, "lr": 0.05,
                                                          "weights": {"feat": 0.5}})

@@ -34,8 +34,22 @@ def test_student_output_is_mean_of_branch_logits(n):
     assert torch.allclose(out.logits[n - 1], z1, atol=1e-6)
 
 
-def test_student_adapters_are_training_only():
-    s = create_model("ekd_student", num_classes=3, num_branches=2, trunk_width=4, branch_widths=[8])
+def test_student_adapters_are_training_only(tmp_path):
+    from ekdc.checkpoint import load_student, save_student
+
+    s = create_model("ekd_student", num_classes=3, num_branches=2, trunk_width=4, branch_widths=[8]).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = s(x)
     s.set_adapters([5, 7])
-    out = s(torch.randn(2, 3, 8, 8), return_branches=True)
-    assert [a.shape for a in out.adapted] == [(2, 5), (2, 7)]
+    with torch.no_grad():
+        for a in s.adapters:
+            a.weight.fill_(float("nan"))  # any use of an adapter would poison what it touches
+    assert torch.equal(s(x), before)  # forward() (what export folds and deploys) never reads them
+    assert all(torch.isnan(a).all() for a in s(x, return_branches=True).adapted)  # the training output does
+    path = tmp_path / "student.pt"
+    save_student(path, s, classes=["a", "b", "c"], input_size=8, mean=[0.5] * 3, std=[0.25] * 3, recipe="t",
+                 mode="ekd", teachers=["t1", "t2"], seconds=1.0)
+    ck = torch.load(path, weights_only=True)
+    assert not any(k.startswith("adapters.") for k in ck["state_dict"])
+    loaded, _ = load_student(path)
+    assert loaded.adapters is None and torch.equal(loaded(x), before)

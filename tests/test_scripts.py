@@ -4,25 +4,29 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, write_recipe
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def _cell(root, size, mode, seed, acc, branches, exported):
+def _cell(root, size, mode, seed, acc, branches, exported, teachers=None):
     cell = root / f"n{size}" / f"{mode}-s{seed}"
     (cell / "export").mkdir(parents=True)
-    teachers = [{"name": "t1", "arch": "resnet8", "acc": 0.6, "params": 1000, "macs": 5000}]
+    teachers = teachers or [{"name": "t1", "arch": "resnet8", "acc": 0.6, "params": 1000, "macs": 5000}]
     (cell / "metrics.json").write_text(json.dumps({
         "student": {"ensemble_acc": acc, "branch_acc": branches, "params": 10, "macs": 100},
         "teachers": teachers, "teacher_ensemble_acc": 0.61, "mode": mode, "seconds": 99}))
+    # teacher i trained for 50 + 10 i seconds, the student for 7 + 8
     (cell / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"stage": "teacher-t1", "epoch": 1, "seconds": 50}, {"stage": f"student-{mode}", "epoch": 1, "seconds": 7},
+        *({"stage": f"teacher-{t['name']}", "epoch": 1, "seconds": 50 + 10 * i} for i, t in enumerate(teachers)),
+        {"stage": f"student-{mode}", "epoch": 1, "seconds": 7},
         {"stage": f"student-{mode}", "epoch": 2, "seconds": 8}]) + "\n")
     (cell / "export" / "manifest.json").write_text(json.dumps({"files": [{"file": "student.onnx", "accuracy": exported}]}))
 
@@ -30,26 +34,53 @@ def _cell(root, size, mode, seed, acc, branches, exported):
 def test_limited_data_study_report(tmp_path):
     study = _load("limited_data_study")
     root = tmp_path / "study"
-    _cell(root, 5000, "ce", 0, 0.50, [0.40, 0.45], 0.50)
-    _cell(root, 5000, "ce", 1, 0.52, [0.41, 0.47], 0.52)
-    _cell(root, 5000, "ekd", 0, 0.60, [0.55, 0.58], 0.60)
+    teachers = [{"name": "t1", "arch": "resnet8", "acc": 0.6, "params": 1000, "macs": 5000},
+                {"name": "t2", "arch": "resnet20", "acc": 0.65, "params": 3000, "macs": 15000}]
+    _cell(root, 5000, "ce", 0, 0.50, [0.40, 0.45], 0.50, teachers)
+    _cell(root, 5000, "ce", 1, 0.52, [0.41, 0.47], 0.52, teachers)
+    _cell(root, 5000, "ekd", 0, 0.60, [0.55, 0.58], 0.60, teachers)
+    _cell(root, 5000, "ekd", 1, 0.56, [0.62, 0.66], 0.56, teachers)
+    (root / "n5000" / "ekd-s1" / "export" / "manifest.json").unlink()  # not exported yet
+    args = ["--runs-root", str(root), "--sizes", "5000", "--modes", "ce,ekd", "--seeds", "0,1"]
+
+    summary = study.summarise(study.collect(root, [5000], ["ce", "ekd"], [0, 1]), [5000])
+    ce, ekd = summary["rows"]
+    assert (ce["size"], ce["mode"], ce["n"], ekd["mode"], ekd["n"]) == (5000, "ce", 2, "ekd", 2)
+    assert ce["ensemble"]["mean"] == pytest.approx(51.0) and ce["ensemble"]["std"] == pytest.approx(1.41421, abs=1e-4)
+    assert ce["best_branch"]["mean"] == pytest.approx(46.0) and ce["best_branch"]["std"] == pytest.approx(1.41421, abs=1e-4)
+    assert ce["exported"]["mean"] == pytest.approx(51.0) and ce["exported"]["std"] == pytest.approx(1.41421, abs=1e-4)
+    assert ekd["ensemble"]["mean"] == pytest.approx(58.0) and ekd["ensemble"]["std"] == pytest.approx(2.82843, abs=1e-4)
+    assert ekd["best_branch"]["mean"] == pytest.approx(62.0) and ekd["best_branch"]["std"] == pytest.approx(5.65685, abs=1e-4)
+    # only seed 0 was exported: one value, so no std
+    assert (ekd["exported"]["n"], ekd["exported"]["std"]) == (1, None) and ekd["exported"]["mean"] == pytest.approx(60.0)
+    assert ce["seconds"] == pytest.approx(15) and ekd["seconds"] == pytest.approx(15)  # student stages: 7 + 8 s
+
+    (ensemble,) = summary["teachers"]
+    assert ensemble["size"] == 5000 and ensemble["count"] == 2 and ensemble["acc"] == pytest.approx(61.0)
+    assert [t["acc"] for t in ensemble["teachers"]] == [pytest.approx(60.0), pytest.approx(65.0)]
+    assert (ensemble["params"], ensemble["macs"]) == (4000, 20000)
+    assert [t["seconds"] for t in ensemble["teachers"]] == [pytest.approx(50), pytest.approx(60)]
+    assert ensemble["seconds"] == pytest.approx(110)
+    assert summary["student"]["ensemble_mac_share"] == [pytest.approx(0.5)]  # 100 MACs against 20,000
+
+    (gap,) = summary["gaps"]  # no avg_kd row, so no gap against it
+    assert (gap["mode"], gap["baseline"], gap["gap"]["n"], gap["ahead"]) == ("ekd", "ce", 2, 2)
+    assert gap["gap"]["mean"] == pytest.approx(7.0) and gap["gap"]["std"] == pytest.approx(4.24264, abs=1e-4)
+
+    training = summary["training"]
+    assert training["student_seconds"] == pytest.approx(4 * 15)
+    assert training["teacher_seconds"] == pytest.approx(110)  # the size's teachers, counted once
+    assert training["hours"] == pytest.approx((4 * 15 + 110) / 3600)
+
     docs = tmp_path / "docs"
-    study.main(["--runs-root", str(root), "--sizes", "5000", "--modes", "ce,ekd", "--seeds", "0,1",
-                "--docs", str(docs), "--report-only"])
-    text = (docs / "RESULTS.md").read_text()
-    assert "| 5,000 | ce | 2 | 51.00 ± 1.41 | 46.00 ± 1.41 | 51.00 ± 1.41 | 15 |" in text
-    assert "| 5,000 | ekd | 1 | 60.00 | 58.00 | 60.00 | 15 |" in text
-    assert "| 5,000 | **ensemble** | 1 teachers | **61.00** | 0.00M | 0M | 50 |" in text  # teacher-t1's 50 s
-    assert "(2.0% of the teacher ensemble's)" in text  # the fake student's 100 MACs against 5,000
-    assert "| 5,000 | ekd − ce | 1 | +10.00 | 1 of 1 |" in text  # only seed 0 has both rows
-    assert "avg_kd − " not in text and "− avg_kd" not in text  # no avg_kd row, no gap against it
-    assert "Training time of the finished runs: 0.0 h" in text
+    study.main([*args, "--docs", str(docs), "--report-only"])
     assert (docs / "results.png").read_bytes()[:4] == b"\x89PNG"
+    text = (docs / "RESULTS.md").read_text()
+    assert "<!-- reading -->" in text
     # a reading written below the marker survives a rebuild
-    (docs / "RESULTS.md").write_text(text.replace("(to be written once the grid is complete)", "EKD wins."))
-    study.main(["--runs-root", str(root), "--sizes", "5000", "--modes", "ce,ekd", "--seeds", "0,1",
-                "--docs", str(docs), "--report-only"])
-    assert "EKD wins." in (docs / "RESULTS.md").read_text()
+    (docs / "RESULTS.md").write_text(text.split("<!-- reading -->")[0] + "<!-- reading -->\n## Reading\n\nEKD wins.\n")
+    study.main([*args, "--docs", str(docs), "--report-only"])
+    assert (docs / "RESULTS.md").read_text().endswith("<!-- reading -->\n## Reading\n\nEKD wins.\n")
 
 
 def test_limited_data_study_paired_gaps_match_seeds():

@@ -5,7 +5,8 @@ then (outside the timed part and after the memory reading) its accuracy.
 
 SPEC is written by the parent (``runner.py``); RESULT gets ``{"batches": {...}, "peak_rss_mib": ...}``
 or ``{"error": "one line"}``. Files, not stdout, because ONNX Runtime and TensorRT may print there.
-Imports stay minimal (numpy, the runtime) so the memory reading is the model's, not ekdc's.
+Imports stay minimal (numpy, the runtime, the stdlib-only ``ekdc.contract``) so the memory reading is
+the model's, not ekdc's.
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
-_ORT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                 "tensorrt": "TensorrtExecutionProvider"}
+from ..contract import INPUT_NAME, OUTPUT_NAME, PROVIDERS, ort_session, top1
+
 _MAX_SAMPLES = 200_000  # a duration budget on a microsecond model must not grow a list without bound
 
 
@@ -115,17 +115,12 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.ort, self.provider = ort, spec["provider"]
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.intra_op_num_threads = int(spec["threads"])
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
         try:
-            self.sess = ort.InferenceSession(spec["path"], opts, providers=self._providers(spec))
+            self.sess = ort_session(spec["path"], threads=int(spec["threads"]), provider=self.provider,
+                                    trt_options=self._trt_options(spec))
         except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for bad graphs
             raise WorkerError(f"ONNX Runtime cannot load the model: {_first_line(err)}") from None
-        want, got = _ORT_PROVIDER[self.provider], self.sess.get_providers()
+        want, got = PROVIDERS[self.provider], self.sess.get_providers()
         if not got or got[0] != want:
             # ORT silently falls back to the CPU when a GPU provider fails to start
             raise WorkerError(f"{want} did not start (ONNX Runtime fell back to {got[0] if got else 'nothing'}): "
@@ -134,23 +129,19 @@ class OrtRunner:
         if self.provider != "cpu":
             self.timing = "host clock around each synchronised run (I/O bound on the device)"
 
-    def _providers(self, spec: dict) -> list:
-        if self.provider == "cpu":
-            return ["CPUExecutionProvider"]
-        cuda = ("CUDAExecutionProvider", {"device_id": 0})
-        if self.provider == "cuda":
-            return [cuda, "CPUExecutionProvider"]
+    def _trt_options(self, spec: dict) -> Optional[dict[str, Any]]:
+        """TensorRT's options: one engine for every batch size, built once and reused by the later
+        rounds' processes."""
+        if self.provider != "tensorrt":
+            return None
         h, w = spec["input_hw"]
         big, opt = max(spec["batches"]), min(spec["batches"])
-        trt = ("TensorrtExecutionProvider", {
-            "device_id": 0,
-            # one engine for every batch size, built once and reused by the later rounds' processes
+        return {
             "trt_engine_cache_enable": True, "trt_engine_cache_path": spec["cache_dir"],
             "trt_profile_min_shapes": f"{INPUT_NAME}:1x3x{h}x{w}",
             "trt_profile_opt_shapes": f"{INPUT_NAME}:{opt}x3x{h}x{w}",
             "trt_profile_max_shapes": f"{INPUT_NAME}:{big}x3x{h}x{w}",
-        })
-        return [trt, cuda, "CPUExecutionProvider"]
+        }
 
     def prepare(self, x: np.ndarray) -> Callable[[], float]:
         if self.provider == "cpu":
@@ -201,7 +192,7 @@ class PlanRunner:
             raise WorkerError("TensorRT cannot deserialize the plan (built by another TensorRT version or GPU?)")
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         if names != {INPUT_NAME, OUTPUT_NAME}:
-            raise WorkerError(f"the plan's tensors are {sorted(names)}, expected images and logits")
+            raise WorkerError(f"the plan's tensors are {sorted(names)}, expected {INPUT_NAME} and {OUTPUT_NAME}")
         for name in (INPUT_NAME, OUTPUT_NAME):
             if self.engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
                 raise WorkerError(f"the plan's '{name}' is {self.engine.get_tensor_dtype(name)}, expected float32")
@@ -275,18 +266,19 @@ def time_batch(once: Callable[[], float], warmup: int, runs: Optional[int], dura
 
 
 def accuracy(runner, val_x_path: str, val_y_path: str, chunk: int, fixed_batch: Optional[int]) -> float:
-    """Top-1 accuracy on the validation images the parent saved (memory-mapped, float32 in [0,1])."""
+    """Top-1 accuracy on the validation images the parent saved (memory-mapped uint8, scaled to the
+    contract's [0,1] chunk by chunk)."""
     x = np.load(val_x_path, mmap_mode="r")
     y = np.load(val_y_path)
     step = fixed_batch or chunk
     correct = 0
     for i in range(0, len(x), step):
-        xb = np.ascontiguousarray(x[i : i + step], dtype=np.float32)
+        xb = np.ascontiguousarray(x[i : i + step], dtype=np.float32) / np.float32(255)
         n = len(xb)
         if fixed_batch and n < fixed_batch:  # a graph with a frozen batch takes only full batches: pad
             xb = np.concatenate([xb, np.zeros((fixed_batch - n, *xb.shape[1:]), np.float32)])
         logits = np.asarray(runner.predict(xb))[:n]
-        correct += int((logits.argmax(1) == y[i : i + n]).sum())
+        correct += round(top1(logits, y[i : i + n]) * n)  # the chunk's share of correct predictions
     return correct / max(1, len(x))
 
 

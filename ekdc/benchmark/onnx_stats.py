@@ -15,10 +15,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from ..contract import (INPUT_NAME, META_CLASSES, META_INPUT_SIZE, META_KIND, META_PRECISION, OUTPUT_NAME,
+                        PLAN_SUFFIXES)
 from ..errors import UserError
-
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 
 # ops that only move, relabel or convert a stored weight: the parameter is the initializer behind them
 _PASS_THROUGH = {"DequantizeLinear", "Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
@@ -43,15 +42,15 @@ class ModelInfo:
 
     @property
     def precision(self) -> Optional[str]:
-        return self.metadata.get("ekdc.precision")
+        return self.metadata.get(META_PRECISION)
 
     @property
     def kind(self) -> Optional[str]:
-        return self.metadata.get("ekdc.kind")
+        return self.metadata.get(META_KIND)
 
     @property
     def classes(self) -> Optional[list]:
-        raw = self.metadata.get("ekdc.classes")
+        raw = self.metadata.get(META_CLASSES)
         try:
             value = json.loads(raw) if raw else None
         except ValueError:
@@ -114,23 +113,24 @@ def check_contract(proto, path: Path) -> tuple[Optional[tuple[int, int]], Option
 
     init_names = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in init_names]
-    expect = "an ekdc export takes 'images' float32 [B,3,H,W] and returns 'logits' float32 [B,C]"
+    expect = f"an ekdc export takes '{INPUT_NAME}' float32 [B,3,H,W] and returns '{OUTPUT_NAME}' float32 [B,C]"
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
         names = ", ".join(repr(i.name) for i in inputs) or "none"
-        raise UserError(f"{path}: model inputs are {names}, expected 'images' ({expect})")
+        raise UserError(f"{path}: model inputs are {names}, expected '{INPUT_NAME}' ({expect})")
     x = inputs[0]
     if x.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise UserError(f"{path}: input 'images' is {_type_name(x)}, expected float32 ({expect})")
+        raise UserError(f"{path}: input '{INPUT_NAME}' is {_type_name(x)}, expected float32 ({expect})")
     dims = _dims(x)
     if len(dims) != 4 or dims[1] != 3:
-        raise UserError(f"{path}: input 'images' has shape {_shape_text(dims)}, expected [B,3,H,W] ({expect})")
+        raise UserError(f"{path}: input '{INPUT_NAME}' has shape {_shape_text(dims)}, expected [B,3,H,W] "
+                        f"({expect})")
     outputs = [o.name for o in proto.graph.output]
     if outputs != [OUTPUT_NAME]:
-        raise UserError(f"{path}: model outputs are {', '.join(map(repr, outputs)) or 'none'}, expected 'logits' "
-                        f"({expect})")
+        raise UserError(f"{path}: model outputs are {', '.join(map(repr, outputs)) or 'none'}, expected "
+                        f"'{OUTPUT_NAME}' ({expect})")
     y = proto.graph.output[0]
     if y.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise UserError(f"{path}: output 'logits' is {_type_name(y)}, expected float32 ({expect})")
+        raise UserError(f"{path}: output '{OUTPUT_NAME}' is {_type_name(y)}, expected float32 ({expect})")
     h, w = dims[2], dims[3]
     hw = (h, w) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
     batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
@@ -151,14 +151,14 @@ def _shape_text(dims: list[Any]) -> str:
 
 
 def _size_from_metadata(meta: dict[str, str], path: Path) -> tuple[int, int]:
-    raw = meta.get("ekdc.input_size")
+    raw = meta.get(META_INPUT_SIZE)
     try:
         size = int(raw) if raw is not None else 0
     except ValueError:
         size = 0
     if size <= 0:
         raise UserError(f"{path}: input height and width are not fixed in the graph and there is no valid "
-                        "'ekdc.input_size' metadata to say which size to bench")
+                        f"'{META_INPUT_SIZE}' metadata to say which size to bench")
     return size, size
 
 
@@ -195,7 +195,7 @@ def _inspect_plan(path: Path) -> ModelInfo:
                 continue
             info.input_hw, info.metadata = src.input_hw, dict(src.metadata)
             info.params, info.macs, info.macs_exact = src.params, src.macs, src.macs_exact
-            info.metadata["ekdc.precision"] = "plan:" + (src.precision or "?")
+            info.metadata[META_PRECISION] = "plan:" + (src.precision or "?")
             info.stats_from = cand.name
             break
     return info

@@ -7,15 +7,7 @@ from typing import Any, Optional
 from rich.table import Table
 
 from .._io import atomic_path
-
-
-def _count(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
+from ..tables import count_text
 
 
 def _num(x: Optional[float], fmt: str = "{:.3g}") -> str:
@@ -81,7 +73,7 @@ def bench_table(report: dict) -> Table:
         tag = (m.get("precision") or "-") + (", reference" if m["is_reference"] else "")
         acc = "no data" if m.get("accuracy") is None else f"acc {m['accuracy']:.4f}"
         cells = [f"{m['name']}\n{tag}\n{acc}",
-                 f"{_count(m['params'])}\n{_count(m['macs'])}\n{_num(m.get('gflops'))}",
+                 f"{count_text(m['params'])}\n{count_text(m['macs'])}\n{_num(m.get('gflops'))}",
                  f"{_num(m['file_mb'])}\n{m['peak_mem_mb']:.0f}\n{_times(vs['memory_ratio'])}"]
         for b in batches:
             cells.append(f"{_num(m['latency_ms'][b]['p50'])}\n{_rate(m['throughput'][b])}\n{_times(vs['speedup'][b])}")
@@ -110,7 +102,7 @@ def markdown_table(report: dict) -> str:
     for m in report["models"]:
         vs = m["vs_reference"]
         name = f"{m['name']} (reference)" if m["is_reference"] else m["name"]
-        cells = [f"`{name}`", m.get("precision") or "-", _count(m["params"]), _count(m["macs"]),
+        cells = [f"`{name}`", m.get("precision") or "-", count_text(m["params"]), count_text(m["macs"]),
                  _num(m["file_mb"]), f"{m['peak_mem_mb']:.0f}", _acc(m)]
         for b in batches:
             cells += [_num(m["latency_ms"][b]["p50"]), _rate(m["throughput"][b]), _times(vs["speedup"][b])]

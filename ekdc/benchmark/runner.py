@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
+from ..contract import META_RECIPE, META_RUN_DIR, PROVIDERS, usable_cores
 from ..errors import UserError
 from .onnx_stats import ModelInfo, inspect_model
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     import numpy as np
     from rich.console import Console
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 DEFAULT_DURATION_S = 1.0  # per batch size and round, when neither runs nor duration is given
 DEFAULT_MIN_RUNS = 10  # ... but never fewer timed runs than this
 DURATION_MIN_RUNS = 3  # with an explicit --duration
@@ -53,7 +53,7 @@ class _Settings:
 
 @dataclasses.dataclass
 class _ValData:
-    x: "np.ndarray"  # float32 [N,3,H,W] in [0,1]
+    x: "np.ndarray"  # uint8 [N,3,H,W]: a quarter of float32's memory; the worker scales each chunk to [0,1]
     y: "np.ndarray"  # int64 [N]
     classes: list[str]
     source: str
@@ -138,7 +138,7 @@ def _check_settings(batches, threads, provider, warmup, runs, duration, repeats)
         duration, min_runs = DEFAULT_DURATION_S, DEFAULT_MIN_RUNS
     else:
         min_runs = DURATION_MIN_RUNS if runs is None else int(runs)
-    return _Settings(batches=batch_list, threads=int(threads or _usable_cores()), provider=provider,
+    return _Settings(batches=batch_list, threads=int(threads or usable_cores()), provider=provider,
                      warmup=int(warmup), runs=runs, duration=duration, min_runs=min_runs, repeats=int(repeats))
 
 
@@ -152,13 +152,6 @@ def _check_outputs(**paths: Optional[PathLike]) -> None:
         if Path(p).is_dir():
             raise UserError(f"--{flag.split('_')[0]} {p} is a folder; give a file name")
         ensure_writable_dir(Path(p).parent)
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _entries(models, against, console) -> list[_Entry]:
@@ -250,7 +243,7 @@ def _resolve_data(data: Optional[PathLike], first: ModelInfo, console) -> Option
     if data is not None:
         recipe, source = _recipe_from(Path(data))
         return _load_val(recipe, source, explicit=True)
-    run_dir = first.metadata.get("ekdc.run_dir")
+    run_dir = first.metadata.get(META_RUN_DIR)
     if not run_dir:
         _say(console, "no accuracy: no --data given and the model names no run folder (pass --data RECIPE|RUN_DIR)")
         return None
@@ -281,12 +274,12 @@ def _recipe_from(path: Path):
 def _load_val(recipe, source: str, explicit: bool) -> _ValData:
     import numpy as np
 
-    from ..data import load_data
+    from ..data import index_splits
 
-    splits = load_data(recipe.data)
-    x = (splits.val_x.float() / 255).numpy().astype(np.float32, copy=False)
-    y = splits.val_y.numpy().astype(np.int64, copy=False)
-    return _ValData(x=x, y=y, classes=list(splits.classes), source=source, explicit=explicit)
+    index = index_splits(recipe.data)  # only the validation images are decoded
+    x, y = index.take("val")
+    return _ValData(x=x.numpy(), y=y.numpy().astype(np.int64, copy=False), classes=list(index.classes), source=source,
+                    explicit=explicit)
 
 
 def _check_data_fits(val: _ValData, entries: list[_Entry], console) -> Optional[_ValData]:
@@ -423,7 +416,7 @@ def _model_entry(e: _Entry, rounds: list[dict], s: _Settings) -> dict[str, Any]:
     device = [r["device_mem_mib"] for r in rounds if r.get("device_mem_mib") is not None]
     return {
         "name": e.name, "path": str(info.path), "format": info.format,
-        "kind": info.kind, "precision": info.precision, "recipe": info.metadata.get("ekdc.recipe"),
+        "kind": info.kind, "precision": info.precision, "recipe": info.metadata.get(META_RECIPE),
         "is_reference": e.is_reference,
         "provider": "tensorrt (plan)" if info.format == "plan" else s.provider,
         "params": info.params, "macs": info.macs, "macs_exact": info.macs_exact, "stats_from": info.stats_from,
@@ -489,7 +482,7 @@ def machine_info(provider: str, threads: int) -> dict[str, Any]:
     import onnxruntime as ort
 
     info: dict[str, Any] = {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": _usable_cores(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable_cores(),
         "onnxruntime": ort.__version__, "provider": provider, "threads": threads,
         "python": platform.python_version(), "platform": platform.platform(),
     }

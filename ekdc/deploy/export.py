@@ -6,89 +6,165 @@
     student.plan        --trt: a TensorRT engine built from the fp16 file
     teachers.onnx       the teacher ensemble as one graph (the reference bench compares against)
     manifest.json       files, sizes, parity figures, fold choice with its timings
+
+One ``export_*`` function per file; each returns its manifest entry through ``_checked``, which opens
+the written file, runs it on the validation images and compares it with what it must equal.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .. import _io
-from ..data import load_data
-from ..distillation.trainer import load_teacher
+from .. import _io, checkpoint
+from ..contract import META_FOLD, META_TEACHERS, contract_metadata, ort_session, top1
+from ..data import index_splits
 from ..errors import UserError
-from ..models import EKDStudent, create_model
-from ..run import RunDir, find_latest_run
+from ..models import EKDStudent
+from ..run import RunDir, open_finished_run
 from .fold import LAYOUTS, fold
-from .onnx import (DeployModel, TeacherEnsemble, contract_metadata, export_onnx, parity, pick_fastest, run_session,
-                   session, time_sessions)
+from .onnx import DeployModel, TeacherEnsemble, as_float_images, export_onnx, parity, pick_fastest, run_session, run_torch, time_sessions
 
 FOLD_MODES = ("auto", *LAYOUTS)
-
-
-def _resolve_run(run_dir, runs_root) -> RunDir:
-    if run_dir is None:
-        return find_latest_run(runs_root)
-    run = RunDir(run_dir)
-    if not run.path.is_dir():
-        raise UserError(f"run folder not found: {run.path}")
-    if not run.recipe_path.is_file():
-        raise UserError(f"{run.path} is not an ekdc run folder (no recipe.yaml in it)")
-    if not run.student_path.is_file():
-        raise UserError(f"run {run.path} has no trained student (student.pt missing); finish it with 'ekdc distill RECIPE --resume'")
-    return run
-
-
-def load_student(path: Path) -> tuple[EKDStudent, dict]:
-    ck = _io.load_checkpoint(path, "student checkpoint")
-    if ck.get("arch") != "ekd_student" or "config" not in ck:
-        raise UserError(f"{path} is not an ekdc student checkpoint")
-    student = create_model("ekd_student", num_classes=int(ck["num_classes"]), **ck["config"])
-    try:
-        student.load_state_dict(ck["state_dict"])
-    except RuntimeError as err:
-        raise UserError(f"{path} does not match its own student config ({str(err).splitlines()[0][:160]})") from None
-    return student.eval(), ck
-
-
-def _images(x_uint8: torch.Tensor) -> np.ndarray:
-    return (x_uint8.float() / 255).numpy()
-
-
-def _torch_logits(model: torch.nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    with torch.inference_mode():
-        return torch.cat([model(torch.from_numpy(images[i : i + batch])) for i in range(0, len(images), batch)]).numpy()
-
-
-def _size_mb(p: Path) -> float:
-    return round(p.stat().st_size / 1e6, 4)
-
-
-def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
-    return float((logits.argmax(1) == y).mean())
-
-
 FP32_PARITY_TOLERANCE = 1e-3  # relative to the logits' scale; observed about 1e-6 on ONNX Runtime CPU
+FP16_AGREEMENT_WARNING = 0.995
 
 
-def export(
-    run_dir: str | Path | None = None,
-    out: str | Path = "export",
-    *,
-    fp16: bool = False,
-    int8: bool = False,
-    trt: bool = False,
-    fold_mode: str = "auto",
-    calib_images: int = 256,
-    parity_images: int = 0,
-    runs_root: str | Path = "runs",
-    console=None,
-) -> dict:
-    """Export a run's student (folded) and teacher ensemble; returns the manifest (also written)."""
-    say = console.print if console is not None else (lambda *a, **k: None)
+@dataclasses.dataclass
+class _Job:
+    """What every export_* step reads: the run, its student, the images to check against, the output."""
+
+    run: RunDir
+    recipe_name: str
+    student: EKDStudent
+    classes: list[str]
+    size: int
+    mean: list[float]
+    std: list[float]
+    out: Path
+    tmp: Path
+    val_x: torch.Tensor  # uint8 validation images for parity and accuracy
+    val_y: np.ndarray
+    calib_x: torch.Tensor  # uint8 training images for int8 calibration
+    say: Callable[[str], None]
+
+    def meta(self, kind: str, precision: str, **extra) -> dict[str, str]:
+        return contract_metadata(classes=self.classes, input_size=self.size, kind=kind, precision=precision,
+                                 recipe=self.recipe_name, run_dir=self.run.path, extra=extra)
+
+    def deploy(self, layout: str, half: bool = False) -> DeployModel:
+        return DeployModel(fold(self.student, layout), self.mean, self.std, half=half).eval()
+
+
+def _checked(job: _Job, path: Path, kind: str, precision: str, reference: np.ndarray, vs: str,
+             fp32_acc: Optional[float] = None) -> tuple[dict, np.ndarray]:
+    """Open the written file, run it on the validation images, compare with ``reference``: the file's
+    manifest entry, and its logits for the next comparison."""
+    logits = run_session(ort_session(path), job.val_x)
+    p = parity(reference, logits)
+    summary = (f"max|Δ| {p['max_abs_diff']:.1e}, argmax {p['argmax_agreement']:.2%} vs {vs}" if vs == "PyTorch"
+               else f"argmax {p['argmax_agreement']:.2%} vs {vs}")
+    entry = {"file": path.name, "kind": kind, "precision": precision, "size_mb": _size_mb(path), "parity": p,
+             "parity_summary": summary, "accuracy": top1(logits, job.val_y)}
+    if fp32_acc is not None:
+        entry["accuracy_change"] = entry["accuracy"] - fp32_acc
+    return entry, logits
+
+
+# --------------------------------------------------------------------------------------------------
+# one function per file
+
+
+@dataclasses.dataclass
+class _Fp32:
+    entry: dict
+    logits: np.ndarray
+    layout: str
+    candidates: dict[str, Path]  # every layout's fp32 file (int8 quantises each)
+    fold: dict
+
+
+def export_student_fp32(job: _Job, fold_mode: str) -> _Fp32:
+    """Fold in each candidate layout, keep the fastest (``auto``), check it against the trained student."""
+    layouts = ["grouped", "separate"] if fold_mode == "auto" else [fold_mode]
+    paths = {}
+    for layout in layouts:
+        job.say(f"  folding ({layout}) and exporting fp32 ...")
+        paths[layout] = export_onnx(job.deploy(layout), job.tmp / f"{layout}.onnx", job.size,
+                                    job.meta("student", "fp32", **{META_FOLD: layout}))
+    info: dict = {"mode": fold_mode}
+    if len(layouts) > 1:
+        job.say("  timing fold candidates on ONNX Runtime (batch 1 and 64) ...")
+        info["timings_ms"] = time_sessions(paths, job.size)
+    info["choice"] = choice = pick_fastest(info["timings_ms"]) if len(layouts) > 1 else layouts[0]
+    reference = run_torch(DeployModel(job.student, job.mean, job.std).eval(), job.val_x)  # trained, unfolded
+    entry, logits = _checked(job, paths[choice], "student", "fp32", reference, "PyTorch")
+    if entry["parity"]["max_rel_diff"] > FP32_PARITY_TOLERANCE:  # the fold is exact: a gap this size is a bug
+        raise RuntimeError(f"the folded student ({choice}) does not match the trained student: max relative "
+                           f"|Δlogit| {entry['parity']['max_rel_diff']:.1e} > {FP32_PARITY_TOLERANCE:.0e}; nothing was "
+                           f"written to {job.out / 'student.onnx'}. This is a bug in ekdc: please report it with the run folder")
+    _copy_into_place(paths[choice], job.out / "student.onnx")
+    entry["file"] = "student.onnx"
+    return _Fp32(entry, logits, choice, paths, info)
+
+
+def export_teachers(job: _Job, teachers: list[torch.nn.Module], names: list[str]) -> dict:
+    job.say("  exporting the teacher ensemble ...")
+    ens = DeployModel(TeacherEnsemble(teachers), job.mean, job.std).eval()
+    path = export_onnx(ens, job.out / "teachers.onnx", job.size, job.meta("teachers", "fp32", **{META_TEACHERS: ",".join(names)}))
+    return _checked(job, path, "teachers", "fp32", run_torch(ens, job.val_x), "PyTorch")[0]
+
+
+def export_fp16(job: _Job, fp32: _Fp32) -> dict:
+    job.say("  exporting fp16 ...")
+    path = export_onnx(job.deploy(fp32.layout, half=True), job.out / "student.fp16.onnx", job.size,
+                       job.meta("student", "fp16", **{META_FOLD: fp32.layout}))
+    entry, _ = _checked(job, path, "student", "fp16", fp32.logits, "fp32", fp32.entry["accuracy"])
+    if entry["parity"]["argmax_agreement"] < FP16_AGREEMENT_WARNING:
+        job.say(f"[yellow]  warning: fp16 agrees with fp32 on only {entry['parity']['argmax_agreement']:.2%} of images[/yellow]")
+    return entry
+
+
+def export_int8(job: _Job, fp32: _Fp32) -> dict:
+    """Quantise every fp32 layout and keep the fastest: int8 favours other layouts than fp32 does."""
+    from .quantize import quantize_int8
+
+    job.say(f"  quantising int8 (static QDQ, per-channel, QUInt8 activations, {len(job.calib_x)} calibration images) ...")
+    calib = as_float_images(job.calib_x)
+    q_paths = {layout: quantize_int8(path, job.tmp / f"{layout}.int8.onnx", calib,
+                                     job.meta("student", "int8", **{META_FOLD: layout}))
+               for layout, path in fp32.candidates.items()}
+    if len(q_paths) > 1:
+        job.say("  timing int8 fold candidates (batch 1 and 64) ...")
+        fp32.fold["int8_timings_ms"] = time_sessions(q_paths, job.size)
+        fp32.fold["int8_choice"] = pick_fastest(fp32.fold["int8_timings_ms"])
+    else:
+        fp32.fold["int8_choice"] = next(iter(q_paths))
+    path = job.out / "student.int8.onnx"
+    _copy_into_place(q_paths[fp32.fold["int8_choice"]], path)
+    return _checked(job, path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])[0]
+
+
+def export_tensorrt(job: _Job) -> dict:
+    from .tensorrt import build_engine
+
+    job.say("  building the TensorRT engine from the fp16 file ...")
+    plan = build_engine(job.out / "student.fp16.onnx", job.out / "student.plan", job.size)
+    return {"file": plan.name, "kind": "student", "precision": "fp16", "size_mb": _size_mb(plan), "parity": None,
+            "parity_summary": "engine (bench it with --provider tensorrt)", "accuracy": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+def _check_args(fold_mode: str, calib_images: int, parity_images: int, trt: bool) -> None:
     if fold_mode not in FOLD_MODES:
         raise UserError(f"--fold {fold_mode!r}: choose one of {', '.join(FOLD_MODES)}")
     if calib_images < 1:
@@ -99,130 +175,67 @@ def export(
         from .tensorrt import check_tensorrt_available
 
         check_tensorrt_available()
-    run = _resolve_run(run_dir, runs_root)
+
+
+def _load_teachers(run: RunDir, recipe, classes: list[str]) -> list[torch.nn.Module]:
+    return [checkpoint.load_teacher(Path(t.checkpoint) if t.checkpoint else run.teacher_path(t.name), t.arch, classes).eval()
+            for t in recipe.teachers]
+
+
+def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
+    """Only the images export uses are decoded: the validation images (or a seeded subset) and a seeded
+    sample of training images for int8 calibration."""
+    index = index_splits(recipe.data)
+    if list(index.classes) != classes:
+        raise UserError(f"the data of the run's recipe has classes {index.classes[:5]}..., the student {classes[:5]}...")
+    n_val, n_train = index.size("val"), index.size("train")
+    pick = np.random.default_rng(0).choice(n_val, parity_images, replace=False) if 0 < parity_images < n_val else None
+    val_x, val_y = index.take("val", pick)
+    calib_x, _ = index.take("train", np.random.default_rng(1).choice(n_train, min(calib_images, n_train), replace=False))
+    return val_x, val_y.numpy(), calib_x
+
+
+def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fp16: bool = False, int8: bool = False,
+           trt: bool = False, fold_mode: str = "auto", calib_images: int = 256, parity_images: int = 0,
+           runs_root: str | Path = "runs", console=None) -> dict:
+    """Export a run's student (folded) and teacher ensemble; returns the manifest (also written)."""
+    say = console.print if console is not None else (lambda *a, **k: None)
+    _check_args(fold_mode, calib_images, parity_images, trt)
+    run = open_finished_run(run_dir, runs_root)
     out = _io.ensure_writable_dir(out)
     recipe = run.recipe()
-    student, ck = load_student(run.student_path)
-    classes, size, mean, std = list(ck["classes"]), int(ck["input_size"]), ck["mean"], ck["std"]
-    teachers = []
-    for t in recipe.teachers:
-        path = Path(t.checkpoint) if t.checkpoint else run.teacher_path(t.name)
-        teachers.append(load_teacher(path, t.arch, len(classes)).eval())
+    student, ck = checkpoint.load_student(run.student_path)
+    classes = list(ck["classes"])
+    teachers = _load_teachers(run, recipe, classes)
     say(f"[bold]ekdc export[/bold] {run.path} -> {out}")
-    data = load_data(recipe.data)
-    if data.classes != classes:
-        raise UserError(f"the data of {run.recipe_path} has classes {data.classes[:5]}..., the student {classes[:5]}...")
-    val = data.val_x
-    if parity_images and parity_images < len(val):
-        pick = torch.from_numpy(np.random.default_rng(0).choice(len(val), parity_images, replace=False))
-        val, val_y = val[pick], data.val_y[pick].numpy()
-    else:
-        val_y = data.val_y.numpy()
-    val_images = _images(val)
-    calib_idx = np.random.default_rng(1).choice(len(data.train_x), min(calib_images, len(data.train_x)), replace=False)
-    calib = _images(data.train_x[torch.from_numpy(calib_idx)])
-
-    def meta(kind: str, precision: str, **extra) -> dict[str, str]:
-        return contract_metadata(classes=classes, input_size=size, kind=kind, precision=precision, recipe=recipe.name,
-                                 run_dir=run.path, extra=extra)
-
-    reference = _torch_logits(DeployModel(student, mean, std).eval(), val_images)  # the trained, unfolded student
-    files: list[dict] = []
-    fold_info: dict = {"mode": fold_mode}
-    candidates = ["grouped", "separate"] if fold_mode == "auto" else [fold_mode]
+    val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
     with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir:
-        tmp = Path(tmpdir)
-        fp32_paths = {}
-        for layout in candidates:
-            say(f"  folding ({layout}) and exporting fp32 ...")
-            fp32_paths[layout] = export_onnx(DeployModel(fold(student, layout), mean, std), tmp / f"{layout}.onnx", size,
-                                             meta("student", "fp32", fold=layout))
-        if len(candidates) > 1:
-            say("  timing fold candidates on ONNX Runtime (batch 1 and 64) ...")
-            fold_info["timings_ms"] = time_sessions(fp32_paths, size)
-            choice = pick_fastest(fold_info["timings_ms"])
-        else:
-            choice = candidates[0]
-        fold_info["choice"] = choice
-        fp32_logits = run_session(session(fp32_paths[choice]), val_images)
-        p = parity(reference, fp32_logits)
-        if p["max_rel_diff"] > FP32_PARITY_TOLERANCE:  # the fold is exact: a gap this size is a bug, not rounding
-            raise RuntimeError(f"the folded student ({choice}) does not match the trained student: max relative "
-                               f"|Δlogit| {p['max_rel_diff']:.1e} > {FP32_PARITY_TOLERANCE:.0e}; nothing was written "
-                               f"to {out / 'student.onnx'}. This is a bug in ekdc: please report it with the run folder")
-        student_onnx = out / "student.onnx"
-        _replace(fp32_paths[choice], student_onnx)
-        files.append(_entry(student_onnx, "student", "fp32", p, _accuracy(fp32_logits, val_y),
-                            f"max|Δ| {p['max_abs_diff']:.1e}, argmax {p['argmax_agreement']:.2%} vs PyTorch"))
-        fp32_acc = files[-1]["accuracy"]
-
-        say("  exporting the teacher ensemble ...")
-        ens = DeployModel(TeacherEnsemble(teachers), mean, std).eval()
-        teachers_onnx = export_onnx(ens, out / "teachers.onnx", size,
-                                    meta("teachers", "fp32", teachers=",".join(t.name for t in recipe.teachers)))
-        t_logits = run_session(session(teachers_onnx), val_images)
-        tp = parity(_torch_logits(ens, val_images), t_logits)
-        files.append(_entry(teachers_onnx, "teachers", "fp32", tp, _accuracy(t_logits, val_y),
-                            f"max|Δ| {tp['max_abs_diff']:.1e}, argmax {tp['argmax_agreement']:.2%} vs PyTorch"))
-
+        job = _Job(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out, Path(tmpdir),
+                   val_x, val_y, calib_x, say)
+        fp32 = export_student_fp32(job, fold_mode)
+        files = [fp32.entry, export_teachers(job, teachers, [t.name for t in recipe.teachers])]
         if fp16 or trt:
-            say("  exporting fp16 ...")
-            fp16_onnx = export_onnx(DeployModel(fold(student, choice), mean, std, half=True), out / "student.fp16.onnx",
-                                    size, meta("student", "fp16", fold=choice))
-            h_logits = run_session(session(fp16_onnx), val_images)
-            hp = parity(fp32_logits, h_logits)
-            files.append(_entry(fp16_onnx, "student", "fp16", hp, _accuracy(h_logits, val_y),
-                                f"argmax {hp['argmax_agreement']:.2%} vs fp32", fp32_acc))
-            if hp["argmax_agreement"] < 0.995:
-                say(f"[yellow]  warning: fp16 agrees with fp32 on only {hp['argmax_agreement']:.2%} of images[/yellow]")
-
+            files.append(export_fp16(job, fp32))
         if int8:
-            from .quantize import quantize_int8
-
-            say(f"  quantising int8 (static QDQ, per-channel, QUInt8 activations, {len(calib)} calibration images) ...")
-            q_paths = {layout: quantize_int8(path, tmp / f"{layout}.int8.onnx", calib, meta("student", "int8", fold=layout))
-                       for layout, path in fp32_paths.items()}
-            if len(q_paths) > 1:
-                say("  timing int8 fold candidates (batch 1 and 64) ...")
-                fold_info["int8_timings_ms"] = time_sessions(q_paths, size)
-                fold_info["int8_choice"] = pick_fastest(fold_info["int8_timings_ms"])
-            else:
-                fold_info["int8_choice"] = candidates[0]
-            int8_onnx = out / "student.int8.onnx"
-            _replace(q_paths[fold_info["int8_choice"]], int8_onnx)
-            q_logits = run_session(session(int8_onnx), val_images)
-            qp = parity(fp32_logits, q_logits)
-            files.append(_entry(int8_onnx, "student", "int8", qp, _accuracy(q_logits, val_y),
-                                f"argmax {qp['argmax_agreement']:.2%} vs fp32", fp32_acc))
-
+            files.append(export_int8(job, fp32))
         if trt:
-            from .tensorrt import build_engine
-
-            say("  building the TensorRT engine from the fp16 file ...")
-            plan = build_engine(out / "student.fp16.onnx", out / "student.plan", size)
-            files.append({"file": plan.name, "kind": "student", "precision": "fp16", "size_mb": _size_mb(plan),
-                          "parity": None, "parity_summary": "engine (bench it with --provider tensorrt)", "accuracy": None})
-
+            files.append(export_tensorrt(job))
     manifest = {
         "out": str(out), "run_dir": str(run.path.resolve()), "recipe": recipe.name, "classes": classes,
-        "input_size": size, "mean": mean, "std": std, "fold": fold_info, "parity_images": int(len(val_images)),
-        "calibration_images": int(len(calib)), "files": files,
+        "input_size": job.size, "mean": job.mean, "std": job.std, "fold": fp32.fold, "parity_images": int(len(val_x)),
+        "calibration_images": int(len(calib_x)), "files": files,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     _io.write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def _entry(path: Path, kind: str, precision: str, par: dict, acc: float, summary: str, fp32_acc: float | None = None) -> dict:
-    e = {"file": path.name, "kind": kind, "precision": precision, "size_mb": _size_mb(path), "parity": par,
-         "parity_summary": summary, "accuracy": acc}
-    if fp32_acc is not None:
-        e["accuracy_change"] = acc - fp32_acc
-    return e
+def _size_mb(p: Path) -> float:
+    return round(p.stat().st_size / 1e6, 4)
 
 
-def _replace(src: Path, dst: Path) -> None:
+def _copy_into_place(src: Path, dst: Path) -> None:
     """Copy a finished file into place atomically. A copy, not a move: the int8 step still quantises
     every fp32 candidate after the fp32 choice is made."""
     with _io.atomic_path(dst) as tmp:
-        tmp.write_bytes(src.read_bytes())
+        shutil.copyfile(src, tmp)

@@ -10,7 +10,8 @@
   mean of the biases. (This is why the student averages logits: probabilities would not fold.)
 - Training-only parts (feature adapters) are dropped.
 
-``verify_fold`` checks equivalence the RepVGG way: random BatchNorm statistics, ``eval()``, compare.
+The tests check equivalence the RepVGG way (random BatchNorm statistics, ``eval()``, compare), and
+``ekdc export`` compares every folded file with the trained student before writing it.
 """
 from __future__ import annotations
 
@@ -153,29 +154,3 @@ def fold(student: EKDStudent, layout: Layout = "grouped") -> nn.Module:
         return FoldedStudent(student, layout).eval()
     finally:
         student.train(was)
-
-
-@torch.no_grad()
-def randomize_for_verification(model: nn.Module, seed: int = 0) -> None:
-    """Give every BatchNorm random statistics and affine parameters, and every Linear a random bias:
-    a fresh model has unit BN statistics and zero head biases, which would hide a folding error in
-    either (folding must hold for any values)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-        elif isinstance(m, nn.Linear) and m.bias is not None:
-            m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-
-
-@torch.no_grad()
-def verify_fold(student: EKDStudent, layout: Layout, x: torch.Tensor) -> float:
-    """max |folded - original| / max |original| on ``x``, both in eval mode."""
-    student.eval()
-    ref = student(x)
-    out = fold(student, layout)(x)
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))

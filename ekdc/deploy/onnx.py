@@ -1,16 +1,11 @@
-"""ONNX export under the ekdc contract, ONNX Runtime sessions, parity and timing.
+"""ONNX export under the ekdc contract (``ekdc/contract.py``), parity and timing.
 
-Contract of every exported file: input ``images`` float32 ``[B,3,H,W]`` RGB in [0,1] with the
-normalisation inside the graph, dynamic batch; output ``logits`` float32 ``[B,C]``; metadata
-``ekdc.classes``, ``ekdc.input_size``, ``ekdc.kind``, ``ekdc.precision``, ``ekdc.recipe``.
-Reduced-precision files keep float32 I/O.
+Every file has a dynamic batch; reduced-precision files keep float32 I/O.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
-import os
 import statistics
 import time
 import warnings
@@ -21,8 +16,7 @@ import torch
 import torch.nn as nn
 
 from .. import _io
-
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+from ..contract import INPUT_NAME, OUTPUT_NAME, ort_session
 
 
 class DeployModel(nn.Module):
@@ -68,7 +62,7 @@ def export_onnx(model: DeployModel, path: str | Path, input_size: int, metadata:
         try:
             torch.onnx.export(
                 model, (example,), str(raw), dynamo=True, external_data=False, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes={"images": {0: batch}}, optimize=True, verbose=False,
+                output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: batch}}, optimize=True, verbose=False,
             )
             proto = onnx.load(str(raw))
         finally:
@@ -88,37 +82,24 @@ def set_metadata(proto, metadata: dict[str, str]) -> None:
         entry.key, entry.value = k, str(v)
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
-def contract_metadata(*, classes: list[str], input_size: int, kind: str, precision: str, recipe: str,
-                      run_dir: str | Path, extra: dict | None = None) -> dict[str, str]:
-    meta = {
-        "ekdc.classes": json.dumps(classes), "ekdc.input_size": str(input_size), "ekdc.kind": kind,
-        "ekdc.precision": precision, "ekdc.recipe": recipe, "ekdc.run_dir": str(Path(run_dir).resolve()),
-    }
-    meta.update({k: str(v) for k, v in (extra or {}).items()})
-    return meta
+def as_float_images(x_uint8: torch.Tensor) -> np.ndarray:
+    """uint8 ``[N,3,H,W]`` images as the contract's float32 input in [0,1]."""
+    return (x_uint8.float() / 255).numpy()
 
 
-def session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-
-
-def run_session(sess, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits of float32 ``images`` in [0,1], in batches."""
-    out = [sess.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+def run_session(sess, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Logits of uint8 ``images``, converted to the contract's input batch by batch (a split is never
+    held as float32 all at once)."""
+    out = [sess.run([OUTPUT_NAME], {INPUT_NAME: as_float_images(images[i : i + batch_size])})[0]
+           for i in range(0, len(images), batch_size)]
     return np.concatenate(out)
+
+
+def run_torch(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Logits of uint8 ``images`` from a deploy-form PyTorch module (input in [0,1]), batch by batch."""
+    with torch.inference_mode():
+        return np.concatenate([model(torch.from_numpy(as_float_images(images[i : i + batch_size]))).numpy()
+                               for i in range(0, len(images), batch_size)])
 
 
 def parity(reference: np.ndarray, logits: np.ndarray) -> dict:
@@ -134,7 +115,7 @@ def time_sessions(paths: dict[str, Path], input_size: int, batches: tuple[int, .
                   min_runs: int = 5, threads: int | None = None) -> dict[str, dict[str, float]]:
     """Median latency (ms) of each model at each batch, measured interleaved (round r times every
     model) so machine drift favours none."""
-    sessions = {name: session(p, threads) for name, p in paths.items()}
+    sessions = {name: ort_session(p, threads=threads) for name, p in paths.items()}
     rng = np.random.default_rng(0)
     inputs = {b: rng.random((b, 3, input_size, input_size), dtype=np.float32) for b in batches}
     samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in paths}

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import _io
-from .onnx import INPUT_NAME, set_metadata
+from ..contract import INPUT_NAME
+from .onnx import set_metadata
 
 
 class _Calibration:

@@ -1,4 +1,7 @@
+from .distiller import Distiller, SupervisedClassifier
 from .losses import LOSS_TERMS, EKDLoss, kd_kl
-from .trainer import TrainingDiverged, distill, load_teacher, predict
+from .pipeline import distill, predict
+from .trainer import TrainingDiverged
 
-__all__ = ["EKDLoss", "LOSS_TERMS", "TrainingDiverged", "distill", "kd_kl", "load_teacher", "predict"]
+__all__ = ["Distiller", "EKDLoss", "LOSS_TERMS", "SupervisedClassifier", "TrainingDiverged", "distill", "kd_kl",
+           "predict"]

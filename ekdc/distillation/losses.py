@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import BranchOutputs
+from ..recipe import MODE_TERMS
 
 LOSS_TERMS: dict[str, Callable] = {}
 
@@ -73,8 +74,7 @@ class EKDLoss(nn.Module):
         self.mode = mode
         self.temperature = temperature
         self.label_smoothing = label_smoothing
-        active = {"ce", "ens"} if mode == "ce" else {"ce", "ens", "kd"} | ({"feat"} if mode == "ekd" else set())
-        self.weights = {k: float(w) for k, w in weights.items() if k in active and w > 0}
+        self.weights = {k: float(w) for k, w in weights.items() if k in MODE_TERMS[mode] and w > 0}
 
     @property
     def needs_teachers(self) -> bool:

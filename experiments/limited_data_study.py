@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """EKD against the same student alone and against classic ensemble KD, on limited CIFAR-10.
 
-    python benchmarks/limited_data_study.py                 # run (or continue) the whole grid, then report
-    python benchmarks/limited_data_study.py --report-only   # rebuild docs/RESULTS.md from finished runs
+    python experiments/limited_data_study.py                 # run (or continue) the whole grid, then report
+    python experiments/limited_data_study.py --report-only   # rebuild docs/RESULTS.md from finished runs
 
 The grid: training subsets of 5,000 and 10,000 images (seeded, stratified, disjoint from a fixed
 5,000-image validation split) x modes ``ce`` (student alone), ``avg_kd`` (every branch from the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -99,12 +100,23 @@ def _shown(path: str) -> str:
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
+def _pct_stats(xs: list[float]) -> dict:
+    """Fractions as percent: n, mean (None with no value) and sample std (None with fewer than two)."""
+    return {"n": len(xs), "mean": 100 * statistics.mean(xs) if xs else None,
+            "std": 100 * statistics.stdev(xs) if len(xs) > 1 else None}
+
+
+def _stats_text(st: dict, signed: bool = False) -> str:
+    """``_pct_stats`` as the page shows it, mean ± std; ``signed`` writes gaps with an explicit + or − sign."""
+    if st["mean"] is None:
+        return "–"
+    mean = f"{st['mean']:+.2f}".replace("-", "−") if signed else f"{st['mean']:.2f}"
+    return mean if st["std"] is None else f"{mean} ± {st['std']:.2f}"
+
+
 def _mean_std(xs: list[float], signed: bool = False) -> str:
     """Fractions shown in %, mean ± std; ``signed`` writes gaps with an explicit + or − sign."""
-    if not xs:
-        return "–"
-    mean = f"{100 * statistics.mean(xs):+.2f}".replace("-", "−") if signed else f"{100 * statistics.mean(xs):.2f}"
-    return mean if len(xs) == 1 else f"{mean} ± {100 * statistics.stdev(xs):.2f}"
+    return _stats_text(_pct_stats(xs), signed)
 
 
 # (mode, baseline) pairs whose per-seed gaps the report shows: what KD adds to the student alone, and
@@ -204,23 +216,68 @@ def _plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def report(args) -> None:
-    root = Path(args.runs_root)
-    data = collect(root, args.sizes, args.modes, args.seeds)
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "results.json").write_text(json.dumps(data, indent=2) + "\n")
-    _plot(data, docs / "results.png")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+def summarise(data: dict, sizes) -> dict:
+    """The numbers the page shows, from ``collect``'s data, as plain data: accuracies and gaps in %
+    (points), times in seconds (``training`` also in hours), MACs and parameters as counts.
+
+    ``teachers``: per subset size, each teacher and the ensemble's totals. ``student``: the student's
+    size and its MACs as a share (%) of each distinct teacher-ensemble MAC count (None before any run
+    finished). ``rows``: per (size, mode), n and the ``_pct_stats`` of the ensemble, best-branch and
+    exported accuracies, and the mean student training seconds. ``gaps``: the paired gaps of
+    ``_COMPARISONS`` over ``sizes`` that have a finished pair, and in how many seeds the mode is ahead.
+    ``training``: seconds and hours of the finished runs' training."""
+    teachers = []
+    for size, t in sorted(data["teachers"].items()):
+        secs = t.get("seconds", {})
+        teachers.append({
+            "size": size,
+            "teachers": [{"name": tr["name"], "arch": tr["arch"], "acc": 100 * tr["acc"], "params": tr["params"],
+                          "macs": tr["macs"], "seconds": secs.get(tr["name"])} for tr in t["teachers"]],
+            "count": len(t["teachers"]), "acc": 100 * t["ensemble"],
+            "params": sum(tr["params"] for tr in t["teachers"]), "macs": sum(tr["macs"] for tr in t["teachers"]),
+            "seconds": sum(secs.values()) if secs else None,
+        })
+    first = next((c for r in data["rows"] for c in r["cells"]), None)
+    student = None
+    if first:
+        student = {"params": first["params"], "macs": first["macs"],
+                   "ensemble_mac_share": [100 * first["macs"] / m for m in sorted({t["macs"] for t in teachers})]}
+    rows = []
+    for r in data["rows"]:
+        c = r["cells"]
+        rows.append({"size": r["size"], "mode": r["mode"], "n": len(c),
+                     "ensemble": _pct_stats([x["ensemble"] for x in c]),
+                     "best_branch": _pct_stats([x["best_branch"] for x in c]),
+                     "exported": _pct_stats([x["exported"] for x in c if x["exported"] is not None]),
+                     "seconds": statistics.mean(x["seconds"] for x in c) if c else None})
+    gaps = []
+    for size in sizes:
+        for mode, baseline in _COMPARISONS:
+            g = paired_gaps(data["rows"], size, mode, baseline)
+            if g:
+                gaps.append({"size": size, "mode": mode, "baseline": baseline, "gap": _pct_stats(g),
+                             "ahead": sum(x > 0 for x in g)})
+    student_s = sum(c["seconds"] for r in data["rows"] for c in r["cells"])
+    teacher_s = sum(sum(t.get("seconds", {}).values()) for t in data["teachers"].values())
+    training = {"teacher_seconds": teacher_s, "student_seconds": student_s, "hours": (student_s + teacher_s) / 3600,
+                "teacher_hours": teacher_s / 3600, "student_hours": student_s / 3600}
+    return {"teachers": teachers, "student": student, "rows": rows, "gaps": gaps, "training": training}
+
+
+def _seconds_text(s) -> str:
+    return "–" if s is None else f"{s:.0f}"
+
+
+def render(summary: dict, recipe: str, cpu: str, cores) -> str:
+    """``summarise``'s numbers as the page's Markdown (everything above the reading marker)."""
     lines = [
         "# Results: EKD on limited CIFAR-10",
         "",
-        "Written by `python benchmarks/limited_data_study.py --teachers 5000=runs/cifar10-limited/teachers`",
+        "Written by `python experiments/limited_data_study.py --teachers 5000=runs/cifar10-limited/teachers`",
         "(resumable; `--report-only` rebuilds this page; the 5,000-image teachers come from",
         "`ekdc distill recipes/cifar10-limited.yaml`, the same recipe, seed and split).",
-        f"Recipe: `{_shown(args.recipe)}`, with `data.per_class` = size/10, `seed` and `mode` set per cell.",
-        f"Machine: {cpu}, {__import__('os').cpu_count()} cores, CPU training (bf16 autocast, channels_last).",
+        f"Recipe: `{_shown(recipe)}`, with `data.per_class` = size/10, `seed` and `mode` set per cell.",
+        f"Machine: {cpu}, {cores} cores, CPU training (bf16 autocast, channels_last).",
         "",
         "Validation: a fixed, seeded, stratified split of 5,000 images (500 a class) that no run trains on.",
         "Accuracies in %, mean ± std over the seeds that have finished (n).",
@@ -230,58 +287,56 @@ def report(args) -> None:
         "| train images | teacher | arch | acc | params | MACs | training s |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
-    ensemble_macs = {}
-    for size, t in sorted(data["teachers"].items()):
-        secs = t.get("seconds", {})
+    for t in summary["teachers"]:
+        size = t["size"]
         for tr in t["teachers"]:
-            s = f"{secs[tr['name']]:.0f}" if tr["name"] in secs else "–"
-            lines.append(f"| {size:,} | {tr['name']} | {tr['arch']} | {100 * tr['acc']:.2f} | {tr['params'] / 1e6:.2f}M "
-                         f"| {tr['macs'] / 1e6:.0f}M | {s} |")
-        ensemble_macs[size] = tm = sum(tr["macs"] for tr in t["teachers"])
-        tp = sum(tr["params"] for tr in t["teachers"])
-        total = f"{sum(secs.values()):.0f}" if secs else "–"
-        lines.append(f"| {size:,} | **ensemble** | {len(t['teachers'])} teachers | **{100 * t['ensemble']:.2f}** "
-                     f"| {tp / 1e6:.2f}M | {tm / 1e6:.0f}M | {total} |")
+            lines.append(f"| {size:,} | {tr['name']} | {tr['arch']} | {tr['acc']:.2f} | {tr['params'] / 1e6:.2f}M "
+                         f"| {tr['macs'] / 1e6:.0f}M | {_seconds_text(tr['seconds'])} |")
+        lines.append(f"| {size:,} | **ensemble** | {t['count']} teachers | **{t['acc']:.2f}** "
+                     f"| {t['params'] / 1e6:.2f}M | {t['macs'] / 1e6:.0f}M | {_seconds_text(t['seconds'])} |")
     lines += ["", "## Student (same architecture, epochs and schedule in every mode)", ""]
-    student = next((c for r in data["rows"] for c in r["cells"]), None)
+    student = summary["student"]
     if student:
-        share = ", ".join(f"{100 * student['macs'] / m:.1f}%" for m in sorted(set(ensemble_macs.values())))
+        share = ", ".join(f"{x:.1f}%" for x in student["ensemble_mac_share"])
         lines += [f"`ekd_student`: {student['params'] / 1e6:.2f}M params, {student['macs'] / 1e6:.1f}M MACs "
                   f"a 32x32 image ({share} of the teacher ensemble's).", ""]
     lines += [
         "| train images | mode | n | ensemble acc | best branch acc | exported ONNX acc | student training s/run |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for r in data["rows"]:
-        c = r["cells"]
-        exp = [x["exported"] for x in c if x["exported"] is not None]
-        secs = f"{statistics.mean(x['seconds'] for x in c):.0f}" if c else "–"
-        lines.append(f"| {r['size']:,} | {r['mode']} | {len(c)} | {_mean_std([x['ensemble'] for x in c])} | "
-                     f"{_mean_std([x['best_branch'] for x in c])} | {_mean_std(exp)} | {secs} |")
-    gap_lines = []
-    for size in args.sizes:
-        for mode, baseline in _COMPARISONS:
-            gaps = paired_gaps(data["rows"], size, mode, baseline)
-            if gaps:
-                above = sum(g > 0 for g in gaps)
-                gap_lines.append(f"| {size:,} | {mode} − {baseline} | {len(gaps)} | {_mean_std(gaps, signed=True)} "
-                                 f"| {above} of {len(gaps)} |")
+    for r in summary["rows"]:
+        lines.append(f"| {r['size']:,} | {r['mode']} | {r['n']} | {_stats_text(r['ensemble'])} | "
+                     f"{_stats_text(r['best_branch'])} | {_stats_text(r['exported'])} | {_seconds_text(r['seconds'])} |")
+    gap_lines = [f"| {g['size']:,} | {g['mode']} − {g['baseline']} | {g['gap']['n']} | "
+                 f"{_stats_text(g['gap'], signed=True)} | {g['ahead']} of {g['gap']['n']} |" for g in summary["gaps"]]
     if gap_lines:
         lines += ["", "Paired by seed (a seed fixes the student's initialisation and batch order; every cell trains on",
                   "the same subset), gap in points, mean ± std over the seeds both rows have finished:", "",
                   "| train images | mode − baseline | seeds | gap, points | mode ahead in |", "|---:|---|---:|---:|---:|", *gap_lines]
-    student_s = sum(c["seconds"] for r in data["rows"] for c in r["cells"])
-    teacher_s = sum(sum(t.get("seconds", {}).values()) for t in data["teachers"].values())
-    lines += ["", f"Training time of the finished runs: {(student_s + teacher_s) / 3600:.1f} h on this machine "
-              f"({teacher_s / 3600:.1f} h teachers, {student_s / 3600:.1f} h students; export and evaluation not counted).",
+    tr = summary["training"]
+    lines += ["", f"Training time of the finished runs: {tr['hours']:.1f} h on this machine "
+              f"({tr['teacher_hours']:.1f} h teachers, {tr['student_hours']:.1f} h students; export and evaluation not counted).",
               "", "![accuracy by mode and training-set size](results.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def report(args) -> None:
+    root = Path(args.runs_root)
+    data = collect(root, args.sizes, args.modes, args.seeds)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    _plot(data, docs / "results.png")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    page = render(summarise(data, args.sizes), args.recipe, cpu, os.cpu_count())
     out = docs / "RESULTS.md"
     marker = "<!-- reading -->"
     reading = ""
     if out.exists() and marker in out.read_text():
         reading = out.read_text().split(marker, 1)[1]
     tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n" + marker + (reading or "\n## Reading\n\n(to be written once the grid is complete)\n"))
+    tmp.write_text(page + marker + (reading or "\n## Reading\n\n(to be written once the grid is complete)\n"))
     tmp.replace(out)
     print(f"wrote {out}")
 

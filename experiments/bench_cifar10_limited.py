@@ -1,6 +1,6 @@
 """Bench the cifar10-limited export against its teacher ensemble and write docs/BENCHMARKS.md.
 
-    python benchmarks/bench_cifar10_limited.py [--export export] [--run RUN_DIR] [--doc docs/BENCHMARKS.md]
+    python experiments/bench_cifar10_limited.py [--export export] [--run RUN_DIR] [--doc docs/BENCHMARKS.md]
 
 The equivalent of
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                        json_path=a.json, plot_path=a.plot, console=console)
         console.print(bench_table(report))
         given = sys.argv[1:] if argv is None else argv
-        script = shlex.join(["python", "benchmarks/bench_cifar10_limited.py", *given])
+        script = shlex.join(["python", "experiments/bench_cifar10_limited.py", *given])
         write_text(a.doc, _merge(a.doc, _section(report, _command(a, run), script, a.doc, a)))
         console.print(f"wrote {a.doc}")
     except UserError as err:

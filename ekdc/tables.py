@@ -1,10 +1,16 @@
-"""Rich tables for what distill and export print."""
+"""The Rich tables the CLI prints after distill and export, and the number formatters every table
+(bench's too) uses."""
 from __future__ import annotations
+
+from typing import Optional
 
 from rich.table import Table
 
 
-def _si(n: float) -> str:
+def count_text(n: Optional[float]) -> str:
+    """A count, short: 812, 8.12K, 41.30M, 1.20G; ``-`` for an unknown one."""
+    if n is None:
+        return "-"
     for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
@@ -18,13 +24,13 @@ def metrics_table(m: dict, title: str = "validation metrics") -> Table:
     s = m["student"]
     branches = " / ".join(f"{a:.4f}" for a in s["branch_acc"])
     t.add_row(f"student ({m['mode']})", f"ekd_student x{len(s['branch_acc'])}", f"{s['ensemble_acc']:.4f}",
-              _si(s["params"]), _si(s["macs"]))
+              count_text(s["params"]), count_text(s["macs"]))
     t.add_row("  branches", "", branches, "", "")
     for tr in m["teachers"]:
-        t.add_row(f"teacher {tr['name']}", tr["arch"], f"{tr['acc']:.4f}", _si(tr["params"]), _si(tr["macs"]))
+        t.add_row(f"teacher {tr['name']}", tr["arch"], f"{tr['acc']:.4f}", count_text(tr["params"]), count_text(tr["macs"]))
     tp = sum(tr["params"] for tr in m["teachers"])
     tm = sum(tr["macs"] for tr in m["teachers"])
-    t.add_row("teacher ensemble", f"{len(m['teachers'])} teachers", f"{m['teacher_ensemble_acc']:.4f}", _si(tp), _si(tm))
+    t.add_row("teacher ensemble", f"{len(m['teachers'])} teachers", f"{m['teacher_ensemble_acc']:.4f}", count_text(tp), count_text(tm))
     t.caption = (f"student/ensemble: {s['params'] / tp:.1%} of params, {s['macs'] / tm:.1%} of MACs; "
                  f"training {m['seconds']:.0f}s")
     return t

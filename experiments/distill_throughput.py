@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Images/s of one EKD training step against the student alone (mode ce), on this machine.
 
-    python benchmarks/distill_throughput.py [--recipe recipes/cifar10-limited.yaml] [--rounds 5] [--steps 10]
+    python experiments/distill_throughput.py [--recipe recipes/cifar10-limited.yaml] [--rounds 5] [--steps 10]
 
 Uses the recipe's teachers and student (randomly initialised: speed does not depend on the weights),
 its precision and memory format, one batch of the recipe's batch size. The two step kinds are timed
@@ -19,7 +19,8 @@ import torch
 
 from ekdc import load_recipe
 from ekdc.distillation.losses import EKDLoss
-from ekdc.distillation.trainer import make_optimizer, setup_runtime
+from ekdc.distillation.runtime import setup_runtime
+from ekdc.distillation.trainer import make_optimizer, param_groups
 from ekdc.models import create_model
 
 
@@ -30,12 +31,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     r = load_recipe(args.recipe)
-    rt = setup_runtime(r)
+    rt = setup_runtime(r.device, r.precision, r.channels_last)
     torch.manual_seed(0)
     c, size, bs = 10, r.data.image_size, r.distill.batch_size
     teachers = [rt.prepare(create_model(t.arch, num_classes=c)).eval() for t in r.teachers]
     student = rt.prepare(create_model("ekd_student", num_classes=c, **r.student.model_dump(exclude={"arch"})))
-    opt = make_optimizer(student.parameters(), r.distill)
+    opt = make_optimizer(param_groups(student), r.distill)
     x = torch.randn(bs, 3, size, size, device=rt.device)
     x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
     y = torch.randint(0, c, (bs,), device=rt.device)

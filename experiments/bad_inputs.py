@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Try every kind of bad input through the real CLI and write what ekdc answers to docs/ERRORS.md.
 
-    python benchmarks/bad_inputs.py [--doc docs/ERRORS.md]
+    python experiments/bad_inputs.py [--doc docs/ERRORS.md]
 
 Each case must end with exit code 2 and exactly one line on stderr (no traceback); the script says
 which case does not, and exits 1 if any.
@@ -119,7 +119,7 @@ def main() -> int:
     text = "\n".join([
         "# What ekdc says to bad input",
         "",
-        "Written by `python benchmarks/bad_inputs.py`: every case through the real CLI; each must end with",
+        "Written by `python experiments/bad_inputs.py`: every case through the real CLI; each must end with",
         "exit code 2 and one line on stderr.",
         "",
         "| case | command | exit | stderr |",

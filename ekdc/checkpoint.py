@@ -1,0 +1,130 @@
+"""The checkpoint files of a run folder: what training writes and export reads, in one place.
+
+    teachers/<name>.pt   {state_dict, arch, source, num_classes, classes, input_size, mean, std, seconds}
+    student.pt           {state_dict, arch: ekd_student, config, stem, block, num_classes, classes,
+                          input_size, mean, std, recipe, mode, teachers, seconds}
+    ckpt/<stage>.pt      {state_dict, optimizer, scheduler, scaler, rng_cpu, epoch, seconds, stage}
+
+Every file is written atomically and read with ``torch.load(weights_only=True)`` (see ``_io``).
+``source`` says where a teacher came from (``registry`` today); ``stem`` and ``block`` name the
+student's stem and block kinds (``cifar`` and ``basic`` are the ones this version builds).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from . import _io
+from .errors import UserError
+from .models import EKDStudent, create_model
+
+STUDENT_STEMS = ("cifar",)
+STUDENT_BLOCKS = ("basic",)
+
+
+def _data_fields(classes: list[str], input_size: int, mean: list[float], std: list[float]) -> dict[str, Any]:
+    return {"num_classes": len(classes), "classes": list(classes), "input_size": int(input_size),
+            "mean": list(mean), "std": list(std)}
+
+
+# --------------------------------------------------------------------------------------------------
+# teachers
+
+
+def save_teacher(path: str | os.PathLike, model: nn.Module, *, arch: str, classes: list[str], input_size: int,
+                 mean: list[float], std: list[float], seconds: float, source: str = "registry") -> None:
+    _io.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "source": source,
+                         **_data_fields(classes, input_size, mean, std), "seconds": float(seconds)}, path)
+
+
+def load_teacher(path: str | os.PathLike, arch: str, classes: list[str], what: str = "teacher checkpoint") -> nn.Module:
+    """A teacher from an ekdc checkpoint, checked against the architecture, the class count and (where
+    the file names them) the class names and their order."""
+    ck = _io.load_checkpoint(path, what)
+    if ck.get("arch") not in (None, arch):
+        raise UserError(f"{what} {path} holds a '{ck['arch']}', not the '{arch}' the recipe names")
+    if ck.get("num_classes") not in (None, len(classes)):
+        raise UserError(f"{what} {path} was trained for {ck['num_classes']} classes, but the data has {len(classes)}")
+    stored = ck.get("classes")
+    if stored is not None and list(stored) != list(classes):
+        first = next(i for i, (a, b) in enumerate(zip(stored, classes)) if a != b)
+        raise UserError(f"{what} {path} orders its classes differently from the data: its class {first} is "
+                        f"'{stored[first]}', the data's is '{classes[first]}'")
+    model = create_model(arch, num_classes=len(classes))
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as err:
+        detail = str(err).splitlines()[0][:160]
+        raise UserError(f"{what} {path} does not fit architecture '{arch}' ({detail})") from None
+    return model
+
+
+def teacher_seconds(path: str | os.PathLike) -> float:
+    return float(_io.load_checkpoint(path, "teacher checkpoint").get("seconds", 0.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# the student
+
+
+def save_student(path: str | os.PathLike, student: EKDStudent, *, classes: list[str], input_size: int,
+                 mean: list[float], std: list[float], recipe: str, mode: str, teachers: list[str],
+                 seconds: float) -> None:
+    """The trained student without its training-only feature adapters."""
+    sd = {k: v for k, v in student.state_dict().items() if not k.startswith("adapters.")}
+    _io.save_checkpoint({"state_dict": sd, "arch": "ekd_student", "config": student.config, "stem": "cifar",
+                         "block": "basic", **_data_fields(classes, input_size, mean, std), "recipe": recipe,
+                         "mode": mode, "teachers": list(teachers), "seconds": float(seconds)}, path)
+
+
+def load_student(path: str | os.PathLike, strict: bool = True) -> tuple[EKDStudent, dict]:
+    """The student (eval mode) and its checkpoint's fields."""
+    ck = _io.load_checkpoint(path, "student checkpoint")
+    if ck.get("arch") != "ekd_student" or "config" not in ck:
+        raise UserError(f"{path} is not an ekdc student checkpoint")
+    for key, known in (("stem", STUDENT_STEMS), ("block", STUDENT_BLOCKS)):
+        if ck.get(key, known[0]) not in known:
+            raise UserError(f"{path}: a student with {key} '{ck[key]}' needs a newer ekdc (this one builds "
+                            f"{', '.join(known)})")
+    student = create_model("ekd_student", num_classes=int(ck["num_classes"]), **ck["config"])
+    try:
+        student.load_state_dict(ck["state_dict"], strict=strict)
+    except RuntimeError as err:
+        raise UserError(f"{path} does not match its own student config ({str(err).splitlines()[0][:160]})") from None
+    return student.eval(), ck
+
+
+def student_seconds(path: str | os.PathLike) -> float:
+    return float(_io.load_checkpoint(path, "student checkpoint").get("seconds", 0.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# a stage in progress
+
+
+def save_stage(path: str | os.PathLike, *, stage: str, model: nn.Module, optimizer, scheduler, scaler,
+               epoch: int, seconds: float) -> None:
+    _io.save_checkpoint({
+        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng_cpu": torch.get_rng_state(),
+        "epoch": int(epoch), "seconds": float(seconds), "stage": stage,
+    }, path)
+
+
+def load_stage(path: str | os.PathLike, *, model: nn.Module, optimizer, scheduler, scaler) -> Optional[tuple[int, float]]:
+    """Restore a stage in progress into the given objects; returns (epochs done, seconds so far), or None
+    when there is no stage checkpoint."""
+    if not Path(path).exists():
+        return None
+    ck = _io.load_checkpoint(path, "stage checkpoint")
+    model.load_state_dict(ck["state_dict"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    if ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng_cpu"])
+    return int(ck["epoch"]), float(ck["seconds"])

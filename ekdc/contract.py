@@ -1,0 +1,88 @@
+"""The ONNX contract every exported file keeps, and the one way ekdc opens such a file.
+
+    input   ``images``  float32 [B,3,H,W], RGB in [0,1]; normalisation happens inside the graph
+    output  ``logits``  float32 [B,C]
+    metadata  ``ekdc.classes`` (JSON list), ``ekdc.input_size``, ``ekdc.kind``, ``ekdc.precision``,
+              ``ekdc.recipe``, ``ekdc.run_dir``; export adds ``fold`` (students) or ``teachers``
+
+Export writes it, bench and ``export/infer.py`` read it. This module imports nothing heavier than the
+standard library at import time (numpy and onnxruntime load inside the functions that need them), so
+the bench's measuring process can import it without skewing its memory reading.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+META_CLASSES = "ekdc.classes"
+META_INPUT_SIZE = "ekdc.input_size"
+META_KIND = "ekdc.kind"
+META_PRECISION = "ekdc.precision"
+META_RECIPE = "ekdc.recipe"
+META_RUN_DIR = "ekdc.run_dir"
+META_FOLD = "fold"
+META_TEACHERS = "teachers"
+
+PLAN_SUFFIXES = (".plan", ".engine", ".trt")
+
+# ``--provider`` names and the ONNX Runtime execution providers they stand for
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def contract_metadata(*, classes: list[str], input_size: int, kind: str, precision: str, recipe: str,
+                      run_dir: str | os.PathLike, extra: Optional[dict[str, Any]] = None) -> dict[str, str]:
+    """The metadata an exported file carries (values are strings, as ONNX stores them)."""
+    meta = {
+        META_CLASSES: json.dumps(classes), META_INPUT_SIZE: str(input_size), META_KIND: kind,
+        META_PRECISION: precision, META_RECIPE: recipe, META_RUN_DIR: str(Path(run_dir).resolve()),
+    }
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (``taskset``, cgroups' cpusets), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def ort_providers(provider: str = "cpu", trt_options: Optional[dict[str, Any]] = None) -> list:
+    """ONNX Runtime's provider list for a ``--provider`` name, CPU last as the fallback it always has."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": 0})
+    if provider == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    return [("TensorrtExecutionProvider", {"device_id": 0, **(trt_options or {})}), cuda, "CPUExecutionProvider"]
+
+
+def ort_session(path: str | os.PathLike, *, threads: Optional[int] = None, provider: str = "cpu",
+                trt_options: Optional[dict[str, Any]] = None):
+    """An ONNX Runtime session as export and bench both use it: every graph optimisation, sequential
+    execution, one inter-op thread, ``threads`` intra-op threads (default: the usable cores)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = int(threads or usable_cores())
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=ort_providers(provider, trt_options))
+
+
+def top1(logits, labels) -> float:
+    """Top-1 accuracy of ``logits`` [N,C] against integer ``labels`` [N] (numpy arrays or CPU tensors)."""
+    import numpy as np
+
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    return float((logits.argmax(-1) == labels).mean()) if len(labels) else 0.0

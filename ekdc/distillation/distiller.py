@@ -1,0 +1,60 @@
+"""What a training step computes, for each kind of stage (mdistiller's shape: one module owns the
+frozen teachers, the student and the loss; ``forward_train`` returns ``(logits, losses)``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import Batch
+from ..models import EKDStudent
+from ..teachers import Teacher
+from .losses import EKDLoss
+from .trainer import Losses, param_groups
+
+
+class Distiller(nn.Module):
+    """The EKD student stage: frozen teachers, the multi-branch student and the EKD loss."""
+
+    def __init__(self, student: EKDStudent, teachers: list[Teacher], loss: EKDLoss):
+        super().__init__()
+        self.student = student
+        self.teachers = nn.ModuleList(teachers)
+        self.loss = loss
+        if loss.needs_features:
+            student.set_adapters([t.num_features for t in teachers])
+
+    def param_groups(self) -> list[dict]:
+        """The student's parameters, the training-only adapters included; teachers never train."""
+        return param_groups(self.student)
+
+    def teacher_targets(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+        """Teacher logits ``[M,B,C]`` and, where the loss matches features, their pooled features."""
+        with torch.inference_mode():
+            outs = [t.forward_with_features(images) for t in self.teachers]
+        # inference tensors cannot be saved for backward: plain copies can
+        logits = torch.stack([o[0] for o in outs]).clone()
+        feats = [o[1].clone() for o in outs] if self.loss.needs_features else None
+        return logits, feats
+
+    def forward_train(self, student: nn.Module, batch: Batch) -> tuple[torch.Tensor, Losses]:
+        """``student`` is ``self.student``, or the DistributedDataParallel wrapper around it."""
+        t_logits = t_feats = None
+        if self.loss.needs_teachers:
+            t_logits, t_feats = self.teacher_targets(batch.images)
+        out = student(batch.images, return_branches=True)
+        total, terms = self.loss(out, batch.labels, t_logits, t_feats)
+        return out.logits.mean(0), Losses(total, terms)
+
+
+class SupervisedClassifier:
+    """A teacher's own training stage: cross-entropy with the labels."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+
+    def forward_train(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Losses]:
+        logits = model(batch.images)
+        return logits, Losses(F.cross_entropy(logits.float(), batch.labels, label_smoothing=self.label_smoothing), {})

@@ -1,0 +1,209 @@
+"""``distill``: a recipe in, a run folder out, in three stages: the teachers (trained here or loaded),
+the EKD student, and the validation metrics. Each stage is a function; ``distill`` strings them
+together, holding the run folder's lock throughout."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import _io, checkpoint
+from ..contract import top1
+from ..data import DataSplits, iterate_batches, load_data
+from ..models import EKDStudent, count_macs, count_params, create_model
+from ..recipe import Recipe, TeacherConfig, dump_recipe
+from ..run import RunDir, open_training_run
+from ..teachers import Teacher
+from .distiller import Distiller, SupervisedClassifier
+from .losses import EKDLoss
+from .runtime import Runtime, seed_everything, setup_runtime
+from .trainer import Reporter, Stage, param_groups, train_stage
+
+
+def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = False, runs_root: str | Path = "runs",
+            console=None, progress: bool = True) -> RunDir:
+    """Train (or load) the teachers, then the EKD student; write the run folder and return it."""
+    rt = setup_runtime(recipe.device, recipe.precision, recipe.channels_last)
+    run, lock = _open_run(recipe, out, resume, runs_root, rt)
+    try:
+        seed_everything(recipe.seed)
+        if console is not None and rt.is_main:
+            console.print(f"[bold]ekdc distill[/bold] {recipe.name} -> {run.path}  ({rt.device}, {rt.precision_text}"
+                          f"{', channels_last' if rt.channels_last else ''}{f', {rt.world} processes' if rt.world > 1 else ''})")
+        data = load_data(recipe.data)
+        if console is not None and rt.is_main:
+            console.print(f"data: {recipe.data.dataset}, {len(data.train_x)} training / {len(data.val_x)} validation "
+                          f"images, {data.num_classes} classes, {data.image_size}px")
+        with Reporter(run, rt, console, progress) as rep:
+            teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
+            student, student_s = student_stage(recipe, data, teachers, rt, run, rep)
+            metrics = evaluate(recipe, data, student, teachers, rt)
+            metrics["seconds"] = round(teacher_s + student_s, 2)
+
+            def finish():
+                _io.write_json(run.metrics_path, metrics)
+                rep.log({"event": "done", **{k: metrics[k] for k in ("mode", "seconds", "teacher_ensemble_acc")},
+                         "student_ensemble_acc": metrics["student"]["ensemble_acc"]})
+                with contextlib.suppress(OSError):
+                    run.ckpt_dir.rmdir()
+
+            rt.on_main(finish)
+        rt.barrier()
+    except _io.WriteError as err:
+        raise _io.WriteError(f"{err}; the last good checkpoint in {run.path} is intact: free space, then continue "
+                             "with 'ekdc distill RECIPE --resume'") from None
+    finally:
+        if lock is not None:
+            lock.release()
+    return run
+
+
+def _open_run(recipe: Recipe, out, resume: bool, runs_root, rt: Runtime):
+    """Rank 0 resolves and locks the run folder and writes its recipe; the other ranks learn its path."""
+    run, lock = RunDir(Path(".")), None
+    if rt.is_main:
+        run, lock = open_training_run(recipe, out, resume, runs_root)
+    if rt.world > 1:
+        obj = [str(run.path)]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        run = RunDir(obj[0])
+
+    def prepare_folder():
+        (run.path / "teachers").mkdir(exist_ok=True)
+        run.ckpt_dir.mkdir(exist_ok=True)
+        run.repair_log()
+        if not run.recipe_path.exists():
+            _io.write_text(run.recipe_path, dump_recipe(recipe))
+
+    try:
+        rt.on_main(prepare_folder)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return run, lock
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 1: the teachers
+
+
+def teacher_stage(recipe: Recipe, data: DataSplits, rt: Runtime, run: RunDir, rep: Reporter) -> tuple[list[Teacher], float]:
+    """Each teacher loaded from its checkpoint, found already trained in this run, or trained now."""
+    teachers, seconds = [], 0.0
+    for ti, tcfg in enumerate(recipe.teachers):
+        model, secs = _obtain_teacher(ti, tcfg, recipe, data, rt, run, rep)
+        seconds += secs
+        teachers.append(Teacher(rt.prepare(model), name=tcfg.name, arch=tcfg.arch))
+    return teachers, seconds
+
+
+def _obtain_teacher(ti: int, tcfg: TeacherConfig, recipe: Recipe, data: DataSplits, rt: Runtime, run: RunDir,
+                    rep: Reporter) -> tuple[nn.Module, float]:
+    final = run.teacher_path(tcfg.name)
+    stage_name = f"teacher-{tcfg.name}"
+    if tcfg.checkpoint:
+        return checkpoint.load_teacher(tcfg.checkpoint, tcfg.arch, data.classes, f"teachers.{ti}.checkpoint"), 0.0
+    if final.exists():
+        model = checkpoint.load_teacher(final, tcfg.arch, data.classes)
+        # a kill between saving the teacher and deleting its stage checkpoint leaves the latter behind
+        rt.on_main(lambda: run.stage_ckpt(stage_name).unlink(missing_ok=True))
+        rep.say(f"[dim]teacher {tcfg.name}: already trained in this run, loaded {final}[/dim]")
+        return model, checkpoint.teacher_seconds(final)
+    torch.manual_seed(recipe.seed + 101 * (ti + 1))
+    model = rt.prepare(create_model(tcfg.arch, num_classes=data.num_classes))
+    task = SupervisedClassifier(tcfg.train.label_smoothing)
+    stage = Stage(stage_name, model, task.forward_train, param_groups(model), tcfg.train, recipe.seed + ti + 1)
+    secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)
+
+    def save():
+        checkpoint.save_teacher(final, model.cpu(), arch=tcfg.arch, classes=data.classes, input_size=data.image_size,
+                                mean=data.mean, std=data.std, seconds=secs)
+        run.stage_ckpt(stage_name).unlink(missing_ok=True)
+
+    rt.on_main(save)
+    return model, secs
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 2: the student
+
+
+def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt: Runtime, run: RunDir,
+                  rep: Reporter) -> tuple[EKDStudent, float]:
+    torch.manual_seed(recipe.seed)
+    student = create_model("ekd_student", num_classes=data.num_classes, **recipe.student.model_dump(exclude={"arch"}))
+    d = recipe.distill
+    distiller = Distiller(student, teachers, EKDLoss(recipe.mode, d.weights.model_dump(), d.temperature, d.label_smoothing))
+    rt.prepare(student)
+    if run.student_path.exists():
+        trained, _ = checkpoint.load_student(run.student_path)
+        student.load_state_dict(trained.state_dict(), strict=False)  # adapters are not saved: they stay fresh
+        rep.say(f"[dim]student: already trained in this run, loaded {run.student_path}[/dim]")
+        return student, checkpoint.student_seconds(run.student_path)
+    stage_name = f"student-{recipe.mode}"
+    stage = Stage(stage_name, student, distiller.forward_train, distiller.param_groups(), d, recipe.seed)
+    secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)
+
+    def save():
+        checkpoint.save_student(run.student_path, student, classes=data.classes, input_size=data.image_size,
+                                mean=data.mean, std=data.std, recipe=recipe.name, mode=recipe.mode,
+                                teachers=[t.name for t in recipe.teachers], seconds=secs)
+        run.stage_ckpt(stage_name).unlink(missing_ok=True)
+
+    rt.on_main(save)
+    return student, secs
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 3: validation metrics
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x_uint8: torch.Tensor, data: DataSplits, rt: Runtime, batch_size: int = 256,
+            branches: bool = False) -> torch.Tensor:
+    """Logits ``[N,C]`` (or per-branch ``[N,B,C]`` with ``branches``) of ``x_uint8``, in eval mode and
+    fp32: the reported accuracy is that of the function export deploys, not of a bf16 approximation."""
+    mean = torch.tensor(data.mean, device=rt.device)
+    std = torch.tensor(data.std, device=rt.device)
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        for idx in iterate_batches(len(x_uint8), batch_size):
+            x = rt.to_input(x_uint8[idx], mean, std)
+            z = model(x, return_branches=True).logits.transpose(0, 1) if branches else model(x)
+            out.append(z.float().cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out)
+
+
+def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: list[Teacher], rt: Runtime) -> dict:
+    """metrics.json (DESIGN.md's contract), but for ``seconds``, which the caller adds."""
+    branch_logits = predict(student, data.val_x, data, rt, branches=True)  # [V,N,C]
+    teacher_logits = [predict(t, data.val_x, data, rt) for t in teachers]
+    y = data.val_y
+    return {
+        "student": {
+            "ensemble_acc": top1(branch_logits.mean(1), y),
+            "branch_acc": [top1(branch_logits[:, i], y) for i in range(branch_logits.shape[1])],
+            # the deployed student's parameters: training-only adapters excluded
+            "params": count_params(student) - (count_params(student.adapters) if student.adapters is not None else 0),
+            "macs": count_macs(student, data.image_size),
+        },
+        "teachers": [
+            {"name": t.name, "arch": t.arch, "source": t.source, "acc": top1(tl, y),
+             "params": count_params(t), "macs": count_macs(t, data.image_size)}
+            for t, tl in zip(teachers, teacher_logits)
+        ],
+        "teacher_ensemble_acc": top1(torch.stack(teacher_logits).mean(0), y),
+        "mode": recipe.mode,
+        "train_images": len(data.train_x),
+        "val_images": len(data.val_x),
+        "device": str(rt.device),
+        "world_size": rt.world,
+    }

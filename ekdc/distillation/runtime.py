@@ -1,0 +1,124 @@
+"""Where training runs: device, precision, channels_last, and the process group under ``torchrun``."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..data import normalize
+from ..errors import UserError
+
+
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]  # autocast dtype, None for fp32
+    channels_last: bool
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def precision_text(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 AMP"}[self.amp_dtype]
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_input(self, x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        x = normalize(x_uint8.to(self.device, non_blocking=True), mean, std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def mean_over_ranks(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def on_main(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a write) on rank 0 only. Every rank learns whether it worked, so when rank 0 fails
+        (a full disk, say) the others stop too instead of waiting for it in a collective forever."""
+        err: Optional[BaseException] = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
+                err = e
+        if self.world > 1:
+            ok = torch.tensor([0 if err is not None else 1], dtype=torch.int32, device=self._collective_device())
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if err is None and int(ok.item()) == 0:
+                raise UserError("rank 0 failed to write the run's files (its message says why); this rank stops too")
+        if err is not None:
+            raise err
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _cpu_bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _autocast_dtype(precision: str, use_cuda: bool) -> Optional[torch.dtype]:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if not use_cuda:
+            raise UserError("precision: fp16 autocast needs a CUDA GPU; on CPU use bf16, auto or fp32")
+        return torch.float16
+    if use_cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_bf16_supported() else None
+
+
+def setup_runtime(device: str, precision: str, channels_last: bool) -> Runtime:
+    """The runtime a recipe's ``device``, ``precision`` and ``channels_last`` ask for; joins the process
+    group when started by ``torchrun`` (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: '{device}' asked for, but no CUDA GPU is available (use device: auto or cpu)")
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        dev = torch.device(device if ":" in device else f"cuda:{local_rank if world > 1 else 0}")
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    amp = _autocast_dtype(precision, use_cuda)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Runtime(dev, amp, channels_last, rank, world)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
