@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,21 @@ def _recipe(d: Path, **over) -> Path:
     return p
 
 
+def _full_disk() -> None:
+    """A disk that fills up after 200 kB per file: writes past it fail with EFBIG."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def _hold_lock(run: Path) -> subprocess.Popen:
+    """Another process that holds the run folder's lock, as a training process does."""
+    code = ("import sys, time; from ekdc.run import RunDir, RunLock; lock = RunLock(RunDir(sys.argv[1])).acquire(); "
+            "print(flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    proc.stdout.readline()
+    return proc
+
+
 def _cases(d: Path) -> list[tuple[str, list[str]]]:
     ok = _recipe(d)
     (d / "not_yaml.yaml").write_text("data: [1, 2\nteachers: }\n")
@@ -50,7 +67,7 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
                    check=True, capture_output=True)
     wrong_input = d / "wrong_input.onnx"
     _rename_input(d / "export" / "student.onnx", wrong_input)
-    return [
+    return [  # (what, arguments); the "busy" run is locked by another process, "disk full" runs under a file-size limit
         ("recipe missing", ["distill", str(d / "missing.yaml")]),
         ("recipe not YAML", ["distill", str(d / "not_yaml.yaml")]),
         ("recipe not a mapping", ["distill", str(d / "list.yaml")]),
@@ -75,6 +92,10 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("output folder already used", ["distill", str(ok), "--out", str(run)]),
         ("--resume with nothing to resume", ["distill", str(ok), "--resume", "--out", str(d / "never")]),
         ("device cuda without a GPU", ["distill", str(ok), "--set", "device=cuda"]),
+        ("every loss weight of the mode 0", ["distill", str(ok), "--set", "mode=ce", "--set", "distill.weights.ce=0",
+                                             "--set", "distill.weights.ens=0"]),
+        ("run folder in use by another process", ["distill", str(ok), "--resume", "--out", str(d / "busy")]),
+        ("disk full while training", ["distill", str(ok), "--out", str(d / "full")]),
         ("export: no run found", ["export", "--runs", str(d / "no_runs")]),
         ("export: run without a student", ["export", str(d / "o2")]),
         ("export: output folder not writable", ["export", str(run), "--out", "/proc/ekdc"]),
@@ -107,8 +128,14 @@ def main() -> int:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        for what, argv in _cases(d):
-            res = subprocess.run([sys.executable, "-m", "ekdc", *argv], capture_output=True, text=True, env=env, cwd=d)
+        cases = _cases(d)
+        import shutil
+
+        shutil.copytree(d / "run", d / "busy")
+        holder = _hold_lock(d / "busy")
+        for what, argv in cases:
+            res = subprocess.run([sys.executable, "-m", "ekdc", *argv], capture_output=True, text=True, env=env, cwd=d,
+                                 preexec_fn=_full_disk if what.startswith("disk full") else None)
             lines = res.stderr.strip().splitlines()
             good = res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr
             bad += not good
@@ -116,6 +143,8 @@ def main() -> int:
             shown = " ".join(shlex.quote(a.replace(tmp, "$TMP")) for a in argv)
             rows.append(f"| {what} | `ekdc {shown}` | {res.returncode} | `{msg.replace('|', '¦')}` |")
             print(f"{'ok ' if good else 'BAD'} {what}: exit {res.returncode}: {msg}", flush=True)
+        holder.kill()
+        holder.wait()
     text = "\n".join([
         "# What ekdc says to bad input",
         "",

@@ -138,7 +138,10 @@ def test_limited_data_study_grid_order_and_resume(tmp_path, monkeypatch):
     assert by_cell[("n10", "ce-s0")][4] == str(tmp_path / "r.yaml")
     assert "data.per_class=2" in later and "seed=1" in later and "mode=ekd" in later
     assert "--resume" in later and "--resume" not in by_cell[("n10", "ekd-s1")]
-    assert "| 20 | ekd | 2 | 50.00 ± 0.00 |" in (tmp_path / "docs" / "RESULTS.md").read_text()
+    rows = study.summarise(study.collect(root, [10, 20], ["ce", "ekd"], [0, 1]), [10, 20])["rows"]
+    assert [(r["size"], r["mode"], r["n"]) for r in rows] == [(10, "ce", 2), (10, "ekd", 2), (20, "ce", 2), (20, "ekd", 2)]
+    assert all(r["ensemble"]["mean"] == 50.0 and r["ensemble"]["std"] == 0.0 for r in rows)  # every fake cell: 0.5
+    assert (tmp_path / "docs" / "RESULTS.md").is_file()
     calls.clear()
     study.main(args)  # everything finished: nothing is run again
     assert calls == []
