@@ -1,12 +1,13 @@
 """The checkpoint files of a run folder: what training writes and export reads, in one place.
 
     teachers/<name>.pt   {state_dict, arch, source, num_classes, classes, input_size, mean, std, seconds}
+                         (classes: the model's outputs; input_size, mean, std: what the teacher takes)
     student.pt           {state_dict, arch: ekd_student, config, stem, block, num_classes, classes,
                           input_size, mean, std, recipe, mode, teachers, seconds}
     ckpt/<stage>.pt      {state_dict, optimizer, scheduler, scaler, rng_cpu, epoch, seconds, stage}
 
 Every file is written atomically and read with ``torch.load(weights_only=True)`` (see ``_io``).
-``source`` says where a teacher came from (``registry`` today); ``stem`` and ``block`` name the
+``source`` says where a teacher came from (registry, torchvision, timm); ``stem`` and ``block`` name the
 student's stem and block kinds (``cifar`` and ``basic`` are the ones this version builds).
 """
 from __future__ import annotations
@@ -35,32 +36,28 @@ def _data_fields(classes: list[str], input_size: int, mean: list[float], std: li
 # teachers
 
 
-def save_teacher(path: str | os.PathLike, model: nn.Module, *, arch: str, classes: list[str], input_size: int,
-                 mean: list[float], std: list[float], seconds: float, source: str = "registry") -> None:
+def save_teacher(path: str | os.PathLike, model: nn.Module, *, arch: str, source: str, classes: list[str],
+                 input_size: int, mean: list[float], std: list[float], seconds: float) -> None:
+    """``classes`` are the model's outputs in order; ``input_size``, ``mean`` and ``std`` what it takes."""
     _io.save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "source": source,
                          **_data_fields(classes, input_size, mean, std), "seconds": float(seconds)}, path)
 
 
-def load_teacher(path: str | os.PathLike, arch: str, classes: list[str], what: str = "teacher checkpoint") -> nn.Module:
-    """A teacher from an ekdc checkpoint, checked against the architecture, the class count and (where
-    the file names them) the class names and their order."""
+def load_teacher(path: str | os.PathLike, arch: str, what: str = "teacher checkpoint") -> tuple[nn.Module, dict]:
+    """A teacher this run (or an earlier one) saved, and the checkpoint's fields; checked against the
+    architecture the recipe names."""
+    from .teachers.torch_models import build
+
     ck = _io.load_checkpoint(path, what)
     if ck.get("arch") not in (None, arch):
         raise UserError(f"{what} {path} holds a '{ck['arch']}', not the '{arch}' the recipe names")
-    if ck.get("num_classes") not in (None, len(classes)):
-        raise UserError(f"{what} {path} was trained for {ck['num_classes']} classes, but the data has {len(classes)}")
-    stored = ck.get("classes")
-    if stored is not None and list(stored) != list(classes):
-        first = next(i for i, (a, b) in enumerate(zip(stored, classes)) if a != b)
-        raise UserError(f"{what} {path} orders its classes differently from the data: its class {first} is "
-                        f"'{stored[first]}', the data's is '{classes[first]}'")
-    model = create_model(arch, num_classes=len(classes))
+    model = build(arch, int(ck.get("num_classes") or len(ck["classes"])), False, what)
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as err:
         detail = str(err).splitlines()[0][:160]
         raise UserError(f"{what} {path} does not fit architecture '{arch}' ({detail})") from None
-    return model
+    return model, ck
 
 
 def teacher_seconds(path: str | os.PathLike) -> float:

@@ -269,14 +269,11 @@ def load_data(cfg: DataConfig) -> DataSplits:
 class Batch:
     """One training step's input: what a ``forward_train`` gets."""
 
-    images: torch.Tensor  # augmented, normalised, on the training device
+    pixels: torch.Tensor  # augmented, RGB in [0,1], on the training device (what teachers take)
+    images: torch.Tensor  # the same, normalised with the data's statistics (what the student takes)
     labels: torch.Tensor  # int64 [B]
     indices: torch.Tensor  # each sample's position in the training split (int64 [B], CPU)
     epoch: int  # 0-based
-
-
-def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x_uint8.float().div_(255) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
 def augment_params(n: int, aug: Augment | None, seed: int, epoch: int) -> torch.Tensor | None:

@@ -89,19 +89,93 @@ class Schedule(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+def _rgb_triple(v, positive: bool = False):
+    if v is not None and len(v) != 3:
+        raise ValueError("must list 3 values (R, G, B)")
+    if positive and v is not None and any(x <= 0 for x in v):
+        raise ValueError("must be > 0")
+    return v
+
+
+_ONNX_ONLY = ("channel_order", "layout", "outputs")
+_PRETRAINED_SOURCES = ("torchvision:", "timm:")
+
+
 class TeacherConfig(_Strict):
-    name: Optional[str] = Field(None, description="defaults to the architecture, numbered if repeated")
-    arch: str
-    checkpoint: Optional[str] = Field(None, description="load this file instead of training")
-    train: Schedule = Field(default_factory=Schedule)
+    """One teacher, from exactly one source: ``arch`` (ekdc's registry, ``torchvision:NAME``, ``timm:NAME``)
+    or ``onnx`` (a frozen model from any framework)."""
+
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                                description="defaults to the architecture (or the ONNX file's stem), numbered if repeated")
+    arch: Optional[str] = Field(None, description="NAME (registry), torchvision:NAME or timm:NAME")
+    onnx: Optional[str] = Field(None, description="an ONNX classifier from any framework, used as it is")
+    weights: Optional[str] = Field(None, description="a weight file: a state dict or a checkpoint holding one")
+    checkpoint: Optional[str] = Field(None, description="old name of weights: (the file is used as it is, not trained)")
+    pretrained: Union[bool, str] = Field(False, description="torchvision:/timm: the library's weights (true, or a weights name)")
+    classes: Optional[list[str]] = Field(None, min_length=1, description="the model's output classes, in order")
+    input_size: Optional[int] = Field(None, ge=8, le=1024, description="default: the model's own, else the data's")
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    outputs: Literal["logits", "probabilities"] = "logits"
+    train: Optional[Schedule] = Field(None, description="fine-tune or train here; default: registry models "
+                                                        "without weights train, everything else is used as it is")
+    freeze_backbone: bool = Field(False, description="train the head only (a linear probe)")
+    backbone_lr_scale: float = Field(0.1, gt=0, description="backbone learning rate / head's, for a model with weights")
+
+    _mean = field_validator("mean")(classmethod(lambda cls, v: _rgb_triple(v)))
+    _std = field_validator("std")(classmethod(lambda cls, v: _rgb_triple(v, positive=True)))
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v):
-        from .models import check_model_name
+        if v is not None:
+            from .teachers.torch_models import check_arch
 
-        check_model_name(v)
+            check_arch(v)
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_alias(cls, data):
+        # `checkpoint:` always meant "load this file instead of training": weights, used as they are
+        if isinstance(data, dict) and data.get("checkpoint"):
+            if data.get("weights"):
+                raise ValueError("give weights: or its old name checkpoint:, not both")
+            data = {**data, "weights": data["checkpoint"], "checkpoint": None, "train": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.arch is None) == (self.onnx is None):
+            raise ValueError("give exactly one of arch: (registry, torchvision:NAME, timm:NAME) and onnx: (a file)")
+        given = self.model_fields_set
+        if self.onnx is not None:
+            for key in ("weights", "pretrained", "train", "freeze_backbone"):
+                if key in given and getattr(self, key) not in (None, False):
+                    raise ValueError(f"{key}: does not apply to an onnx: teacher (it is used as it is: no weights to "
+                                     "load, no fine-tuning)")
+        else:
+            wrong = [k for k in _ONNX_ONLY if getattr(self, k) != TeacherConfig.model_fields[k].default]
+            if wrong:
+                raise ValueError(f"{wrong[0]}: applies to onnx: teachers only (a PyTorch teacher takes RGB NCHW logits)")
+            if self.pretrained not in (False, None) and not self.arch.startswith(_PRETRAINED_SOURCES):
+                raise ValueError("pretrained: applies to torchvision: and timm: models (for a registry model, give weights:)")
+            if self.pretrained not in (False, None) and self.weights:
+                raise ValueError("give pretrained: or weights:, not both")
+        if "train" not in given:
+            from_scratch = self.arch is not None and ":" not in self.arch and not self.weights
+            self.train = Schedule() if from_scratch else None
+        return self
+
+    @property
+    def default_name(self) -> str:
+        if self.arch is not None:
+            return self.arch.split(":", 1)[-1].split(".", 1)[0]
+        import re
+
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(self.onnx).stem) or "onnx"
 
 
 class StudentConfig(_Strict):
@@ -166,13 +240,19 @@ class Recipe(_Strict):
             )
         seen: dict[str, int] = {}
         for t in self.teachers:
+            base = t.default_name
             if t.name is None:
-                n = seen.get(t.arch, 0)
-                t.name = t.arch if n == 0 else f"{t.arch}_{n}"
-            seen[t.arch] = seen.get(t.arch, 0) + 1
+                n = seen.get(base, 0)
+                t.name = base if n == 0 else f"{base}_{n}"
+            seen[base] = seen.get(base, 0) + 1
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}")
+        if self.mode == "ekd" and self.distill.weights.feat > 0:
+            no_features = [i for i, t in enumerate(self.teachers) if t.onnx is not None]
+            if no_features:
+                raise ValueError(f"teachers.{no_features[0]}: an onnx: teacher has no features to match; set "
+                                 "distill.weights.feat: 0")
         terms = MODE_TERMS[self.mode]
         w = self.distill.weights
         if not any(getattr(w, t) > 0 for t in terms):
@@ -328,7 +408,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
     recipe.data.root = fix(recipe.data.root)
     recipe.data.val_root = fix(recipe.data.val_root)
     for t in recipe.teachers:
-        t.checkpoint = fix(t.checkpoint)
+        t.weights = fix(t.weights)
+        t.onnx = fix(t.onnx)
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:

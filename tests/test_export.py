@@ -68,7 +68,7 @@ def test_teachers_onnx_is_mean_of_teacher_logits(tiny_run, tiny_export):
     x = torch.rand(5, 3, 16, 16)
     norm = (x - torch.tensor(manifest["mean"]).view(1, 3, 1, 1)) / torch.tensor(manifest["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
-        logits = [load_teacher(tiny_run / "teachers" / f"{n}.pt", n, manifest["classes"]).eval()(norm) for n in ("resnet8", "wrn_16_2")]
+        logits = [load_teacher(tiny_run / "teachers" / f"{n}.pt", n)[0].eval()(norm) for n in ("resnet8", "wrn_16_2")]
     (y,) = session(out / "teachers.onnx").run(["logits"], {"images": x.numpy()})
     assert np.abs(y - torch.stack(logits).mean(0).numpy()).max() <= 1e-4
 

@@ -129,7 +129,7 @@ def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     r = load_recipe(tmp_path / "r.yaml")
     assert r.data.root == str(tmp_path / "work" / "data")
-    assert r.teachers[0].checkpoint == str(tmp_path / "work" / "t.pt")
+    assert r.teachers[0].weights == str(tmp_path / "work" / "t.pt") and r.teachers[0].train is None  # checkpoint: is the old name
     saved = tmp_path / "run" / "recipe.yaml"
     saved.parent.mkdir()
     saved.write_text(dump_recipe(r))

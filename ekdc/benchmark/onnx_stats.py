@@ -249,9 +249,11 @@ def _with_batch_one(proto):
 
     m = onnx.ModelProto()
     m.CopyFrom(proto)
-    for vi in (*m.graph.input, *m.graph.output):
+    stored = {t.name for t in m.graph.initializer}
+    # the data inputs and the outputs, whatever their names (a teacher from elsewhere has its own)
+    for vi in (*[i for i in m.graph.input if i.name not in stored], *m.graph.output):
         dims = vi.type.tensor_type.shape.dim
-        if len(dims) >= 1 and vi.name in (INPUT_NAME, OUTPUT_NAME):
+        if len(dims) >= 1:
             dims[0].Clear()
             dims[0].dim_value = 1
     del m.graph.value_info[:]  # stale symbolic shapes from the exporter would fight the fixed batch

@@ -114,11 +114,30 @@ def export_student_fp32(job: _Job, fold_mode: str) -> _Fp32:
     return _Fp32(entry, logits, choice, paths, info)
 
 
-def export_teachers(job: _Job, teachers: list[torch.nn.Module], names: list[str]) -> dict:
+def export_teachers(job: _Job, teachers: list) -> dict:
+    """The ensemble as one graph; ONNX teachers are composed into it (``compose.py``). Compared with the
+    teachers run one by one (ONNX teachers through ONNX Runtime)."""
     job.say("  exporting the teacher ensemble ...")
-    ens = DeployModel(TeacherEnsemble(teachers), job.mean, job.std).eval()
-    path = export_onnx(ens, job.out / "teachers.onnx", job.size, job.meta("teachers", "fp32", **{META_TEACHERS: ",".join(names)}))
-    return _checked(job, path, "teachers", "fp32", run_torch(ens, job.val_x), "PyTorch")[0]
+    path = job.out / "teachers.onnx"
+    meta = job.meta("teachers", "fp32", **{META_TEACHERS: ",".join(t.name for t in teachers)})
+    from_onnx = [t for t in teachers if t.source == "onnx"]
+    if not from_onnx:
+        export_onnx(TeacherEnsemble(teachers).eval(), path, job.size, meta)
+    else:
+        from .compose import compose_teachers
+        from .onnx import save_checked
+
+        in_torch = [t for t in teachers if t.source != "onnx"]
+        part = None
+        if in_torch:
+            import onnx
+
+            part = onnx.load(str(export_onnx(TeacherEnsemble(in_torch, reduce="sum").eval(), job.tmp / "torch_teachers.onnx",
+                                             job.size, {})))
+        with _io.atomic_path(path) as tmp:
+            save_checked(compose_teachers(part, from_onnx, len(teachers), job.size), tmp, meta)
+    reference = run_torch(TeacherEnsemble(teachers).eval(), job.val_x)
+    return _checked(job, path, "teachers", "fp32", reference, "PyTorch")[0]
 
 
 def export_fp16(job: _Job, fp32: _Fp32) -> dict:
@@ -177,9 +196,11 @@ def _check_args(fold_mode: str, calib_images: int, parity_images: int, trt: bool
         check_tensorrt_available()
 
 
-def _load_teachers(run: RunDir, recipe, classes: list[str]) -> list[torch.nn.Module]:
-    return [checkpoint.load_teacher(Path(t.checkpoint) if t.checkpoint else run.teacher_path(t.name), t.arch, classes).eval()
-            for t in recipe.teachers]
+def _load_teachers(run: RunDir, recipe, ck: dict) -> list:
+    from ..teachers import DataInfo, teacher_for_run
+
+    info = DataInfo(list(ck["classes"]), int(ck["input_size"]), list(ck["mean"]), list(ck["std"]))
+    return [teacher_for_run(t, i, info, run).eval() for i, t in enumerate(recipe.teachers)]
 
 
 def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
@@ -206,14 +227,14 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fp1
     recipe = run.recipe()
     student, ck = checkpoint.load_student(run.student_path)
     classes = list(ck["classes"])
-    teachers = _load_teachers(run, recipe, classes)
+    teachers = _load_teachers(run, recipe, ck)
     say(f"[bold]ekdc export[/bold] {run.path} -> {out}")
     val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
     with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir:
         job = _Job(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out, Path(tmpdir),
                    val_x, val_y, calib_x, say)
         fp32 = export_student_fp32(job, fold_mode)
-        files = [fp32.entry, export_teachers(job, teachers, [t.name for t in recipe.teachers])]
+        files = [fp32.entry, export_teachers(job, teachers)]
         if fp16 or trt:
             files.append(export_fp16(job, fp32))
         if int8:

@@ -38,17 +38,20 @@ class DeployModel(nn.Module):
 
 
 class TeacherEnsemble(nn.Module):
-    """The teacher ensemble as one module: the mean of the teachers' logits."""
+    """Teachers (``ekdc.teachers.Teacher``: each resizes and normalises [0,1] images itself) as one
+    module: the mean of their logits, or with ``reduce="sum"`` their sum (a part of a larger average)."""
 
-    def __init__(self, teachers: list[nn.Module]):
+    def __init__(self, teachers: list[nn.Module], reduce: str = "mean"):
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
+        self.reduce = reduce
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([t(x) for t in self.teachers]).mean(0)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([t(images).float() for t in self.teachers])
+        return logits.mean(0) if self.reduce == "mean" else logits.sum(0)
 
 
-def export_onnx(model: DeployModel, path: str | Path, input_size: int, metadata: dict[str, str]) -> Path:
+def export_onnx(model: nn.Module, path: str | Path, input_size: int, metadata: dict[str, str]) -> Path:
     """Export with the dynamo exporter into one self-contained file (no external data), full
     ``onnx.checker`` check, metadata set; written atomically."""
     import onnx
@@ -67,10 +70,17 @@ def export_onnx(model: DeployModel, path: str | Path, input_size: int, metadata:
             proto = onnx.load(str(raw))
         finally:
             raw.unlink(missing_ok=True)
-        set_metadata(proto, metadata)
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, str(tmp))
+        save_checked(proto, tmp, metadata)
     return Path(path)
+
+
+def save_checked(proto, path: str | Path, metadata: dict[str, str]) -> None:
+    """Set the metadata, run ``onnx.checker`` in full, save as one self-contained file."""
+    import onnx
+
+    set_metadata(proto, metadata)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
 
 
 def set_metadata(proto, metadata: dict[str, str]) -> None:

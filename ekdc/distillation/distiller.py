@@ -30,12 +30,15 @@ class Distiller(nn.Module):
         """The student's parameters, the training-only adapters included; teachers never train."""
         return param_groups(self.student)
 
-    def teacher_targets(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+    def teacher_targets(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
         """Teacher logits ``[M,B,C]`` and, where the loss matches features, their pooled features."""
         with torch.inference_mode():
-            outs = [t.forward_with_features(images) for t in self.teachers]
+            if self.loss.needs_features:
+                outs = [t.forward_with_features(pixels) for t in self.teachers]
+            else:
+                outs = [(t(pixels), None) for t in self.teachers]
         # inference tensors cannot be saved for backward: plain copies can
-        logits = torch.stack([o[0] for o in outs]).clone()
+        logits = torch.stack([o[0].float() for o in outs]).clone()
         feats = [o[1].clone() for o in outs] if self.loss.needs_features else None
         return logits, feats
 
@@ -43,18 +46,20 @@ class Distiller(nn.Module):
         """``student`` is ``self.student``, or the DistributedDataParallel wrapper around it."""
         t_logits = t_feats = None
         if self.loss.needs_teachers:
-            t_logits, t_feats = self.teacher_targets(batch.images)
+            t_logits, t_feats = self.teacher_targets(batch.pixels)
         out = student(batch.images, return_branches=True)
         total, terms = self.loss(out, batch.labels, t_logits, t_feats)
         return out.logits.mean(0), Losses(total, terms)
 
 
 class SupervisedClassifier:
-    """A teacher's own training stage: cross-entropy with the labels."""
+    """A teacher's own training stage: cross-entropy with the labels, on the images as the teacher takes
+    them (its own size and normalisation)."""
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, preprocess: nn.Module, label_smoothing: float = 0.0):
+        self.preprocess = preprocess
         self.label_smoothing = label_smoothing
 
     def forward_train(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Losses]:
-        logits = model(batch.images)
+        logits = model(self.preprocess(batch.pixels))
         return logits, Losses(F.cross_entropy(logits.float(), batch.labels, label_smoothing=self.label_smoothing), {})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -16,11 +15,12 @@ from ..data import DataSplits, iterate_batches, load_data
 from ..models import EKDStudent, count_macs, count_params, create_model
 from ..recipe import Recipe, TeacherConfig, dump_recipe
 from ..run import RunDir, open_training_run
-from ..teachers import Teacher
+from ..teachers import (DataInfo, Teacher, frozen_teacher, parse_arch, teacher_for_run, teacher_param_groups,
+                        teacher_stats, trainable_teacher)
 from .distiller import Distiller, SupervisedClassifier
 from .losses import EKDLoss
 from .runtime import Runtime, seed_everything, setup_runtime
-from .trainer import Reporter, Stage, param_groups, train_stage
+from .trainer import Reporter, Stage, train_stage
 
 
 def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = False, runs_root: str | Path = "runs",
@@ -92,40 +92,53 @@ def _open_run(recipe: Recipe, out, resume: bool, runs_root, rt: Runtime):
 
 
 def teacher_stage(recipe: Recipe, data: DataSplits, rt: Runtime, run: RunDir, rep: Reporter) -> tuple[list[Teacher], float]:
-    """Each teacher loaded from its checkpoint, found already trained in this run, or trained now."""
+    """Each teacher found already trained (or saved) in this run, used as it is from its source, or
+    trained (fine-tuned) now."""
     teachers, seconds = [], 0.0
     for ti, tcfg in enumerate(recipe.teachers):
-        model, secs = _obtain_teacher(ti, tcfg, recipe, data, rt, run, rep)
+        teacher, secs = _obtain_teacher(ti, tcfg, recipe, data, rt, run, rep)
         seconds += secs
-        teachers.append(Teacher(rt.prepare(model), name=tcfg.name, arch=tcfg.arch))
+        teachers.append(rt.prepare(teacher))
     return teachers, seconds
 
 
+def data_info(data: DataSplits) -> DataInfo:
+    return DataInfo(list(data.classes), data.image_size, list(data.mean), list(data.std))
+
+
 def _obtain_teacher(ti: int, tcfg: TeacherConfig, recipe: Recipe, data: DataSplits, rt: Runtime, run: RunDir,
-                    rep: Reporter) -> tuple[nn.Module, float]:
+                    rep: Reporter) -> tuple[Teacher, float]:
     final = run.teacher_path(tcfg.name)
     stage_name = f"teacher-{tcfg.name}"
-    if tcfg.checkpoint:
-        return checkpoint.load_teacher(tcfg.checkpoint, tcfg.arch, data.classes, f"teachers.{ti}.checkpoint"), 0.0
+    info = data_info(data)
     if final.exists():
-        model = checkpoint.load_teacher(final, tcfg.arch, data.classes)
         # a kill between saving the teacher and deleting its stage checkpoint leaves the latter behind
         rt.on_main(lambda: run.stage_ckpt(stage_name).unlink(missing_ok=True))
-        rep.say(f"[dim]teacher {tcfg.name}: already trained in this run, loaded {final}[/dim]")
-        return model, checkpoint.teacher_seconds(final)
+        rep.say(f"[dim]teacher {tcfg.name}: already in this run, loaded {final}[/dim]")
+        return teacher_for_run(tcfg, ti, info, run), float(_io.load_checkpoint(final).get("seconds", 0.0))
+    if tcfg.train is None:
+        teacher = frozen_teacher(tcfg, ti, info)
+        if tcfg.pretrained:  # kept in the run, so that export and --resume never need the network again
+            rt.on_main(lambda: _save_teacher(final, teacher.model, tcfg, teacher.pre, tcfg.classes or info.classes, 0.0))
+        return teacher, 0.0
     torch.manual_seed(recipe.seed + 101 * (ti + 1))
-    model = rt.prepare(create_model(tcfg.arch, num_classes=data.num_classes))
-    task = SupervisedClassifier(tcfg.train.label_smoothing)
-    stage = Stage(stage_name, model, task.forward_train, param_groups(model), tcfg.train, recipe.seed + ti + 1)
+    t = trainable_teacher(tcfg, ti, info)
+    model = rt.prepare(t.model)
+    task = SupervisedClassifier(t.pre.to(rt.device), tcfg.train.label_smoothing)
+    stage = Stage(stage_name, model, task.forward_train, teacher_param_groups(t, tcfg), tcfg.train, recipe.seed + ti + 1)
     secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)
 
     def save():
-        checkpoint.save_teacher(final, model.cpu(), arch=tcfg.arch, classes=data.classes, input_size=data.image_size,
-                                mean=data.mean, std=data.std, seconds=secs)
+        _save_teacher(final, model, tcfg, t.pre, info.classes, secs)
         run.stage_ckpt(stage_name).unlink(missing_ok=True)
 
     rt.on_main(save)
-    return model, secs
+    return Teacher(model, t.pre, name=tcfg.name, arch=tcfg.arch, source=parse_arch(tcfg.arch)[0], head=t.head), secs
+
+
+def _save_teacher(path: Path, model: nn.Module, tcfg: TeacherConfig, pre, classes: list[str], seconds: float) -> None:
+    checkpoint.save_teacher(path, model, arch=tcfg.arch, source=parse_arch(tcfg.arch)[0], classes=classes,
+                            input_size=pre.size, mean=pre.spec()["mean"], std=pre.spec()["std"], seconds=seconds)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,30 +176,40 @@ def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x_uint8: torch.Tensor, data: DataSplits, rt: Runtime, batch_size: int = 256,
-            branches: bool = False) -> torch.Tensor:
-    """Logits ``[N,C]`` (or per-branch ``[N,B,C]`` with ``branches``) of ``x_uint8``, in eval mode and
-    fp32: the reported accuracy is that of the function export deploys, not of a bf16 approximation."""
-    mean = torch.tensor(data.mean, device=rt.device)
-    std = torch.tensor(data.std, device=rt.device)
+def predict(model: nn.Module, x_uint8: torch.Tensor, rt: Runtime, batch_size: int = 256) -> torch.Tensor:
+    """Outputs of ``model(pixels)`` on ``x_uint8`` (as [0,1] pixels), in eval mode and fp32: the reported
+    accuracy is that of the function export deploys, not of a bf16 approximation."""
     was = model.training
     model.eval()
-    out = []
     try:
-        for idx in iterate_batches(len(x_uint8), batch_size):
-            x = rt.to_input(x_uint8[idx], mean, std)
-            z = model(x, return_branches=True).logits.transpose(0, 1) if branches else model(x)
-            out.append(z.float().cpu())
+        return torch.cat([model(rt.to_pixels(x_uint8[idx])).float().cpu() for idx in iterate_batches(len(x_uint8), batch_size)])
     finally:
         model.train(was)
-    return torch.cat(out)
+
+
+class _StudentBranches(nn.Module):
+    """The student's per-branch logits ``[B,N,C]`` from [0,1] pixels, normalised as it was trained."""
+
+    def __init__(self, student: EKDStudent, mean: list[float], std: list[float], rt: Runtime):
+        super().__init__()
+        self.student, self.rt = student, rt
+        self.register_buffer("mean", torch.tensor(mean, device=rt.device), persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=rt.device), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.student(self.rt.normalize(pixels, self.mean, self.std), return_branches=True).logits.transpose(0, 1)
 
 
 def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: list[Teacher], rt: Runtime) -> dict:
     """metrics.json (DESIGN.md's contract), but for ``seconds``, which the caller adds."""
-    branch_logits = predict(student, data.val_x, data, rt, branches=True)  # [V,N,C]
-    teacher_logits = [predict(t, data.val_x, data, rt) for t in teachers]
+    branch_logits = predict(_StudentBranches(student, data.mean, data.std, rt), data.val_x, rt)  # [V,N,C]
+    teacher_logits = [predict(t, data.val_x, rt) for t in teachers]
     y = data.val_y
+    teachers_out = []
+    for t, tl in zip(teachers, teacher_logits):
+        params, macs = teacher_stats(t)
+        teachers_out.append({"name": t.name, "arch": t.arch, "source": t.source, "input_size": t.input_size,
+                             "acc": top1(tl, y), "params": params, "macs": macs})
     return {
         "student": {
             "ensemble_acc": top1(branch_logits.mean(1), y),
@@ -195,11 +218,7 @@ def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: li
             "params": count_params(student) - (count_params(student.adapters) if student.adapters is not None else 0),
             "macs": count_macs(student, data.image_size),
         },
-        "teachers": [
-            {"name": t.name, "arch": t.arch, "source": t.source, "acc": top1(tl, y),
-             "params": count_params(t), "macs": count_macs(t, data.image_size)}
-            for t, tl in zip(teachers, teacher_logits)
-        ],
+        "teachers": teachers_out,
         "teacher_ensemble_acc": top1(torch.stack(teacher_logits).mean(0), y),
         "mode": recipe.mode,
         "train_images": len(data.train_x),

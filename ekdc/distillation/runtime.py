@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..data import normalize
 from ..errors import UserError
 
 
@@ -37,9 +36,15 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def to_input(self, x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        x = normalize(x_uint8.to(self.device, non_blocking=True), mean, std)
+    def to_pixels(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> float RGB in [0,1] on the device (what teachers take)."""
+        x = x_uint8.to(self.device, non_blocking=True).float().div_(255)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @staticmethod
+    def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """[0,1] pixels -> the student's input (elementwise: the memory format is kept)."""
+        return (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model.to(self.device)

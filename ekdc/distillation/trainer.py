@@ -178,7 +178,8 @@ def _run_epoch(stage: Stage, net: nn.Module, optim: _Optimisation, data: DataSpl
         xb = data.train_x[idx].to(rt.device, non_blocking=True)
         if aug_params is not None:
             xb = augment_batch(xb, aug_params[idx].to(rt.device), aug.crop_padding)
-        batch = Batch(rt.to_input(xb, mean, std), data.train_y[idx].to(rt.device, non_blocking=True), idx, epoch)
+        pixels = rt.to_pixels(xb)
+        batch = Batch(pixels, rt.normalize(pixels, mean, std), data.train_y[idx].to(rt.device, non_blocking=True), idx, epoch)
         with rt.autocast():
             logits, losses = stage.forward_train(net, batch)
         check_finite(losses.total.detach(), stage.name, epoch, run)

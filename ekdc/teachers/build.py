@@ -1,0 +1,167 @@
+"""From a recipe's teacher entry to a network: frozen (``frozen_teacher``) or to train
+(``trainable_teacher``), whatever its source."""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch.nn as nn
+
+from ..errors import UserError
+from .base import Preprocess, Teacher
+from .onnx_model import OnnxModel, inspect_onnx
+from .torch_models import IMAGENET_MEAN, IMAGENET_STD, build, final_linear, own_preprocessing, parse_arch, reset_head
+from .weights import load_into, read_weights
+
+
+class DataInfo(NamedTuple):
+    """What a teacher must fit: the data's classes (in order), the student's input size and statistics."""
+
+    classes: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+
+
+def class_index(model_classes: list[str], num_outputs: int, data: DataInfo, what: str) -> Optional[list[int]]:
+    """Where each data class sits among a model's named outputs: None when they are the data's classes in
+    the data's order; one line when the names do not cover the data's classes."""
+    if len(model_classes) != num_outputs:
+        raise UserError(f"{what}.classes names {len(model_classes)} classes, but the model has {num_outputs} outputs")
+    missing = [c for c in data.classes if c not in model_classes]
+    if missing:
+        raise UserError(f"{what} was trained for {len(model_classes)} classes, but the data has {len(data.classes)}: "
+                        f"its classes lack the data's class '{missing[0]}'")
+    idx = [list(model_classes).index(c) for c in data.classes]
+    return None if idx == list(range(num_outputs)) else idx
+
+
+@dataclasses.dataclass
+class TorchTeacherModel:
+    model: nn.Module
+    head: nn.Linear
+    pre: Preprocess
+    classes: Optional[list[str]]  # the head's output classes, None: the data's
+    class_index: Optional[list[int]]
+    from_weights: bool  # starts from trained weights (a file or pretrained), not from scratch
+
+
+def _preprocess(tcfg, fields: dict, model: nn.Module, data: DataInfo, from_weights: bool) -> Preprocess:
+    """The recipe's input_size/mean/std, else what the file stores (ekdc checkpoints), else the model's own
+    (pretrained or from a file: timm's pretrained_cfg, torchvision's weights meta), else the data's."""
+    size, mean, std = data.image_size, data.mean, data.std
+    if "input_size" in fields and "mean" in fields:
+        size, mean, std = int(fields["input_size"]), list(fields["mean"]), list(fields["std"])
+    elif from_weights:
+        own = own_preprocessing(tcfg.arch, tcfg.pretrained, model)
+        if own is not None:
+            size, mean, std = own
+    return Preprocess(tcfg.input_size or size, tcfg.mean or mean, tcfg.std or std)
+
+
+def _load_torch(tcfg, i: int, data: DataInfo) -> tuple[nn.Module, dict, bool]:
+    """The network with its weights (a file, the library's pretrained ones, or fresh), its head as the
+    weights have it; and the file's other fields."""
+    what = f"teachers.{i}"
+    source, name = parse_arch(tcfg.arch)
+    if tcfg.weights:
+        sd, fields = read_weights(tcfg.weights, f"{what}.weights")
+        stored = fields.get("arch")
+        if isinstance(stored, str) and "num_classes" in fields and stored not in (tcfg.arch, name):  # an ekdc checkpoint
+            raise UserError(f"{what}.weights {tcfg.weights} holds a '{stored}', not the '{tcfg.arch}' the recipe names")
+        model = build(tcfg.arch, len(data.classes) if source == "registry" else None, False, what)
+        head = final_linear(model, source)
+        key = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+        if head is not None and key in sd and sd[key].shape[0] != head.out_features:
+            model = reset_head(model, int(sd[key].shape[0]), source) if source != "registry" else \
+                build(tcfg.arch, int(sd[key].shape[0]), False, what)
+        load_into(model, sd, tcfg.weights, f"{what}.weights", tcfg.arch)
+        return model, fields, True
+    if tcfg.pretrained:
+        return build(tcfg.arch, None, tcfg.pretrained, what), {}, True
+    return build(tcfg.arch, len(data.classes), False, what), {}, False
+
+
+def torch_teacher_model(tcfg, i: int, data: DataInfo, trainable: bool) -> TorchTeacherModel:
+    what = f"teachers.{i}"
+    source, _ = parse_arch(tcfg.arch)
+    model, fields, from_weights = _load_torch(tcfg, i, data)
+    head = final_linear(model, source)
+    if head is None:
+        raise UserError(f"{what}: {tcfg.arch} has no final Linear layer: ekdc cannot re-head it or read its features")
+    classes = tcfg.classes or fields.get("classes")
+    k, n = head.out_features, len(data.classes)
+    # unnamed outputs are taken in the data's order when there are as many; named ones are mapped by name
+    idx = class_index(list(classes), k, data, what) if classes else None
+    if (not classes and k != n) or (trainable and (idx is not None or k != n)):
+        if not trainable:
+            raise UserError(f"{what}: {tcfg.arch} has {k} outputs and the data {n} classes; name its outputs with "
+                            "classes:, or give it train: to fine-tune a new head")
+        model = reset_head(model, n, source) if source != "registry" else build(tcfg.arch, n, False, what)
+        head, idx, classes = final_linear(model, source), None, None
+    pre = _preprocess(tcfg, fields, model, data, from_weights)
+    return TorchTeacherModel(model, head, pre, list(classes) if classes else None, idx, from_weights)
+
+
+def onnx_teacher(tcfg, i: int, data: DataInfo) -> Teacher:
+    what = f"teachers.{i}.onnx"
+    info = inspect_onnx(tcfg.onnx, what)
+    hw = info.input_dims[2:] if tcfg.layout == "nchw" else info.input_dims[1:3]
+    channels = info.input_dims[1] if tcfg.layout == "nchw" else info.input_dims[3]
+    if channels not in (None, 3):
+        raise UserError(f"{what} {tcfg.onnx}: its input has {channels} channels where layout {tcfg.layout} puts them; "
+                        "set layout: nchw or nhwc to match the model")
+    size = tcfg.input_size or (hw[0] if hw[0] and hw[0] == hw[1] else None)
+    if size is None:
+        raise UserError(f"{what} {tcfg.onnx}: the graph does not fix a square input size; give input_size:")
+    model = OnnxModel(info)
+    k = info.num_outputs
+    if k is None:
+        import torch
+
+        k = int(model(torch.zeros(1, *([3, size, size] if tcfg.layout == "nchw" else [size, size, 3]))).shape[1])
+    if not tcfg.classes and k != len(data.classes):
+        raise UserError(f"teachers.{i}: {tcfg.onnx} has {k} outputs and the data {len(data.classes)} classes; "
+                        "give its classes: in output order")
+    idx = class_index(tcfg.classes, k, data, f"teachers.{i}") if tcfg.classes else None
+    pre = Preprocess(size, tcfg.mean or IMAGENET_MEAN, tcfg.std or IMAGENET_STD, bgr=tcfg.channel_order == "bgr",
+                     nhwc=tcfg.layout == "nhwc")
+    return Teacher(model, pre, name=tcfg.name, arch=f"onnx:{info.path.name}", source="onnx", class_index=idx,
+                   probabilities=tcfg.outputs == "probabilities")
+
+
+def frozen_teacher(tcfg, i: int, data: DataInfo) -> Teacher:
+    """A teacher used as it is, from its source."""
+    if tcfg.onnx:
+        return onnx_teacher(tcfg, i, data)
+    t = torch_teacher_model(tcfg, i, data, trainable=False)
+    return Teacher(t.model, t.pre, name=tcfg.name, arch=tcfg.arch, source=parse_arch(tcfg.arch)[0],
+                   class_index=t.class_index, head=t.head)
+
+
+def trainable_teacher(tcfg, i: int, data: DataInfo) -> TorchTeacherModel:
+    """A teacher to train here: from scratch, or fine-tuned from weights with a new head if its classes
+    are not the data's."""
+    return torch_teacher_model(tcfg, i, data, trainable=True)
+
+
+def teacher_param_groups(t: TorchTeacherModel, tcfg) -> list[dict]:
+    """The head at the teacher's learning rate; a backbone that starts from trained weights at
+    ``backbone_lr_scale`` of it, or frozen (``freeze_backbone``: a linear probe)."""
+    head = {id(p) for p in t.head.parameters()}
+    backbone = [p for p in t.model.parameters() if id(p) not in head]
+    if tcfg.freeze_backbone:
+        for p in backbone:
+            p.requires_grad_(False)
+    scale = tcfg.backbone_lr_scale if t.from_weights else 1.0
+    return [{"params": list(t.head.parameters()), "lr_scale": 1.0},
+            {"params": [p for p in backbone if p.requires_grad], "lr_scale": scale}]
+
+
+def teacher_from_checkpoint(ck: dict, model: nn.Module, tcfg, data: DataInfo, i: int) -> Teacher:
+    """A teacher this run trained or saved (``checkpoint.load_teacher`` gives ``ck`` and ``model``)."""
+    source, _ = parse_arch(ck.get("arch", tcfg.arch))
+    idx = class_index(list(ck["classes"]), len(ck["classes"]), data, f"teachers.{i}") if ck.get("classes") else None
+    pre = Preprocess(int(ck.get("input_size", data.image_size)), list(ck.get("mean", data.mean)), list(ck.get("std", data.std)))
+    return Teacher(model, pre, name=tcfg.name, arch=tcfg.arch, source=source, class_index=idx,
+                   head=final_linear(model, source))
