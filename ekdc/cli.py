@@ -100,12 +100,27 @@ def bench(
 
 
 @app.command("models")
-def list_models_cmd():
-    """List the architectures a recipe can name."""
-    from .models import list_models
+def list_models_cmd(
+    filter_: Optional[str] = typer.Option(None, "--filter", "-f", help="Search ekdc's registry, torchvision and timm "
+                                          "(a shell pattern such as 'resnet*', or a part of a name)."),
+):
+    """List the architectures a recipe can name (teachers.N.arch)."""
+    if filter_ is None:
+        from .models import list_models
 
-    for name in list_models():
-        console.print(name)
+        console.print("ekdc's registry (arch: NAME):")
+        for name in list_models():
+            console.print(f"  {name}")
+        console.print("torchvision classification models: arch: torchvision:NAME (e.g. torchvision:resnet50)\n"
+                      "timm models: arch: timm:NAME (e.g. timm:efficientnet_b0, timm:resnet50.a1_in1k)\n"
+                      "an ONNX classifier from any framework: onnx: PATH\n"
+                      "search all three: ekdc models --filter PATTERN")
+        return
+    from .teachers import search
+
+    for names in search(filter_).values():
+        for name in names:
+            console.print(name)
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ def metrics_table(m: dict, title: str = "validation metrics") -> Table:
               count_text(s["params"]), count_text(s["macs"]))
     t.add_row("  branches", "", branches, "", "")
     for tr in m["teachers"]:
-        t.add_row(f"teacher {tr['name']}", tr["arch"], f"{tr['acc']:.4f}", count_text(tr["params"]), count_text(tr["macs"]))
+        size = f" @{tr['input_size']}px" if tr.get("input_size") else ""
+        t.add_row(f"teacher {tr['name']}", tr["arch"] + size, f"{tr['acc']:.4f}", count_text(tr["params"]), count_text(tr["macs"]))
     tp = sum(tr["params"] for tr in m["teachers"])
     tm = sum(tr["macs"] for tr in m["teachers"])
     t.add_row("teacher ensemble", f"{len(m['teachers'])} teachers", f"{m['teacher_ensemble_acc']:.4f}", count_text(tp), count_text(tm))

@@ -37,7 +37,7 @@ def read_weights(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Te
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError, AttributeError) as err:
         import re
 
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(err))
         if found:  # a readable file that stores code objects: refused, not run
             raise UserError(f"{what} {path} holds a Python object ekdc does not load ({found.group(1)}); only tensors, "
                             "plain data and the training scripts' args are read") from None
