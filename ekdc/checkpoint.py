@@ -8,7 +8,7 @@
 
 Every file is written atomically and read with ``torch.load(weights_only=True)`` (see ``_io``).
 ``source`` says where a teacher came from (registry, torchvision, timm); ``stem`` and ``block`` name the
-student's stem and block kinds (``cifar`` and ``basic`` are the ones this version builds).
+student's stem and block kinds (see ``ekdc.models.student``).
 """
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ import torch.nn as nn
 from . import _io
 from .errors import UserError
 from .models import EKDStudent, create_model
+from .models.student import BLOCKS as STUDENT_BLOCKS
+from .models.student import STEMS as STUDENT_STEMS
 
-STUDENT_STEMS = ("cifar",)
-STUDENT_BLOCKS = ("basic",)
+
 
 
 def _data_fields(classes: list[str], input_size: int, mean: list[float], std: list[float]) -> dict[str, Any]:
@@ -73,8 +74,8 @@ def save_student(path: str | os.PathLike, student: EKDStudent, *, classes: list[
                  seconds: float) -> None:
     """The trained student without its training-only feature adapters."""
     sd = {k: v for k, v in student.state_dict().items() if not k.startswith("adapters.")}
-    _io.save_checkpoint({"state_dict": sd, "arch": "ekd_student", "config": student.config, "stem": "cifar",
-                         "block": "basic", **_data_fields(classes, input_size, mean, std), "recipe": recipe,
+    _io.save_checkpoint({"state_dict": sd, "arch": "ekd_student", "config": student.config,
+                         "stem": student.config["stem"], "block": student.config["block"], **_data_fields(classes, input_size, mean, std), "recipe": recipe,
                          "mode": mode, "teachers": list(teachers), "seconds": float(seconds)}, path)
 
 

@@ -185,6 +185,10 @@ class StudentConfig(_Strict):
     trunk_blocks: int = Field(1, ge=0)
     branch_widths: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
     branch_blocks: int = Field(1, ge=1, description="residual blocks per branch stage")
+    stem: Optional[Literal["cifar", "imagenet"]] = Field(
+        None, description="cifar: 3x3 stride 1; imagenet: two 3x3 stride-2 convolutions; default by image size")
+    block: Literal["basic", "inverted_residual"] = Field("basic", description="basic residual, or MobileNetV2's")
+    expand_ratio: int = Field(6, ge=1, description="inverted_residual: the expansion of its 1x1 convolution")
 
     @field_validator("branch_widths")
     @classmethod
@@ -200,6 +204,8 @@ class LossWeights(_Strict):
     kd: float = Field(1.0, ge=0, description="per-branch KL to its teacher at temperature T, times T^2")
     feat: float = Field(0.0, ge=0, description="per-branch feature matching through a linear adapter")
 
+
+IMAGENET_STEM_FROM_PX = 64  # image sizes above this get the stride-4 stem by default
 
 # the loss terms each mode trains on (feature matching pairs branch i with teacher i: ekd only)
 MODE_TERMS = {"ce": ("ce", "ens"), "avg_kd": ("ce", "ens", "kd"), "ekd": ("ce", "ens", "kd", "feat")}
@@ -231,6 +237,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.student.stem is None:  # a 3x3 stride-1 stem suits small images; photos want stride 4
+            self.student.stem = "cifar" if self.data.image_size <= IMAGENET_STEM_FROM_PX else "imagenet"
         if self.student.num_branches is None:
             self.student.num_branches = len(self.teachers)
         elif self.student.num_branches != len(self.teachers):

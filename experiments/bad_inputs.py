@@ -60,6 +60,10 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
     (d / "empty_root" / "cat").mkdir(parents=True)
     (d / "corrupt.pt").write_bytes(b"\x80\x04 this is no checkpoint")
     (d / "corrupt.onnx").write_bytes(b"garbage, not protobuf")
+    import torch
+    import torchvision
+
+    torch.save({"model": torchvision.models.resnet18(weights=None).state_dict()}, d / "tv.pth")
     run = d / "run"
     subprocess.run([sys.executable, "-m", "ekdc", "distill", str(ok), "--out", str(run), "-q"], check=True,
                    capture_output=True)
@@ -86,6 +90,16 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("teacher checkpoint corrupt", ["distill", str(ok), "--out", str(d / "o3"), "--set", f"teachers.0.checkpoint={d}/corrupt.pt"]),
         ("teacher checkpoint of another architecture", ["distill", str(ok), "--out", str(d / "o4"), "--set", "teachers.0.arch=resnet20",
                                                         "--set", f"teachers.0.checkpoint={run}/teachers/resnet8.pt"]),
+        ("teacher: unknown torchvision model", ["distill", str(ok), "--set", "teachers.0.arch=torchvision:resnet19"]),
+        ("teacher: unknown timm model", ["distill", str(ok), "--set", "teachers.0.arch=timm:convnext_nanoo"]),
+        ("teacher: weights of another architecture", ["distill", str(ok), "--out", str(d / "o5"), "--set",
+                                                      "teachers.0.arch=resnet20", "--set", f"teachers.0.weights={d}/tv.pth"]),
+        ("teacher: pretrained weights offline", ["distill", str(ok), "--out", str(d / "o6"), "--set",
+                                                 "teachers.0.arch=timm:test_resnet", "--set", "teachers.0.pretrained=true"]),
+        ("teacher: onnx: and arch: together", ["distill", str(ok), "--set", f"teachers.0.onnx={d}/corrupt.onnx"]),
+        ("teacher: onnx file that is not ONNX", ["distill", str(ok), "--out", str(d / "o7"), "--set",
+                                                 "teachers.0.arch=null", "--set", f"teachers.0.onnx={d}/corrupt.onnx",
+                                                 "--set", "teachers.0.train=null"]),
         ("--set with an unknown path", ["distill", str(ok), "--set", "student.depth=3"]),
         ("--set without =", ["distill", str(ok), "--set", "mode"]),
         ("output folder not writable (distill)", ["distill", str(ok), "--out", "/proc/ekdc"]),
@@ -134,7 +148,8 @@ def main() -> int:
         shutil.copytree(d / "run", d / "busy")
         holder = _hold_lock(d / "busy")
         for what, argv in cases:
-            res = subprocess.run([sys.executable, "-m", "ekdc", *argv], capture_output=True, text=True, env=env, cwd=d,
+            res = subprocess.run([sys.executable, "-m", "ekdc", *argv], capture_output=True, text=True, cwd=d,
+                                 env={**env, "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(d / "torch-home")},
                                  preexec_fn=_full_disk if what.startswith("disk full") else None)
             lines = res.stderr.strip().splitlines()
             good = res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr

@@ -149,7 +149,8 @@ def write_doc(args, sources: dict, run: Path, secs: float, out: Path) -> None:
     man = json.loads((out / "export" / "manifest.json").read_text())
     bench = json.loads((out / "bench.json").read_text())
     lines = ["# Bring your own teachers: a CPU run", "",
-             f"Written by `python experiments/byo_teachers.py {' '.join(args.argv)}`".rstrip() + " on this machine (2 CPU cores, no GPU).",
+             "Written by `" + shlex.join(["python", "experiments/byo_teachers.py", *args.argv]) + "` on this machine (2 CPU cores, "
+             "no GPU).",
              "", f"Data: {args.per_class * 10:,} training images of the shared CIFAR-10 JPEGs ({args.per_class} a class, "
              f"seeded), validated on {args.val_per_class * 10:,} held-out images, 32 px.", "",
              "## The teachers, as trained briefly by ekdc's teacher stage and handed over as files", "",
@@ -166,7 +167,8 @@ def write_doc(args, sources: dict, run: Path, secs: float, out: Path) -> None:
               f"`{m['mode']}`, {args.epochs} epochs: ensemble **{100 * m['student']['ensemble_acc']:.2f}%** "
               f"(branches {' / '.join(f'{100 * b:.2f}' for b in m['student']['branch_acc'])}); teacher ensemble "
               f"{100 * m['teacher_ensemble_acc']:.2f}%. Student {m['student']['params'] / 1e6:.2f}M params, "
-              f"{m['student']['macs'] / 1e6:.1f}M MACs. Distill wall time {secs:.0f} s.", "",
+              f"{m['student']['macs'] / 1e6:.1f}M MACs. Student training {m['seconds']:.0f} s (the teachers were used as "
+              f"they are); the teachers' own training took {sources['seconds']:.0f} s.", "",
               "## Export parity (`ekdc export`, all validation images)", ""]
     for f in man["files"]:
         lines.append(f"- `{f['file']}`: {f['parity_summary']}, val acc {100 * f['accuracy']:.2f}%")

@@ -175,3 +175,22 @@ def test_export_refuses_a_fold_that_does_not_match(tiny_run, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="does not match the trained student"):
         export_mod.export(tiny_run, tmp_path / "out", fold_mode="grouped", parity_images=16)
     assert not (tmp_path / "out" / "student.onnx").exists()
+
+
+def test_imagenet_stem_and_inverted_residual_export_exactly(tmp_path):
+    """The photo-sized student (stride-4 stem, MobileNetV2 blocks, a depthwise first branch convolution)
+    trains, folds and exports with parity."""
+    from ekdc import distill, export, load_recipe
+    from tests.conftest import write_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", data={"image_size": 32}, teachers=[
+        {"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32}}, {"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32}}],
+        student={"trunk_width": 8, "branch_widths": [8, 16], "stem": "imagenet", "block": "inverted_residual",
+                 "expand_ratio": 1}))
+    run = distill(recipe, tmp_path / "run", progress=False)
+    ck = torch.load(run.path / "student.pt", weights_only=True)
+    assert (ck["stem"], ck["block"], ck["config"]["expand_ratio"]) == ("imagenet", "inverted_residual", 1)
+    for layout in ("grouped", "separate"):
+        manifest = export(run.path, tmp_path / layout, fold_mode=layout, parity_images=16)
+        entry = manifest["files"][0]
+        assert entry["parity"]["max_rel_diff"] < 1e-4 and entry["parity"]["argmax_agreement"] == 1.0

@@ -135,3 +135,12 @@ def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch):
     saved.write_text(dump_recipe(r))
     monkeypatch.chdir(tmp_path)
     assert load_recipe(saved) == r
+
+
+def test_student_stem_defaults_by_image_size(tmp_path):
+    small = load_recipe(write_recipe(tmp_path / "a.yaml", data={"image_size": 32}))
+    large = load_recipe(write_recipe(tmp_path / "b.yaml", data={"image_size": 128}))
+    assert (small.student.stem, large.student.stem) == ("cifar", "imagenet")
+    assert load_recipe(tmp_path / "b.yaml", ["student.stem=cifar"]).student.stem == "cifar"  # given, kept
+    msg = _error(tmp_path, _yaml(student={"block": "mobile"}))
+    assert "student.block" in msg and "inverted_residual" in msg

@@ -205,22 +205,38 @@ def _inspect_plan(path: Path) -> ModelInfo:
 # parameters and MACs
 
 
+def _subgraphs(graph):
+    """The bodies of Loop, Scan and If nodes, recursively (a batch-1 model wrapped in a Loop lives there)."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield g
+                yield from _subgraphs(g)
+
+
 def count_params_macs(proto) -> tuple[int, int, bool]:
-    """(parameters, MACs for one image, whether every MAC term was resolved) of an ONNX graph."""
+    """(parameters, MACs for one image, whether every MAC term was resolved) of an ONNX graph.
+
+    Compute nodes inside subgraphs (a Loop over the batch) count too: their weights fully, their MACs
+    once per iteration with an unknown leading dimension read as 1; the result is then marked inexact."""
     graph_proto = _with_batch_one(proto)
     graph = graph_proto.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    stored = {t.name: _numel(t.dims) for t in graph.initializer}
-    for node in graph.node:  # Constant nodes store tensors too (some exporters prefer them)
+    bodies = list(_subgraphs(graph))
+    nodes = list(graph.node) + [n for g in bodies for n in g.node]
+    producers = {out: node for node in nodes for out in node.output}
+    stored = {t.name: _numel(t.dims) for g in (graph, *bodies) for t in g.initializer}
+    for node in nodes:  # Constant nodes store tensors too (some exporters prefer them)
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
                     stored[node.output[0]] = _numel(attr.t.dims)
     shapes = _shapes(graph)
+    for g in bodies:
+        shapes.update({k: [1 if (i == 0 and d is None) else d for i, d in enumerate(v)] for k, v in _shapes(g).items()})
 
     counted: set[str] = set()
-    macs, exact = 0, True
-    for node in graph.node:
+    macs, exact = 0, not any(n.op_type in _COMPUTE for g in bodies for n in g.node)
+    for node in nodes:
         if node.op_type not in _COMPUTE:
             continue
         for name in _weight_inputs(node, producers, stored):
@@ -231,8 +247,8 @@ def count_params_macs(proto) -> tuple[int, int, bool]:
         else:
             macs += m
     # a MatMul's bias arrives by a following Add; count it with the layer it belongs to
-    matmul_outs = {n.output[0] for n in graph.node if n.op_type == "MatMul"}
-    for node in graph.node:
+    matmul_outs = {n.output[0] for n in nodes if n.op_type == "MatMul"}
+    for node in nodes:
         if node.op_type == "Add" and any(i in matmul_outs for i in node.input):
             for i in node.input:
                 src = _stored_source(i, producers, stored)

@@ -99,14 +99,19 @@ def _postprocess_nodes(p: str, teacher, src: str, out: str) -> list:
     return nodes
 
 
-def _loop_over_batch(p: str, body_nodes: list, src: str, model_in: str, model_out: str, out: str) -> list:
-    """Run ``body_nodes`` (a batch-1 model reading ``model_in``) once per sample of ``src``."""
+def _loop_over_batch(p: str, body_nodes: list, src: str, model_in: str, in_dims: list, model_out: str, out: str) -> list:
+    """Run ``body_nodes`` (a batch-1 model reading ``model_in`` of shape ``in_dims``) once per sample of ``src``."""
     from onnx import TensorProto, helper
 
+    # the Reshape to the model's own input shape keeps every shape in the body known (shape inference,
+    # and so bench's MAC count, can follow it)
+    shape = [1] + [int(d) if d else -1 for d in in_dims[1:]]
     body = helper.make_graph(
         [helper.make_node("Unsqueeze", [p + "i", p + "ax0"], [p + "start"]),
          helper.make_node("Add", [p + "start", p + "one"], [p + "end"]),
-         helper.make_node("Slice", [src, p + "start", p + "end", p + "ax0"], [model_in]), *body_nodes,
+         helper.make_node("Slice", [src, p + "start", p + "end", p + "ax0"], [p + "sample"]),
+         _const(p + "in_shape", np.array(shape, np.int64)),
+         helper.make_node("Reshape", [p + "sample", p + "in_shape"], [model_in]), *body_nodes,
          helper.make_node("Identity", [p + "cond"], [p + "cond_out"]),
          helper.make_node("Identity", [model_out], [p + "sample_out"])],
         p + "body",
@@ -136,7 +141,8 @@ def _onnx_part(i: int, teacher, student_size: int, target: int, ir: int, out: st
     model_in, model_out = p + info.input_name, p + info.output_name
     pre = _preprocess_nodes(p + "pre_", teacher, student_size, p + "input_all" if info.fixed_batch == 1 else model_in)
     if info.fixed_batch == 1:
-        core = pre + _loop_over_batch(p + "loop_", list(proto.graph.node), p + "input_all", model_in, model_out, p + "raw")
+        core = pre + _loop_over_batch(p + "loop_", list(proto.graph.node), p + "input_all", model_in, info.input_dims,
+                                      model_out, p + "raw")
     elif info.fixed_batch:
         raise UserError(f"{what}: its graph fixes the batch at {info.fixed_batch}; teachers.onnx needs a dynamic batch or 1")
     else:

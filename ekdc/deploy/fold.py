@@ -1,8 +1,12 @@
 """Fold a trained EKD student into one deploy-time module that computes the same function.
 
 - BatchNorm is folded into the preceding convolution (eval statistics).
-- The branches' first convolutions all read the trunk's output: they become one convolution with
-  N times the output channels (and so do first-block projection shortcuts).
+- The branches' first convolutions all read the trunk's output: dense ones become one convolution with
+  N times the output channels (and so do first-block projection shortcuts); a grouped or depthwise one
+  (an inverted-residual block with expansion 1) runs as one grouped convolution over N copies of the
+  input, since stacking its filters would make each group read the wrong channels.
+- Any block that describes itself with a ``FoldSpec`` (the basic residual block, the inverted
+  residual) folds; the stem's convolutions fold in place.
 - Later convolutions are either merged into grouped convolutions (``groups x N``, layout
   ``grouped``) or kept as N separate convolutions (layout ``separate``). Which is faster depends on
   backend, batch and precision, so ``ekdc export --fold auto`` measures it.
@@ -23,7 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import EKDStudent
-from ..models.layers import BasicBlock
 
 Layout = Literal["grouped", "separate", "none"]
 LAYOUTS = ("grouped", "separate", "none")
@@ -34,8 +37,9 @@ def fuse_conv_bn(conv_bn: nn.Sequential) -> nn.Conv2d:
     """``Conv2d`` (no bias) + ``BatchNorm2d`` in eval mode -> one ``Conv2d`` with a bias."""
     conv, bn = conv_bn[0], conv_bn[1]
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    # every attribute of the convolution carries over: only its weight and bias change
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      groups=conv.groups, bias=True)
+                      dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode)
     fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
@@ -45,59 +49,101 @@ def fuse_conv_bn(conv_bn: nn.Sequential) -> nn.Conv2d:
 @torch.no_grad()
 def merge_convs(convs: list[nn.Conv2d], shared_input: bool) -> nn.Conv2d:
     """N convolutions of the same shape as one. ``shared_input``: they all read the same tensor, so
-    their filters are stacked (N x out channels). Otherwise branch i reads channel slice i of a
-    stacked tensor: a grouped convolution with N times the groups."""
+    their filters are stacked (N x out channels); that is only right for dense convolutions. Otherwise
+    branch i reads channel slice i of a stacked tensor: a grouped convolution with N times the groups."""
     c = convs[0]
+    if shared_input and c.groups != 1 and len(convs) > 1:
+        raise ValueError("a grouped convolution reading a shared input cannot stack its filters: repeat the input")
     if len(convs) == 1:
         return c
     n = len(convs)
     groups = c.groups if shared_input else c.groups * n
     in_ch = c.in_channels if shared_input else c.in_channels * n
-    merged = nn.Conv2d(in_ch, c.out_channels * n, c.kernel_size, c.stride, c.padding, groups=groups, bias=True)
+    merged = nn.Conv2d(in_ch, c.out_channels * n, c.kernel_size, c.stride, c.padding, dilation=c.dilation, groups=groups,
+                       bias=True, padding_mode=c.padding_mode)
     merged.weight.copy_(torch.cat([k.weight for k in convs], 0))
     merged.bias.copy_(torch.cat([k.bias for k in convs], 0))
     return merged
 
 
-class _MultiBlock(nn.Module):
-    """Residual block j of all N branches at once (BN folded).
+_ACTS = {None: lambda x: x, "relu": F.relu, "relu6": F.relu6}
 
-    ``shared``: every branch reads the same input (the trunk's output). Layout ``grouped`` carries the
-    N branches as one channel-stacked tensor; ``separate`` carries a list of N tensors.
+
+def _stack_shared(convs: list[nn.Conv2d]) -> tuple[nn.Conv2d, bool]:
+    """N convolutions reading the same tensor as one; returns (conv, whether its input must be repeated N
+    times first). Dense filters stack (N x out channels). A grouped or depthwise convolution cannot stack
+    (each group would read the wrong input channels): it runs as a grouped convolution over N copies."""
+    if convs[0].groups == 1:
+        return merge_convs(convs, shared_input=True), False
+    return merge_convs(convs, shared_input=False), True
+
+
+class _MultiBlock(nn.Module):
+    """Block j of all N branches at once, BatchNorm folded, for any block with a ``fold_spec``.
+
+    ``shared``: every branch reads the same input (the trunk's output). Layout ``grouped`` carries the N
+    branches as one channel-stacked tensor; ``separate`` carries a list of N tensors.
     """
 
-    def __init__(self, blocks: list[BasicBlock], layout: Layout, shared: bool):
+    def __init__(self, blocks: list[nn.Module], layout: Layout, shared: bool):
         super().__init__()
+        specs = [b.fold_spec() for b in blocks]
         self.n, self.layout, self.shared = len(blocks), layout, shared
-        conv1 = [fuse_conv_bn(b.conv1) for b in blocks]
-        conv2 = [fuse_conv_bn(b.conv2) for b in blocks]
-        short = [fuse_conv_bn(b.shortcut) for b in blocks] if blocks[0].shortcut is not None else None
-        self.out_channels = conv2[0].out_channels
+        self.acts = specs[0].acts
+        self.post_act = specs[0].post_act
+        self.residual = specs[0].shortcut if isinstance(specs[0].shortcut, str) or specs[0].shortcut is None else "conv"
+        per_conv = [[fuse_conv_bn(s.convs[j]) for s in specs] for j in range(len(self.acts))]
+        short = [fuse_conv_bn(s.shortcut) for s in specs] if self.residual == "conv" else None
+        self.repeat_input = False
         if layout == "grouped" or shared:
-            # a shared input makes the first convolutions one convolution in both layouts
-            self.conv1 = merge_convs(conv1, shared)
-            self.shortcut = merge_convs(short, shared) if short else None
+            # a shared input makes the first convolutions (and a projection shortcut) one in both layouts
+            first, self.repeat_input = _stack_shared(per_conv[0]) if shared else (merge_convs(per_conv[0], False), False)
+            self.first = first
+            self.shortcut = None
+            if short is not None:
+                self.shortcut, self.repeat_short = _stack_shared(short) if shared else (merge_convs(short, False), False)
         else:
-            self.conv1 = nn.ModuleList(conv1)
+            self.first = nn.ModuleList(per_conv[0])
             self.shortcut = nn.ModuleList(short) if short else None
-        self.conv2 = merge_convs(conv2, False) if layout == "grouped" else nn.ModuleList(conv2)
+        rest = per_conv[1:]
+        if layout == "grouped":
+            self.rest = nn.ModuleList(merge_convs(c, False) for c in rest)
+        else:
+            self.rest = nn.ModuleList(nn.ModuleList(c) for c in rest)
+        self.out_channels = per_conv[-1][0].out_channels
+
+    def _first_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(x.repeat(1, self.n, 1, 1) if self.repeat_input else x)
 
     def forward(self, x):
         if self.layout == "grouped":
-            out = self.conv2(F.relu(self.conv1(x)))
-            if self.shortcut is not None:
-                s = self.shortcut(x)
-            else:
-                s = x.repeat(1, self.n, 1, 1) if (self.shared and self.n > 1) else x
-            return F.relu(out + s)
+            h = _ACTS[self.acts[0]](self._first_grouped(x))
+            for conv, act in zip(self.rest, self.acts[1:]):
+                h = _ACTS[act](conv(h))
+            return _ACTS[self.post_act](h + self._shortcut_grouped(x)) if self.residual else h
         # separate: a list of N tensors out
         if self.shared:
-            mids = torch.split(F.relu(self.conv1(x)), self.out_channels, dim=1)
-            shorts = torch.split(self.shortcut(x), self.out_channels, dim=1) if self.shortcut is not None else [x] * self.n
+            hs = list(torch.split(_ACTS[self.acts[0]](self._first_grouped(x)), self.first.out_channels // self.n, dim=1))
         else:
-            mids = [F.relu(c(xi)) for c, xi in zip(self.conv1, x)]
-            shorts = [c(xi) for c, xi in zip(self.shortcut, x)] if self.shortcut is not None else list(x)
-        return [F.relu(c(m) + s) for c, m, s in zip(self.conv2, mids, shorts)]
+            hs = [_ACTS[self.acts[0]](c(xi)) for c, xi in zip(self.first, x)]
+        for convs, act in zip(self.rest, self.acts[1:]):
+            hs = [_ACTS[act](c(h)) for c, h in zip(convs, hs)]
+        if not self.residual:
+            return hs
+        return [_ACTS[self.post_act](h + s) for h, s in zip(hs, self._shortcut_separate(x))]
+
+    def _shortcut_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual == "conv":
+            return self.shortcut(x.repeat(1, self.n, 1, 1) if self.shared and self.repeat_short else x)
+        return x.repeat(1, self.n, 1, 1) if (self.shared and self.n > 1) else x
+
+    def _shortcut_separate(self, x) -> list[torch.Tensor]:
+        if self.residual == "conv":
+            if self.shared:
+                s = self.shortcut(x.repeat(1, self.n, 1, 1) if self.repeat_short else x)
+                return list(torch.split(s, self.out_channels, dim=1))
+            return [c(xi) for c, xi in zip(self.shortcut, x)]
+        return [x] * self.n if self.shared else list(x)
 
 
 class FoldedStudent(nn.Module):
@@ -109,7 +155,7 @@ class FoldedStudent(nn.Module):
             raise ValueError(f"layout must be grouped or separate, got {layout!r}")
         self.layout = layout
         self.num_branches = student.num_branches
-        self.stem = fuse_conv_bn(student.stem)
+        self.stem = nn.Sequential(*[m for c in student.stem_convs() for m in (fuse_conv_bn(c), nn.ReLU())])
         self.trunk = nn.Sequential(*[_MultiBlock([b], "grouped", shared=False) for b in student.trunk])
         depth = len(student.branches[0])
         self.branches = nn.ModuleList(
@@ -123,7 +169,7 @@ class FoldedStudent(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.trunk(F.relu(self.stem(x)))
+        h = self.trunk(self.stem(x))
         for blk in self.branches:
             h = blk(h)
         if self.layout == "grouped":

@@ -10,7 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._registry import register_model
-from .layers import BasicBlock, conv_bn, init_weights
+from .layers import BasicBlock, InvertedResidual, conv_bn, init_weights
+
+STEMS = ("cifar", "imagenet")
+BLOCKS = ("basic", "inverted_residual")
 
 
 class BranchOutputs(NamedTuple):
@@ -28,34 +31,53 @@ class EKDStudent(nn.Module):
         trunk_blocks: int = 1,
         branch_widths: tuple[int, ...] | list[int] = (32, 64),
         branch_blocks: int = 1,
+        stem: str = "cifar",
+        block: str = "basic",
+        expand_ratio: int = 6,
     ):
         super().__init__()
+        if stem not in STEMS or block not in BLOCKS:
+            raise ValueError(f"stem must be one of {STEMS} and block one of {BLOCKS}")
         self.config = dict(
             num_branches=num_branches,
             trunk_width=trunk_width,
             trunk_blocks=trunk_blocks,
             branch_widths=list(branch_widths),
             branch_blocks=branch_blocks,
+            stem=stem,
+            block=block,
+            expand_ratio=expand_ratio,
         )
         self.num_branches = num_branches
         self.num_classes = num_classes
-        self.stem = conv_bn(3, trunk_width, 3, 1)
-        self.trunk = nn.Sequential(*[BasicBlock(trunk_width, trunk_width) for _ in range(trunk_blocks)])
+        # cifar: 3x3 stride 1 (32 px images); imagenet: two 3x3 stride-2 convolutions, a quarter of the
+        # resolution before the trunk (photos at 128-224 px)
+        self.stem = conv_bn(3, trunk_width, 3, 1) if stem == "cifar" else \
+            nn.Sequential(conv_bn(3, trunk_width, 3, 2), nn.ReLU(), conv_bn(trunk_width, trunk_width, 3, 2))
+        self.trunk = nn.Sequential(*[self._make_block(trunk_width, trunk_width, 1) for _ in range(trunk_blocks)])
         self.branches = nn.ModuleList(self._branch(trunk_width, branch_widths, branch_blocks) for _ in range(num_branches))
         self.num_features = branch_widths[-1]
         self.heads = nn.ModuleList(nn.Linear(self.num_features, num_classes) for _ in range(num_branches))
         self.adapters: Optional[nn.ModuleList] = None
         init_weights(self)
 
-    @staticmethod
-    def _branch(c_in: int, widths, blocks: int) -> nn.Sequential:
+    def _branch(self, c_in: int, widths, blocks: int) -> nn.Sequential:
         layers = []
         for i, w in enumerate(widths):
             for j in range(blocks):
                 # the first stage keeps the resolution; each later stage halves it
-                layers.append(BasicBlock(c_in, w, 2 if (i > 0 and j == 0) else 1))
+                layers.append(self._make_block(c_in, w, 2 if (i > 0 and j == 0) else 1))
                 c_in = w
         return nn.Sequential(*layers)
+
+    def _make_block(self, c_in: int, c_out: int, stride: int) -> nn.Module:
+        if self.config["block"] == "basic":
+            return BasicBlock(c_in, c_out, stride)
+        return InvertedResidual(c_in, c_out, stride, self.config["expand_ratio"])
+
+    def stem_convs(self) -> list[nn.Sequential]:
+        """The stem's conv+BN pairs, each followed by a ReLU."""
+        return [self.stem] if self.config["stem"] == "cifar" else [self.stem[0], self.stem[2]]
 
     def set_adapters(self, teacher_dims: list[int]) -> None:
         """Training-only linear adapters A_i mapping branch i's features to teacher i's feature size."""

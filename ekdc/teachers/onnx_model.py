@@ -40,6 +40,8 @@ def inspect_onnx(path: str | os.PathLike, what: str) -> OnnxInfo:
     from onnx import TensorProto
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not an ONNX file")
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:

@@ -29,6 +29,8 @@ STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 def read_weights(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(the state dict, the file's other fields) of a weight file; one line naming the file on failure."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a weight file")
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
