@@ -130,3 +130,10 @@ def main() -> None:
     except UserError as err:
         print(f"ekdc: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except SystemExit as exit_:
+        # Click turns Ctrl-C into exit code 130 and a bare newline; say what it means for the user's files
+        # (every file is written atomically and each epoch is checkpointed: nothing is half-written)
+        if exit_.code == 130:
+            print("ekdc: interrupted; files already written are whole (a distill run continues with --resume)",
+                  file=sys.stderr)
+        raise

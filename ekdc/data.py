@@ -115,16 +115,24 @@ def _torchvision_cifar(cfg: DataConfig, cls_name: str):
 
 
 def _scan_folder(root: Path, what: str) -> tuple[list[str], list[str], np.ndarray]:
+    """Class folders and their images, in sorted order of relative path: the same list (and so the same
+    seeded split) on any copy of the folder, whatever order the filesystem lists it in."""
     if not root.is_dir():
         raise UserError(f"{what}: folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files, labels = [], []
     for ci, c in enumerate(classes):
-        for dirpath, _, names in os.walk(root / c, followlinks=True):
-            for n in sorted(names):
-                if n.lower().endswith(IMG_EXTENSIONS):
-                    files.append(os.path.join(dirpath, n))
-                    labels.append(ci)
+        found, seen = [], set()
+        for dirpath, dirnames, names in os.walk(root / c, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:  # a symbolic link back up the tree: walk it once
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            found += [os.path.join(dirpath, n) for n in names if n.lower().endswith(IMG_EXTENSIONS)]
+        found.sort(key=lambda f: os.path.relpath(f, root).split(os.sep))
+        files += found
+        labels += [ci] * len(found)
     if not files:
         raise UserError(f"{what}: no images in class folders under {root} (expected {root}/<class>/<image>)")
     return classes, files, np.asarray(labels, dtype=np.int64)

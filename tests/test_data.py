@@ -75,3 +75,32 @@ def test_epoch_order_shards_cover_everything():
     shards = [epoch_order(10, seed=0, epoch=1, rank=r, world=3) for r in range(3)]
     assert len({len(s) for s in shards}) == 1
     assert set(torch.cat(shards).tolist()) == set(range(10))
+
+
+def test_folder_split_does_not_depend_on_listing_order(tmp_path, monkeypatch):
+    """Nested folders inside a class: the split must be the same whatever order os.walk lists them in
+    (on a copy of the data the filesystem's order differs)."""
+    import os
+
+    from PIL import Image
+
+    for c in ("a", "b"):
+        for sub in ("x", "y", "z"):
+            (tmp_path / c / sub).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (i * 40, len(sub) * 30, 100 if c == "a" else 200)).save(tmp_path / c / sub / f"{i}.png")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_per_class=3)
+    from ekdc.data import index_splits
+
+    first = index_splits(cfg)
+    real_walk = os.walk
+
+    def reversed_walk(top, *a, **k):  # the same tree, subfolders listed in the opposite order
+        for dirpath, dirnames, names in real_walk(top, *a, **k):
+            dirnames.reverse()
+            yield dirpath, dirnames, list(reversed(names))
+
+    monkeypatch.setattr(os, "walk", reversed_walk)
+    second = index_splits(cfg)
+    pick = lambda ix: sorted(ix.val_images.files[i] for i in ix.val_idx)  # noqa: E731
+    assert pick(first) == pick(second) and list(first.train_idx) == list(second.train_idx)

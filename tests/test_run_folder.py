@@ -134,3 +134,24 @@ def test_full_disk_under_torchrun_stops_every_rank(tmp_path):
     assert res.returncode != 0 and time.time() - t0 < 300
     assert "cannot write" in res.stderr and "teacher-wrn_16_2.pt" in res.stderr
     assert "rank 0 failed to write" in res.stderr  # the other rank stopped too, rather than waiting
+
+
+def test_ctrl_c_ends_in_one_line_and_resume_continues(tmp_path):
+    from tests.test_hardening import RESUME_RECIPE, _student_epochs
+
+    recipe = write_recipe(tmp_path / "r.yaml", **RESUME_RECIPE)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ekdc", "distill", str(recipe), "--out", str(run), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 300
+    while _student_epochs(run) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], err
+    assert not (run / ".lock").exists() and not list(run.rglob("*.tmp"))
+    res = run_cli("distill", recipe, "--out", run, "--resume", "-q")
+    assert res.returncode == 0, res.stderr
+    assert (run / "metrics.json").is_file()
