@@ -49,6 +49,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def replace_into(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move a finished file onto ``dst`` in one step (same filesystem), as a WriteError naming ``dst``."""
+    try:
+        os.replace(src, dst)
+    except OSError as err:
+        raise WriteError(f"cannot write {dst}: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def writes_into(folder: str | os.PathLike) -> Iterator[None]:
+    """A write that fails inside names the folder the user asked for, not a temporary file in it."""
+    try:
+        yield
+    except WriteError as err:
+        raise WriteError(f"cannot write into {folder}: {str(err).rsplit(': ', 1)[-1]}") from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -118,9 +118,11 @@ def list_models_cmd(
         return
     from .teachers import search
 
-    for names in search(filter_).values():
-        for name in names:
-            console.print(name)
+    found = [name for names in search(filter_).values() for name in names]
+    for name in found:
+        console.print(name)
+    if not found:
+        console.print(f"no architecture matches '{filter_}' in ekdc's registry, torchvision or timm")
 
 
 def main() -> None:

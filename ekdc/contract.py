@@ -66,12 +66,16 @@ def ort_providers(provider: str = "cpu", trt_options: Optional[dict[str, Any]] =
 
 
 def ort_session(path: str | os.PathLike, *, threads: Optional[int] = None, provider: str = "cpu",
-                trt_options: Optional[dict[str, Any]] = None):
+                trt_options: Optional[dict[str, Any]] = None, spin: bool = True):
     """An ONNX Runtime session as export and bench both use it: every graph optimisation, sequential
-    execution, one inter-op thread, ``threads`` intra-op threads (default: the usable cores)."""
+    execution, one inter-op thread, ``threads`` intra-op threads (default: the usable cores).
+    ``spin=False`` for a session that shares the CPUs with other work (an ONNX teacher beside PyTorch
+    training): ONNX Runtime's idle threads otherwise spin and starve it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = int(threads or usable_cores())

@@ -16,8 +16,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError
 
 
+# a file or folder name: no path separators, and not "." or ".." (which would point outside runs/)
+SAFE_NAME = r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+MAX_SEED = 2**32 - 1
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _rgb_triple(v, positive: bool = False):
+    import math
+
+    if v is not None and len(v) != 3:
+        raise ValueError("must list 3 values (R, G, B)")
+    if v is not None and not all(math.isfinite(x) for x in v):
+        raise ValueError("must be finite numbers")
+    if positive and v is not None and any(x <= 0 for x in v):
+        raise ValueError("must be > 0")
+    return v
 
 
 class Augment(_Strict):
@@ -38,27 +55,19 @@ class DataConfig(_Strict):
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     augment: Union[Augment, bool] = True
-    split_seed: int = Field(0, description="seed of the train/validation split (kept apart from the run seed)")
+    split_seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the train/validation split (kept apart from the run seed)")
     # synthetic data (tests only)
     num_classes: int = Field(10, ge=2, description="synthetic only")
     num_samples: int = Field(256, ge=4, description="synthetic only")
 
-    @field_validator("mean", "std")
-    @classmethod
-    def _three_channels(cls, v):
-        if v is not None and len(v) != 3:
-            raise ValueError("must list 3 values (R, G, B)")
-        return v
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, v):
-        if v is not None and any(s <= 0 for s in v):
-            raise ValueError("must be > 0")
-        return v
+    _mean = field_validator("mean")(classmethod(lambda cls, v: _rgb_triple(v)))
+    _std = field_validator("std")(classmethod(lambda cls, v: _rgb_triple(v, positive=True)))
 
     @model_validator(mode="after")
     def _limited_one_way(self):
+        aug = self.augment_config
+        if aug is not None and aug.crop_padding > self.image_size:
+            raise ValueError(f"augment.crop_padding {aug.crop_padding} is larger than the image ({self.image_size} px)")
         if self.train_fraction is not None and self.per_class is not None:
             raise ValueError("set either train_fraction or per_class, not both")
         if self.dataset == "imagefolder" and not self.root:
@@ -89,14 +98,6 @@ class Schedule(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
-def _rgb_triple(v, positive: bool = False):
-    if v is not None and len(v) != 3:
-        raise ValueError("must list 3 values (R, G, B)")
-    if positive and v is not None and any(x <= 0 for x in v):
-        raise ValueError("must be > 0")
-    return v
-
-
 _ONNX_ONLY = ("channel_order", "layout", "outputs")
 _PRETRAINED_SOURCES = ("torchvision:", "timm:")
 
@@ -105,7 +106,7 @@ class TeacherConfig(_Strict):
     """One teacher, from exactly one source: ``arch`` (ekdc's registry, ``torchvision:NAME``, ``timm:NAME``)
     or ``onnx`` (a frozen model from any framework)."""
 
-    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+    name: Optional[str] = Field(None, pattern=SAFE_NAME,
                                 description="defaults to the architecture (or the ONNX file's stem), numbered if repeated")
     arch: Optional[str] = Field(None, description="NAME (registry), torchvision:NAME or timm:NAME")
     onnx: Optional[str] = Field(None, description="an ONNX classifier from any framework, used as it is")
@@ -167,6 +168,13 @@ class TeacherConfig(_Strict):
         if "train" not in given:
             from_scratch = self.arch is not None and ":" not in self.arch and not self.weights
             self.train = Schedule() if from_scratch else None
+        if self.arch is not None and not self.weights and not self.pretrained:
+            if ":" in self.arch and self.train is None:
+                raise ValueError(f"{self.arch} has no weights: give pretrained:, weights:, or train: to train it here "
+                                 "(used as it is, it would be a random network)")
+            if self.freeze_backbone:
+                raise ValueError("freeze_backbone: needs a teacher that starts from weights (weights: or pretrained:); "
+                                 "a backbone trained from scratch cannot stay frozen")
         return self
 
     @property
@@ -217,8 +225,8 @@ class DistillConfig(Schedule):
 
 
 class Recipe(_Strict):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    name: str = Field("run", pattern=SAFE_NAME, description="the run folder's name: letters, digits, _ . -")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
@@ -319,6 +327,8 @@ def _first_error(err: ValidationError, where: str) -> str:
         return f"{where}: unknown key '{path}'{hint}"
     if e["type"] == "missing":
         return f"{where}: {path}: required key is missing"
+    if e["type"] == "string_pattern_mismatch":
+        return f"{where}: {path}: must be a file name of letters, digits, '_', '.' and '-' (not '.' or '..')"
     msg = e["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
@@ -395,6 +405,8 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"{path}: not valid YAML{at}: {problem}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of keys to values, got {type(raw).__name__}")
     return raw
@@ -411,7 +423,9 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         for cand in (Path(p), base / p):
             if cand.exists():
                 return str(cand.resolve())
-        return p  # not there (yet): a torchvision root with download, or an error reported where it is read
+        # not there (yet: a torchvision root with download; or gone): absolute all the same, so that the
+        # run's recipe.yaml says where it was looked for, and is read alike from any folder
+        return str(Path(p).resolve())
 
     recipe.data.root = fix(recipe.data.root)
     recipe.data.val_root = fix(recipe.data.val_root)

@@ -194,3 +194,25 @@ def test_imagenet_stem_and_inverted_residual_export_exactly(tmp_path):
         manifest = export(run.path, tmp_path / layout, fold_mode=layout, parity_images=16)
         entry = manifest["files"][0]
         assert entry["parity"]["max_rel_diff"] < 1e-4 and entry["parity"]["argmax_agreement"] == 1.0
+
+
+def test_failed_export_leaves_the_folder_as_it_was(tiny_run, tmp_path, monkeypatch):
+    from ekdc import export
+    from ekdc.deploy import export as export_mod
+
+    out = tmp_path / "e"
+    export(tiny_run, out, int8=True, fold_mode="grouped", parity_images=16, calib_images=16)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "student.int8.onnx" in before
+
+    def teachers_fail(job, teachers):  # fails after student.onnx is made, before anything is published
+        raise export_mod.UserError("teachers cannot be exported")
+
+    monkeypatch.setattr(export_mod, "export_teachers", teachers_fail)
+    with pytest.raises(export_mod.UserError):
+        export(tiny_run, out, fold_mode="separate", parity_images=16)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    monkeypatch.undo()
+    manifest = export(tiny_run, out, fold_mode="separate", parity_images=16)  # no --int8 this time
+    assert not (out / "student.int8.onnx").exists()  # an earlier export's file does not linger beside this one
+    assert {f["file"] for f in manifest["files"]} == {p.name for p in out.iterdir() if p.suffix == ".onnx"}

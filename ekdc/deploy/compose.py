@@ -2,8 +2,8 @@
 RGB in [0,1] at the student's size; output ``logits``, the mean over the teachers).
 
 The PyTorch teachers are exported as one part (the sum of their logits, each resized and normalised
-inside). Each ONNX teacher is brought to a common opset (``onnx.version_converter``), its names
-prefixed (``onnx.compose.add_prefix``), and wrapped: resize, normalise, channel order and layout before
+inside). Each ONNX teacher is brought to a common opset (``onnx.version_converter``), every name in it
+prefixed (subgraphs included), and wrapped: resize, normalise, channel order and layout before
 it; log of probabilities and the data's class order after. A teacher whose graph fixes the batch at 1
 runs inside a ``Loop`` over the batch. Only standard ONNX operators are used.
 """
@@ -86,7 +86,10 @@ def _postprocess_nodes(p: str, teacher, src: str, out: str) -> list:
     """The model's outputs -> logits over the data's classes, in the data's order."""
     from onnx import helper
 
-    nodes, x = [], src
+    from onnx import TensorProto
+
+    # whatever the model's output type (fp16, double), the ensemble averages float32
+    nodes, x = [helper.make_node("Cast", [src], [p + "float"], to=TensorProto.FLOAT)], p + "float"
     if teacher.probabilities:
         nodes += [_const(p + "eps", np.array(1e-12, np.float32)), helper.make_node("Clip", [x, p + "eps"], [p + "clipped"]),
                   helper.make_node("Log", [p + "clipped"], [p + "logp"])]
@@ -125,10 +128,45 @@ def _loop_over_batch(p: str, body_nodes: list, src: str, model_in: str, in_dims:
             helper.make_node("Squeeze", [p + "stacked", p + "one"], [out])]  # [B,1,K] -> [B,K]
 
 
+def _prefix_all(proto, p: str):
+    """Every tensor, node and local function name prefixed with ``p``, inside subgraphs too: a name a
+    Loop or If body reads from the graph around it is renamed with its definition (``onnx.compose.add_prefix``
+    leaves such captured names behind)."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    local = {(f.domain, f.name) for f in m.functions}
+    ren = lambda n: p + n if n else n  # noqa: E731 - "" marks an omitted optional input
+
+    def graph(g):
+        for vi in (*g.input, *g.output, *g.value_info):
+            vi.name = ren(vi.name)
+        for t in g.initializer:
+            t.name = ren(t.name)
+        for sparse in g.sparse_initializer:
+            sparse.values.name = ren(sparse.values.name)
+        for node in g.node:
+            node.name = ren(node.name)
+            node.input[:] = [ren(x) for x in node.input]
+            node.output[:] = [ren(x) for x in node.output]
+            if (node.domain, node.op_type) in local:
+                node.op_type = p + node.op_type
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graph(attr.g)
+                for sub in attr.graphs:
+                    graph(sub)
+
+    graph(m.graph)
+    for f in m.functions:
+        f.name = p + f.name
+    return m
+
+
 def _onnx_part(i: int, teacher, student_size: int, target: int, ir: int, out: str) -> tuple[list, list, list]:
     """(nodes, initializers, functions) computing one ONNX teacher's logits ``out`` from ``images``."""
     import onnx
-    from onnx import compose
 
     info = teacher.model.info
     what = f"teacher {teacher.name} ({info.path})"
@@ -137,7 +175,7 @@ def _onnx_part(i: int, teacher, student_size: int, target: int, ir: int, out: st
     proto = _at_opset(proto, target, what)
     proto.ir_version = ir
     p = f"ekdc_t{i}_"
-    proto = compose.add_prefix(proto, p)
+    proto = _prefix_all(proto, p)
     model_in, model_out = p + info.input_name, p + info.output_name
     pre = _preprocess_nodes(p + "pre_", teacher, student_size, p + "input_all" if info.fixed_batch == 1 else model_in)
     if info.fixed_batch == 1:
@@ -155,14 +193,14 @@ def compose_teachers(torch_part, onnx_teachers: list, num_teachers: int, student
     """One ModelProto: the PyTorch part (``torch_part``: images -> the sum of its teachers' logits, or
     None) and each ONNX teacher, averaged over ``num_teachers``."""
     import onnx
-    from onnx import TensorProto, compose, helper
+    from onnx import TensorProto, helper
 
     protos = [torch_part] if torch_part is not None else []
     target = max([MIN_OPSET] + [_opset(m) for m in protos] + [t.model.info.opset for t in onnx_teachers])
     ir = max([m.ir_version for m in protos] + [t.model.info.ir_version for t in onnx_teachers] + [onnx.IR_VERSION_2021_7_30])
     nodes, inits, funcs, sums = [], [], [], []
     if torch_part is not None:
-        part = compose.add_prefix(_at_opset(torch_part, target, "the PyTorch teachers"), "ekdc_torch_")
+        part = _prefix_all(_at_opset(torch_part, target, "the PyTorch teachers"), "ekdc_torch_")
         rename = {"ekdc_torch_" + INPUT_NAME: INPUT_NAME}
         for n in part.graph.node:
             n.input[:] = [rename.get(x, x) for x in n.input]

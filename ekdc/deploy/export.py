@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,6 +58,10 @@ class _Job:
     def meta(self, kind: str, precision: str, **extra) -> dict[str, str]:
         return contract_metadata(classes=self.classes, input_size=self.size, kind=kind, precision=precision,
                                  recipe=self.recipe_name, run_dir=self.run.path, extra=extra)
+
+    def staged(self, name: str) -> Path:
+        """Where an output file is written until every file has been made and checked (see ``_publish``)."""
+        return self.tmp / "staged" / name
 
     def deploy(self, layout: str, half: bool = False) -> DeployModel:
         return DeployModel(fold(self.student, layout), self.mean, self.std, half=half).eval()
@@ -108,8 +113,8 @@ def export_student_fp32(job: _Job, fold_mode: str) -> _Fp32:
     if entry["parity"]["max_rel_diff"] > FP32_PARITY_TOLERANCE:  # the fold is exact: a gap this size is a bug
         raise RuntimeError(f"the folded student ({choice}) does not match the trained student: max relative "
                            f"|Δlogit| {entry['parity']['max_rel_diff']:.1e} > {FP32_PARITY_TOLERANCE:.0e}; nothing was "
-                           f"written to {job.out / 'student.onnx'}. This is a bug in ekdc: please report it with the run folder")
-    _copy_into_place(paths[choice], job.out / "student.onnx")
+                           f"written to {job.out}. This is a bug in ekdc: please report it with the run folder")
+    _copy_into_place(paths[choice], job.staged("student.onnx"))
     entry["file"] = "student.onnx"
     return _Fp32(entry, logits, choice, paths, info)
 
@@ -118,7 +123,7 @@ def export_teachers(job: _Job, teachers: list) -> dict:
     """The ensemble as one graph; ONNX teachers are composed into it (``compose.py``). Compared with the
     teachers run one by one (ONNX teachers through ONNX Runtime)."""
     job.say("  exporting the teacher ensemble ...")
-    path = job.out / "teachers.onnx"
+    path = job.staged("teachers.onnx")
     meta = job.meta("teachers", "fp32", **{META_TEACHERS: ",".join(t.name for t in teachers)})
     from_onnx = [t for t in teachers if t.source == "onnx"]
     if not from_onnx:
@@ -142,7 +147,7 @@ def export_teachers(job: _Job, teachers: list) -> dict:
 
 def export_fp16(job: _Job, fp32: _Fp32) -> dict:
     job.say("  exporting fp16 ...")
-    path = export_onnx(job.deploy(fp32.layout, half=True), job.out / "student.fp16.onnx", job.size,
+    path = export_onnx(job.deploy(fp32.layout, half=True), job.staged("student.fp16.onnx"), job.size,
                        job.meta("student", "fp16", **{META_FOLD: fp32.layout}))
     entry, _ = _checked(job, path, "student", "fp16", fp32.logits, "fp32", fp32.entry["accuracy"])
     if entry["parity"]["argmax_agreement"] < FP16_AGREEMENT_WARNING:
@@ -165,7 +170,7 @@ def export_int8(job: _Job, fp32: _Fp32) -> dict:
         fp32.fold["int8_choice"] = pick_fastest(fp32.fold["int8_timings_ms"])
     else:
         fp32.fold["int8_choice"] = next(iter(q_paths))
-    path = job.out / "student.int8.onnx"
+    path = job.staged("student.int8.onnx")
     _copy_into_place(q_paths[fp32.fold["int8_choice"]], path)
     return _checked(job, path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])[0]
 
@@ -174,7 +179,7 @@ def export_tensorrt(job: _Job) -> dict:
     from .tensorrt import build_engine
 
     job.say("  building the TensorRT engine from the fp16 file ...")
-    plan = build_engine(job.out / "student.fp16.onnx", job.out / "student.plan", job.size)
+    plan = build_engine(job.staged("student.fp16.onnx"), job.staged("student.plan"), job.size)
     return {"file": plan.name, "kind": "student", "precision": "fp16", "size_mb": _size_mb(plan), "parity": None,
             "parity_summary": "engine (bench it with --provider tensorrt)", "accuracy": None}
 
@@ -230,7 +235,7 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fp1
     teachers = _load_teachers(run, recipe, ck)
     say(f"[bold]ekdc export[/bold] {run.path} -> {out}")
     val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir:
+    with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir, _io.writes_into(out):
         job = _Job(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out, Path(tmpdir),
                    val_x, val_y, calib_x, say)
         fp32 = export_student_fp32(job, fold_mode)
@@ -241,14 +246,32 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fp1
             files.append(export_int8(job, fp32))
         if trt:
             files.append(export_tensorrt(job))
-    manifest = {
-        "out": str(out), "run_dir": str(run.path.resolve()), "recipe": recipe.name, "classes": classes,
-        "input_size": job.size, "mean": job.mean, "std": job.std, "fold": fp32.fold, "parity_images": int(len(val_x)),
-        "calibration_images": int(len(calib_x)), "files": files,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    _io.write_json(out / "manifest.json", manifest)
+        manifest = {
+            "out": str(out), "run_dir": str(run.path.resolve()), "recipe": recipe.name, "classes": classes,
+            "input_size": job.size, "mean": job.mean, "std": job.std, "fold": fp32.fold, "parity_images": int(len(val_x)),
+            "calibration_images": int(len(calib_x)), "files": files,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _publish(job, manifest)
     return manifest
+
+
+def _publish(job: _Job, manifest: dict) -> None:
+    """Move the finished, checked files into the output folder, then the manifest; remove the files an
+    earlier export into the same folder wrote that this one did not (its manifest names them), so the
+    folder never mixes two runs. An export that fails before this point changes nothing there."""
+    previous = set()
+    try:
+        previous = {f["file"] for f in json.loads((job.out / "manifest.json").read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    names = [f["file"] for f in manifest["files"]]
+    for name in names:
+        _io.replace_into(job.staged(name), job.out / name)
+    _io.write_json(job.out / "manifest.json", manifest)
+    for stale in previous - set(names):
+        if "/" not in stale and stale.startswith("student"):  # only ekdc's own outputs
+            (job.out / stale).unlink(missing_ok=True)
 
 
 def _size_mb(p: Path) -> float:

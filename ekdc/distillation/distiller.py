@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Batch
+from ..errors import UserError
 from ..models import EKDStudent
 from ..teachers import Teacher
 from .losses import EKDLoss
@@ -23,6 +24,7 @@ class Distiller(nn.Module):
         self.student = student
         self.teachers = nn.ModuleList(teachers)
         self.loss = loss
+        self._teachers_checked = False
         if loss.needs_features:
             student.set_adapters([t.num_features for t in teachers])
 
@@ -37,6 +39,12 @@ class Distiller(nn.Module):
                 outs = [t.forward_with_features(pixels) for t in self.teachers]
             else:
                 outs = [(t(pixels), None) for t in self.teachers]
+        if not self._teachers_checked:  # once: a broken teacher would otherwise read as a diverging student
+            bad = next((t.name for t, o in zip(self.teachers, outs) if not torch.isfinite(o[0]).all()), None)
+            if bad is not None:
+                raise UserError(f"teacher {bad} gives non-finite outputs (NaN or inf) on training images: check its "
+                                "weights, mean and std")
+            self._teachers_checked = True
         # inference tensors cannot be saved for backward: plain copies can
         logits = torch.stack([o[0].float() for o in outs]).clone()
         feats = [o[1].clone() for o in outs] if self.loss.needs_features else None

@@ -30,8 +30,9 @@ def class_index(model_classes: list[str], num_outputs: int, data: DataInfo, what
         raise UserError(f"{what}.classes names {len(model_classes)} classes, but the model has {num_outputs} outputs")
     missing = [c for c in data.classes if c not in model_classes]
     if missing:
-        raise UserError(f"{what} was trained for {len(model_classes)} classes, but the data has {len(data.classes)}: "
-                        f"its classes lack the data's class '{missing[0]}'")
+        counts = (f"was trained for {len(model_classes)} classes, but the data has {len(data.classes)}"
+                  if len(model_classes) != len(data.classes) else "names other classes than the data's")
+        raise UserError(f"{what} {counts}: its classes lack the data's class '{missing[0]}'")
     idx = [list(model_classes).index(c) for c in data.classes]
     return None if idx == list(range(num_outputs)) else idx
 
@@ -46,12 +47,30 @@ class TorchTeacherModel:
     from_weights: bool  # starts from trained weights (a file or pretrained), not from scratch
 
 
+def _stored(fields: dict, what: str) -> dict:
+    """The classes, input size, mean and std a file stores beside its weights (ekdc's checkpoints do),
+    checked: a field of the wrong kind is named in one line rather than half-used."""
+    out = {}
+    if fields.get("classes") is not None:
+        c = fields["classes"]
+        if not isinstance(c, (list, tuple)) or not all(isinstance(x, str) for x in c) or len(set(c)) != len(c):
+            raise UserError(f"{what}: the file's 'classes' is not a list of distinct class names")
+        out["classes"] = list(c)
+    if all(k in fields for k in ("input_size", "mean", "std")):
+        size, mean, std = fields["input_size"], fields["mean"], fields["std"]
+        rgb = lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)  # noqa: E731
+        if not (isinstance(size, int) and size > 0 and rgb(mean) and rgb(std) and all(x > 0 for x in std)):
+            raise UserError(f"{what}: the file's input_size/mean/std are not a size and two RGB triples")
+        out.update(input_size=size, mean=list(mean), std=list(std))
+    return out
+
+
 def _preprocess(tcfg, fields: dict, model: nn.Module, data: DataInfo, from_weights: bool) -> Preprocess:
     """The recipe's input_size/mean/std, else what the file stores (ekdc checkpoints), else the model's own
     (pretrained or from a file: timm's pretrained_cfg, torchvision's weights meta), else the data's."""
     size, mean, std = data.image_size, data.mean, data.std
-    if "input_size" in fields and "mean" in fields:
-        size, mean, std = int(fields["input_size"]), list(fields["mean"]), list(fields["std"])
+    if "input_size" in fields:
+        size, mean, std = fields["input_size"], fields["mean"], fields["std"]
     elif from_weights:
         own = own_preprocessing(tcfg.arch, tcfg.pretrained, model)
         if own is not None:
@@ -67,6 +86,7 @@ def _load_torch(tcfg, i: int, data: DataInfo) -> tuple[nn.Module, dict, bool]:
     if tcfg.weights:
         sd, fields = read_weights(tcfg.weights, f"{what}.weights")
         stored = fields.get("arch")
+        meta = _stored(fields, f"{what}.weights {tcfg.weights}")
         if isinstance(stored, str) and "num_classes" in fields and stored not in (tcfg.arch, name):  # an ekdc checkpoint
             raise UserError(f"{what}.weights {tcfg.weights} holds a '{stored}', not the '{tcfg.arch}' the recipe names")
         model = build(tcfg.arch, len(data.classes) if source == "registry" else None, False, what)
@@ -76,7 +96,7 @@ def _load_torch(tcfg, i: int, data: DataInfo) -> tuple[nn.Module, dict, bool]:
             model = reset_head(model, int(sd[key].shape[0]), source) if source != "registry" else \
                 build(tcfg.arch, int(sd[key].shape[0]), False, what)
         load_into(model, sd, tcfg.weights, f"{what}.weights", tcfg.arch)
-        return model, fields, True
+        return model, meta, True
     if tcfg.pretrained:
         return build(tcfg.arch, None, tcfg.pretrained, what), {}, True
     return build(tcfg.arch, len(data.classes), False, what), {}, False
@@ -100,7 +120,26 @@ def torch_teacher_model(tcfg, i: int, data: DataInfo, trainable: bool) -> TorchT
         model = reset_head(model, n, source) if source != "registry" else build(tcfg.arch, n, False, what)
         head, idx, classes = final_linear(model, source), None, None
     pre = _preprocess(tcfg, fields, model, data, from_weights)
+    _probe(model, pre.size, what, tcfg.arch)
     return TorchTeacherModel(model, head, pre, list(classes) if classes else None, idx, from_weights)
+
+
+def _probe(model: nn.Module, size: int, what: str, arch: str) -> None:
+    """One image through the model at its input size, so that a model fixed to another size (a ViT) fails
+    here, in one line, not in the middle of training."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except Exception as err:  # noqa: BLE001 - any model's own complaint about its input
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"{what}: {arch} does not run on {size}x{size} images ({reason}); set input_size: to a size "
+                        "it takes") from None
+    finally:
+        model.train(was)
 
 
 def onnx_teacher(tcfg, i: int, data: DataInfo) -> Teacher:
@@ -112,6 +151,9 @@ def onnx_teacher(tcfg, i: int, data: DataInfo) -> Teacher:
         raise UserError(f"{what} {tcfg.onnx}: its input has {channels} channels where layout {tcfg.layout} puts them; "
                         "set layout: nchw or nhwc to match the model")
     size = tcfg.input_size or (hw[0] if hw[0] and hw[0] == hw[1] else None)
+    if tcfg.input_size and any(d and d != tcfg.input_size for d in hw):
+        raise UserError(f"{what} {tcfg.onnx}: the graph takes {hw[0]}x{hw[1]} images ({tcfg.layout}), but input_size "
+                        f"is {tcfg.input_size}")
     if size is None:
         raise UserError(f"{what} {tcfg.onnx}: the graph does not fix a square input size; give input_size:")
     model = OnnxModel(info)

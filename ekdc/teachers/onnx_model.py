@@ -52,7 +52,8 @@ def inspect_onnx(path: str | os.PathLike, what: str) -> OnnxInfo:
     inputs = [i for i in proto.graph.input if i.name not in inits]
     images = [i for i in inputs if i.type.tensor_type.elem_type == TensorProto.FLOAT and len(_dims(i)) == 4]
     if len(inputs) != 1 or len(images) != 1:
-        names = ", ".join(f"'{i.name}' {_dims(i)}" for i in inputs) or "none"
+        names = ", ".join(f"'{i.name}' {TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower()} {_dims(i)}"
+                          for i in inputs) or "none"
         raise UserError(f"{what} {path} has no single image input (one float32 input of rank 4); its inputs: {names}")
     if not proto.graph.output or len(_dims(proto.graph.output[0])) != 2:
         raise UserError(f"{what} {path}: its first output is not [batch, classes]")
@@ -80,7 +81,7 @@ class OnnxModel(nn.Module):
 
             provider = "cuda" if cuda and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
             try:
-                self._session = ort_session(self.info.path, provider=provider)
+                self._session = ort_session(self.info.path, provider=provider, spin=False)
             except Exception as err:  # noqa: BLE001 - ORT's own exception types
                 raise UserError(f"ONNX Runtime cannot load {self.info.path}: {(str(err).splitlines() or ['?'])[0][:160]}") from None
         return self._session
@@ -95,7 +96,11 @@ class OnnxModel(nn.Module):
             n = len(chunk)
             if n < step:  # a graph with a frozen batch takes only full batches: pad, then drop the padding
                 chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), np.float32)])
-            outs.append(sess.run([self.info.output_name], {self.info.input_name: chunk})[0][:n])
+            try:
+                outs.append(sess.run([self.info.output_name], {self.info.input_name: chunk})[0][:n])
+            except Exception as err:  # noqa: BLE001 - ORT's own exception types
+                raise UserError(f"ONNX Runtime cannot run {self.info.path} on input {list(chunk.shape)} "
+                                f"({(str(err).strip().splitlines() or ['?'])[0][:160]}); check its input_size and layout") from None
         return torch.from_numpy(np.concatenate(outs).astype(np.float32, copy=False)).to(x.device)
 
     def __getstate__(self):

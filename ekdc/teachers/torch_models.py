@@ -59,17 +59,32 @@ def check_arch(arch: str) -> None:
         close = difflib.get_close_matches(base, known, n=3)
         hint = f" (closest: {', '.join(PREFIXES[source] + c for c in close)})" if close else ""
         raise ValueError(f"unknown {source} model '{name}'{hint}")
+    if source == "timm" and "." in name:
+        import timm
+
+        tags = timm.list_pretrained(base + ".*")
+        if name not in tags:
+            raise ValueError(f"timm has no weights tagged '{name}' (it has {', '.join(tags[:6]) or 'none'})")
 
 
 def search(pattern: str = "*") -> dict[str, list[str]]:
-    """Names matching a shell-style pattern in each family, as ``timm.list_models`` filters."""
+    """Names matching a shell-style pattern (case-insensitive; a bare word matches anywhere) in each
+    family, as ``timm.list_models`` filters; ``torchvision:`` or ``timm:`` in front searches that family
+    only, and a pattern with a ``.`` also searches timm's tagged weights (``resnet50.a1_in1k``)."""
     from ..models import list_models
 
-    pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-    found = {"registry": [n for n in list_models() if fnmatch.fnmatch(n, pat)],
-             "torchvision": [PREFIXES["torchvision"] + n for n in _torchvision_names() if fnmatch.fnmatch(n, pat)]}
+    pat = pattern.strip().lower()
+    only = next((src for src, pre in PREFIXES.items() if pat.startswith(pre)), None)
+    pat = pat[len(PREFIXES[only]):] if only else pat
+    pat = pat if any(c in pat for c in "*?[") else f"*{pat}*"
+    match = lambda names: [n for n in names if fnmatch.fnmatchcase(n.lower(), pat)]  # noqa: E731
+    found = {"registry": [] if only else match(list_models()),
+             "torchvision": [] if only == "timm" else [PREFIXES["torchvision"] + n for n in match(_torchvision_names())]}
     try:
-        found["timm"] = [PREFIXES["timm"] + n for n in _timm_names() if fnmatch.fnmatch(n, pat)]
+        import timm
+
+        names = _timm_names() + (timm.list_pretrained() if "." in pat else [])
+        found["timm"] = [] if only == "torchvision" else [PREFIXES["timm"] + n for n in match(names)]
     except ImportError:
         found["timm"] = []
     return found
@@ -118,20 +133,50 @@ def build(arch: str, num_classes: Optional[int], pretrained: Union[bool, str], w
                                 f"{', '.join(w.name for w in enum)})") from None
         with _bounded_download(what, arch) if weights else contextlib.nullcontext():
             model = torchvision.models.get_model(name, weights=weights)
-        _check_plain_classifier(model, arch)
+        _check_plain_classifier(model, arch, what)
         return model if num_classes is None else reset_head(model, num_classes, source)
     import timm
 
-    with _bounded_download(what, arch) if pretrained else contextlib.nullcontext():
+    with _bounded_download(what, arch) if pretrained else contextlib.nullcontext(), \
+            _hub_offline_unless_reachable() if pretrained else contextlib.nullcontext():
         return timm.create_model(name, pretrained=bool(pretrained), **kw)
 
 
-def _check_plain_classifier(model: nn.Module, arch: str) -> None:
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(timeout: float = 3.0):
+    """timm's weights come from the Hugging Face hub, whose client retries an unreachable host for
+    minutes, logging each try. When the hub does not answer within ``timeout``, use its cache only
+    (offline mode): cached weights still load, and missing ones fail at once. The client's own log
+    stays quiet either way: the failure is said in one line."""
+    import os
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import logging as hf_logging
+
+    was_offline, level = constants.HF_HUB_OFFLINE, hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        if not was_offline:
+            try:
+                socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+            except OSError:
+                constants.HF_HUB_OFFLINE = True
+                os.environ["HF_HUB_OFFLINE"] = "1"
+        yield
+    finally:
+        if not was_offline:
+            constants.HF_HUB_OFFLINE = False
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        hf_logging.set_verbosity(level)
+
+
+def _check_plain_classifier(model: nn.Module, arch: str, what: str) -> None:
     if getattr(model, "aux_logits", False) or getattr(model, "AuxLogits", None) is not None:
-        raise UserError(f"{arch} returns auxiliary outputs while training; ekdc runs plain classifiers "
+        raise UserError(f"{what}: {arch} returns auxiliary outputs while training; ekdc runs plain classifiers "
                         "(one logits tensor): choose another model")
     if final_linear(model, "torchvision") is None:
-        raise UserError(f"{arch} has no final Linear layer, so ekdc cannot re-head it or read its features: "
+        raise UserError(f"{what}: {arch} has no final Linear layer, so ekdc cannot re-head it or read its features: "
                         "choose another model")
 
 
