@@ -68,6 +68,10 @@ def test_wrong_type_names_path(tmp_path):
     ({"distill": {"epochs": -1}}, "distill.epochs", ">= 1"),
     ({"student": {"num_branches": 0}}, "student.num_branches", ">= 1"),
     ({"data": {"dataset": "mnist"}}, "data.dataset", "must be"),
+    ({"seed": 10**29}, "seed", "<= 4294967295"),
+    ({"name": ".."}, "name", "not '.' or '..'"),
+    ({"data": {"std": [0.2, float("inf"), 0.2]}}, "data.std", "finite"),
+    ({"data": {"augment": {"crop_padding": 100000}}}, "data", "larger than the image"),
 ])
 def test_out_of_range(tmp_path, over, path, words):
     msg = _error(tmp_path, _yaml(**over))

@@ -194,6 +194,12 @@ def test_pretrained_offline_is_one_line(tmp_path):
     ({**onnx_entry("{onnx}"), "classes": ["class_0", "class_1", "class_2", "x", "y"]}, "lack the data's class 'class_3'"),
     ({"onnx": "{onnx}", "train": {"epochs": 1}}, "train: does not apply to an onnx: teacher"),
     ({"arch": "torchvision:resnet18", "weights": "{tv}"}, "give it train: to fine-tune a new head"),
+    ({"arch": "torchvision:resnet18"}, "has no weights: give pretrained:, weights:, or train:"),
+    ({"arch": "resnet8", "freeze_backbone": True}, "freeze_backbone: needs a teacher that starts from weights"),
+    ({**onnx_entry("{onnx_b1}"), "input_size": 24}, "the graph takes 20x20 images"),
+    ({"arch": "timm:vit_tiny_patch16_224", "weights": "{vit}", "input_size": 32, "train": {"epochs": 1}},
+     "does not run on 32x32 images"),
+    ({"arch": "resnet8", "weights": "{odd_fields}"}, "the file's 'classes' is not a list of distinct class names"),
 ])
 def test_bad_teachers_are_one_line(files, tmp_path, case, words):
     no_image = files["dir"] / "no_image.onnx"
@@ -204,7 +210,16 @@ def test_bad_teachers_are_one_line(files, tmp_path, case, words):
                               [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, 8])],
                               [helper.make_tensor_value_info("out", TensorProto.INT64, [1, 8])])
         onnx.save(helper.make_model(g), str(no_image))
-    paths = {"timm": files["timm"], "onnx": files["onnx"], "no_image": no_image, "tv": files["tv"]}
+    vit, odd = files["dir"] / "vit.pth", files["dir"] / "odd.pt"
+    if not vit.exists():
+        import timm
+
+        torch.save(timm.create_model("vit_tiny_patch16_224").state_dict(), vit)  # fixed to 224 px
+        from ekdc.models import create_model
+
+        torch.save({"state_dict": create_model("resnet8", num_classes=4).state_dict(), "classes": 4}, odd)
+    paths = {"timm": files["timm"], "onnx": files["onnx"], "no_image": no_image, "tv": files["tv"],
+             "onnx_b1": files["onnx_b1"], "vit": vit, "odd_fields": odd}
     entry = {k: (v.format(**paths) if isinstance(v, str) else v) for k, v in case.items()}
     r = tiny_recipe()
     r["teachers"] = [entry]
@@ -219,3 +234,47 @@ def test_models_lists_and_searches_every_source():
     assert res.returncode == 0
     names = res.stdout.split()
     assert {"resnet110", "torchvision:resnet18", "timm:resnet18"} <= set(names) and "resnet56" not in names
+
+
+def _hand_made_onnx(path, *, fp16_out=False, if_branch=False):
+    """A tiny [N,3,8,8] -> [N,4] classifier built node by node: its output may be fp16, and it may pass its
+    logits through an If whose branches read a tensor of the graph around them (a captured name)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(3).normal(size=(3, 4)).astype(np.float32), "W")
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "W"], ["logits_f"])]
+    out, out_type = "logits_f", TensorProto.FLOAT
+    if if_branch:
+        branch = lambda tag: helper.make_graph(  # noqa: E731
+            [helper.make_node("Identity", ["logits_f"], [f"{tag}_out"])], tag, [],
+            [helper.make_tensor_value_info(f"{tag}_out", TensorProto.FLOAT, None)])
+        nodes += [helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True), "c")),
+                  helper.make_node("If", ["cond"], ["chosen"], then_branch=branch("then"), else_branch=branch("else"))]
+        out = "chosen"
+    if fp16_out:
+        nodes.append(helper.make_node("Cast", [out], ["half"], to=TensorProto.FLOAT16))
+        out, out_type = "half", TensorProto.FLOAT16
+    g = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                          [helper.make_tensor_value_info(out, out_type, ["n", 4])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_composed_teachers_handle_fp16_outputs_and_captured_names(tmp_path):
+    from ekdc.deploy.compose import compose_teachers
+    from ekdc.recipe import TeacherConfig
+    from ekdc.teachers import DataInfo, frozen_teacher
+
+    data = DataInfo(CLASSES, 16, [0.5] * 3, [0.25] * 3)
+    teachers = [frozen_teacher(TeacherConfig(name=f"h{i}", onnx=str(_hand_made_onnx(tmp_path / f"h{i}.onnx", **kw)),
+                                             input_size=8), i, data)
+                for i, kw in enumerate([{"fp16_out": True}, {"if_branch": True}])]
+    proto = compose_teachers(None, teachers, 2, 16)
+    onnx.checker.check_model(proto, full_check=True)
+    pixels = torch.rand(3, 3, 16, 16)
+    with torch.inference_mode():
+        want = torch.stack([t(pixels) for t in teachers]).mean(0).numpy()
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"images": pixels.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)  # the fp16 teacher rounds its own outputs
