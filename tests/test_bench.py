@@ -169,10 +169,11 @@ def test_report_shape_and_types(report, art):
     assert names == ["student.onnx", "student.fp16.onnx", "student.int8.onnx", "teachers.onnx"]
     assert report["reference"] == "teachers.onnx"
     for m in report["models"]:
-        for key in ("name", "path", "params", "macs", "file_mb", "peak_mem_mb", "accuracy", "latency_ms", "throughput"):
+        for key in ("name", "path", "params", "macs", "file_mb", "peak_mem_mb", "model_mem_mb", "accuracy",
+                    "latency_ms", "throughput"):
             assert key in m
         assert isinstance(m["params"], int) and isinstance(m["macs"], int)
-        assert m["file_mb"] > 0 and m["peak_mem_mb"] > 0
+        assert m["file_mb"] > 0 and m["peak_mem_mb"] > m["model_mem_mb"] > 0
         assert set(m["latency_ms"]) == {"1", "4"} and set(m["throughput"]) == {"1", "4"}
         for b, lat in m["latency_ms"].items():
             assert set(lat) >= {"p50", "p90", "p99", "mean"}
@@ -192,13 +193,45 @@ def test_ratios_match_measurements(report):
     assert ref["is_reference"] and not first["is_reference"]
     for b in ("1", "4"):
         assert report["speedup"][b] == pytest.approx(ref["latency_ms"][b]["p50"] / first["latency_ms"][b]["p50"])
-    assert report["memory_ratio"] == pytest.approx(ref["peak_mem_mb"] / first["peak_mem_mb"])
+    assert report["memory_ratio"] == pytest.approx(ref["model_mem_mb"] / first["model_mem_mb"])
     for m in report["models"]:
         vs = m["vs_reference"]
         assert vs["params_ratio"] == pytest.approx(ref["params"] / m["params"])
         assert vs["macs_ratio"] == pytest.approx(ref["macs"] / m["macs"])
         assert vs["file_ratio"] == pytest.approx(ref["file_mb"] / m["file_mb"])
     assert ref["vs_reference"]["speedup"] == {"1": 1.0, "4": 1.0}
+
+
+def _with_big_weight(src: Path, dst: Path, mb: int) -> Path:
+    """``src`` plus a weight of ``mb`` MB that every run reads: logits + mean(flat @ W_big)."""
+    m = onnx.load(str(src))
+    n = mb * 1_000_000 // 4 // 3
+    m.graph.initializer.append(numpy_helper.from_array(np.random.default_rng(0).random((3, n), np.float32) * 1e-6, "W_big"))
+    out = m.graph.output[0].name
+    for node in m.graph.node:
+        node.output[:] = ["logits_small" if o == out else o for o in node.output]
+    m.graph.node.extend([
+        helper.make_node("GlobalAveragePool", ["images"], ["big_pool"]), helper.make_node("Flatten", ["big_pool"], ["big_flat"]),
+        helper.make_node("MatMul", ["big_flat", "W_big"], ["big_wide"]),
+        helper.make_node("ReduceMean", ["big_wide"], ["big_mean"], axes=[1], keepdims=1),
+        helper.make_node("Add", ["logits_small", "big_mean"], [out])])
+    onnx.checker.check_model(m)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_model_memory_is_the_models_own(art, tmp_path):
+    """The model's own memory is positive and grows with its weights, while Python and the runtime,
+    the same in every process, are left out of it (and of the ratio)."""
+    from ekdc.benchmark import bench
+
+    small = art["lonely"]  # no data and no reference beside it: memory is all this measures
+    big = _with_big_weight(small, tmp_path / "big.onnx", 60)
+    rep = bench([small, big], against=small, batches=(1,), runs=2, repeats=1, warmup=1, threads=1)
+    by = {m["name"]: m for m in rep["models"]}
+    assert by["student.onnx"]["model_mem_mb"] > 0
+    assert by["big.onnx"]["model_mem_mb"] - by["student.onnx"]["model_mem_mb"] >= 50
+    assert by["big.onnx"]["vs_reference"]["memory_ratio"] < 0.2  # the ratio is the models', not the processes'
 
 
 def test_params_and_macs_by_hand(report):

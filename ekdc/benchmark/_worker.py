@@ -52,6 +52,31 @@ def peak_rss_mib() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+def current_rss_mib() -> float:
+    """Resident memory of this process now, in MiB (VmRSS); the peak where /proc is not available."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak_rss_mib()
+
+
+def _import_runtime(spec: dict) -> None:
+    """Load the runtime before the model, so that the reading in between is the process without the
+    model: the model's own memory (weights, arena) is what grows after it."""
+    if spec["format"] == "plan":
+        try:
+            import tensorrt  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError:
+            pass  # PlanRunner says what is missing
+    else:
+        import onnxruntime  # noqa: F401
+
+
 class _GpuMemory:
     """Device memory of this process (MiB, summed over GPUs) from NVML or nvidia-smi; where the
     process is not visible by its PID (a container's own PID namespace), the growth of the devices'
@@ -172,10 +197,11 @@ class OrtRunner:
 
 
 class PlanRunner:
-    """A serialized TensorRT engine, run with the TensorRT 10 API on torch-allocated device buffers;
-    latency from CUDA events on the stream, i.e. device-side time."""
+    """A serialized TensorRT engine, run with the TensorRT 10 API on torch-allocated device buffers.
+    Latency is the host clock around each enqueue and its synchronisation, the clock ONNX Runtime's
+    runs are timed with, so that a .plan and an .onnx file compare on one clock."""
 
-    timing = "CUDA events around each enqueue (device time)"
+    timing = "host clock around each synchronised run (I/O bound on the device)"
 
     def __init__(self, spec: dict) -> None:
         try:
@@ -221,16 +247,14 @@ class PlanRunner:
 
     def prepare(self, x: np.ndarray) -> Callable[[], float]:
         self._bind(x)
-        torch, stream, context = self.torch, self.stream, self.context
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream, context = self.stream, self.context
 
         def once() -> float:
-            start.record(stream)
+            t0 = time.perf_counter()
             if not context.execute_async_v3(stream.cuda_stream):
                 raise WorkerError("TensorRT failed to enqueue the engine")
-            end.record(stream)
-            end.synchronize()
-            return float(start.elapsed_time(end))
+            stream.synchronize()
+            return (time.perf_counter() - t0) * 1e3
 
         return once
 
@@ -284,13 +308,16 @@ def accuracy(runner, val_x_path: str, val_y_path: str, chunk: int, fixed_batch: 
 
 def measure(spec: dict) -> dict[str, Any]:
     baseline = peak_rss_mib()  # interpreter, numpy and ekdc's imports: the same for every model
+    _import_runtime(spec)
+    before_model = current_rss_mib()
     gpu = _GpuMemory() if spec["provider"] != "cpu" or spec["format"] == "plan" else None
     runner = PlanRunner(spec) if spec["format"] == "plan" else OrtRunner(spec)
     hw = spec.get("input_hw") or getattr(runner, "input_hw", None)
     if hw is None:
         raise WorkerError("cannot tell the model's input size")
     rng = np.random.default_rng(0)
-    result: dict[str, Any] = {"batches": {}, "baseline_rss_mib": baseline, "input_hw": list(hw),
+    result: dict[str, Any] = {"batches": {}, "baseline_rss_mib": baseline, "runtime_rss_mib": before_model,
+                              "input_hw": list(hw),
                               "timing": runner.timing}
     device_peak: Optional[float] = None
     for b in spec["batches"]:
