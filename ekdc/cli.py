@@ -82,6 +82,10 @@ def bench(
     duration: Optional[float] = typer.Option(None, "--duration", help="Seconds per batch size and repeat (instead of --runs)."),
     repeats: int = typer.Option(3, "--repeats", help="Measurement rounds, models interleaved, each in a fresh process."),
     data: Optional[str] = typer.Option(None, "--data", help="Recipe or run folder whose validation split gives accuracy."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="A model from elsewhere: its output classes in "
+                                          "order, comma-separated or @FILE (one a line), for accuracy."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="A model from elsewhere: raw ([0,1] RGB), "
+                                             "imagenet, or mean/std as R,G,B/R,G,B, for accuracy."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency against batch size."),
 ):
@@ -95,8 +99,24 @@ def bench(
         raise UserError(f"--batch {batch!r}: expected comma-separated integers such as 1,8,64") from None
     report = run_bench(models, against=against, batches=batches, threads=threads, provider=provider, warmup=warmup,
                        runs=runs, duration=duration, repeats=repeats, data=data, json_path=json_path, plot_path=plot,
-                       console=console)
+                       console=console, classes=_class_list(classes), preprocess=preprocess)
     _show(bench_table(report))
+
+
+def _class_list(text: Optional[str]) -> Optional[list[str]]:
+    """``a,b,c`` or ``@FILE`` with one class name a line."""
+    if text is None:
+        return None
+    if text.startswith("@"):
+        try:
+            names = [line.strip() for line in Path(text[1:]).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--classes {text}: cannot read the file ({getattr(err, 'strerror', None) or err})") from None
+    else:
+        names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names or len(set(names)) != len(names):
+        raise UserError(f"--classes {text}: expected distinct class names")
+    return names
 
 
 @app.command("models")

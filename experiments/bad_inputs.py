@@ -69,8 +69,8 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
                    capture_output=True)
     subprocess.run([sys.executable, "-m", "ekdc", "export", str(run), "--out", str(d / "export"), "--fold", "grouped"],
                    check=True, capture_output=True)
-    wrong_input = d / "wrong_input.onnx"
-    _rename_input(d / "export" / "student.onnx", wrong_input)
+    wrong_input = d / "nhwc_input.onnx"
+    _declare_nhwc(d / "export" / "student.onnx", wrong_input)
     return [  # (what, arguments); the "busy" run is locked by another process, "disk full" runs under a file-size limit
         ("recipe missing", ["distill", str(d / "missing.yaml")]),
         ("recipe not YAML", ["distill", str(d / "not_yaml.yaml")]),
@@ -117,20 +117,20 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("export: unknown --fold", ["export", str(run), "--fold", "diagonal"]),
         ("bench: ONNX file missing", ["bench", str(d / "missing.onnx")]),
         ("bench: ONNX file corrupt", ["bench", str(d / "corrupt.onnx")]),
-        ("bench: input not the contract's", ["bench", str(wrong_input)]),
+        ("bench: input not an NCHW image", ["bench", str(wrong_input)]),
+        ("bench: --classes without --preprocess", ["bench", str(d / "export" / "student.onnx"), "--classes", "a,b"]),
         ("bench: --provider cuda without a GPU", ["bench", str(d / "export" / "student.onnx"), "--provider", "cuda"]),
         ("bench: --json not writable", ["bench", str(d / "export" / "student.onnx"), "--json", "/proc/ekdc/x.json"]),
     ]
 
 
-def _rename_input(src: Path, dst: Path) -> None:
+def _declare_nhwc(src: Path, dst: Path) -> None:
+    """The same model, its input declared [B,H,W,3]: not an image input bench can feed."""
     import onnx
 
     m = onnx.load(str(src))
-    old = m.graph.input[0].name
-    m.graph.input[0].name = "pixels"
-    for node in m.graph.node:
-        node.input[:] = ["pixels" if i == old else i for i in node.input]
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_value, dims[3].dim_value = dims[2].dim_value, 3
     onnx.save(m, str(dst))
 
 

@@ -144,7 +144,15 @@ def art(tmp_path_factory) -> dict[str, Path]:
     a["lonely"] = make_model(lonely / "student.onnx", (STUDENT_W,), kind="student")
     a["garbage"] = d / "garbage.onnx"
     a["garbage"].write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    a["wrong_input"] = make_model(d / "wrong_input.onnx", (STUDENT_W,), kind="student", input_name="x")
+    a["foreign"] = make_model(d / "foreign.onnx", (STUDENT_W,), kind="student", input_name="x")  # names its own
+    m = onnx.load(str(a["foreign"]))
+    del m.metadata_props[:]  # and carries no ekdc metadata: a model from elsewhere
+    onnx.save(m, str(a["foreign"]))
+    nhwc = onnx.load(str(a["student"]))
+    dims = nhwc.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_value, dims[3].dim_value = SIZE, 3  # declared [B,16,16,3]: not an NCHW image input
+    a["wrong_input"] = d / "nhwc.onnx"
+    onnx.save(nhwc, str(a["wrong_input"]))
     return a
 
 
@@ -321,7 +329,7 @@ def test_bad_models(art, tmp_path):
     text = tmp_path / "notes.onnx"
     text.write_text("hello, I am not a model\n")
     for path, word in ((tmp_path / "missing.onnx", "not found"), (art["garbage"], "not an ONNX file"),
-                       (text, "not an ONNX file"), (art["wrong_input"], "'images'"), (tmp_path, "folder")):
+                       (text, "not an ONNX file"), (art["wrong_input"], "expected [B,3,H,W]"), (tmp_path, "folder")):
         with pytest.raises(UserError) as e:
             inspect_model(path)
         assert word in str(e.value) and "\n" not in str(e.value), str(e.value)
@@ -350,10 +358,36 @@ def test_cli_default_reference_and_data_from_metadata(art, tmp_path):
     assert rep["data"]["source"] == str(art["run"])
 
 
+def test_model_from_elsewhere(art, tmp_path):
+    """Any ONNX image classifier benches; accuracy only once --classes and --preprocess say how to feed it."""
+    import onnxruntime as ort
+
+    from ekdc.benchmark import bench
+    from ekdc.data import index_splits
+    from ekdc.recipe import load_recipe
+
+    common = dict(against=art["teachers"], batches=(1,), runs=2, repeats=1, warmup=0, threads=1, data=art["recipe"])
+    rep = bench([art["foreign"]], **common)
+    by = {m["name"]: m for m in rep["models"]}
+    assert by["foreign.onnx"]["accuracy"] is None and by["teachers.onnx"]["accuracy"] is not None
+    assert by["foreign.onnx"]["latency_ms"]["1"]["p50"] > 0 and by["foreign.onnx"]["macs"] == branch_macs(STUDENT_W)
+    order = [f"class_{i}" for i in reversed(range(CLASSES))]  # the model's outputs, named in another order
+    rep = bench([art["foreign"]], classes=order, preprocess="0.5,0.5,0.5/0.25,0.25,0.25", **common)
+    got = next(m for m in rep["models"] if m["name"] == "foreign.onnx")["accuracy"]
+    x, y = index_splits(load_recipe(art["recipe"]).data).take("val")
+    logits = ort.InferenceSession(str(art["foreign"]), providers=["CPUExecutionProvider"]).run(
+        None, {"x": ((x.float() / 255 - 0.5) / 0.25).numpy()})[0]
+    assert got == pytest.approx(float((logits[:, ::-1].argmax(1) == y.numpy()).mean()))  # mapped by name
+    with pytest.raises(UserError, match="lacks the data's class 'class_0'"):
+        bench([art["foreign"]], classes=order[:-1] + ["other"], preprocess="raw", **common)
+    with pytest.raises(UserError, match="go together"):
+        bench([art["foreign"]], classes=order, **common)
+
+
 @pytest.mark.parametrize("case, word", [
     ("missing", "not found"),
     ("garbage", "not an ONNX file"),
-    ("wrong_input", "images"),
+    ("wrong_input", "expected [B,3,H,W]"),
     ("cuda", "CUDAExecutionProvider"),
     ("batch", "batch"),
 ])

@@ -140,6 +140,7 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.ort, self.provider = ort, spec["provider"]
+        self.input_name, self.output_name = spec.get("input_name", INPUT_NAME), spec.get("output_name", OUTPUT_NAME)
         try:
             self.sess = ort_session(spec["path"], threads=int(spec["threads"]), provider=self.provider,
                                     trt_options=self._trt_options(spec))
@@ -170,18 +171,18 @@ class OrtRunner:
 
     def prepare(self, x: np.ndarray) -> Callable[[], float]:
         if self.provider == "cpu":
-            feeds, run = {INPUT_NAME: x}, self.sess.run
+            feeds, run, out = {self.input_name: x}, self.sess.run, [self.output_name]
 
             def once() -> float:
                 t0 = time.perf_counter()
-                run([OUTPUT_NAME], feeds)
+                run(out, feeds)
                 return (time.perf_counter() - t0) * 1e3
 
             return once
         binding = self.sess.io_binding()
         x_device = self.ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)  # copied to the GPU once, not per run
-        binding.bind_ortvalue_input(INPUT_NAME, x_device)
-        binding.bind_output(OUTPUT_NAME, "cuda", 0)
+        binding.bind_ortvalue_input(self.input_name, x_device)
+        binding.bind_output(self.output_name, "cuda", 0)
         run_bound = self.sess.run_with_iobinding
 
         def once_bound() -> float:
@@ -193,7 +194,7 @@ class OrtRunner:
         return once_bound
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        return self.sess.run([self.output_name], {self.input_name: x})[0]
 
 
 class PlanRunner:
@@ -289,7 +290,8 @@ def time_batch(once: Callable[[], float], warmup: int, runs: Optional[int], dura
     return samples
 
 
-def accuracy(runner, val_x_path: str, val_y_path: str, chunk: int, fixed_batch: Optional[int]) -> float:
+def accuracy(runner, val_x_path: str, val_y_path: str, chunk: int, fixed_batch: Optional[int],
+             feed: Optional[dict] = None) -> float:
     """Top-1 accuracy on the validation images the parent saved (memory-mapped uint8, scaled to the
     contract's [0,1] chunk by chunk)."""
     x = np.load(val_x_path, mmap_mode="r")
@@ -298,10 +300,14 @@ def accuracy(runner, val_x_path: str, val_y_path: str, chunk: int, fixed_batch: 
     correct = 0
     for i in range(0, len(x), step):
         xb = np.ascontiguousarray(x[i : i + step], dtype=np.float32) / np.float32(255)
+        if feed and feed.get("mean") is not None:  # a model from elsewhere takes normalised images
+            xb = (xb - np.float32(feed["mean"]).reshape(1, 3, 1, 1)) / np.float32(feed["std"]).reshape(1, 3, 1, 1)
         n = len(xb)
         if fixed_batch and n < fixed_batch:  # a graph with a frozen batch takes only full batches: pad
             xb = np.concatenate([xb, np.zeros((fixed_batch - n, *xb.shape[1:]), np.float32)])
         logits = np.asarray(runner.predict(xb))[:n]
+        if feed and feed.get("class_index") is not None:  # its outputs in the data's class order
+            logits = logits[:, feed["class_index"]]
         correct += round(top1(logits, y[i : i + n]) * n)  # the chunk's share of correct predictions
     return correct / max(1, len(x))
 
@@ -335,7 +341,8 @@ def measure(spec: dict) -> dict[str, Any]:
     if spec.get("val_x"):
         t0 = time.perf_counter()
         chunk = min(256, runner.max_batch or 256)
-        result["accuracy"] = accuracy(runner, spec["val_x"], spec["val_y"], chunk, spec.get("fixed_batch"))
+        result["accuracy"] = accuracy(runner, spec["val_x"], spec["val_y"], chunk, spec.get("fixed_batch"),
+                                      spec.get("feed"))
         result["accuracy_seconds"] = time.perf_counter() - t0
     return result
 

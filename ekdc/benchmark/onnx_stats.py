@@ -39,6 +39,13 @@ class ModelInfo:
     macs: Optional[int]
     macs_exact: bool  # False where some compute op had shapes shape inference could not resolve
     stats_from: Optional[str] = None  # for a plan: the ONNX file its params/MACs were read from
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+
+    @property
+    def from_ekdc(self) -> bool:
+        """An ekdc export: its metadata says how to feed it (classes, [0,1] RGB with normalisation inside)."""
+        return self.classes is not None
 
     @property
     def precision(self) -> Optional[str]:
@@ -72,13 +79,14 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
     if path.suffix.lower() in PLAN_SUFFIXES:
         return _inspect_plan(path)
     proto = load_onnx(path)
-    hw, fixed_batch = check_contract(proto, path)
+    input_name, output_name, hw, fixed_batch = check_io(proto, path)
     meta = {p.key: p.value for p in proto.metadata_props}
     if hw is None:
         hw = _size_from_metadata(meta, path)
     params, macs, exact = count_params_macs(proto)
     return ModelInfo(path=path, format="onnx", file_mb=_file_mb(path, proto), input_hw=hw, fixed_batch=fixed_batch,
-                     metadata=meta, params=params, macs=macs, macs_exact=exact)
+                     metadata=meta, params=params, macs=macs, macs_exact=exact, input_name=input_name,
+                     output_name=output_name)
 
 
 def load_onnx(path: Path):
@@ -106,35 +114,35 @@ def _dims(value_info) -> list[Any]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
 
 
-def check_contract(proto, path: Path) -> tuple[Optional[tuple[int, int]], Optional[int]]:
-    """Input ``images`` float32 rank 4 with 3 channels, output ``logits`` float32 rank 2.
-    Returns the fixed (H, W) if the graph has them, and the batch if the graph freezes it."""
+def check_io(proto, path: Path) -> tuple[str, str, Optional[tuple[int, int]], Optional[int]]:
+    """An image classifier: one float32 input [B,3,H,W] (any name) and one float32 output [B,C].
+    ekdc's own files call them ``images`` and ``logits``; files from elsewhere may call them anything.
+    Returns (input name, output name, the fixed (H, W) if the graph has them, the batch if it freezes it)."""
     from onnx import TensorProto
 
     init_names = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in init_names]
-    expect = f"an ekdc export takes '{INPUT_NAME}' float32 [B,3,H,W] and returns '{OUTPUT_NAME}' float32 [B,C]"
-    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-        names = ", ".join(repr(i.name) for i in inputs) or "none"
-        raise UserError(f"{path}: model inputs are {names}, expected '{INPUT_NAME}' ({expect})")
+    expect = "ekdc bench takes an image classifier: one float32 input [B,3,H,W] and one float32 output [B,C]"
+    if len(inputs) != 1:
+        names = ", ".join(f"'{i.name}'" for i in inputs) or "none"
+        raise UserError(f"{path}: model inputs are {names} ({expect})")
     x = inputs[0]
     if x.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise UserError(f"{path}: input '{INPUT_NAME}' is {_type_name(x)}, expected float32 ({expect})")
+        raise UserError(f"{path}: input '{x.name}' is {_type_name(x)}, expected float32 ({expect})")
     dims = _dims(x)
     if len(dims) != 4 or dims[1] != 3:
-        raise UserError(f"{path}: input '{INPUT_NAME}' has shape {_shape_text(dims)}, expected [B,3,H,W] "
-                        f"({expect})")
-    outputs = [o.name for o in proto.graph.output]
-    if outputs != [OUTPUT_NAME]:
-        raise UserError(f"{path}: model outputs are {', '.join(map(repr, outputs)) or 'none'}, expected "
-                        f"'{OUTPUT_NAME}' ({expect})")
-    y = proto.graph.output[0]
+        raise UserError(f"{path}: input '{x.name}' has shape {_shape_text(dims)}, expected [B,3,H,W] ({expect})")
+    outputs = list(proto.graph.output)
+    if len(outputs) != 1 or len(_dims(outputs[0])) != 2:
+        shown = ", ".join(f"'{o.name}' {_shape_text(_dims(o))}" for o in outputs) or "none"
+        raise UserError(f"{path}: model outputs are {shown} ({expect})")
+    y = outputs[0]
     if y.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise UserError(f"{path}: output '{OUTPUT_NAME}' is {_type_name(y)}, expected float32 ({expect})")
+        raise UserError(f"{path}: output '{y.name}' is {_type_name(y)}, expected float32 ({expect})")
     h, w = dims[2], dims[3]
     hw = (h, w) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
     batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
-    return hw, batch
+    return x.name, y.name, hw, batch
 
 
 def _type_name(value_info) -> str:

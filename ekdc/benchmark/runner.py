@@ -37,6 +37,7 @@ class _Entry:
     name: str
     info: ModelInfo
     is_reference: bool = False
+    feed: Optional[dict] = None  # how to feed the validation images (None: no accuracy for this model)
 
 
 @dataclasses.dataclass
@@ -71,18 +72,24 @@ def bench(models: Union[PathLike, Sequence[PathLike]], *, against: Optional[Path
           batches: Iterable[int] = (1, 8, 64), threads: Optional[int] = None, provider: str = "cpu",
           warmup: int = 5, runs: Optional[int] = None, duration: Optional[float] = None, repeats: int = 3,
           data: Optional[PathLike] = None, json_path: Optional[PathLike] = None,
-          plot_path: Optional[PathLike] = None, console: Optional["Console"] = None) -> dict:
+          plot_path: Optional[PathLike] = None, console: Optional["Console"] = None,
+          classes: Optional[Sequence[str]] = None, preprocess: Optional[str] = None) -> dict:
     """Measure ``models`` (and the reference, by default ``teachers.onnx`` beside the first model):
     latency percentiles and throughput per batch size, peak memory, size, params, MACs, accuracy,
-    and their ratios to the reference. Returns the report (the JSON written to ``json_path``)."""
+    and their ratios to the reference. Returns the report (the JSON written to ``json_path``).
+
+    Any ONNX image classifier can be benched; accuracy needs to know how to feed it: ekdc's exports say
+    so in their metadata, a model from elsewhere through ``classes`` (its outputs in order) and
+    ``preprocess`` (``raw``: RGB in [0,1]; ``imagenet``; or ``R,G,B/R,G,B``: mean/std)."""
     settings = _check_settings(batches, threads, provider, warmup, runs, duration, repeats)
+    foreign = _foreign_feed(classes, preprocess)
     _check_outputs(json_path=json_path, plot_path=plot_path)
     entries = _entries(models, against, console)
     _check_batches_fit(entries, settings.batches)
     _check_provider_ready(settings.provider, entries)
     val = _resolve_data(data, entries[0].info, console)
     if val is not None:
-        val = _check_data_fits(val, entries, console)
+        val = _check_data_fits(val, entries, console, foreign)
     _say(console, _plan_line(entries, settings))
     with tempfile.TemporaryDirectory(prefix="ekdc-bench-") as tmp:
         val_paths = _save_val(val, Path(tmp)) if val is not None else None
@@ -282,23 +289,60 @@ def _load_val(recipe, source: str, explicit: bool) -> _ValData:
                     explicit=explicit)
 
 
-def _check_data_fits(val: _ValData, entries: list[_Entry], console) -> Optional[_ValData]:
-    """The images must have each model's input size and as many classes as it predicts."""
+def parse_preprocess(text: str) -> dict:
+    """``raw`` (RGB in [0,1], what ekdc's exports take), ``imagenet``, or ``R,G,B/R,G,B`` (mean/std)."""
+    t = text.strip().lower()
+    if t == "raw":
+        return {"mean": None, "std": None}
+    if t == "imagenet":
+        return {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    try:
+        mean, std = ([float(v) for v in part.split(",")] for part in t.split("/"))
+        if len(mean) == len(std) == 3 and all(v > 0 for v in std):
+            return {"mean": mean, "std": std}
+    except ValueError:
+        pass
+    raise UserError(f"--preprocess {text!r}: expected raw, imagenet, or mean/std as R,G,B/R,G,B "
+                    "(e.g. 0.485,0.456,0.406/0.229,0.224,0.225)")
+
+
+def _foreign_feed(classes: Optional[Sequence[str]], preprocess: Optional[str]) -> Optional[dict]:
+    if classes is None and preprocess is None:
+        return None
+    if classes is None or preprocess is None:
+        raise UserError("--classes and --preprocess go together: a model from elsewhere needs both for accuracy")
+    return {"classes": list(classes), **parse_preprocess(preprocess)}
+
+
+def _feed_for(e: _Entry, val: _ValData, foreign: Optional[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """(how to feed this model the validation images, or the problem that rules accuracy out)."""
     h, w = int(val.x.shape[2]), int(val.x.shape[3])
+    if e.info.input_hw is not None and tuple(e.info.input_hw) != (h, w):
+        ih, iw = e.info.input_hw
+        return None, f"validation images of {val.source} are {h}x{w} but {e.name} takes {ih}x{iw}"
+    if e.info.from_ekdc:
+        if len(e.info.classes) != len(val.classes):
+            return None, f"{val.source} has {len(val.classes)} classes but {e.name} predicts {len(e.info.classes)}"
+        return {}, None
+    if foreign is None:
+        return None, (f"{e.name} carries no ekdc metadata, so nothing says how to feed it: give --classes "
+                      "(its outputs in order) and --preprocess")
+    missing = [c for c in val.classes if c not in foreign["classes"]]
+    if missing:
+        return None, f"--classes lacks the data's class '{missing[0]}'"
+    return {"class_index": [foreign["classes"].index(c) for c in val.classes], "mean": foreign["mean"],
+            "std": foreign["std"]}, None
+
+
+def _check_data_fits(val: _ValData, entries: list[_Entry], console, foreign: Optional[dict] = None) -> Optional[_ValData]:
+    """Each model gets the validation images at its input size, fed as it expects, or no accuracy."""
     for e in entries:
-        problem = None
-        if e.info.input_hw is not None and tuple(e.info.input_hw) != (h, w):
-            ih, iw = e.info.input_hw
-            problem = f"validation images of {val.source} are {h}x{w} but {e.name} takes {ih}x{iw}"
-        classes = e.info.classes
-        if problem is None and classes is not None and len(classes) != len(val.classes):
-            problem = (f"{val.source} has {len(val.classes)} classes but {e.name} predicts {len(classes)}")
+        e.feed, problem = _feed_for(e, val, foreign)
         if problem is not None:
-            if val.explicit:
+            if val.explicit and (e.info.from_ekdc or foreign is not None):
                 raise UserError(f"--data: {problem}")
-            _say(console, f"no accuracy: {problem}")
-            return None
-    return val
+            _say(console, f"no accuracy for {e.name}: {problem}")
+    return val if any(e.feed is not None for e in entries) else None
 
 
 def _save_val(val: _ValData, tmp: Path) -> tuple[str, str]:
@@ -332,7 +376,7 @@ def _run_rounds(entries: list[_Entry], s: _Settings, tmp: Path, val_paths: Optio
         for k in order:
             e = entries[k]
             # accuracy is a property of the model, not of the round: compute it once
-            res = _run_child(e, s, tmp, val_paths if r == 0 else None, tag=f"r{r}-m{k}")
+            res = _run_child(e, s, tmp, val_paths if r == 0 and e.feed is not None else None, tag=f"r{r}-m{k}")
             results[e.name].append(res)
             p50s = "/".join(f"{_median(res['batches'][str(b)]):.3g}" for b in s.batches)
             _say(console, f"[{r + 1}/{s.repeats}] {e.name}: p50 {p50s} ms at batch "
@@ -348,6 +392,7 @@ def _run_child(e: _Entry, s: _Settings, tmp: Path, val_paths: Optional[tuple[str
         "duration": s.duration, "min_runs": s.min_runs,
         "input_hw": list(e.info.input_hw) if e.info.input_hw else None, "fixed_batch": e.info.fixed_batch,
         "val_x": val_paths[0] if val_paths else None, "val_y": val_paths[1] if val_paths else None,
+        "feed": e.feed, "input_name": e.info.input_name, "output_name": e.info.output_name,
         "cache_dir": str(tmp / "trt-cache"),
     }
     spec_path.write_text(json.dumps(spec))
