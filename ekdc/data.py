@@ -23,25 +23,88 @@ from .recipe import Augment, DataConfig
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
 
+class ImageSet:
+    """One split's images, as uint8 ``[3,S,S]`` at the recipe's size: held decoded in memory, or
+    streamed (decoded from their files batch by batch in DataLoader worker processes, so a folder
+    larger than memory trains). Both give the same batch for the same indices."""
+
+    def __init__(self, images: "torch.Tensor | None" = None, files: "list[str] | None" = None, size: int = 0,
+                 workers: int = 0):
+        self.images, self.files, self.size, self.workers = images, files, int(size), int(workers)
+
+    @property
+    def streamed(self) -> bool:
+        return self.images is None
+
+    def __len__(self) -> int:
+        return len(self.files) if self.streamed else len(self.images)
+
+    def batches(self, index_batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, their indices) for each batch of indices, in order."""
+        if not self.streamed:
+            for idx in index_batches:
+                yield self.images[idx], idx
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_FileImages(self.files, self.size), batch_sampler=[b.tolist() for b in index_batches],
+                            num_workers=self.workers, collate_fn=_collate_decoded)
+        for (x, errors), idx in zip(loader, index_batches):
+            if errors:  # one line naming the file, not the worker's traceback
+                raise UserError(errors[0])
+            yield x, idx
+
+
+class _FileImages:
+    """Decodes one file per item (in a DataLoader worker): the same decode as the in-memory path."""
+
+    def __init__(self, files: list[str], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return _decode([self.files[i]], self.size)[0], ""
+        except UserError as err:  # reported by the main process, in one line
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(err)
+
+
+def _collate_decoded(items):
+    return torch.stack([x for x, _ in items]), [e for _, e in items if e]
+
+
 @dataclasses.dataclass
 class DataSplits:
-    """Train and validation images (uint8 ``[N,3,H,W]``) and labels (int64), class names, normalisation."""
+    """Train and validation images (``ImageSet``) and labels (int64), class names, normalisation."""
 
-    train_x: torch.Tensor
+    train: ImageSet
     train_y: torch.Tensor
-    val_x: torch.Tensor
+    val: ImageSet
     val_y: torch.Tensor
     classes: list[str]
     mean: list[float]
     std: list[float]
+    image_size: int
+    loader: str = "memory"  # what ``data.loader: auto`` chose
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     @property
-    def image_size(self) -> int:
-        return int(self.train_x.shape[-1])
+    def train_x(self) -> torch.Tensor:
+        """The decoded training images (in-memory loader only)."""
+        if self.train.streamed:
+            raise ValueError("the training split is streamed: iterate data.train.batches(...)")
+        return self.train.images
+
+    @property
+    def val_x(self) -> torch.Tensor:
+        if self.val.streamed:
+            raise ValueError("the validation split is streamed: iterate data.val.batches(...)")
+        return self.val.images
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,18 +318,59 @@ def index_splits(cfg: DataConfig) -> SplitIndex:
     return SplitIndex(cfg, classes, images, np.asarray(labels), train_idx, val_images, np.asarray(val_labels), val_idx)
 
 
+MEAN_STD_SAMPLE = 2048  # training images the statistics are estimated from when streaming
+
+
+def _stream_chosen(cfg: DataConfig, index: SplitIndex) -> bool:
+    """``stream`` where asked for, or (``auto``) where the decoded splits would exceed the memory budget.
+    Only image folders stream: the other data sets come as tensors already."""
+    if not isinstance(index.train_images, _LazyFolder) or cfg.loader == "memory":
+        return False
+    if cfg.loader == "stream":
+        return True
+    decoded = (len(index.train_idx) + len(index.val_idx)) * 3 * cfg.image_size ** 2
+    return decoded > cfg.memory_budget_gb * 2**30
+
+
+def _image_set(index: SplitIndex, split: str, stream: bool, workers: int) -> tuple[ImageSet, torch.Tensor]:
+    if not stream:
+        x, y = index.take(split)
+        return ImageSet(images=x, size=index.cfg.image_size), y
+    source, labels, idx = ((index.train_images, index.train_labels, index.train_idx) if split == "train"
+                           else (index.val_images, index.val_labels, index.val_idx))
+    files = [source.files[i] for i in idx]
+    return ImageSet(files=files, size=index.cfg.image_size, workers=workers), torch.from_numpy(np.asarray(labels)[idx])
+
+
+def _statistics(cfg: DataConfig, index: SplitIndex, train: ImageSet) -> tuple[list[float], list[float]]:
+    """The recipe's mean/std, else the training split's: exact in memory, from a seeded sample of
+    ``MEAN_STD_SAMPLE`` images when streaming."""
+    if cfg.mean is not None and cfg.std is not None:
+        return list(cfg.mean), list(cfg.std)
+    if train.streamed:
+        n = len(train)
+        pick = np.sort(np.random.default_rng(cfg.split_seed).choice(n, min(n, MEAN_STD_SAMPLE), replace=False))
+        x, _ = index.take("train", pick)
+    else:
+        x = train.images
+    f = x.float().div_(255)
+    mean = cfg.mean or [round(v, 4) for v in f.mean(dim=(0, 2, 3)).tolist()]
+    std = cfg.std or [round(max(v, 1e-3), 4) for v in f.std(dim=(0, 2, 3)).tolist()]
+    return list(mean), list(std)
+
+
 def load_data(cfg: DataConfig) -> DataSplits:
-    """Both splits decoded into memory, with the normalisation (the recipe's, else the training split's)."""
+    """The splits, decoded into memory or streamed (``data.loader``), with the normalisation."""
     index = index_splits(cfg)
-    train_x, train_y = index.take("train")
-    val_x, val_y = index.take("val")
-    mean, std = cfg.mean, cfg.std
-    if mean is None or std is None:
-        f = train_x.float().div_(255)
-        mean = mean or [round(v, 4) for v in f.mean(dim=(0, 2, 3)).tolist()]
-        std = std or [round(max(v, 1e-3), 4) for v in f.std(dim=(0, 2, 3)).tolist()]
-    return DataSplits(train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, classes=list(index.classes),
-                      mean=list(mean), std=list(std))
+    stream = _stream_chosen(cfg, index)
+    from .contract import usable_cores
+
+    workers = cfg.workers if cfg.workers is not None else min(4, usable_cores())
+    train, train_y = _image_set(index, "train", stream, workers)
+    val, val_y = _image_set(index, "val", stream, workers)
+    mean, std = _statistics(cfg, index, train)
+    return DataSplits(train=train, train_y=train_y, val=val, val_y=val_y, classes=list(index.classes), mean=mean,
+                      std=std, image_size=cfg.image_size, loader="stream" if stream else "memory")
 
 
 # --------------------------------------------------------------------------------------------------

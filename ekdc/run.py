@@ -102,11 +102,31 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
 
+_HELD: "set[RunLock]" = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the lock files inherited from the parent. An
+    ``flock`` lock lives as long as any process keeps its file open, so a worker outliving a parent
+    killed by ``kill -9`` would otherwise keep the run folder locked."""
+    for lock in list(_HELD):
+        if lock._fh is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock._fh.fileno())
+            lock._fh = None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class RunLock:
     """An exclusive advisory lock on a run folder, held by the process that trains into it.
 
     ``flock`` locks die with their process, so a run killed by ``kill -9`` leaves nothing that blocks
-    ``--resume``. The file holds the holder's pid, which a refused process names."""
+    ``--resume`` (forked workers close their inherited copy of the lock file at once). The file holds
+    the holder's pid, which a refused process names."""
 
     def __init__(self, run: RunDir):
         self.run = run
@@ -139,6 +159,7 @@ class RunLock:
         fh.write(f"{os.getpid()}\n")
         fh.flush()
         self._fh = fh
+        _HELD.add(self)
         return None
 
     def acquire(self) -> "RunLock":
@@ -149,6 +170,7 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        _HELD.discard(self)
         if self._fh is None:
             return
         with contextlib.suppress(OSError):

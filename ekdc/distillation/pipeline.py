@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .. import _io, checkpoint
 from ..contract import top1
-from ..data import DataSplits, iterate_batches, load_data
+from ..data import DataSplits, ImageSet, iterate_batches, load_data
 from ..models import EKDStudent, count_macs, count_params, create_model
 from ..recipe import Recipe, TeacherConfig, dump_recipe
 from ..run import RunDir, open_training_run
@@ -35,8 +35,8 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
                           f"{', channels_last' if rt.channels_last else ''}{f', {rt.world} processes' if rt.world > 1 else ''})")
         data = load_data(recipe.data)
         if console is not None and rt.is_main:
-            console.print(f"data: {recipe.data.dataset}, {len(data.train_x)} training / {len(data.val_x)} validation "
-                          f"images, {data.num_classes} classes, {data.image_size}px")
+            console.print(f"data: {recipe.data.dataset}, {len(data.train)} training / {len(data.val)} validation "
+                          f"images, {data.num_classes} classes, {data.image_size}px, {data.loader} loader")
         with Reporter(run, rt, console, progress) as rep:
             teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
             student, student_s = student_stage(recipe, data, teachers, rt, run, rep)
@@ -176,13 +176,14 @@ def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x_uint8: torch.Tensor, rt: Runtime, batch_size: int = 256) -> torch.Tensor:
-    """Outputs of ``model(pixels)`` on ``x_uint8`` (as [0,1] pixels), in eval mode and fp32: the reported
-    accuracy is that of the function export deploys, not of a bf16 approximation."""
+def predict(model: nn.Module, images: ImageSet, rt: Runtime, batch_size: int = 256) -> torch.Tensor:
+    """Outputs of ``model(pixels)`` on a split's images (as [0,1] pixels), in eval mode and fp32: the
+    reported accuracy is that of the function export deploys, not of a bf16 approximation."""
     was = model.training
     model.eval()
     try:
-        return torch.cat([model(rt.to_pixels(x_uint8[idx])).float().cpu() for idx in iterate_batches(len(x_uint8), batch_size)])
+        return torch.cat([model(rt.to_pixels(x)).float().cpu()
+                          for x, _ in images.batches(list(iterate_batches(len(images), batch_size)))])
     finally:
         model.train(was)
 
@@ -202,8 +203,8 @@ class _StudentBranches(nn.Module):
 
 def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: list[Teacher], rt: Runtime) -> dict:
     """metrics.json (DESIGN.md's contract), but for ``seconds``, which the caller adds."""
-    branch_logits = predict(_StudentBranches(student, data.mean, data.std, rt), data.val_x, rt)  # [V,N,C]
-    teacher_logits = [predict(t, data.val_x, rt) for t in teachers]
+    branch_logits = predict(_StudentBranches(student, data.mean, data.std, rt), data.val, rt)  # [V,N,C]
+    teacher_logits = [predict(t, data.val, rt) for t in teachers]
     y = data.val_y
     teachers_out = []
     for t, tl in zip(teachers, teacher_logits):
@@ -221,8 +222,9 @@ def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: li
         "teachers": teachers_out,
         "teacher_ensemble_acc": top1(torch.stack(teacher_logits).mean(0), y),
         "mode": recipe.mode,
-        "train_images": len(data.train_x),
-        "val_images": len(data.val_x),
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "loader": data.loader,
         "device": str(rt.device),
         "world_size": rt.world,
     }

@@ -167,15 +167,16 @@ class _Optimisation(NamedTuple):
 
 def _run_epoch(stage: Stage, net: nn.Module, optim: _Optimisation, data: DataSplits, aug: Optional[Augment],
                rt: Runtime, run: RunDir, epoch: int, batch_size: int) -> _EpochTotals:
-    n = len(data.train_x)
+    n = len(data.train)
     net.train()
     aug_params = augment_params(n, aug, stage.seed, epoch)
     order = epoch_order(n, stage.seed, epoch, rt.rank, rt.world)
     mean = torch.tensor(data.mean, device=rt.device)
     std = torch.tensor(data.std, device=rt.device)
     totals = _EpochTotals()
-    for idx in iterate_batches(len(order), batch_size, order, drop_last=True):
-        xb = data.train_x[idx].to(rt.device, non_blocking=True)
+    # the order and the augmentation are functions of (seed, epoch, index): both loaders give these batches
+    for x_uint8, idx in data.train.batches(list(iterate_batches(len(order), batch_size, order, drop_last=True))):
+        xb = x_uint8.to(rt.device, non_blocking=True)
         if aug_params is not None:
             xb = augment_batch(xb, aug_params[idx].to(rt.device), aug.crop_padding)
         pixels = rt.to_pixels(xb)
@@ -204,7 +205,7 @@ def train_stage(stage: Stage, data: DataSplits, aug: Optional[Augment], rt: Runt
     """Train ``stage.model`` for ``stage.schedule.epochs``, resuming from the stage checkpoint if one
     exists. Returns the stage's training seconds (accumulated across resumes)."""
     s = stage.schedule
-    per_rank = -(-len(data.train_x) // rt.world)
+    per_rank = -(-len(data.train) // rt.world)
     bs = min(s.batch_size, per_rank)
     opt = make_optimizer(stage.groups, s)
     # drop_last keeps BatchNorm away from 1-image batches

@@ -1,0 +1,101 @@
+"""The streaming loader: image folders decoded batch by batch in worker processes give the very batches
+the in-memory loader gives, so runs, resumes and DDP shards agree whichever loader a folder gets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ekdc.data import iterate_batches, load_data
+from ekdc.recipe import DataConfig
+from tests.conftest import ROOT, run_cli, tiny_recipe
+
+
+def _folder(root, per_class=12, size=(20, 14)):
+    """Class folders with nested subfolders and odd image modes (RGBA, L, P, CMYK)."""
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "RGBA", "L", "P", "CMYK"]
+    for c in range(4):
+        for i in range(per_class):
+            sub = root / f"class_{c}" / ("a" if i % 2 else "b")
+            sub.mkdir(parents=True, exist_ok=True)
+            base = np.full((*size[::-1], 3), 60 * c, np.uint8) + rng.integers(0, 40, (*size[::-1], 3), dtype=np.uint8)
+            im = Image.fromarray(base).convert(modes[i % len(modes)])
+            im.save(sub / f"{i}.{'jpg' if im.mode in ('RGB', 'L', 'CMYK') else 'png'}")
+    return root
+
+
+def test_stream_and_memory_give_the_same_batches(tmp_path):
+    root = _folder(tmp_path / "data")
+    cfg = dict(dataset="imagefolder", root=str(root), image_size=16, val_per_class=3)
+    mem = load_data(DataConfig(**cfg, loader="memory"))
+    st = load_data(DataConfig(**cfg, loader="stream", workers=2))
+    assert (mem.loader, st.loader) == ("memory", "stream") and st.train.streamed
+    assert mem.mean == st.mean and torch.equal(mem.train_y, st.train_y)  # 36 images: the sample is the split
+    order = torch.randperm(len(mem.train), generator=torch.Generator().manual_seed(3))
+    batches = list(iterate_batches(len(order), 8, order))
+    for (a, ia), (b, ib) in zip(mem.train.batches(batches), st.train.batches(batches)):
+        assert torch.equal(ia, ib) and torch.equal(a, b)
+    auto = load_data(DataConfig(**cfg, memory_budget_gb=1e-6))  # a budget nothing fits: auto streams
+    assert auto.loader == "stream"
+
+
+def _recipe(tmp_path, root, loader, **over):
+    r = tiny_recipe(**over)
+    r["data"] = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "val_per_class": 3,
+                 "loader": loader, "workers": 1, "augment": True}
+    p = tmp_path / f"{loader}.yaml"
+    p.write_text(yaml.safe_dump(r))
+    return p
+
+
+def test_a_run_is_the_same_with_either_loader(tmp_path):
+    root = _folder(tmp_path / "data")
+    metrics = {}
+    for loader in ("memory", "stream"):
+        res = run_cli("distill", _recipe(tmp_path, root, loader), "--out", tmp_path / loader, "-q")
+        assert res.returncode == 0, res.stderr
+        metrics[loader] = json.loads((tmp_path / loader / "metrics.json").read_text())
+    assert metrics["stream"]["loader"] == "stream"
+    for key in ("student", "teachers", "teacher_ensemble_acc"):
+        assert metrics["memory"][key] == metrics["stream"][key]
+
+
+def test_a_corrupt_file_is_named_in_one_line(tmp_path):
+    root = _folder(tmp_path / "data")
+    bad = root / "class_1" / "a" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    res = run_cli("distill", _recipe(tmp_path, root, "stream"), "--out", tmp_path / "run")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_with_the_stream_loader(tmp_path):
+    root = _folder(tmp_path / "data", per_class=30)
+    over = dict(teachers=[{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 16}}],
+                distill={"epochs": 5, "batch_size": 16, "lr": 0.05})
+    recipe = _recipe(tmp_path, root, "stream", **over)
+    assert run_cli("distill", recipe, "--out", tmp_path / "ref", "-q").returncode == 0
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ekdc", "distill", str(recipe), "--out", str(run), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    log = run / "log.jsonl"
+    deadline = time.time() + 300
+    while (not log.exists() or log.read_text().count('"student-ekd"') < 2) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "student.pt").exists()
+    res = run_cli("distill", recipe, "--out", run, "--resume", "-q")
+    assert res.returncode == 0, res.stderr
+    a, b = (json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "ref", run))
+    assert a["student"] == b["student"]  # fp32 on CPU, the same batches: the resumed run retraces the first
