@@ -87,6 +87,16 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def existing_file(path: str | os.PathLike, what: str, kind: str) -> Path:
+    """``path`` as a Path, or one line: not found, or a folder where a ``kind`` file was expected."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not {kind}")
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    return path
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     import io
 

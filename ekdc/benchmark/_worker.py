@@ -35,33 +35,35 @@ class WorkerError(Exception):
 # memory
 
 
+def _status_mib(field: str) -> Optional[float]:
+    """A memory field of /proc/self/status (``VmHWM``, ``VmRSS``) in MiB; None where /proc is not there."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB.
 
     Linux keeps ``ru_maxrss`` across execve, so a child forked from a parent holding torch and a data
     set would report the parent's size; VmHWM is the high-water mark of this program's own address
     space since exec. ``ru_maxrss`` (KiB on Linux, bytes on macOS) where /proc is not available."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
+    hwm = _status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def current_rss_mib() -> float:
     """Resident memory of this process now, in MiB (VmRSS); the peak where /proc is not available."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return peak_rss_mib()
+    rss = _status_mib("VmRSS")
+    return rss if rss is not None else peak_rss_mib()
 
 
 def _import_runtime(spec: dict) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._io import existing_file
 from ..errors import UserError
 
 
@@ -39,11 +40,7 @@ def inspect_onnx(path: str | os.PathLike, what: str) -> OnnxInfo:
     import onnx
     from onnx import TensorProto
 
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a folder, not an ONNX file")
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+    path = existing_file(path, what, "an ONNX file")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # noqa: BLE001 - protobuf raises several unrelated types on garbage bytes

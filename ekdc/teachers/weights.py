@@ -11,12 +11,12 @@ import argparse
 import os
 import pathlib
 import pickle
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from .._io import existing_file
 from ..errors import UserError
 
 # what torchvision's references/classification/train.py and timm's train.py put into a checkpoint
@@ -28,11 +28,7 @@ STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 
 def read_weights(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(the state dict, the file's other fields) of a weight file; one line naming the file on failure."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a folder, not a weight file")
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+    path = existing_file(path, what, "a weight file")
     try:
         with torch.serialization.safe_globals(SAFE_TYPES):
             obj = torch.load(path, map_location="cpu", weights_only=True)
