@@ -88,6 +88,7 @@ class DataSplits:
     std: list[float]
     image_size: int
     loader: str = "memory"  # what ``data.loader: auto`` chose
+    skipped_files: int = 0  # unreadable files left out (data.skip_bad_files)
 
     @property
     def num_classes(self) -> int:
@@ -220,8 +221,9 @@ def _decode(files: list[str], size: int) -> torch.Tensor:
 class _LazyFolder:
     """An image folder whose files are decoded only when selected (a 10% subset decodes 10%)."""
 
-    def __init__(self, files: list[str], size: int):
+    def __init__(self, files: list[str], size: int, skipped: int = 0):
         self.files, self.size = files, size
+        self.skipped = skipped  # unreadable files left out (data.skip_bad_files)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -233,13 +235,37 @@ class _LazyFolder:
 @register_dataset
 def _imagefolder(cfg: DataConfig):
     classes, files, labels = _scan_folder(Path(cfg.root), "data.root")
+    scanned = len(files)
+    if cfg.skip_bad_files:
+        files, labels = _readable(files, labels, "data.root")
     val = None
     if cfg.val_root:
         vclasses, vfiles, vlabels = _scan_folder(Path(cfg.val_root), "data.val_root")
         if vclasses != classes:
             raise UserError(f"data.val_root: class folders {vclasses} differ from data.root's {classes}")
-        val = (_LazyFolder(vfiles, cfg.image_size), vlabels)
-    return _LazyFolder(files, cfg.image_size), labels, classes, val
+        vscanned = len(vfiles)
+        if cfg.skip_bad_files:
+            vfiles, vlabels = _readable(vfiles, vlabels, "data.val_root")
+        val = (_LazyFolder(vfiles, cfg.image_size, skipped=vscanned - len(vfiles)), vlabels)
+    return _LazyFolder(files, cfg.image_size, skipped=scanned - len(files)), labels, classes, val
+
+
+def _readable(files: list[str], labels: np.ndarray, what: str) -> tuple[list[str], np.ndarray]:
+    """The files whose image header reads (``data.skip_bad_files``): the others are left out of the
+    split, and counted."""
+    from PIL import Image, UnidentifiedImageError
+
+    keep = []
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im.verify()
+            keep.append(i)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            pass
+    if not keep:
+        raise UserError(f"{what}: no readable image among {len(files)} files")
+    return [files[i] for i in keep], np.asarray(labels)[keep]
 
 
 @register_dataset
@@ -369,8 +395,10 @@ def load_data(cfg: DataConfig) -> DataSplits:
     train, train_y = _image_set(index, "train", stream, workers)
     val, val_y = _image_set(index, "val", stream, workers)
     mean, std = _statistics(cfg, index, train)
+    folders = {id(f): f for f in (index.train_images, index.val_images) if isinstance(f, _LazyFolder)}
     return DataSplits(train=train, train_y=train_y, val=val, val_y=val_y, classes=list(index.classes), mean=mean,
-                      std=std, image_size=cfg.image_size, loader="stream" if stream else "memory")
+                      std=std, image_size=cfg.image_size, loader="stream" if stream else "memory",
+                      skipped_files=sum(f.skipped for f in folders.values()))
 
 
 # --------------------------------------------------------------------------------------------------

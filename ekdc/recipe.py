@@ -59,6 +59,8 @@ class DataConfig(_Strict):
         "auto", description="memory: decode every image once; stream: decode per batch in worker processes; "
                             "auto: stream an image folder whose decoded splits exceed memory_budget_gb")
     memory_budget_gb: float = Field(2.0, gt=0, description="auto: the most decoded images held in memory")
+    skip_bad_files: bool = Field(False, description="imagefolder: leave files that cannot be read out of the split "
+                                                    "(counted) instead of stopping at the first")
     workers: Optional[int] = Field(None, ge=0, description="stream: decoding processes (default: the cores, at most 4)")
     split_seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the train/validation split (kept apart from the run seed)")
     # synthetic data (tests only)

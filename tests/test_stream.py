@@ -99,3 +99,14 @@ def test_kill_9_then_resume_with_the_stream_loader(tmp_path):
     assert res.returncode == 0, res.stderr
     a, b = (json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "ref", run))
     assert a["student"] == b["student"]  # fp32 on CPU, the same batches: the resumed run retraces the first
+
+
+def test_skip_bad_files_leaves_them_out_and_counts_them(tmp_path):
+    root = _folder(tmp_path / "data")
+    (root / "class_2" / "a" / "zz_broken.png").write_bytes(b"\x89PNG not really")
+    (root / "class_0" / "b" / "zz_empty.jpg").write_bytes(b"")
+    cfg = dict(dataset="imagefolder", root=str(root), image_size=16, val_per_class=3)
+    with pytest.raises(Exception, match="zz_"):  # by default the first one stops the run, named
+        load_data(DataConfig(**cfg, loader="memory"))
+    d = load_data(DataConfig(**cfg, loader="memory", skip_bad_files=True))
+    assert d.skipped_files == 2 and len(d.train) + len(d.val) == 4 * 12

@@ -35,8 +35,10 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
                           f"{', channels_last' if rt.channels_last else ''}{f', {rt.world} processes' if rt.world > 1 else ''})")
         data = load_data(recipe.data)
         if console is not None and rt.is_main:
+            skipped = data.skipped_files
             console.print(f"data: {recipe.data.dataset}, {len(data.train)} training / {len(data.val)} validation "
-                          f"images, {data.num_classes} classes, {data.image_size}px, {data.loader} loader")
+                          f"images, {data.num_classes} classes, {data.image_size}px, {data.loader} loader"
+                          + (f"; {skipped} unreadable files left out (data.skip_bad_files)" if skipped else ""))
         with Reporter(run, rt, console, progress) as rep:
             teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
             student, student_s = student_stage(recipe, data, teachers, rt, run, rep)
@@ -225,6 +227,7 @@ def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: li
         "train_images": len(data.train),
         "val_images": len(data.val),
         "loader": data.loader,
+        "skipped_files": data.skipped_files,
         "device": str(rt.device),
         "world_size": rt.world,
     }
