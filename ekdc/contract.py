@@ -3,7 +3,8 @@
     input   ``images``  float32 [B,3,H,W], RGB in [0,1]; normalisation happens inside the graph
     output  ``logits``  float32 [B,C]
     metadata  ``ekdc.classes`` (JSON list), ``ekdc.input_size``, ``ekdc.kind``, ``ekdc.precision``,
-              ``ekdc.recipe``, ``ekdc.run_dir``; export adds ``fold`` (students) or ``teachers``
+              ``ekdc.recipe``, ``ekdc.run_dir``, ``ekdc.preprocess`` (JSON: how a raw photo becomes the
+              input); export adds ``fold`` (students) or ``teachers``
 
 Export writes it, bench and ``export/infer.py`` read it. This module imports nothing heavier than the
 standard library at import time (numpy and onnxruntime load inside the functions that need them), so
@@ -25,6 +26,8 @@ META_KIND = "ekdc.kind"
 META_PRECISION = "ekdc.precision"
 META_RECIPE = "ekdc.recipe"
 META_RUN_DIR = "ekdc.run_dir"
+# how a raw photo becomes the input: {"resize": S} (to S x S), or {"resize_shorter": C, "center_crop": S}
+META_PREPROCESS = "ekdc.preprocess"
 META_FOLD = "fold"
 META_TEACHERS = "teachers"
 
@@ -35,11 +38,13 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 
 
 def contract_metadata(*, classes: list[str], input_size: int, kind: str, precision: str, recipe: str,
-                      run_dir: str | os.PathLike, extra: Optional[dict[str, Any]] = None) -> dict[str, str]:
+                      run_dir: str | os.PathLike, preprocess: Optional[dict] = None,
+                      extra: Optional[dict[str, Any]] = None) -> dict[str, str]:
     """The metadata an exported file carries (values are strings, as ONNX stores them)."""
     meta = {
         META_CLASSES: json.dumps(classes), META_INPUT_SIZE: str(input_size), META_KIND: kind,
         META_PRECISION: precision, META_RECIPE: recipe, META_RUN_DIR: str(Path(run_dir).resolve()),
+        META_PREPROCESS: json.dumps(preprocess or {"resize": input_size}),
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta

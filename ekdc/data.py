@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .recipe import Augment, DataConfig
+from .recipe import CENTER_CROP, Augment, DataConfig
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -29,8 +29,10 @@ class ImageSet:
     larger than memory trains). Both give the same batch for the same indices."""
 
     def __init__(self, images: "torch.Tensor | None" = None, files: "list[str] | None" = None, size: int = 0,
-                 workers: int = 0):
+                 workers: int = 0, view: str = "pad_crop", canonical: bool = False):
         self.images, self.files, self.size, self.workers = images, files, int(size), int(workers)
+        # canonical: the decode training crops from (a resized_crop view is larger than the image size)
+        self.view, self.canonical = view, canonical
 
     @property
     def streamed(self) -> bool:
@@ -47,7 +49,8 @@ class ImageSet:
             return
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(_FileImages(self.files, self.size), batch_sampler=[b.tolist() for b in index_batches],
+        loader = DataLoader(_FileImages(self.files, self.size, self.view, self.canonical),
+                            batch_sampler=[b.tolist() for b in index_batches],
                             num_workers=self.workers, collate_fn=_collate_decoded)
         for (x, errors), idx in zip(loader, index_batches):
             if errors:  # one line naming the file, not the worker's traceback
@@ -58,17 +61,19 @@ class ImageSet:
 class _FileImages:
     """Decodes one file per item (in a DataLoader worker): the same decode as the in-memory path."""
 
-    def __init__(self, files: list[str], size: int):
-        self.files, self.size = files, size
+    def __init__(self, files: list[str], size: int, view: str, canonical: bool):
+        self.files, self.size, self.view, self.canonical = files, size, view, canonical
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        side = canonical_size(self.size, self.view) if self.canonical else self.size
         try:
-            return _decode([self.files[i]], self.size)[0], ""
+            x = _decode([self.files[i]], self.size, self.view)[0]
+            return (x if self.canonical else center_crop(x, self.size)).contiguous(), ""
         except UserError as err:  # reported by the main process, in one line
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(err)
+            return torch.zeros(3, side, side, dtype=torch.uint8), str(err)
 
 
 def _collate_decoded(items):
@@ -202,34 +207,65 @@ def _scan_folder(root: Path, what: str) -> tuple[list[str], list[str], np.ndarra
     return classes, files, np.asarray(labels, dtype=np.int64)
 
 
-def _decode(files: list[str], size: int) -> torch.Tensor:
+def canonical_size(size: int, view: str) -> int:
+    """The side of the square every image is decoded to: the image size for ``pad_crop``; for
+    ``resized_crop``, size / 0.875 (training crops from it, evaluation takes its centre)."""
+    return size if view == "pad_crop" else int(round(size / CENTER_CROP))
+
+
+def _decode(files: list[str], size: int, view: str = "pad_crop") -> torch.Tensor:
+    """Files as uint8 ``[n,3,c,c]``, c = ``canonical_size``: any mode made RGB; ``pad_crop`` resizes to the
+    square, ``resized_crop`` resizes the shorter side to c and keeps the centre square."""
     from PIL import Image
 
-    out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    c = canonical_size(size, view)
+    out = torch.empty(len(files), 3, c, c, dtype=torch.uint8)
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
                 im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
+                if view == "pad_crop":
+                    im = im.resize((c, c), Image.BILINEAR) if im.size != (c, c) else im
+                else:
+                    w, h = im.size
+                    k = c / min(w, h)
+                    im = im.resize((max(c, round(w * k)), max(c, round(h * k))), Image.BILINEAR)
+                    left, top = (im.size[0] - c) // 2, (im.size[1] - c) // 2
+                    im = im.crop((left, top, left + c, top + c))
                 out[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise UserError(f"cannot read image {f}: {err}") from None
     return out
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre ``size`` x ``size`` of images ``[...,c,c]`` (evaluation's view of a ``resized_crop`` decode)."""
+    c = x.shape[-1]
+    if c == size:
+        return x
+    o = (c - size) // 2
+    return x[..., o : o + size, o : o + size]
+
+
+def eval_preprocess(cfg: DataConfig) -> dict:
+    """How a raw photo becomes the model's input, for the ONNX metadata (``export/infer.py`` follows it)."""
+    if cfg.view == "pad_crop":
+        return {"resize": cfg.image_size}
+    return {"resize_shorter": canonical_size(cfg.image_size, "resized_crop"), "center_crop": cfg.image_size}
 
 
 class _LazyFolder:
     """An image folder whose files are decoded only when selected (a 10% subset decodes 10%)."""
 
-    def __init__(self, files: list[str], size: int, skipped: int = 0):
-        self.files, self.size = files, size
+    def __init__(self, files: list[str], size: int, skipped: int = 0, view: str = "pad_crop"):
+        self.files, self.size, self.view = files, size, view
         self.skipped = skipped  # unreadable files left out (data.skip_bad_files)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def take(self, idx: np.ndarray) -> torch.Tensor:
-        return _decode([self.files[i] for i in idx], self.size)
+        return _decode([self.files[i] for i in idx], self.size, self.view)
 
 
 @register_dataset
@@ -246,8 +282,8 @@ def _imagefolder(cfg: DataConfig):
         vscanned = len(vfiles)
         if cfg.skip_bad_files:
             vfiles, vlabels = _readable(vfiles, vlabels, "data.val_root")
-        val = (_LazyFolder(vfiles, cfg.image_size, skipped=vscanned - len(vfiles)), vlabels)
-    return _LazyFolder(files, cfg.image_size, skipped=scanned - len(files)), labels, classes, val
+        val = (_LazyFolder(vfiles, cfg.image_size, skipped=vscanned - len(vfiles), view=cfg.view), vlabels)
+    return _LazyFolder(files, cfg.image_size, skipped=scanned - len(files), view=cfg.view), labels, classes, val
 
 
 def _readable(files: list[str], labels: np.ndarray, what: str) -> tuple[list[str], np.ndarray]:
@@ -313,14 +349,17 @@ class SplitIndex:
     def size(self, split: str) -> int:
         return len(self.train_idx if split == "train" else self.val_idx)
 
-    def take(self, split: str, positions: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (uint8 ``[n,3,S,S]`` at the recipe's size) and labels of a split, or of the given
-        positions in it (in that order)."""
+    def take(self, split: str, positions: np.ndarray | None = None,
+             canonical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (uint8 ``[n,3,S,S]``, evaluation's view at the recipe's size; with ``canonical``, the
+        decode training crops from) and labels of a split, or of the given positions in it (in that order)."""
         images, labels, idx = ((self.train_images, self.train_labels, self.train_idx) if split == "train"
                                else (self.val_images, self.val_labels, self.val_idx))
         if positions is not None:
             idx = idx[np.asarray(positions, dtype=np.int64)]
-        x = _resize(_take(images, idx), self.cfg.image_size)
+        x = _resize(_take(images, idx), canonical_size(self.cfg.image_size, self.cfg.view))
+        if not canonical:
+            x = center_crop(x, self.cfg.image_size)
         return x.contiguous(), torch.from_numpy(np.asarray(labels)[idx])
 
 
@@ -358,14 +397,16 @@ def _stream_chosen(cfg: DataConfig, index: SplitIndex) -> bool:
     return decoded > cfg.memory_budget_gb * 2**30
 
 
-def _image_set(index: SplitIndex, split: str, stream: bool, workers: int) -> tuple[ImageSet, torch.Tensor]:
+def _image_set(index: SplitIndex, split: str, stream: bool, workers: int,
+               canonical: bool = False) -> tuple[ImageSet, torch.Tensor]:
+    kw = dict(size=index.cfg.image_size, view=index.cfg.view, canonical=canonical)
     if not stream:
-        x, y = index.take(split)
-        return ImageSet(images=x, size=index.cfg.image_size), y
+        x, y = index.take(split, canonical=canonical)
+        return ImageSet(images=x, **kw), y
     source, labels, idx = ((index.train_images, index.train_labels, index.train_idx) if split == "train"
                            else (index.val_images, index.val_labels, index.val_idx))
     files = [source.files[i] for i in idx]
-    return ImageSet(files=files, size=index.cfg.image_size, workers=workers), torch.from_numpy(np.asarray(labels)[idx])
+    return ImageSet(files=files, workers=workers, **kw), torch.from_numpy(np.asarray(labels)[idx])
 
 
 def _statistics(cfg: DataConfig, index: SplitIndex, train: ImageSet) -> tuple[list[float], list[float]]:
@@ -378,7 +419,7 @@ def _statistics(cfg: DataConfig, index: SplitIndex, train: ImageSet) -> tuple[li
         pick = np.sort(np.random.default_rng(cfg.split_seed).choice(n, min(n, MEAN_STD_SAMPLE), replace=False))
         x, _ = index.take("train", pick)
     else:
-        x = train.images
+        x = center_crop(train.images, cfg.image_size)  # evaluation's view, as the sample above
     f = x.float().div_(255)
     mean = cfg.mean or [round(v, 4) for v in f.mean(dim=(0, 2, 3)).tolist()]
     std = cfg.std or [round(max(v, 1e-3), 4) for v in f.std(dim=(0, 2, 3)).tolist()]
@@ -392,7 +433,8 @@ def load_data(cfg: DataConfig) -> DataSplits:
     from .contract import usable_cores
 
     workers = cfg.workers if cfg.workers is not None else min(4, usable_cores())
-    train, train_y = _image_set(index, "train", stream, workers)
+    aug = cfg.augment_config
+    train, train_y = _image_set(index, "train", stream, workers, canonical=aug is not None and aug.kind == "resized_crop")
     val, val_y = _image_set(index, "val", stream, workers)
     mean, std = _statistics(cfg, index, train)
     folders = {id(f): f for f in (index.train_images, index.val_images) if isinstance(f, _LazyFolder)}
@@ -416,16 +458,51 @@ class Batch:
     epoch: int  # 0-based
 
 
-def augment_params(n: int, aug: Augment | None, seed: int, epoch: int) -> torch.Tensor | None:
-    """Per-sample (dy, dx, flip) for one epoch, a pure function of (seed, epoch)."""
+def augment_params(n: int, aug: Augment | None, seed: int, epoch: int, side: int = 0) -> torch.Tensor | None:
+    """Per-sample crop and flip parameters for one epoch, a pure function of (seed, epoch) and the sample's
+    index: pad_crop (dy, dx, flip); resized_crop (top, left, height, width, flip) of a crop from the
+    ``side`` x ``side`` decode, as RandomResizedCrop draws them (area share in ``scale``, aspect ratio in
+    ``ratio``, log-uniform), drawn here rather than from the global RNG."""
     if aug is None:
         return None
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if aug.kind == "resized_crop":
+        area = side * side * (aug.scale[0] + (aug.scale[1] - aug.scale[0]) * torch.rand(n, generator=g, dtype=torch.float64))
+        lo, hi = np.log(aug.ratio[0]), np.log(aug.ratio[1])
+        ratio = torch.exp(lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64))
+        w = torch.sqrt(area * ratio).clamp(1, side)
+        h = torch.sqrt(area / ratio).clamp(1, side)
+        top = (side - h) * torch.rand(n, generator=g, dtype=torch.float64)
+        left = (side - w) * torch.rand(n, generator=g, dtype=torch.float64)
+        flip = torch.randint(0, 2, (n,), generator=g) if aug.hflip else torch.zeros(n, dtype=torch.long)
+        return torch.stack([top, left, h, w, flip.double()], 1).float()
     p = aug.crop_padding
     dy = torch.randint(0, 2 * p + 1, (n,), generator=g)
     dx = torch.randint(0, 2 * p + 1, (n,), generator=g)
     flip = torch.randint(0, 2, (n,), generator=g) if aug.hflip else torch.zeros(n, dtype=torch.long)
     return torch.stack([dy, dx, flip], 1)
+
+
+def augment(x: torch.Tensor, params: torch.Tensor, aug: Augment, size: int) -> torch.Tensor:
+    """A batch of uint8 decodes -> uint8 training views at ``size``, by ``aug.kind``."""
+    if aug.kind == "resized_crop":
+        return resized_crop_batch(x, params, size)
+    return augment_batch(x, params.long(), aug.crop_padding)
+
+
+def resized_crop_batch(x: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
+    """Each image's crop (top, left, height, width) resized to ``size`` (bilinear, in one batched
+    ``roi_align``), then flipped where asked: uint8 ``[B,3,size,size]``."""
+    from torchvision.ops import roi_align
+
+    top, left, h, w, flip = params.float().unbind(1)
+    idx = torch.arange(len(x), dtype=torch.float32, device=x.device)
+    boxes = torch.stack([idx, left, top, left + w, top + h], 1)
+    # adaptive sampling: one sample a pixel when the crop is upscaled (exact at scale 1), the average of
+    # ceil(crop / size) samples a side when it is downscaled
+    out = roi_align(x.float(), boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    out = torch.where(flip.bool().view(-1, 1, 1, 1), out.flip(-1), out)
+    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 def augment_batch(x: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor:

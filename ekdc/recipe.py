@@ -37,9 +37,25 @@ def _rgb_triple(v, positive: bool = False):
     return v
 
 
+PAD_CROP_UP_TO_PX = 64  # images up to this size get pad-crop augmentation by default; larger, resized crops
+CENTER_CROP = 0.875  # photos: decoded with the shorter side at size / 0.875, evaluated on the centre crop
+
+
 class Augment(_Strict):
-    crop_padding: int = Field(4, ge=0, description="random crop after zero padding by this many pixels; 0 = off")
+    kind: Optional[Literal["pad_crop", "resized_crop"]] = Field(
+        None, description="pad_crop (small images) or resized_crop (RandomResizedCrop, photos); default by image size")
+    crop_padding: int = Field(4, ge=0, description="pad_crop: random crop after zero padding by this many pixels")
+    scale: list[float] = Field(default_factory=lambda: [0.08, 1.0], min_length=2, max_length=2,
+                               description="resized_crop: the crop's share of the image's area, min and max")
+    ratio: list[float] = Field(default_factory=lambda: [0.75, 4 / 3], min_length=2, max_length=2,
+                               description="resized_crop: the crop's aspect ratio, min and max")
     hflip: bool = True
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError("scale must be 0 < min <= max <= 1 and ratio 0 < min <= max")
+        return self
 
 
 class DataConfig(_Strict):
@@ -82,12 +98,20 @@ class DataConfig(_Strict):
         return self
 
     @property
+    def view(self) -> str:
+        """How images are decoded and evaluated: ``pad_crop`` resizes them to the image size;
+        ``resized_crop`` resizes the shorter side to size / 0.875 and keeps the centre (photos)."""
+        aug = self.augment if isinstance(self.augment, Augment) else None
+        if aug is not None and aug.kind is not None:
+            return aug.kind
+        return "pad_crop" if self.image_size <= PAD_CROP_UP_TO_PX else "resized_crop"
+
+    @property
     def augment_config(self) -> Augment | None:
-        if self.augment is True:
-            return Augment()
         if self.augment is False:
             return None
-        return self.augment
+        aug = Augment() if self.augment is True else self.augment
+        return aug if aug.kind is not None else aug.model_copy(update={"kind": self.view})
 
 
 class Schedule(_Strict):

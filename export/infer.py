@@ -4,8 +4,9 @@ numpy; no torch, no ekdc.
 
     python infer.py student.onnx cat.jpg dog.png [--top 3]
 
-The model's metadata says the input size and the class names; normalisation is inside the graph,
-so the input is just RGB in [0, 1].
+The model's metadata says the class names and how a photo becomes the input (``ekdc.preprocess``:
+resized to the input size, or for photos the shorter side resized and the centre cropped, as the
+model was evaluated); normalisation is inside the graph, so the input is just RGB in [0, 1].
 """
 from __future__ import annotations
 
@@ -18,11 +19,23 @@ import onnxruntime as ort
 from PIL import Image
 
 
-def load_images(paths: list[str], size: int) -> np.ndarray:
+def _center(im: Image.Image, side: int) -> Image.Image:
+    left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+    return im.crop((left, top, left + side, top + side))
+
+
+def load_images(paths: list[str], size: int, pre: dict) -> np.ndarray:
     batch = np.empty((len(paths), 3, size, size), dtype=np.float32)
     for i, p in enumerate(paths):
         with Image.open(p) as im:
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            im = im.convert("RGB")
+            if "resize_shorter" in pre:  # as ekdc decodes photos: shorter side to C, centre C x C, centre crop
+                c = int(pre["resize_shorter"])
+                k = c / min(im.size)
+                im = _center(im.resize((max(c, round(im.size[0] * k)), max(c, round(im.size[1] * k))), Image.BILINEAR), c)
+                im = _center(im, int(pre["center_crop"]))
+            else:
+                im = im.resize((size, size), Image.BILINEAR)
             batch[i] = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
     return batch
 
@@ -51,8 +64,9 @@ def main() -> int:
         return 2
     classes = json.loads(meta["ekdc.classes"])
     size = int(meta["ekdc.input_size"])
+    pre = json.loads(meta.get("ekdc.preprocess", "{}"))  # files exported before it existed: resize
     try:
-        x = load_images(args.images, size)
+        x = load_images(args.images, size, pre)
     except (OSError, ValueError) as err:
         print(f"infer.py: error: {err}", file=sys.stderr)
         return 2

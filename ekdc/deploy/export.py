@@ -25,7 +25,7 @@ import torch
 
 from .. import _io, checkpoint
 from ..contract import META_FOLD, META_TEACHERS, contract_metadata, ort_session, top1
-from ..data import index_splits
+from ..data import eval_preprocess, index_splits
 from ..errors import UserError
 from ..models import EKDStudent
 from ..run import RunDir, open_finished_run
@@ -54,10 +54,11 @@ class _Job:
     val_y: np.ndarray
     calib_x: torch.Tensor  # uint8 training images for int8 calibration
     say: Callable[[str], None]
+    preprocess: dict  # how a raw photo becomes the input (the ONNX metadata says it)
 
     def meta(self, kind: str, precision: str, **extra) -> dict[str, str]:
         return contract_metadata(classes=self.classes, input_size=self.size, kind=kind, precision=precision,
-                                 recipe=self.recipe_name, run_dir=self.run.path, extra=extra)
+                                 recipe=self.recipe_name, run_dir=self.run.path, preprocess=self.preprocess, extra=extra)
 
     def staged(self, name: str) -> Path:
         """Where an output file is written until every file has been made and checked (see ``_publish``)."""
@@ -237,7 +238,7 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fp1
     val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
     with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir, _io.writes_into(out):
         job = _Job(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out, Path(tmpdir),
-                   val_x, val_y, calib_x, say)
+                   val_x, val_y, calib_x, say, eval_preprocess(recipe.data))
         fp32 = export_student_fp32(job, fold_mode)
         files = [fp32.entry, export_teachers(job, teachers)]
         if fp16 or trt:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint
-from ..data import Batch, DataSplits, augment_batch, augment_params, epoch_order, iterate_batches
+from ..data import Batch, DataSplits, augment, augment_params, canonical_size, epoch_order, iterate_batches
 from ..errors import UserError
 from ..recipe import Augment, Schedule
 from ..run import RunDir
@@ -169,7 +169,7 @@ def _run_epoch(stage: Stage, net: nn.Module, optim: _Optimisation, data: DataSpl
                rt: Runtime, run: RunDir, epoch: int, batch_size: int) -> _EpochTotals:
     n = len(data.train)
     net.train()
-    aug_params = augment_params(n, aug, stage.seed, epoch)
+    aug_params = augment_params(n, aug, stage.seed, epoch, canonical_size(data.image_size, aug.kind) if aug else 0)
     order = epoch_order(n, stage.seed, epoch, rt.rank, rt.world)
     mean = torch.tensor(data.mean, device=rt.device)
     std = torch.tensor(data.std, device=rt.device)
@@ -178,7 +178,7 @@ def _run_epoch(stage: Stage, net: nn.Module, optim: _Optimisation, data: DataSpl
     for x_uint8, idx in data.train.batches(list(iterate_batches(len(order), batch_size, order, drop_last=True))):
         xb = x_uint8.to(rt.device, non_blocking=True)
         if aug_params is not None:
-            xb = augment_batch(xb, aug_params[idx].to(rt.device), aug.crop_padding)
+            xb = augment(xb, aug_params[idx].to(rt.device), aug, data.image_size)
         pixels = rt.to_pixels(xb)
         batch = Batch(pixels, rt.normalize(pixels, mean, std), data.train_y[idx].to(rt.device, non_blocking=True), idx, epoch)
         with rt.autocast():
