@@ -61,10 +61,6 @@ def load_teacher(path: str | os.PathLike, arch: str, what: str = "teacher checkp
     return model, ck
 
 
-def teacher_seconds(path: str | os.PathLike) -> float:
-    return float(_io.load_checkpoint(path, "teacher checkpoint").get("seconds", 0.0))
-
-
 # --------------------------------------------------------------------------------------------------
 # the student
 
@@ -79,7 +75,7 @@ def save_student(path: str | os.PathLike, student: EKDStudent, *, classes: list[
                          "mode": mode, "teachers": list(teachers), "seconds": float(seconds)}, path)
 
 
-def load_student(path: str | os.PathLike, strict: bool = True) -> tuple[EKDStudent, dict]:
+def load_student(path: str | os.PathLike) -> tuple[EKDStudent, dict]:
     """The student (eval mode) and its checkpoint's fields."""
     ck = _io.load_checkpoint(path, "student checkpoint")
     if ck.get("arch") != "ekd_student" or "config" not in ck:
@@ -90,14 +86,10 @@ def load_student(path: str | os.PathLike, strict: bool = True) -> tuple[EKDStude
                             f"{', '.join(known)})")
     student = create_model("ekd_student", num_classes=int(ck["num_classes"]), **ck["config"])
     try:
-        student.load_state_dict(ck["state_dict"], strict=strict)
+        student.load_state_dict(ck["state_dict"])
     except RuntimeError as err:
         raise UserError(f"{path} does not match its own student config ({str(err).splitlines()[0][:160]})") from None
     return student.eval(), ck
-
-
-def student_seconds(path: str | os.PathLike) -> float:
-    return float(_io.load_checkpoint(path, "student checkpoint").get("seconds", 0.0))
 
 
 # --------------------------------------------------------------------------------------------------

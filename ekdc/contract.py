@@ -33,6 +33,9 @@ META_TEACHERS = "teachers"
 
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 
+# ImageNet's normalisation: the default of models from elsewhere (ONNX teachers, bench's --preprocess imagenet)
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
 # ``--provider`` names and the ONNX Runtime execution providers they stand for
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 

@@ -346,15 +346,20 @@ class SplitIndex:
     val_labels: np.ndarray
     val_idx: np.ndarray
 
+    def part(self, split: str) -> tuple[object, np.ndarray, np.ndarray]:
+        """(images, labels, the split's positions in them) of ``train`` or ``val``."""
+        if split == "train":
+            return self.train_images, self.train_labels, self.train_idx
+        return self.val_images, self.val_labels, self.val_idx
+
     def size(self, split: str) -> int:
-        return len(self.train_idx if split == "train" else self.val_idx)
+        return len(self.part(split)[2])
 
     def take(self, split: str, positions: np.ndarray | None = None,
              canonical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (uint8 ``[n,3,S,S]``, evaluation's view at the recipe's size; with ``canonical``, the
         decode training crops from) and labels of a split, or of the given positions in it (in that order)."""
-        images, labels, idx = ((self.train_images, self.train_labels, self.train_idx) if split == "train"
-                               else (self.val_images, self.val_labels, self.val_idx))
+        images, labels, idx = self.part(split)
         if positions is not None:
             idx = idx[np.asarray(positions, dtype=np.int64)]
         x = _resize(_take(images, idx), canonical_size(self.cfg.image_size, self.cfg.view))
@@ -403,8 +408,7 @@ def _image_set(index: SplitIndex, split: str, stream: bool, workers: int,
     if not stream:
         x, y = index.take(split, canonical=canonical)
         return ImageSet(images=x, **kw), y
-    source, labels, idx = ((index.train_images, index.train_labels, index.train_idx) if split == "train"
-                           else (index.val_images, index.val_labels, index.val_idx))
+    source, labels, idx = index.part(split)
     files = [source.files[i] for i in idx]
     return ImageSet(files=files, workers=workers, **kw), torch.from_numpy(np.asarray(labels)[idx])
 

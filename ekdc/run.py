@@ -112,7 +112,7 @@ def _drop_inherited_locks() -> None:
     for lock in list(_HELD):
         if lock._fh is not None:
             with contextlib.suppress(OSError):
-                os.close(lock._fh.fileno())
+                lock._fh.close()  # the child's descriptor only: the parent's lock stays held
             lock._fh = None
     _HELD.clear()
 

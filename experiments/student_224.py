@@ -35,7 +35,8 @@ def main(argv=None) -> None:
     from ekdc.deploy.onnx import DeployModel, TeacherEnsemble, export_onnx
     from ekdc.models import count_macs, create_model
     from ekdc.teachers import Preprocess, Teacher, parse_arch
-    from ekdc.teachers.torch_models import IMAGENET_MEAN, IMAGENET_STD, build, final_linear
+    from ekdc.contract import IMAGENET_MEAN, IMAGENET_STD
+    from ekdc.teachers.torch_models import build, final_linear
 
     r = load_recipe(ROOT / args.recipe, ["data.root=."])
     size, n = r.data.image_size, args.classes

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
-from ..contract import META_RECIPE, META_RUN_DIR, PROVIDERS, usable_cores
+from ..contract import IMAGENET_MEAN, IMAGENET_STD, META_RECIPE, META_RUN_DIR, PROVIDERS, usable_cores
 from ..errors import UserError
 from .onnx_stats import ModelInfo, inspect_model
 
@@ -295,7 +295,7 @@ def parse_preprocess(text: str) -> dict:
     if t == "raw":
         return {"mean": None, "std": None}
     if t == "imagenet":
-        return {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     try:
         mean, std = ([float(v) for v in part.split(",")] for part in t.split("/"))
         if len(mean) == len(std) == 3 and all(v > 0 for v in std):

@@ -15,7 +15,7 @@ from ..data import DataSplits, ImageSet, iterate_batches, load_data
 from ..models import EKDStudent, count_macs, count_params, create_model
 from ..recipe import Recipe, TeacherConfig, dump_recipe
 from ..run import RunDir, open_training_run
-from ..teachers import (DataInfo, Teacher, frozen_teacher, parse_arch, teacher_for_run, teacher_param_groups,
+from ..teachers import (DataInfo, Teacher, frozen_teacher, parse_arch, teacher_from_checkpoint, teacher_param_groups,
                         teacher_stats, trainable_teacher)
 from .distiller import Distiller, SupervisedClassifier
 from .losses import EKDLoss
@@ -117,7 +117,8 @@ def _obtain_teacher(ti: int, tcfg: TeacherConfig, recipe: Recipe, data: DataSpli
         # a kill between saving the teacher and deleting its stage checkpoint leaves the latter behind
         rt.on_main(lambda: run.stage_ckpt(stage_name).unlink(missing_ok=True))
         rep.say(f"[dim]teacher {tcfg.name}: already in this run, loaded {final}[/dim]")
-        return teacher_for_run(tcfg, ti, info, run), float(_io.load_checkpoint(final).get("seconds", 0.0))
+        model, ck = checkpoint.load_teacher(final, tcfg.arch)
+        return teacher_from_checkpoint(ck, model, tcfg, info, ti), float(ck.get("seconds", 0.0))
     if tcfg.train is None:
         teacher = frozen_teacher(tcfg, ti, info)
         if tcfg.pretrained:  # kept in the run, so that export and --resume never need the network again
@@ -155,10 +156,10 @@ def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt:
     distiller = Distiller(student, teachers, EKDLoss(recipe.mode, d.weights.model_dump(), d.temperature, d.label_smoothing))
     rt.prepare(student)
     if run.student_path.exists():
-        trained, _ = checkpoint.load_student(run.student_path)
+        trained, ck = checkpoint.load_student(run.student_path)
         student.load_state_dict(trained.state_dict(), strict=False)  # adapters are not saved: they stay fresh
         rep.say(f"[dim]student: already trained in this run, loaded {run.student_path}[/dim]")
-        return student, checkpoint.student_seconds(run.student_path)
+        return student, float(ck.get("seconds", 0.0))
     stage_name = f"student-{recipe.mode}"
     stage = Stage(stage_name, student, distiller.forward_train, distiller.param_groups(), d, recipe.seed)
     secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)

@@ -15,11 +15,11 @@ from typing import Optional, Union
 
 import torch.nn as nn
 
+from ..contract import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
 
 SOURCES = ("registry", "torchvision", "timm")
 PREFIXES = {"torchvision": "torchvision:", "timm": "timm:"}
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 DOWNLOAD_TIMEOUT_S = 60  # a download that stalls must end, not hang the run
 
 
