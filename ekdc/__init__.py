@@ -1,6 +1,6 @@
 """ekdc: Ensemble Knowledge Distillation, from recipe to deployable model.
 
-    from ekdc import load_recipe, distill, fold, export, bench
+    from ekdc import load_recipe, distill, fold, export, bench, plan_student
     run = distill(load_recipe("recipes/quickstart.yaml"))
 """
 from .errors import UserError
@@ -14,6 +14,7 @@ _LAZY = {
     "distill": ("distillation", "distill"), "fold": ("deploy.fold", "fold"), "export": ("deploy.export", "export"),
     "bench": ("benchmark", "bench"), "create_model": ("models", "create_model"),
     "list_models": ("models", "list_models"), "register_model": ("models", "register_model"),
+    "plan_student": ("plan", "plan_student"), "Plan": ("plan", "Plan"),
 }
 
 
@@ -26,5 +27,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ekdc' has no attribute {name!r}")
 
 
-__all__ = ["Recipe", "RunDir", "UserError", "bench", "create_model", "distill", "export", "fold", "list_models",
-           "load_recipe", "register_model"]
+__all__ = ["Plan", "Recipe", "RunDir", "UserError", "bench", "create_model", "distill", "export", "fold", "list_models",
+           "load_recipe", "plan_student", "register_model"]

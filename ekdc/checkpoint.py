@@ -67,12 +67,14 @@ def load_teacher(path: str | os.PathLike, arch: str, what: str = "teacher checkp
 
 def save_student(path: str | os.PathLike, student: EKDStudent, *, classes: list[str], input_size: int,
                  mean: list[float], std: list[float], recipe: str, mode: str, teachers: list[str],
-                 seconds: float) -> None:
-    """The trained student without its training-only feature adapters."""
+                 seconds: float, teacher_cache: Optional[dict] = None) -> None:
+    """The trained student without its training-only feature adapters (``teacher_cache``: the cache its
+    teachers' outputs were read from, if any)."""
     sd = {k: v for k, v in student.state_dict().items() if not k.startswith("adapters.")}
     _io.save_checkpoint({"state_dict": sd, "arch": "ekd_student", "config": student.config,
                          "stem": student.config["stem"], "block": student.config["block"], **_data_fields(classes, input_size, mean, std), "recipe": recipe,
-                         "mode": mode, "teachers": list(teachers), "seconds": float(seconds)}, path)
+                         "mode": mode, "teachers": list(teachers), "seconds": float(seconds),
+                         "teacher_cache": teacher_cache}, path)
 
 
 def load_student(path: str | os.PathLike) -> tuple[EKDStudent, dict]:

@@ -60,13 +60,15 @@ def export(
     calib: int = typer.Option(256, "--calib", help="Training images used to calibrate int8."),
     parity_images: int = typer.Option(0, "--parity-images", help="Validation images for parity and accuracy [default: all]."),
     runs_root: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest run."),
+    teachers: bool = typer.Option(True, "--teachers/--no-teachers",
+                                  help="Also write teachers.onnx (--no-teachers: the run's teachers are not on this machine)."),
 ):
     """Fold the student's branches into one graph and export ONNX (fp32/fp16/int8) and a TensorRT plan."""
     from .deploy.export import export as run_export
     from .tables import export_table
 
     manifest = run_export(run_dir, out, fp16=fp16, int8=int8, trt=trt, fold_mode=fold, calib_images=calib,
-                          parity_images=parity_images, runs_root=runs_root, console=console)
+                          parity_images=parity_images, runs_root=runs_root, console=console, teachers=teachers)
     _show(export_table(manifest))
 
 
@@ -101,6 +103,80 @@ def bench(
                        runs=runs, duration=duration, repeats=repeats, data=data, json_path=json_path, plot_path=plot,
                        console=console, classes=_class_list(classes), preprocess=preprocess)
     _show(bench_table(report))
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="YAML recipe: its data (image size, classes) and teachers (branches)."),
+    latency: Optional[float] = typer.Option(None, "--latency", "-l", help="Budget: p50 latency in ms per batch "
+                                            "(default: the recipe's student.latency_ms)."),
+    batch: int = typer.Option(1, "--batch", "-b", help="Batch size the budget is for."),
+    provider: str = typer.Option("cpu", "--provider", help="cpu, cuda or tensorrt."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: all usable cores)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or int8 (plan for the quantised file)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the recipe with the chosen student here "
+                                       "(and the plot beside it, .png); without it, the --set lines are printed."),
+    candidates: Optional[Path] = typer.Option(None, "--candidates", help="YAML list of student: mappings to time "
+                                              "instead of the default grid."),
+    repeats: int = typer.Option(3, "--repeats", help="Measurement rounds, candidates interleaved."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of latency against MACs (default: beside --out)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every candidate's measurements as JSON."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a recipe field: key.path=value (repeatable)."),
+):
+    """Choose the student with the most MACs within a latency budget, timed on this machine before training."""
+    from .plan import NoStudentFits, plan_student, planned_yaml, read_candidates, set_lines
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    budget = latency if latency is not None else r.student.latency_ms
+    if budget is None:
+        raise UserError("give the budget: --latency MS (or student.latency_ms in the recipe)")
+    plot = plot if plot is not None else (out.with_suffix(".png") if out is not None else None)
+    _check_plan_outputs(recipe, out=out, plot=plot, json=json_path)
+    try:
+        result = plan_student(r, budget, batch=batch, provider=provider, threads=threads, precision=precision,
+                              candidates=read_candidates(candidates) if candidates else None, repeats=repeats,
+                              console=console)
+    except NoStudentFits as err:  # the measurements still show which budget is within reach
+        _show_plan(err.plan, plot, json_path)
+        raise
+    _show_plan(result, plot, json_path)
+    if out is not None:
+        from ._io import write_text
+
+        write_text(out, planned_yaml(r, result))
+        console.print(f"wrote {out}: {r.name} with the student {result.chosen.short} ({result.chosen.p50_ms:.3f} ms); "
+                      f"train it with 'ekdc distill {out}', export it with --fold {result.chosen.layout}", soft_wrap=True)
+    else:
+        console.print(f"train it with: ekdc distill {recipe} " + " ".join(set_lines(r, result)) +
+                      f"; export it with --fold {result.chosen.layout}", soft_wrap=True)
+    console.print(f"note: {result.holds_for}", soft_wrap=True)
+
+
+def _check_plan_outputs(recipe: Path, **paths: Optional[Path]) -> None:
+    """Before any timing: no output may be the input recipe, and each must be writable."""
+    from ._io import ensure_writable_dir
+
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UserError(f"--{flag} {path} is a folder; give a file name")
+        if path.resolve() == recipe.resolve():
+            raise UserError(f"--{flag} {path} is the input recipe: write the planned recipe to another file")
+        ensure_writable_dir(path.parent)
+
+
+def _show_plan(result, plot: Optional[Path], json_path: Optional[Path]) -> None:
+    from ._io import write_json
+    from .plan import plan_table, write_plan_plot
+
+    _show(plan_table(result))
+    if plot is not None:
+        console.print(f"wrote {write_plan_plot(result, plot)}")
+    if json_path is not None:
+        write_json(json_path, result.to_dict())
+        console.print(f"wrote {json_path}")
 
 
 def _class_list(text: Optional[str]) -> Optional[list[str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -460,6 +460,7 @@ class Batch:
     labels: torch.Tensor  # int64 [B]
     indices: torch.Tensor  # each sample's position in the training split (int64 [B], CPU)
     epoch: int  # 0-based
+    views: Optional[torch.Tensor] = None  # with a teacher cache: which fixed view each sample is (int64 [B], CPU)
 
 
 def augment_params(n: int, aug: Augment | None, seed: int, epoch: int, side: int = 0) -> torch.Tensor | None:

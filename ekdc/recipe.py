@@ -217,8 +217,15 @@ class TeacherConfig(_Strict):
         return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(self.onnx).stem) or "onnx"
 
 
+# what ``student.latency_ms`` leaves to the planner (``ekdc plan``): giving any of them beside it is an error
+PLANNED_KEYS = ("trunk_width", "trunk_blocks", "branch_widths", "branch_blocks", "block", "expand_ratio")
+
+
 class StudentConfig(_Strict):
     arch: Literal["ekd_student"] = "ekd_student"
+    latency_ms: Optional[float] = Field(
+        None, gt=0, description="plan the student for this p50 latency (ms, batch 1, fp32, ONNX Runtime CPU, all usable "
+                                "cores) on this machine before training, instead of giving its widths and depths")
     num_branches: Optional[int] = Field(None, ge=1, description="defaults to the number of teachers")
     trunk_width: int = Field(16, ge=1)
     trunk_blocks: int = Field(1, ge=0)
@@ -236,6 +243,19 @@ class StudentConfig(_Strict):
             raise ValueError("every width must be >= 1")
         return v
 
+    @model_validator(mode="after")
+    def _planned_or_given(self):
+        if self.latency_ms is not None:
+            given = [k for k in PLANNED_KEYS if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"latency_ms plans the student's widths, depths and block kind: remove "
+                                 f"{', '.join(given)} (or latency_ms)")
+        return self
+
+    def model_kwargs(self) -> dict:
+        """The arguments of ``create_model("ekd_student", num_classes=..., **kwargs)``."""
+        return self.model_dump(exclude={"arch", "latency_ms"})
+
 
 class LossWeights(_Strict):
     ce: float = Field(1.0, ge=0, description="per-branch cross-entropy")
@@ -250,9 +270,20 @@ IMAGENET_STEM_FROM_PX = 64  # image sizes above this get the stride-4 stem by de
 MODE_TERMS = {"ce": ("ce", "ens"), "avg_kd": ("ce", "ens", "kd"), "ekd": ("ce", "ens", "kd", "feat")}
 
 
+class TeacherCacheConfig(_Strict):
+    """FKD's cache: the teachers run once on ``views`` fixed augmented views of every training image,
+    and the student stage reads their stored outputs instead of running them every step."""
+
+    views: int = Field(0, ge=0, le=1000, description="fixed augmented views per image (0: no cache, live teachers)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="the views' own seed: runs with other recipe seeds share views")
+    path: Optional[str] = Field(None, description="the folder caches are kept in (default: the run's teacher_cache/); "
+                                                  "point it at another run's to reuse that cache")
+
+
 class DistillConfig(Schedule):
     temperature: float = Field(4.0, gt=0, description="softening temperature T of the KD term")
     weights: LossWeights = Field(default_factory=LossWeights)
+    teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
 
 
 class Recipe(_Strict):
@@ -300,6 +331,9 @@ class Recipe(_Strict):
             if no_features:
                 raise ValueError(f"teachers.{no_features[0]}: an onnx: teacher has no features to match; set "
                                  "distill.weights.feat: 0")
+        if self.distill.teacher_cache.views > 1 and self.data.augment_config is None:
+            raise ValueError(f"distill.teacher_cache.views: {self.distill.teacher_cache.views} views of images that "
+                             "are not augmented (data.augment: false) are all the same image; set views: 1")
         terms = MODE_TERMS[self.mode]
         w = self.distill.weights
         if not any(getattr(w, t) > 0 for t in terms):
@@ -338,7 +372,7 @@ def _schema_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
-def _first_error(err: ValidationError, where: str) -> str:
+def _first_error(err: ValidationError, where: str, schema: type[BaseModel] | None = None) -> str:
     e = err.errors()[0]
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # pydantic names the union member it tried as an extra loc part ("Augment", "bool"); drop those,
@@ -349,7 +383,7 @@ def _first_error(err: ValidationError, where: str) -> str:
     loc = tuple(p for i, p in enumerate(loc) if not (i > 0 and i != unknown_key and p in union_tags))
     path = _format_loc(loc)
     if e["type"] == "extra_forbidden":
-        owner = _schema_at(Recipe, loc[:-1])
+        owner = _schema_at(schema or Recipe, loc[:-1])
         hint = ""
         if owner is not None:
             close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1)
@@ -463,6 +497,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
     for t in recipe.teachers:
         t.weights = fix(t.weights)
         t.onnx = fix(t.onnx)
+    recipe.distill.teacher_cache.path = fix(recipe.distill.teacher_cache.path)
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
@@ -470,6 +505,17 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as err:
         raise UserError(_first_error(err, where)) from None
+
+
+def student_from_dict(raw: Any, where: str) -> StudentConfig:
+    """One ``student:`` mapping on its own (a candidate of ``ekdc plan --candidates``)."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping of student keys (trunk_width, branch_widths, ...), "
+                        f"got {type(raw).__name__}")
+    try:
+        return StudentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_first_error(err, where, StudentConfig)) from None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
@@ -482,4 +528,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    raw = recipe.model_dump(mode="json")
+    if recipe.student.latency_ms is not None:  # the planner's keys hold defaults: written out, they would clash
+        raw["student"] = {k: v for k, v in raw["student"].items() if k not in PLANNED_KEYS}
+    return yaml.safe_dump(raw, sort_keys=False)

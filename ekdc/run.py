@@ -6,6 +6,7 @@
     runs/<name>/ckpt/<stage>.pt     the in-progress stage's last epoch (deleted when the stage ends)
     runs/<name>/log.jsonl           one JSON line per epoch and per event
     runs/<name>/metrics.json        validation metrics (see DESIGN.md)
+    runs/<name>/plan.json           student.latency_ms only: the planned student and every candidate timed
     runs/<name>/.lock               held by the one process training into the folder
 
 The checkpoint files' contents belong to ``checkpoint.py``; this module owns the folder: where a run
@@ -17,8 +18,9 @@ import contextlib
 import json
 import os
 import re
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .errors import UserError
 
@@ -35,6 +37,7 @@ class RunDir:
     recipe_path = property(lambda self: self.path / "recipe.yaml")
     student_path = property(lambda self: self.path / "student.pt")
     metrics_path = property(lambda self: self.path / "metrics.json")
+    plan_path = property(lambda self: self.path / "plan.json")
     log_path = property(lambda self: self.path / "log.jsonl")
     ckpt_dir = property(lambda self: self.path / "ckpt")
     lock_path = property(lambda self: self.path / ".lock")
@@ -102,7 +105,7 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
 
-_HELD: "set[RunLock]" = set()
+_HELD: "set[FileLock]" = set()
 
 
 def _drop_inherited_locks() -> None:
@@ -121,22 +124,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
-class RunLock:
-    """An exclusive advisory lock on a run folder, held by the process that trains into it.
+class FileLock:
+    """An exclusive advisory lock on a file, held by one process.
 
-    ``flock`` locks die with their process, so a run killed by ``kill -9`` leaves nothing that blocks
-    ``--resume`` (forked workers close their inherited copy of the lock file at once). The file holds
+    ``flock`` locks die with their process, so a process killed by ``kill -9`` leaves nothing that blocks
+    the next one (forked workers close their inherited copy of the lock file at once). The file holds
     the holder's pid, which a refused process names."""
 
-    def __init__(self, run: RunDir):
-        self.run = run
+    def __init__(self, path: Path):
+        self.path = Path(path)
         self._fh = None
 
     def try_acquire(self) -> Optional[str]:
         """Take the lock; returns None on success, else the holder's pid as text ("?" if unknown)."""
         if fcntl is None:
             return None
-        path = self.run.lock_path
+        path = self.path
         while True:
             fh = open(path, "a+")
             try:
@@ -162,27 +165,50 @@ class RunLock:
         _HELD.add(self)
         return None
 
+    def release(self) -> None:
+        _HELD.discard(self)
+        if self._fh is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still locked: a waiter re-checks the inode it locked
+        self._fh.close()
+        self._fh = None
+
+    def acquire(self) -> "FileLock":
+        holder = self.try_acquire()
+        if holder is not None:
+            raise UserError(f"{self.path} is held by process {holder}")
+        return self
+
+    def wait(self, on_wait: Callable[[str], None], poll_s: float = 1.0) -> "FileLock":
+        """Take the lock, waiting for its holder to finish; ``on_wait(holder_pid)`` is called once."""
+        holder = self.try_acquire()
+        if holder is not None:
+            on_wait(holder)
+            while self.try_acquire() is not None:
+                time.sleep(poll_s)
+        return self
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class RunLock(FileLock):
+    """The run folder's lock, held by the process that trains into it."""
+
+    def __init__(self, run: RunDir):
+        super().__init__(run.lock_path)
+        self.run = run
+
     def acquire(self) -> "RunLock":
         holder = self.try_acquire()
         if holder is not None:
             raise UserError(f"run folder {self.run.path} is in use by process {holder} (an 'ekdc distill' "
                             "training into it); wait for it to end, or choose another --out")
         return self
-
-    def release(self) -> None:
-        _HELD.discard(self)
-        if self._fh is None:
-            return
-        with contextlib.suppress(OSError):
-            self.run.lock_path.unlink()  # while still locked: a waiter re-checks the inode it locked
-        self._fh.close()
-        self._fh = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def _numbered(base: Path) -> list[Path]:

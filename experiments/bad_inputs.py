@@ -71,6 +71,11 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
                    check=True, capture_output=True)
     wrong_input = d / "nhwc_input.onnx"
     _declare_nhwc(d / "export" / "student.onnx", wrong_input)
+    import shutil
+
+    shutil.copytree(run, d / "moved")  # a run copied without the teachers it trained
+    shutil.rmtree(d / "moved" / "teachers")
+    (d / "candidates.yaml").write_text(yaml.safe_dump([{"trunk_width": 4, "branch_widths": [4]}]))
     return [  # (what, arguments); the "busy" run is locked by another process, "disk full" runs under a file-size limit
         ("recipe missing", ["distill", str(d / "missing.yaml")]),
         ("recipe not YAML", ["distill", str(d / "not_yaml.yaml")]),
@@ -110,6 +115,13 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
                                              "--set", "distill.weights.ens=0"]),
         ("run folder in use by another process", ["distill", str(ok), "--resume", "--out", str(d / "busy")]),
         ("disk full while training", ["distill", str(ok), "--out", str(d / "full")]),
+        ("teacher cache: views of images that are not augmented", ["distill", str(ok), "--set", "data.augment=false",
+                                                                   "--set", "distill.teacher_cache.views=4"]),
+        ("student.latency_ms beside explicit widths", ["distill", str(ok), "--set", "student.latency_ms=0.5"]),
+        ("plan: no student meets the budget", ["plan", str(ok), "--latency", "0.0001", "--candidates",
+                                               str(d / "candidates.yaml"), "--repeats", "1"]),
+        ("plan: --out is the recipe itself", ["plan", str(ok), "--latency", "1", "--out", str(ok)]),
+        ("export: the teachers it trained are missing", ["export", str(d / "moved"), "--out", str(d / "e3")]),
         ("export: no run found", ["export", "--runs", str(d / "no_runs")]),
         ("export: run without a student", ["export", str(d / "o2")]),
         ("export: output folder not writable", ["export", str(run), "--out", "/proc/ekdc"]),

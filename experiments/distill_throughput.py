@@ -35,7 +35,7 @@ def main() -> None:
     torch.manual_seed(0)
     c, size, bs = 10, r.data.image_size, r.distill.batch_size
     teachers = [rt.prepare(create_model(t.arch, num_classes=c)).eval() for t in r.teachers]
-    student = rt.prepare(create_model("ekd_student", num_classes=c, **r.student.model_dump(exclude={"arch"})))
+    student = rt.prepare(create_model("ekd_student", num_classes=c, **r.student.model_kwargs()))
     opt = make_optimizer(param_groups(student), r.distill)
     x = torch.randn(bs, 3, size, size, device=rt.device)
     x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x

@@ -3,11 +3,15 @@
 
     python experiments/limited_data_study.py                 # run (or continue) the whole grid, then report
     python experiments/limited_data_study.py --report-only   # rebuild docs/RESULTS.md from finished runs
+    python experiments/limited_data_study.py --sizes 5000 --modes avg_kd,avg_kd_k4,avg_kd_k10,avg_kd_k30,ekd,ekd_k4,ekd_k10,ekd_k30 \
+        --page TEACHER-CACHE.md --jobs 8                       # the teacher-output cache against live teachers
 
 The grid: training subsets of 5,000 and 10,000 images (seeded, stratified, disjoint from a fixed
 5,000-image validation split) x modes ``ce`` (student alone), ``avg_kd`` (every branch from the
 averaged teachers), ``ekd`` (branch i from teacher i), ``ekd_feat`` (ekd plus feature matching) x
-seeds 0, 1, 2. Every cell uses the same recipe (recipes/cifar10-limited.yaml): same student, epochs,
+seeds 0, 1, 2. The ``<mode>_k<K>`` modes read the teachers' outputs from a cache of K fixed views an
+image (``distill.teacher_cache``), built once a subset size and K and shared by every seed and mode
+(the views' own seed stays 0). Every cell uses the same recipe (recipes/cifar10-limited.yaml): same student, epochs,
 schedule, temperature; no mode gets more tuning than another. The teachers of each subset size are
 trained once (by the first cell) and loaded by every other cell of that size.
 
@@ -18,6 +22,7 @@ ONNX) to show export loses nothing.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -34,6 +39,7 @@ MODES = {
     "avg_kd": ["mode=avg_kd"],
     "ekd": ["mode=ekd"],
     "ekd_feat": ["mode=ekd", "distill.weights.feat=1.0"],
+    **{f"{m}_k{k}": [f"mode={m}", f"distill.teacher_cache.views={k}"] for m in ("avg_kd", "ekd") for k in (4, 10, 30)},
 }
 
 
@@ -69,29 +75,61 @@ def run_grid(args) -> None:
         teacher_dirs[size] = (Path(given) if given else first_cell / "teachers", first_cell, bool(given))
     # seed-major order, across sizes too: every (size, mode) row gets its first seed before any row
     # gets its second, so a grid cut short by the end of a session still fills every row
+    cells = []
     for seed in args.seeds:
         for size in args.sizes:
             teachers_dir, first_cell, given = teacher_dirs[size]
             for mode in args.modes:
                 cell = root / f"n{size}" / f"{mode}-s{seed}"
-                sets = [f"data.per_class={size // 10}", f"seed={seed}", *MODES[mode], *args.set]
+                # one cache folder a size: cells with the same K share (and wait for) one cache
+                sets = [f"data.per_class={size // 10}", f"seed={seed}", *MODES[mode],
+                        f"distill.teacher_cache.path={root / f'n{size}' / 'teacher_cache'}", *args.set]
                 if given or cell != first_cell:
-                    missing = [n for n in teacher_names if not (teachers_dir / f"{n}.pt").exists()]
-                    if missing:
-                        sys.exit(f"limited_data_study: no trained {missing} in {teachers_dir} ({first_cell} trains them)")
                     sets += [f"teachers.{i}.checkpoint={(teachers_dir / f'{n}.pt').resolve()}"
                              for i, n in enumerate(teacher_names)]
-                if not (cell / "metrics.json").exists():
-                    resume = ["--resume"] if (cell / "recipe.yaml").exists() else []
-                    cmd = _ekdc("distill", str(recipe), "--out", str(cell), "-q", *resume,
-                                *[a for s in sets for a in ("--set", s)])
-                    t0 = time.time()
-                    _run(cmd, root / "study.log")
-                    print(f"  {cell.parent.name}/{cell.name}: {time.time() - t0:.0f}s", flush=True)
-                if not (cell / "export" / "manifest.json").exists():
-                    _run(_ekdc("export", str(cell), "--out", str(cell / "export"), "--fold", "grouped"),
-                         root / "study.log")
-                report(args)  # after every cell, so the page is current whenever the grid stops
+                cells.append((cell, sets, teachers_dir if given or cell != first_cell else None))
+    _run_cells(cells, recipe, teacher_names, root, args, jobs=args.jobs)
+
+
+def _run_cells(cells, recipe: Path, teacher_names: list[str], root: Path, args, jobs: int) -> None:
+    """Distil and export each cell not finished yet, ``jobs`` at a time (one accelerator holds several
+    of these small runs at once: a cell that loads teachers waits until the cell training them has saved
+    them); the report is rebuilt after every cell."""
+    import threading
+
+    report_lock = threading.Lock()
+    trainers_done = threading.Event()
+
+    def one(cell: Path, sets: list[str], teachers_dir) -> None:
+        if teachers_dir is not None:
+            missing = lambda: [n for n in teacher_names if not (teachers_dir / f"{n}.pt").exists()]  # noqa: E731
+            while jobs > 1 and missing() and not trainers_done.is_set():
+                time.sleep(2)
+            if missing():
+                sys.exit(f"limited_data_study: no trained {missing()} in {teachers_dir} (the size's first cell trains them)")
+        if not (cell / "metrics.json").exists():
+            resume = ["--resume"] if (cell / "recipe.yaml").exists() else []
+            cmd = _ekdc("distill", str(recipe), "--out", str(cell), "-q", *resume,
+                        *[a for s in sets for a in ("--set", s)])
+            t0 = time.time()
+            _run(cmd, root / "study.log")
+            print(f"  {cell.parent.name}/{cell.name}: {time.time() - t0:.0f}s", flush=True)
+        if not (cell / "export" / "manifest.json").exists():
+            _run(_ekdc("export", str(cell), "--out", str(cell / "export"), "--fold", "grouped"), root / "study.log")
+        with report_lock:
+            report(args)  # after every cell, so the page is current whenever the grid stops
+
+    if jobs <= 1:
+        for c in cells:
+            one(*c)
+        return
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        # the cells that train teachers go first; the others start as soon as their teachers are saved
+        trainers = [pool.submit(one, *c) for c in cells if c[2] is None]
+        threading.Thread(target=lambda: (concurrent.futures.wait(trainers), trainers_done.set()), daemon=True).start()
+        others = [pool.submit(one, *c) for c in cells if c[2] is not None]
+        for f in trainers + others:
+            f.result()
 
 
 def _shown(path: str) -> str:
@@ -121,7 +159,8 @@ def _mean_std(xs: list[float], signed: bool = False) -> str:
 
 # (mode, baseline) pairs whose per-seed gaps the report shows: what KD adds to the student alone, and
 # what EKD's one-teacher-a-branch pairing adds to classic averaged-teacher KD
-_COMPARISONS = [("avg_kd", "ce"), ("ekd", "ce"), ("ekd_feat", "ce"), ("ekd", "avg_kd"), ("ekd_feat", "avg_kd")]
+_COMPARISONS = [("avg_kd", "ce"), ("ekd", "ce"), ("ekd_feat", "ce"), ("ekd", "avg_kd"), ("ekd_feat", "avg_kd"),
+                *[(f"{m}_k{k}", m) for m in ("avg_kd", "ekd") for k in (4, 10, 30)]]
 
 
 def paired_gaps(rows: list[dict], size: int, mode: str, baseline: str) -> list[float]:
@@ -177,7 +216,8 @@ def collect(root: Path, sizes, modes, seeds) -> dict:
                 student_s = sum(_stage_seconds(cell / "log.jsonl", "student-").values())
                 cells.append({"seed": seed, "ensemble": m["student"]["ensemble_acc"],
                               "best_branch": max(m["student"]["branch_acc"]), "exported": exported,
-                              "seconds": student_s, "macs": m["student"]["macs"], "params": m["student"]["params"]})
+                              "seconds": student_s, "macs": m["student"]["macs"], "params": m["student"]["params"],
+                              "device": m.get("device"), "teacher_cache": m.get("teacher_cache")})
                 if size not in teachers:
                     teachers[size] = {"teachers": m["teachers"], "ensemble": m["teacher_ensemble_acc"],
                                       "seconds": _teacher_seconds(cell)}
@@ -261,23 +301,36 @@ def summarise(data: dict, sizes) -> dict:
     teacher_s = sum(sum(t.get("seconds", {}).values()) for t in data["teachers"].values())
     training = {"teacher_seconds": teacher_s, "student_seconds": student_s, "hours": (student_s + teacher_s) / 3600,
                 "teacher_hours": teacher_s / 3600, "student_hours": student_s / 3600}
-    return {"teachers": teachers, "student": student, "rows": rows, "gaps": gaps, "training": training}
+    caches = {}
+    for r in data["rows"]:
+        for c in r["cells"]:
+            tc = c.get("teacher_cache")
+            if tc and tc.get("build_seconds") is not None:
+                caches.setdefault((r["size"], tc["views"]), {"size": r["size"], "views": tc["views"],
+                                                             "build_seconds": tc["build_seconds"], "bytes": tc["bytes"]})
+    return {"teachers": teachers, "student": student, "rows": rows, "gaps": gaps, "training": training,
+            "caches": [caches[k] for k in sorted(caches)]}
 
 
 def _seconds_text(s) -> str:
     return "–" if s is None else f"{s:.0f}"
 
 
-def render(summary: dict, recipe: str, cpu: str, cores) -> str:
+def render(summary: dict, recipe: str, cpu: str, cores, title: str = "Results: EKD on limited CIFAR-10",
+           command: str = "--teachers 5000=runs/cifar10-limited/teachers", gpu: str | None = None,
+           figure: str = "results.png") -> str:
     """``summarise``'s numbers as the page's Markdown (everything above the reading marker)."""
+    where = (f"Machine: {gpu} (one GPU, bf16 autocast, channels_last), {cores} CPU cores." if gpu else
+             f"Machine: {cpu}, {cores} cores, CPU training (bf16 autocast, channels_last).")
     lines = [
-        "# Results: EKD on limited CIFAR-10",
+        f"# {title}",
         "",
-        "Written by `python experiments/limited_data_study.py --teachers 5000=runs/cifar10-limited/teachers`",
-        "(resumable; `--report-only` rebuilds this page; the 5,000-image teachers come from",
-        "`ekdc distill recipes/cifar10-limited.yaml`, the same recipe, seed and split).",
+        f"Written by `python experiments/limited_data_study.py {command}`",
+        *(["(resumable; `--report-only` rebuilds this page; the 5,000-image teachers come from",
+            "`ekdc distill recipes/cifar10-limited.yaml`, the same recipe, seed and split)."] if gpu is None and "--teachers" in command
+          else ["(resumable; `--report-only` rebuilds this page; each size's first cell trains the teachers every other cell loads)."]),
         f"Recipe: `{_shown(recipe)}`, with `data.per_class` = size/10, `seed` and `mode` set per cell.",
-        f"Machine: {cpu}, {cores} cores, CPU training (bf16 autocast, channels_last).",
+        where,
         "",
         "Validation: a fixed, seeded, stratified split of 5,000 images (500 a class) that no run trains on.",
         "Accuracies in %, mean ± std over the seeds that have finished (n).",
@@ -313,10 +366,15 @@ def render(summary: dict, recipe: str, cpu: str, cores) -> str:
         lines += ["", "Paired by seed (a seed fixes the student's initialisation and batch order; every cell trains on",
                   "the same subset), gap in points, mean ± std over the seeds both rows have finished:", "",
                   "| train images | mode − baseline | seeds | gap, points | mode ahead in |", "|---:|---|---:|---:|---:|", *gap_lines]
+    if summary.get("caches"):
+        lines += ["", "Teacher-output caches (built once a size and K, shared by every seed and mode):", "",
+                  "| train images | views K | build s | size on disk |", "|---:|---:|---:|---:|",
+                  *[f"| {c['size']:,} | {c['views']} | {c['build_seconds']:.1f} | {c['bytes'] / 2**20:.1f} MiB |"
+                    for c in summary["caches"]]]
     tr = summary["training"]
     lines += ["", f"Training time of the finished runs: {tr['hours']:.1f} h on this machine "
               f"({tr['teacher_hours']:.1f} h teachers, {tr['student_hours']:.1f} h students; export and evaluation not counted).",
-              "", "![accuracy by mode and training-set size](results.png)", ""]
+              "", f"![accuracy by mode and training-set size]({figure})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -325,12 +383,23 @@ def report(args) -> None:
     data = collect(root, args.sizes, args.modes, args.seeds)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "results.json").write_text(json.dumps(data, indent=2) + "\n")
-    _plot(data, docs / "results.png")
+    stem = Path(args.page).stem.lower()
+    (docs / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    _plot(data, docs / f"{stem}.png")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    page = render(summarise(data, args.sizes), args.recipe, cpu, os.cpu_count())
-    out = docs / "RESULTS.md"
+    devices = {c.get("device") for r in data["rows"] for c in r["cells"]}
+    gpu = None
+    if any(str(d).startswith("cuda") for d in devices):
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "a CUDA GPU"
+    title = "Results: EKD on limited CIFAR-10" if args.page == "RESULTS.md" else \
+        "Teacher-output cache against live teachers, on limited CIFAR-10"
+    command = ("--teachers 5000=runs/cifar10-limited/teachers" if args.page == "RESULTS.md"
+               else " ".join(args.argv))
+    page = render(summarise(data, args.sizes), args.recipe, cpu, os.cpu_count(), title, command, gpu, f"{stem}.png")
+    out = docs / args.page
     marker = "<!-- reading -->"
     reading = ""
     if out.exists() and marker in out.read_text():
@@ -355,7 +424,12 @@ def main(argv: list[str] | None = None) -> None:
                          "trained by the same recipe) instead of training them in the first cell")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where RESULTS.md, results.json and results.png go")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1, help="cells trained side by side once the teachers exist "
+                                                         "(an accelerator holds several of these small runs)")
+    ap.add_argument("--page", default="RESULTS.md", help="the page written in --docs (its results.json and .png "
+                                                         "take the page's name: TEACHER-CACHE.md -> teacher-cache.json)")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # the cells run with the repository as working directory: make every path the caller typed absolute
     args.recipe, args.runs_root, args.docs = (str(Path(p).resolve()) for p in (args.recipe, args.runs_root, args.docs))
     args.teachers = [(size, str(Path(d).resolve())) for size, d in args.teachers]

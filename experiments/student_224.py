@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     meta = lambda kind: contract_metadata(classes=classes, input_size=size, kind=kind, precision="fp32",  # noqa: E731
                                           recipe=r.name, run_dir=out)
     torch.manual_seed(0)
-    student = create_model("ekd_student", num_classes=n, **r.student.model_dump(exclude={"arch"})).eval()
+    student = create_model("ekd_student", num_classes=n, **r.student.model_kwargs()).eval()
     s_macs = count_macs(student, size)
     export_onnx(DeployModel(fold(student, "grouped"), IMAGENET_MEAN, IMAGENET_STD), out / "student.onnx", size, meta("student"))
     teachers, t_macs = [], {}

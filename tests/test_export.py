@@ -1,5 +1,6 @@
 """`ekdc export`: the ONNX contract, parity, fp16/int8 files, the teacher ensemble, bad input."""
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -79,6 +80,19 @@ def test_export_cli_fixed_fold(tiny_run, tmp_path):
     assert "student.onnx" in res.stdout and "teachers.onnx" in res.stdout
     m = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert m["fold"] == {"mode": "separate", "choice": "separate"}
+
+
+def test_a_student_whose_teachers_are_elsewhere_exports_with_no_teachers(tiny_run, tmp_path):
+    run = tmp_path / "moved"
+    shutil.copytree(tiny_run, run)
+    for f in (run / "teachers").glob("*.pt"):
+        f.unlink()  # trained on another machine: only the student came back
+    res = run_cli("export", run, "--out", tmp_path / "e", "--fold", "grouped")
+    assert res.returncode == 2 and "--no-teachers" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("export", run, "--out", tmp_path / "e", "--fold", "grouped", "--no-teachers")
+    assert res.returncode == 0, res.stderr
+    files = [f["file"] for f in json.loads((tmp_path / "e" / "manifest.json").read_text())["files"]]
+    assert files == ["student.onnx"] and not (tmp_path / "e" / "teachers.onnx").exists()
 
 
 def test_export_bad_input(tiny_run, tmp_path):

@@ -94,8 +94,8 @@ def test_divergence_stops_with_stage_and_epoch(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", distill={"epochs": 2, "batch_size": 16, "lr": 0.05,
-                                                         "weights": {"feat": 0.5}})
+    recipe = write_recipe(tmp_path / "r.yaml", device="cpu", distill={"epochs": 2, "batch_size": 16, "lr": 0.05,
+                                                                       "weights": {"feat": 0.5}})
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ekdc", "distill", str(recipe),

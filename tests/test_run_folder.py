@@ -124,7 +124,7 @@ def test_full_disk_ends_in_one_line_and_resume_continues(tmp_path):
 
 @pytest.mark.slow
 def test_full_disk_under_torchrun_stops_every_rank(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", **FULL_DISK_RECIPE)
+    recipe = write_recipe(tmp_path / "r.yaml", device="cpu", **FULL_DISK_RECIPE)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     t0 = time.time()

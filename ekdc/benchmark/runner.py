@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 from ..contract import IMAGENET_MEAN, IMAGENET_STD, META_RECIPE, META_RUN_DIR, PROVIDERS, usable_cores
 from ..errors import UserError
@@ -106,6 +106,25 @@ def bench(models: Union[PathLike, Sequence[PathLike]], *, against: Optional[Path
         write_plot(report, plot_path)
         _say(console, f"wrote {plot_path}")
     return report
+
+
+def time_models(models: Sequence[PathLike], *, batches: Iterable[int] = (1,), threads: Optional[int] = None,
+                provider: str = "cpu", warmup: int = 5, runs: Optional[int] = None, duration: Optional[float] = None,
+                repeats: int = 3, on_child: Optional[Callable[[int, int], None]] = None) -> dict:
+    """bench's measurement alone, no reference and no accuracy: each model in its own process, rounds
+    interleaved, the same worker, clock and settings. Returns the report (``build_report``): per model,
+    ``latency_ms`` and ``round_p50_ms`` per batch. ``ekdc plan`` times its candidates with it, so that a
+    plan's latencies and bench's agree. ``on_child(done, total)`` follows the progress."""
+    settings = _check_settings(batches, threads, provider, warmup, runs, duration, repeats)
+    paths = [Path(m) for m in models]
+    if not paths:
+        raise UserError("no model to time")
+    entries = [_Entry(name=n, info=inspect_model(p)) for n, p in zip(_unique_names(paths), paths)]
+    _check_batches_fit(entries, settings.batches)
+    _check_provider_ready(settings.provider, entries)
+    with tempfile.TemporaryDirectory(prefix="ekdc-time-") as tmp:
+        results = _run_rounds(entries, settings, Path(tmp), None, None, on_child)
+    return build_report(entries, results, settings, None)
 
 
 def _say(console: Optional["Console"], text: str) -> None:
@@ -217,16 +236,23 @@ def _check_batches_fit(entries: list[_Entry], batches: list[int]) -> None:
                             f"{','.join(map(str, batches))} cannot run (export with a dynamic batch)")
 
 
+def check_ort_provider(provider: str) -> None:
+    """ONNX Runtime here has the execution provider ``--provider`` names, or one line saying what to install."""
+    if provider == "cpu":
+        return
+    import onnxruntime as ort
+
+    need, have = PROVIDERS[provider], ort.get_available_providers()
+    if need not in have:
+        pkg = "onnxruntime-gpu" + (" with TensorRT" if provider == "tensorrt" else "")
+        raise UserError(f"--provider {provider}: ONNX Runtime {ort.__version__} here has no {need} "
+                        f"(it has {', '.join(have)}); install {pkg} on a machine with an NVIDIA GPU")
+
+
 def _check_provider_ready(provider: str, entries: list[_Entry]) -> None:
     """Fail before any process starts, in one line naming what is missing."""
-    if provider != "cpu" and any(e.info.format == "onnx" for e in entries):
-        import onnxruntime as ort
-
-        need, have = PROVIDERS[provider], ort.get_available_providers()
-        if need not in have:
-            pkg = "onnxruntime-gpu" + (" with TensorRT" if provider == "tensorrt" else "")
-            raise UserError(f"--provider {provider}: ONNX Runtime {ort.__version__} here has no {need} "
-                            f"(it has {', '.join(have)}); install {pkg} on a machine with an NVIDIA GPU")
+    if any(e.info.format == "onnx" for e in entries):
+        check_ort_provider(provider)
     plans = [e for e in entries if e.info.format == "plan"]
     if plans:
         name = plans[0].info.path.name
@@ -367,7 +393,7 @@ def _plan_line(entries: list[_Entry], s: _Settings) -> str:
 
 
 def _run_rounds(entries: list[_Entry], s: _Settings, tmp: Path, val_paths: Optional[tuple[str, str]],
-                console) -> dict[str, list[dict]]:
+                console, on_child: Optional[Callable[[int, int], None]] = None) -> dict[str, list[dict]]:
     """Round r runs every model once, each in a fresh process, in an order rotated by r."""
     results: dict[str, list[dict]] = {e.name: [] for e in entries}
     n = len(entries)
@@ -381,6 +407,8 @@ def _run_rounds(entries: list[_Entry], s: _Settings, tmp: Path, val_paths: Optio
             p50s = "/".join(f"{_median(res['batches'][str(b)]):.3g}" for b in s.batches)
             _say(console, f"[{r + 1}/{s.repeats}] {e.name}: p50 {p50s} ms at batch "
                           f"{'/'.join(map(str, s.batches))}, peak {res['peak_rss_mib']:.0f} MiB")
+            if on_child is not None:
+                on_child(sum(map(len, results.values())), n * s.repeats)
     return results
 
 

@@ -206,7 +206,10 @@ def _load_teachers(run: RunDir, recipe, ck: dict) -> list:
     from ..teachers import DataInfo, teacher_for_run
 
     info = DataInfo(list(ck["classes"]), int(ck["input_size"]), list(ck["mean"]), list(ck["std"]))
-    return [teacher_for_run(t, i, info, run).eval() for i, t in enumerate(recipe.teachers)]
+    try:
+        return [teacher_for_run(t, i, info, run).eval() for i, t in enumerate(recipe.teachers)]
+    except UserError as err:
+        raise UserError(f"{err} (teachers.onnx needs the teachers; --no-teachers exports the student alone)") from None
 
 
 def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
@@ -224,8 +227,9 @@ def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
 
 def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fp16: bool = False, int8: bool = False,
            trt: bool = False, fold_mode: str = "auto", calib_images: int = 256, parity_images: int = 0,
-           runs_root: str | Path = "runs", console=None) -> dict:
-    """Export a run's student (folded) and teacher ensemble; returns the manifest (also written)."""
+           runs_root: str | Path = "runs", console=None, teachers: bool = True) -> dict:
+    """Export a run's student (folded) and, with ``teachers``, its teacher ensemble; returns the manifest
+    (also written). ``teachers=False`` exports a student whose teachers are not on this machine."""
     say = console.print if console is not None else (lambda *a, **k: None)
     _check_args(fold_mode, calib_images, parity_images, trt)
     run = open_finished_run(run_dir, runs_root)
@@ -233,14 +237,14 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fp1
     recipe = run.recipe()
     student, ck = checkpoint.load_student(run.student_path)
     classes = list(ck["classes"])
-    teachers = _load_teachers(run, recipe, ck)
+    teacher_models = _load_teachers(run, recipe, ck) if teachers else []
     say(f"[bold]ekdc export[/bold] {run.path} -> {out}")
     val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
     with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir, _io.writes_into(out):
         job = _Job(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out, Path(tmpdir),
                    val_x, val_y, calib_x, say, eval_preprocess(recipe.data))
         fp32 = export_student_fp32(job, fold_mode)
-        files = [fp32.entry, export_teachers(job, teachers)]
+        files = [fp32.entry] + ([export_teachers(job, teacher_models)] if teachers else [])
         if fp16 or trt:
             files.append(export_fp16(job, fp32))
         if int8:

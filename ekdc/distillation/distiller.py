@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..models import EKDStudent
 from ..teachers import Teacher
 from .losses import EKDLoss
+from .teacher_cache import TeacherCache
 from .trainer import Losses, param_groups
 
 
@@ -24,6 +25,7 @@ class Distiller(nn.Module):
         self.student = student
         self.teachers = nn.ModuleList(teachers)
         self.loss = loss
+        self.cache: Optional[TeacherCache] = None  # set: the teachers' outputs are read from it, not computed
         self._teachers_checked = False
         if loss.needs_features:
             student.set_adapters([t.num_features for t in teachers])
@@ -53,7 +55,9 @@ class Distiller(nn.Module):
     def forward_train(self, student: nn.Module, batch: Batch) -> tuple[torch.Tensor, Losses]:
         """``student`` is ``self.student``, or the DistributedDataParallel wrapper around it."""
         t_logits = t_feats = None
-        if self.loss.needs_teachers:
+        if self.loss.needs_teachers and self.cache is not None:
+            t_logits, t_feats = self.cache.targets(batch.indices, batch.views, batch.pixels.device)
+        elif self.loss.needs_teachers:
             t_logits, t_feats = self.teacher_targets(batch.pixels)
         out = student(batch.images, return_branches=True)
         total, terms = self.loss(out, batch.labels, t_logits, t_feats)

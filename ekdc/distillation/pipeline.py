@@ -4,7 +4,10 @@ together, holding the run folder's lock throughout."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -14,12 +17,14 @@ from ..contract import top1
 from ..data import DataSplits, ImageSet, iterate_batches, load_data
 from ..models import EKDStudent, count_macs, count_params, create_model
 from ..recipe import Recipe, TeacherConfig, dump_recipe
+from ..plan import plan_metrics, planned_student_config
 from ..run import RunDir, open_training_run
 from ..teachers import (DataInfo, Teacher, frozen_teacher, parse_arch, teacher_from_checkpoint, teacher_param_groups,
                         teacher_stats, trainable_teacher)
 from .distiller import Distiller, SupervisedClassifier
 from .losses import EKDLoss
 from .runtime import Runtime, seed_everything, setup_runtime
+from .teacher_cache import open_teacher_cache
 from .trainer import Reporter, Stage, train_stage
 
 
@@ -41,9 +46,10 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
                           + (f"; {skipped} unreadable files left out (data.skip_bad_files)" if skipped else ""))
         with Reporter(run, rt, console, progress) as rep:
             teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
-            student, student_s = student_stage(recipe, data, teachers, rt, run, rep)
-            metrics = evaluate(recipe, data, student, teachers, rt)
+            student, student_s, student_info = student_stage(recipe, data, teachers, rt, run, rep)
+            metrics = {**evaluate(recipe, data, student, teachers, rt), **student_info}
             metrics["seconds"] = round(teacher_s + student_s, 2)
+            metrics.update(plan_metrics(run))  # student.latency_ms: what was planned, and where it holds
 
             def finish():
                 _io.write_json(run.metrics_path, metrics)
@@ -68,10 +74,7 @@ def _open_run(recipe: Recipe, out, resume: bool, runs_root, rt: Runtime):
     run, lock = RunDir(Path(".")), None
     if rt.is_main:
         run, lock = open_training_run(recipe, out, resume, runs_root)
-    if rt.world > 1:
-        obj = [str(run.path)]
-        torch.distributed.broadcast_object_list(obj, src=0)
-        run = RunDir(obj[0])
+    run = RunDir(rt.from_main(str(run.path)))
 
     def prepare_folder():
         (run.path / "teachers").mkdir(exist_ok=True)
@@ -130,6 +133,7 @@ def _obtain_teacher(ti: int, tcfg: TeacherConfig, recipe: Recipe, data: DataSpli
     task = SupervisedClassifier(t.pre.to(rt.device), tcfg.train.label_smoothing)
     stage = Stage(stage_name, model, task.forward_train, teacher_param_groups(t, tcfg), tcfg.train, recipe.seed + ti + 1)
     secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)
+    rt.sync_from_main(model)  # every rank distils from the teacher rank 0 saves
 
     def save():
         _save_teacher(final, model, tcfg, t.pre, info.classes, secs)
@@ -149,9 +153,11 @@ def _save_teacher(path: Path, model: nn.Module, tcfg: TeacherConfig, pre, classe
 
 
 def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt: Runtime, run: RunDir,
-                  rep: Reporter) -> tuple[EKDStudent, float]:
+                  rep: Reporter) -> tuple[EKDStudent, float, dict]:
+    """The trained student, its training seconds, and what metrics.json records of how it was trained."""
     torch.manual_seed(recipe.seed)
-    student = create_model("ekd_student", num_classes=data.num_classes, **recipe.student.model_dump(exclude={"arch"}))
+    config = planned_student_config(recipe, data, rt, run, rep)  # the recipe's, or planned for student.latency_ms
+    student = create_model("ekd_student", num_classes=data.num_classes, **config)
     d = recipe.distill
     distiller = Distiller(student, teachers, EKDLoss(recipe.mode, d.weights.model_dump(), d.temperature, d.label_smoothing))
     rt.prepare(student)
@@ -159,19 +165,40 @@ def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt:
         trained, ck = checkpoint.load_student(run.student_path)
         student.load_state_dict(trained.state_dict(), strict=False)  # adapters are not saved: they stay fresh
         rep.say(f"[dim]student: already trained in this run, loaded {run.student_path}[/dim]")
-        return student, float(ck.get("seconds", 0.0))
+        return student, float(ck.get("seconds", 0.0)), {"teacher_cache": ck.get("teacher_cache")}
     stage_name = f"student-{recipe.mode}"
     stage = Stage(stage_name, student, distiller.forward_train, distiller.param_groups(), d, recipe.seed)
+    cache_info = _use_teacher_cache(recipe, data, distiller, stage, rt, run, rep)
     secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)
 
     def save():
         checkpoint.save_student(run.student_path, student, classes=data.classes, input_size=data.image_size,
                                 mean=data.mean, std=data.std, recipe=recipe.name, mode=recipe.mode,
-                                teachers=[t.name for t in recipe.teachers], seconds=secs)
+                                teachers=[t.name for t in recipe.teachers], seconds=secs, teacher_cache=cache_info)
         run.stage_ckpt(stage_name).unlink(missing_ok=True)
 
     rt.on_main(save)
-    return student, secs
+    return student, secs, {"teacher_cache": cache_info}
+
+
+def _use_teacher_cache(recipe: Recipe, data: DataSplits, distiller: Distiller, stage: Stage, rt: Runtime, run: RunDir,
+                       rep: Reporter) -> Optional[dict]:
+    """With ``distill.teacher_cache.views``: open (or build) the cache and have the stage read from it.
+    Returns what metrics.json records of it (None: live teachers)."""
+    cfg = recipe.distill.teacher_cache
+    if cfg.views == 0 or not distiller.loss.needs_teachers:
+        return None
+    t0 = time.perf_counter()
+    cache = open_teacher_cache(cfg, run.path / "teacher_cache", list(distiller.teachers), data,
+                               recipe.data.augment_config, rt, distiller.teacher_targets, distiller.loss.needs_features,
+                               rep.say, rep.progress)
+    distiller.cache = cache
+    stage.fixed_views = functools.partial(cache.views_for_epoch, stage.seed)
+    info = {"views": cfg.views, "seed": cfg.seed, "path": str(cache.folder), "bytes": cache.info.get("bytes"),
+            "build_seconds": cache.info.get("build_seconds"), "open_seconds": round(time.perf_counter() - t0, 2)}
+    rep.log({"event": "teacher_cache", **info})
+    rep.say(f"[dim]student: teachers' outputs read from the cache in {cache.folder} ({cfg.views} views an image)[/dim]")
+    return info
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,6 +60,21 @@ class Runtime:
         dist.all_reduce(t)
         return (t / self.world).tolist()
 
+    def sync_from_main(self, model: nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers. DistributedDataParallel keeps parameters in
+        step, but each rank's last forward updates its own BatchNorm statistics."""
+        if self.world > 1:
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, src=0)
+
+    def from_main(self, obj):
+        """Rank 0's ``obj`` (picklable), on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def on_main(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (a write) on rank 0 only. Every rank learns whether it worked, so when rank 0 fails
         (a full disk, say) the others stop too instead of waiting for it in a collective forever."""
@@ -114,6 +129,10 @@ def setup_runtime(device: str, precision: str, channels_last: bool) -> Runtime:
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         dev = torch.device(device if ":" in device else f"cuda:{local_rank if world > 1 else 0}")
+        if dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {dev} asked for (process {local_rank} on this node), but this machine has "
+                            f"{torch.cuda.device_count()} GPU(s): start at most that many processes a node "
+                            "(torchrun --nproc_per_node), or set device: cpu")
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

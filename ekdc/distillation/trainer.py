@@ -134,6 +134,9 @@ class Stage:
     groups: list[dict]  # optimiser parameter groups (see ``param_groups``)
     schedule: Schedule
     seed: int  # data order and augmentation of every epoch derive from it
+    # instead of a fresh random augmentation each epoch: (each sample's augmentation parameters, which
+    # fixed view that is) for an epoch, as a teacher-output cache stores them
+    fixed_views: Optional[Callable[[int], tuple[Optional[torch.Tensor], torch.Tensor]]] = None
 
 
 @dataclasses.dataclass
@@ -169,7 +172,10 @@ def _run_epoch(stage: Stage, net: nn.Module, optim: _Optimisation, data: DataSpl
                rt: Runtime, run: RunDir, epoch: int, batch_size: int) -> _EpochTotals:
     n = len(data.train)
     net.train()
-    aug_params = augment_params(n, aug, stage.seed, epoch, canonical_size(data.image_size, aug.kind) if aug else 0)
+    if stage.fixed_views is not None:
+        aug_params, view_of = stage.fixed_views(epoch)
+    else:
+        aug_params, view_of = augment_params(n, aug, stage.seed, epoch, canonical_size(data.image_size, aug.kind) if aug else 0), None
     order = epoch_order(n, stage.seed, epoch, rt.rank, rt.world)
     mean = torch.tensor(data.mean, device=rt.device)
     std = torch.tensor(data.std, device=rt.device)
@@ -180,7 +186,8 @@ def _run_epoch(stage: Stage, net: nn.Module, optim: _Optimisation, data: DataSpl
         if aug_params is not None:
             xb = augment(xb, aug_params[idx].to(rt.device), aug, data.image_size)
         pixels = rt.to_pixels(xb)
-        batch = Batch(pixels, rt.normalize(pixels, mean, std), data.train_y[idx].to(rt.device, non_blocking=True), idx, epoch)
+        batch = Batch(pixels, rt.normalize(pixels, mean, std), data.train_y[idx].to(rt.device, non_blocking=True), idx, epoch,
+                      None if view_of is None else view_of[idx])
         with rt.autocast():
             logits, losses = stage.forward_train(net, batch)
         check_finite(losses.total.detach(), stage.name, epoch, run)

@@ -19,6 +19,10 @@ def teacher_for_run(tcfg, i: int, data: DataInfo, run) -> Teacher:
     if path.exists():
         model, ck = checkpoint.load_teacher(path, tcfg.arch or "")
         return teacher_from_checkpoint(ck, model, tcfg, data, i)
+    if tcfg.train is not None:  # trained (or fine-tuned) in the run: its weights exist only there, never guess them
+        from ..errors import UserError
+
+        raise UserError(f"teacher {tcfg.name} was trained in run {run.path}, but its checkpoint {path} is missing")
     return frozen_teacher(tcfg, i, data)
 
 

@@ -5,6 +5,8 @@ so the distiller, ``teachers.onnx`` and the metrics never ask where a teacher ca
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Optional
 
 import torch
@@ -64,6 +66,21 @@ class Teacher(nn.Module):
     @property
     def input_size(self) -> int:
         return self.pre.size
+
+    def fingerprint(self) -> str:
+        """A hash of everything the teacher's outputs depend on: its weights (an ONNX teacher's file),
+        its preprocessing and its class order. Teacher-output caches are keyed by it."""
+        h = hashlib.sha256(json.dumps({
+            "arch": self.arch, "source": self.source, "pre": self.pre.spec(), "bgr": self.pre.bgr,
+            "nhwc": self.pre.nhwc, "class_index": self.class_index.tolist(), "probabilities": self.probabilities,
+        }, sort_keys=True).encode())
+        file_hash = getattr(self.model, "content_hash", None)
+        if file_hash is not None:
+            h.update(file_hash().encode())
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def train(self, mode: bool = True) -> "Teacher":
         # frozen means eval-mode BatchNorm too, whatever mode a containing module is put in

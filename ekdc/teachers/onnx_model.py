@@ -100,6 +100,16 @@ class OnnxModel(nn.Module):
                                 f"({(str(err).strip().splitlines() or ['?'])[0][:160]}); check its input_size and layout") from None
         return torch.from_numpy(np.concatenate(outs).astype(np.float32, copy=False)).to(x.device)
 
+    def content_hash(self) -> str:
+        """sha256 of the file's bytes (what a teacher-output cache is keyed by)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(self.info.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_session"] = None  # sessions do not pickle; a copy opens its own

@@ -1,0 +1,38 @@
+#!/usr/bin/env python3
+"""Copy a recipe's exact training and validation images into OUT/train and OUT/val (ImageFolder layout).
+
+    python experiments/copy_split.py recipes/cifar10-limited.yaml data/cifar10-5k
+
+A machine without the whole folder (a lent GPU machine, with a size limit on what travels) then trains
+on the very split this one does, with ``--set data.root=OUT/train --set data.val_root=OUT/val``: the
+recipe's ``per_class`` and ``val_per_class`` then take every image there. Files are copied, not
+re-encoded, so every pixel is the same.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from ekdc import load_recipe
+from ekdc.data import index_splits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("out")
+    args = ap.parse_args()
+    index = index_splits(load_recipe(args.recipe).data)
+    for split in ("train", "val"):
+        source, labels, positions = index.part(split)
+        for pos in positions:
+            src = Path(source.files[pos])
+            dst = Path(args.out) / split / index.classes[int(labels[pos])] / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        print(f"{split}: {len(positions)} images -> {Path(args.out) / split}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""`ekdc plan`: the student for a latency budget, timed on this machine before training."""
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ekdc import UserError, load_recipe
+from ekdc.plan import (Candidate, NoStudentFits, choose, default_candidates, mark_pareto, plan_student, planned_recipe,
+                       set_lines, short_config)
+from ekdc.recipe import apply_overrides, dump_recipe, recipe_from_dict
+from tests.conftest import run_cli, tiny_recipe, write_recipe
+
+# tiny candidates, far apart in MACs: the test's timing is a few seconds
+SMALL = {"trunk_width": 4, "branch_widths": [4, 8]}
+MEDIUM = {"trunk_width": 8, "branch_widths": [8, 16]}
+LARGE = {"trunk_width": 16, "branch_widths": [16, 32], "branch_blocks": 2}
+# one teacher, one epoch: one branch (one fold layout to time) and seconds of training
+ONE_TEACHER = dict(teachers=[{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}],
+                   distill={"epochs": 1})
+
+
+def _candidates_file(path: Path, *cands: dict) -> Path:
+    path.write_text(yaml.safe_dump(list(cands)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """One real plan of three tiny students (2 branches: both fold layouts timed), reused below."""
+    recipe = load_recipe(write_recipe(tmp_path_factory.mktemp("plan") / "tiny.yaml"))
+    return recipe, plan_student(recipe, 1e4, candidates=[SMALL, MEDIUM, LARGE], repeats=2)
+
+
+def test_chosen_meets_budget_and_is_the_largest_that_does(measured):
+    recipe, plan = measured
+    assert (plan.batch, plan.provider, plan.precision, plan.num_classes) == (1, "cpu", "fp32", 4)
+    for c in plan.candidates:
+        # timed in both layouts, each the median over rounds of a round's p50; the faster one counts
+        assert set(c.layout_p50_ms) == {"grouped", "separate"} and len(c.round_p50_ms) == 2
+        assert c.p50_ms == min(c.layout_p50_ms.values()) > 0 and c.layout_p50_ms[c.layout] == c.p50_ms
+        assert c.config["num_branches"] == 2 and c.config["stem"] == recipe.student.stem == "cifar"
+    # MACs as metrics.json counts them: the largest candidate has the most
+    assert [c.macs for c in plan.candidates] == sorted(c.macs for c in plan.candidates)
+    assert plan.chosen is plan.candidates[-1] and plan.chosen.chosen and plan.chosen.p50_ms <= plan.budget_ms
+    # every budget on the same measurements: the chosen one fits and no fitting one has more MACs
+    for budget in sorted(c.p50_ms for c in plan.candidates):
+        pick = choose(plan.candidates, budget)
+        fits = [c for c in plan.candidates if c.p50_ms <= budget]
+        assert pick.p50_ms <= budget and pick.macs == max(c.macs for c in fits)
+    assert choose(plan.candidates, 0.99 * min(c.p50_ms for c in plan.candidates)) is None
+    # the plan's record: JSON, and it names its chosen config
+    record = json.loads(json.dumps(plan.to_dict()))
+    assert record["chosen_config"] == plan.chosen.config and record["machine"]["threads"] == plan.threads
+
+
+def test_planned_recipe_holds_the_chosen_student(measured):
+    recipe, plan = measured
+    planned = planned_recipe(recipe, plan)
+    assert planned.student.model_kwargs() == plan.chosen.config
+    assert planned.model_dump(exclude={"student"}) == recipe.model_dump(exclude={"student"})
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(planned))) == planned
+    # without --out, the CLI prints these: the recipe with them is the planned one
+    lines = set_lines(recipe, plan)
+    assert "--set 'student.branch_widths=[16,32]'" in lines and "--set student.branch_blocks=2" in lines
+    overrides = [shlex.split(line)[1] for line in lines]
+    assert recipe_from_dict(apply_overrides(recipe.model_dump(mode="json"), overrides)) == planned
+
+
+def test_pareto_front_on_a_synthetic_table():
+    cfg = {"trunk_width": 8, "trunk_blocks": 1, "branch_widths": [8], "branch_blocks": 1, "block": "basic",
+           "expand_ratio": 6}
+    rows = [Candidate(i, cfg, macs=m, params=0, p50_ms=t) for i, (m, t) in enumerate(
+        [(100, 1.0), (200, 1.5), (150, 2.0), (300, 1.5), (300, 3.0), (50, 1.0), (400, 4.0)])]
+    mark_pareto(rows)
+    # 0 (100 @ 1.0) beats 5 (50 @ 1.0); 3 (300 @ 1.5) beats 1, 2 and 4; 6 has the most MACs
+    assert [r.index for r in rows if r.pareto] == [0, 3, 6]
+    assert choose(rows, 1.6).index == 3 and choose(rows, 1.0).index == 0 and choose(rows, 0.5) is None
+    assert choose(rows, 10).index == 6
+
+
+def test_default_grid():
+    grid = default_candidates()
+    assert 18 <= len(grid) <= 26 and len({json.dumps(g, sort_keys=True) for g in grid}) == len(grid)
+    assert {len(g["branch_widths"]) for g in grid} == {2, 3} and {g["branch_blocks"] for g in grid} == {1, 2}
+    assert {g["block"] for g in grid} == {"basic", "inverted_residual"}
+    assert all(w % 4 == 0 and w > 0 for g in grid for w in [g["trunk_width"], *g["branch_widths"]])
+    assert short_config({**grid[0], "expand_ratio": 6}) == "trunk 8 / branches [8,16] basic"
+
+
+def test_latency_ms_excludes_explicit_widths(tmp_path):
+    raw = tiny_recipe()
+    raw["student"] = {"latency_ms": 0.5, "trunk_width": 8, "branch_widths": [8, 16], "stem": "cifar"}
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(raw, "r.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg and "student" in msg and "remove trunk_width, branch_widths (or latency_ms)" in msg
+    with pytest.raises(UserError, match="latency_ms: must be > 0"):
+        recipe_from_dict({**raw, "student": {"latency_ms": 0}})
+    # alone (a stem may be given) it loads, and a run folder's recipe.yaml of it loads again
+    raw["student"] = {"latency_ms": 0.5, "stem": "cifar"}
+    r = recipe_from_dict(raw)
+    assert r.student.latency_ms == 0.5 and recipe_from_dict(yaml.safe_load(dump_recipe(r))) == r
+
+
+def test_impossible_budget_is_one_line_and_exit_2(tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", **ONE_TEACHER)
+    cands = _candidates_file(tmp_path / "c.yaml", SMALL, MEDIUM)
+    res = run_cli("plan", recipe, "--latency", "0.00001", "--candidates", cands, "--repeats", "1")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "no student meets 1e-05 ms at batch 1 on cpu" in lines[0]
+    assert "the fastest of 2, trunk 4 / branches [4,8] basic, takes" in lines[0]
+    assert "Traceback" not in res.stderr and "Pareto" in res.stdout  # the measurements are still shown
+
+
+def test_planned_yaml_loads_and_trains(tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", **ONE_TEACHER)
+    cands = _candidates_file(tmp_path / "c.yaml", SMALL, MEDIUM)
+    out = tmp_path / "planned.yaml"
+    res = run_cli("plan", recipe, "--out", recipe, "--latency", "1000", "--candidates", cands)
+    assert res.returncode == 2 and "is the input recipe" in res.stderr  # refused before any timing
+    res = run_cli("plan", recipe, "--latency", "1000", "--candidates", cands, "--repeats", "1", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "holds for" in res.stdout and (tmp_path / "planned.png").stat().st_size > 0
+    planned = load_recipe(out)
+    assert planned.student.trunk_width == 8 and planned.student.branch_widths == [8, 16]  # the larger fits 1 s
+    assert planned.teachers == load_recipe(recipe).teachers
+    res = run_cli("distill", out, "--out", tmp_path / "run", "-q")
+    assert res.returncode == 0, res.stderr
+    ck = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    assert ck["config"]["trunk_width"] == 8 and ck["config"]["branch_widths"] == [8, 16]
+
+
+def test_distill_plans_once_and_resume_reuses_the_plan(tmp_path, monkeypatch):
+    import ekdc.plan as plan_mod
+    from ekdc import distill
+
+    calls = []
+    real = plan_mod.plan_student
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **{**kwargs, "repeats": 1})
+
+    monkeypatch.setattr(plan_mod, "default_candidates", lambda: [SMALL, MEDIUM])
+    monkeypatch.setattr(plan_mod, "plan_student", counting)
+    raw = tiny_recipe(**ONE_TEACHER)
+    raw["student"] = {"latency_ms": 1000.0}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run = distill(load_recipe(path), tmp_path / "run", progress=False)
+    assert calls == [1000.0]
+    record = json.loads(run.plan_path.read_text())
+    assert record["chosen_config"]["trunk_width"] == 8 and len(record["candidates"]) == 2
+    assert (run.path / "plan.png").stat().st_size > 0
+    plan = run.metrics()["plan"]
+    assert plan["config"] == record["chosen_config"] and plan["budget_ms"] == 1000.0 and 0 < plan["p50_ms"] <= 1000
+    assert plan["holds_for"] == "the machine it was timed on" and plan["macs"] == run.metrics()["student"]["macs"]
+    ck = torch.load(run.student_path, weights_only=True)
+    assert ck["config"] == record["chosen_config"]  # what export rebuilds the student from
+    assert run.recipe().student.latency_ms == 1000.0  # the run's recipe.yaml loads again
+    # a run killed in the student stage: --resume reads plan.json and never plans again
+    run.student_path.unlink()
+    run.metrics_path.unlink()
+    again = distill(load_recipe(path), run.path, resume=True, progress=False)
+    assert calls == [1000.0]
+    assert torch.load(again.student_path, weights_only=True)["config"] == record["chosen_config"]
+    assert again.metrics()["plan"]["config"] == record["chosen_config"]
+
+
+def test_no_student_fits_holds_the_plan(measured):
+    recipe, plan = measured
+    err = NoStudentFits(plan)
+    fastest = min(plan.candidates, key=lambda c: c.p50_ms)
+    assert isinstance(err, UserError) and err.plan is plan and fastest.short in str(err) and "\n" not in str(err)
+
+
+def test_budget_script_arguments(tmp_path):
+    from tests.test_scripts import _load
+
+    script = _load("plan_budgets")
+    assert script._budgets("0.3, 0.6,1.2") == [0.3, 0.6, 1.2]
+    for bad in ("x", "0,1", ""):
+        with pytest.raises(UserError, match="--budgets"):
+            script._budgets(bad)
+    a = script._args(["--out", str(tmp_path)])
+    cmds = script._commands(a, 0.6, "cifar10-limited-plan-0.6ms", tmp_path / "planned-0.6ms.yaml", "separate")
+    assert cmds["plan"].startswith("ekdc plan recipes/cifar10-limited.yaml --latency 0.6 --batch 1 --threads 2")
+    assert "--fold separate" in cmds["export"] and "--threads 2" in cmds["bench"]
+
+
+def test_int8_plan(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "tiny.yaml", **ONE_TEACHER))
+    plan = plan_student(recipe, 1e4, candidates=[MEDIUM], precision="int8", repeats=1)
+    (c,) = plan.candidates
+    assert plan.precision == "int8" and "int8" in plan.target and c.chosen and list(c.layout_p50_ms) == ["grouped"]
+    with pytest.raises(UserError, match="--precision 'fp16'"):
+        plan_student(recipe, 1.0, candidates=[MEDIUM], precision="fp16")
