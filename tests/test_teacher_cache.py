@@ -220,6 +220,32 @@ def test_refusals_name_what_is_wrong(cached_run, tmp_path, monkeypatch):
         _build(broken, recipe, data, teachers, rt)
 
 
+def test_streamed_and_in_memory_folders_cache_the_same_outputs_for_resized_crops(tmp_path):
+    """Views are reconstructed from (cache seed, view, index) alone: either loader gives the same cache."""
+    from ekdc.data import load_data
+    from ekdc.recipe import Augment, DataConfig, TeacherCacheConfig, TeacherConfig
+    from ekdc.teachers import Teacher, trainable_teacher
+    from test_stream import _folder
+
+    root = _folder(tmp_path / "data", per_class=10, size=(30, 22))
+    aug = {"kind": "resized_crop", "scale": [0.3, 1.0]}
+    rt = setup_runtime("cpu", "fp32", False)
+    caches = []
+    for loader in ("memory", "stream"):
+        data = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=16, val_per_class=2,
+                                    loader=loader, workers=2, augment=aug))
+        info = DataInfo(list(data.classes), data.image_size, list(data.mean), list(data.std))
+        torch.manual_seed(0)
+        t = trainable_teacher(TeacherConfig(arch="resnet8"), 0, info)
+        teachers = [Teacher(t.model, t.pre, name="resnet8", arch="resnet8", source="ekdc", head=t.head)]
+        caches.append(tc.open_teacher_cache(TeacherCacheConfig(views=3), tmp_path / loader, teachers, data,
+                                            Augment(**aug), rt, lambda px: (_live(teachers, px), None), False,
+                                            lambda s: None))
+    mem, st = caches
+    assert np.array_equal(np.asarray(mem.view_params), np.asarray(st.view_params))
+    assert np.allclose(np.asarray(mem.logits, np.float32), np.asarray(st.logits, np.float32), atol=1e-2)
+
+
 def test_views_without_augmentation_are_refused_in_one_line(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", data={"augment": False}, distill={**DISTILL, "teacher_cache": {"views": 4}})
     res = run_cli("distill", path, "--out", tmp_path / "run")
