@@ -470,14 +470,7 @@ def planned_student_config(recipe: Recipe, data, rt, run: "RunDir", rep) -> dict
         box["record"] = _read_plan(run, rep) if run.plan_path.is_file() else _plan_into(recipe, data, run, rep)
 
     rt.on_main(plan_once)
-    record = box.get("record")
-    if rt.world > 1:
-        import torch.distributed as dist
-
-        obj = [record]
-        dist.broadcast_object_list(obj, src=0)
-        record = obj[0]
-    return dict(record["chosen_config"])
+    return dict(rt.from_main(box.get("record"))["chosen_config"])
 
 
 def _plan_into(recipe: Recipe, data, run: "RunDir", rep) -> dict:
