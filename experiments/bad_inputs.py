@@ -117,6 +117,8 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("disk full while training", ["distill", str(ok), "--out", str(d / "full")]),
         ("teacher cache: views of images that are not augmented", ["distill", str(ok), "--set", "data.augment=false",
                                                                    "--set", "distill.teacher_cache.views=4"]),
+        ("teacher cache: path is a file", ["distill", str(ok), "--out", str(d / "o8"), "--set",
+                                           "distill.teacher_cache.views=2", "--set", f"distill.teacher_cache.path={d}/corrupt.pt"]),
         ("student.latency_ms beside explicit widths", ["distill", str(ok), "--set", "student.latency_ms=0.5"]),
         ("plan: no student meets the budget", ["plan", str(ok), "--latency", "0.0001", "--candidates",
                                                str(d / "candidates.yaml"), "--repeats", "1"]),

@@ -58,7 +58,7 @@ def main() -> None:
     run = RunDir(out / "run")
     (run.path / "ckpt").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cache = open_teacher_cache(d.teacher_cache, out / "cache", teachers, data, r.data.augment_config, rt,
+    cache = open_teacher_cache(d.teacher_cache, out, teachers, data, r.data.augment_config, rt,
                                distiller.teacher_targets, distiller.loss.needs_features, print)
     open_s = time.perf_counter() - t0
     one_epoch = d.model_copy(update={"epochs": 1})

@@ -179,7 +179,7 @@ def test_an_interrupted_build_resumes_after_kill_9(cached_run, tmp_path, monkeyp
     script = KILL_SCRIPT.format(tests=str(ROOT / "tests"), recipe=str(tmp_path / "r.yaml"), run=str(run_path),
                                 folder=str(tmp_path / "killed"))
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    done_files = lambda: list((tmp_path / "killed").glob("*/done"))  # noqa: E731
+    done_files = lambda: list((tmp_path / "killed").glob("teacher_cache/*/done"))  # noqa: E731
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (done_files() and 2 <= sum(done_files()[0].read_bytes()) < 8):
         time.sleep(0.05)
@@ -213,8 +213,8 @@ def test_refusals_name_what_is_wrong(cached_run, tmp_path, monkeypatch):
         _build(tmp_path, other, data, teachers, rt)
     # damaged files are named
     broken = tmp_path / "broken"
-    shutil.copytree(folder.parent, broken)
-    with open(next(broken.glob("*/logits.f16")), "r+b") as fh:
+    shutil.copytree(folder.parent, broken / "teacher_cache")
+    with open(next(broken.glob("teacher_cache/*/logits.f16")), "r+b") as fh:
         fh.truncate(10)
     with pytest.raises(UserError, match="damaged: logits.f16"):
         _build(broken, recipe, data, teachers, rt)

@@ -24,7 +24,7 @@ from ..teachers import (DataInfo, Teacher, frozen_teacher, parse_arch, teacher_f
 from .distiller import Distiller, SupervisedClassifier
 from .losses import EKDLoss
 from .runtime import Runtime, seed_everything, setup_runtime
-from .teacher_cache import open_teacher_cache
+from .teacher_cache import cache_root, open_teacher_cache
 from .trainer import Reporter, Stage, train_stage
 
 
@@ -82,6 +82,8 @@ def _open_run(recipe: Recipe, out, resume: bool, runs_root, rt: Runtime):
         run.repair_log()
         if not run.recipe_path.exists():
             _io.write_text(run.recipe_path, dump_recipe(recipe))
+        if recipe.distill.teacher_cache.views:
+            cache_root(recipe.distill.teacher_cache, run.path)
 
     try:
         rt.on_main(prepare_folder)
@@ -189,7 +191,7 @@ def _use_teacher_cache(recipe: Recipe, data: DataSplits, distiller: Distiller, s
     if cfg.views == 0 or not distiller.loss.needs_teachers:
         return None
     t0 = time.perf_counter()
-    cache = open_teacher_cache(cfg, run.path / "teacher_cache", list(distiller.teachers), data,
+    cache = open_teacher_cache(cfg, run.path, list(distiller.teachers), data,
                                recipe.data.augment_config, rt, distiller.teacher_targets, distiller.loss.needs_features,
                                rep.say, rep.progress)
     distiller.cache = cache

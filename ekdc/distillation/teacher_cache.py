@@ -148,21 +148,38 @@ class TeacherCache:
 # opening or building
 
 
-def open_teacher_cache(cfg: TeacherCacheConfig, default_root: Path, teachers: list[Teacher], data: DataSplits,
+def open_teacher_cache(cfg: TeacherCacheConfig, run_path: Path, teachers: list[Teacher], data: DataSplits,
                        aug: Optional[Augment], rt: Runtime, teacher_targets: TeacherTargets, features: bool,
                        say: Callable[[str], None], progress=None) -> TeacherCache:
     """The cache for these teachers, data and views: reused when one with the same key is complete,
     else built (resuming a partial build) by every rank together. Collective under ``torchrun``."""
     key, doc = rt.from_main(cache_key(teachers, data, aug, cfg, rt.precision_text, features))
-    folder = _folder_for(Path(cfg.path).expanduser().resolve() if cfg.path else default_root.resolve(), key, doc)
+    folder = _folder_for(cache_root(cfg, run_path), key, doc)
     layout = Layout(len(data.train), cfg.views, len(teachers), data.num_classes,
                     tuple(t.num_features for t in teachers) if features else (),
                     0 if aug is None else (5 if aug.kind == "resized_crop" else 3))
-    if not (folder / "complete.json").exists():
-        _build(folder, key, doc, layout, data, aug, cfg.seed, rt, teacher_targets, say, progress)
-    info = _read_json(folder / "complete.json")
-    _check_files(folder, layout)
-    return TeacherCache(folder, layout, info)
+    try:
+        if not (folder / "complete.json").exists():
+            _build(folder, key, doc, layout, data, aug, cfg.seed, rt, teacher_targets, say, progress)
+        info = _read_json(folder / "complete.json")
+        _check_files(folder, layout)
+        return TeacherCache(folder, layout, info)
+    except OSError as err:  # a path that is a file, a read-only or full disk: one line, not a traceback
+        where = err.filename or folder
+        raise UserError(f"teacher cache: cannot use {where} ({err.strerror or err}); set distill.teacher_cache.path "
+                        "to a writable folder") from None
+
+
+def cache_root(cfg: TeacherCacheConfig, run_path: Path) -> Path:
+    """The folder the caches are kept in, created now: a path that cannot hold them is refused before
+    any teacher trains, not after."""
+    root = Path(cfg.path).expanduser().resolve() if cfg.path else (run_path / "teacher_cache").resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"distill.teacher_cache.path: cannot create {root} ({err.strerror or err}); set it to a "
+                        "writable folder") from None
+    return root
 
 
 def _folder_for(root: Path, key: str, doc: dict) -> Path:
@@ -247,14 +264,11 @@ def _allocate(folder: Path, key: str, doc: dict, layout: Layout, data: DataSplit
     if free < need:
         raise UserError(f"teacher cache: {folder} needs {_size_text(need)} on its disk, and {_size_text(free)} is "
                         "free; free space, set distill.teacher_cache.path to a larger disk, or use fewer views")
-    try:
-        for name, size in layout.files().items():
-            _reserve(folder / name, size)
-        _write_view_params(folder / "views.npy", layout, aug, seed, canonical_size(data.image_size, aug.kind) if aug else 0)
-        (folder / "done").write_bytes(bytes(layout.chunks))
-        _io.write_json(key_path, {"key": key, "doc": doc, "layout": dataclasses.asdict(layout), "chunk": CHUNK})
-    except OSError as err:
-        raise UserError(f"teacher cache: cannot create its files in {folder} ({err.strerror or err})") from None
+    for name, size in layout.files().items():
+        _reserve(folder / name, size)
+    _write_view_params(folder / "views.npy", layout, aug, seed, canonical_size(data.image_size, aug.kind) if aug else 0)
+    (folder / "done").write_bytes(bytes(layout.chunks))
+    _io.write_json(key_path, {"key": key, "doc": doc, "layout": dataclasses.asdict(layout), "chunk": CHUNK})
 
 
 def _reserve(path: Path, size: int) -> None:
