@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, run_cli, tiny_recipe, write_recipe
 from ekdc import distill, load_recipe
 from ekdc.data import augment, load_data
 from ekdc.distillation import teacher_cache as tc
@@ -265,3 +265,31 @@ def test_torchrun_two_cpu_processes_build_and_read_one_cache(tmp_path):
     assert m["world_size"] == 2 and m["teacher_cache"]["views"] == 3
     folder = Path(m["teacher_cache"]["path"])
     assert all((folder / "done").read_bytes()) and (folder / "complete.json").exists()
+
+
+def test_an_onnx_teacher_runs_once_per_view_and_its_file_is_in_the_key(tmp_path, monkeypatch):
+    """ONNX teachers (run by ONNX Runtime) are what the cache makes cheap; their file's bytes key it."""
+    import yaml
+
+    from test_teachers import export_foreign, onnx_entry
+    from ekdc.teachers.onnx_model import OnnxModel
+
+    onnx_file = export_foreign(tmp_path / "foreign.onnx")
+    r = tiny_recipe(mode="avg_kd")
+    r["teachers"] = [{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}, onnx_entry(onnx_file)]
+    r["distill"] = {**DISTILL, **CACHE}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    calls = []
+    real = OnnxModel.forward
+    monkeypatch.setattr(OnnxModel, "forward", lambda self, x: (calls.append(len(x)), real(self, x))[1])
+    recipe = load_recipe(tmp_path / "r.yaml")
+    run = distill(recipe, tmp_path / "run", progress=False)
+    m = json.loads((run.path / "metrics.json").read_text())
+    n_train, n_val = m["train_images"], m["val_images"]
+    # the build's 3 views of every training image, then the validation metrics: never once a step
+    assert sum(calls) == 3 * n_train + n_val
+    data, teachers, rt = _setup(run.path, recipe)
+    cfg, aug = recipe.distill.teacher_cache, recipe.data.augment_config
+    before = tc.cache_key(teachers, data, aug, cfg, "fp32", False)[0]
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")  # the same graph, another file: a new key, to be safe
+    assert tc.cache_key(teachers, data, aug, cfg, "fp32", False)[0] != before
