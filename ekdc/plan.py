@@ -252,8 +252,8 @@ def choose(candidates: Sequence[Candidate], budget_ms: float) -> Optional[Candid
 
 def _check_args(latency_ms: float, batch: int, provider: str, threads: Optional[int], precision: str,
                 repeats: int) -> None:
-    if not latency_ms or not latency_ms > 0:
-        raise UserError(f"--latency {latency_ms}: the budget must be more than 0 ms")
+    if not latency_ms or not 0 < latency_ms < float("inf"):
+        raise UserError(f"--latency {latency_ms}: the budget must be a number of ms more than 0")
     if batch < 1:
         raise UserError(f"--batch {batch}: must be at least 1")
     if provider not in PROVIDERS:
@@ -447,7 +447,10 @@ def set_lines(recipe: Recipe, plan: Plan) -> list[str]:
     import yaml
 
     items = ["student.latency_ms=null"] if recipe.student.latency_ms is not None else []
-    for key in PLANNED_KEYS:
+    keys = list(PLANNED_KEYS)
+    if plan.chosen.config.get("stem") != recipe.student.stem:  # a candidate may name its own stem
+        keys.append("stem")
+    for key in keys:
         value = plan.chosen.config[key]
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip().replace(", ", ",")
         items.append(f"student.{key}={text}")

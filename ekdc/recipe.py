@@ -224,7 +224,7 @@ PLANNED_KEYS = ("trunk_width", "trunk_blocks", "branch_widths", "branch_blocks",
 class StudentConfig(_Strict):
     arch: Literal["ekd_student"] = "ekd_student"
     latency_ms: Optional[float] = Field(
-        None, gt=0, description="plan the student for this p50 latency (ms, batch 1, fp32, ONNX Runtime CPU, all usable "
+        None, gt=0, allow_inf_nan=False, description="plan the student for this p50 latency (ms, batch 1, fp32, ONNX Runtime CPU, all usable "
                                 "cores) on this machine before training, instead of giving its widths and depths")
     num_branches: Optional[int] = Field(None, ge=1, description="defaults to the number of teachers")
     trunk_width: int = Field(16, ge=1)
@@ -276,8 +276,8 @@ class TeacherCacheConfig(_Strict):
 
     views: int = Field(0, ge=0, le=1000, description="fixed augmented views per image (0: no cache, live teachers)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="the views' own seed: runs with other recipe seeds share views")
-    path: Optional[str] = Field(None, description="the folder caches are kept in (default: the run's teacher_cache/); "
-                                                  "point it at another run's to reuse that cache")
+    path: Optional[str] = Field(None, min_length=1, description="the folder caches are kept in (default: the run's "
+                                                                "teacher_cache/); point it at another run's to reuse that cache")
 
 
 class DistillConfig(Schedule):

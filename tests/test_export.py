@@ -89,6 +89,9 @@ def test_a_student_whose_teachers_are_elsewhere_exports_with_no_teachers(tiny_ru
         f.unlink()  # trained on another machine: only the student came back
     res = run_cli("export", run, "--out", tmp_path / "e", "--fold", "grouped")
     assert res.returncode == 2 and "--no-teachers" in res.stderr and "Traceback" not in res.stderr
+    # into a folder holding another export's teachers.onnx: it must not stay beside this student
+    assert run_cli("export", tiny_run, "--out", tmp_path / "e", "--fold", "grouped").returncode == 0
+    assert (tmp_path / "e" / "teachers.onnx").exists()
     res = run_cli("export", run, "--out", tmp_path / "e", "--fold", "grouped", "--no-teachers")
     assert res.returncode == 0, res.stderr
     files = [f["file"] for f in json.loads((tmp_path / "e" / "manifest.json").read_text())["files"]]

@@ -69,6 +69,19 @@ def test_planned_recipe_holds_the_chosen_student(measured):
     assert recipe_from_dict(apply_overrides(recipe.model_dump(mode="json"), overrides)) == planned
 
 
+def test_set_lines_carry_a_candidates_own_stem(measured):
+    import copy
+
+    recipe, plan = measured
+    plan = copy.deepcopy(plan)
+    other = "imagenet" if recipe.student.stem == "cifar" else "cifar"
+    plan.chosen.config["stem"] = other  # --candidates may time a stem other than the recipe's
+    lines = set_lines(recipe, plan)
+    assert f"--set student.stem={other}" in lines
+    overrides = [shlex.split(line)[1] for line in lines]
+    assert recipe_from_dict(apply_overrides(recipe.model_dump(mode="json"), overrides)).student.stem == other
+
+
 def test_pareto_front_on_a_synthetic_table():
     cfg = {"trunk_width": 8, "trunk_blocks": 1, "branch_widths": [8], "branch_blocks": 1, "block": "basic",
            "expand_ratio": 6}

@@ -274,9 +274,13 @@ def _publish(job: _Job, manifest: dict) -> None:
     for name in names:
         _io.replace_into(job.staged(name), job.out / name)
     _io.write_json(job.out / "manifest.json", manifest)
-    for stale in previous - set(names):
-        if "/" not in stale and stale.startswith("student"):  # only ekdc's own outputs
-            (job.out / stale).unlink(missing_ok=True)
+    # ekdc's own outputs only; teachers.onnx too when this export has none, even if no manifest named it
+    # (a bench beside this student would otherwise take another run's ensemble as its reference)
+    stale = {f for f in previous - set(names) if "/" not in f and (f.startswith("student") or f == "teachers.onnx")}
+    if "teachers.onnx" not in names:
+        stale.add("teachers.onnx")
+    for name in stale:
+        (job.out / name).unlink(missing_ok=True)
 
 
 def _size_mb(p: Path) -> float:

@@ -78,17 +78,23 @@ class Runtime:
     def on_main(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (a write) on rank 0 only. Every rank learns whether it worked, so when rank 0 fails
         (a full disk, say) the others stop too instead of waiting for it in a collective forever."""
+        self.on_every_rank(fn if self.is_main else lambda: None,
+                           "rank 0 failed to write the run's files (its message says why); this rank stops too")
+
+    def on_every_rank(self, fn: Callable[[], None],
+                      others_say: str = "another rank failed (its message says why); this rank stops too") -> None:
+        """Run ``fn`` on every rank; when any rank fails, every rank stops (the failing one with its own
+        error, the others with a line saying so), instead of the others waiting in a collective forever."""
         err: Optional[BaseException] = None
-        if self.is_main:
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
-                err = e
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            err = e
         if self.world > 1:
             ok = torch.tensor([0 if err is not None else 1], dtype=torch.int32, device=self._collective_device())
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
             if err is None and int(ok.item()) == 0:
-                raise UserError("rank 0 failed to write the run's files (its message says why); this rank stops too")
+                raise UserError(others_say)
         if err is not None:
             raise err
 

@@ -110,7 +110,9 @@ def cache_key(teachers: list[Teacher], data: DataSplits, aug: Optional[Augment],
 def _size_text(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
 
 
 class TeacherCache:
@@ -153,7 +155,8 @@ def open_teacher_cache(cfg: TeacherCacheConfig, run_path: Path, teachers: list[T
                        say: Callable[[str], None], progress=None) -> TeacherCache:
     """The cache for these teachers, data and views: reused when one with the same key is complete,
     else built (resuming a partial build) by every rank together. Collective under ``torchrun``."""
-    key, doc = rt.from_main(cache_key(teachers, data, aug, cfg, rt.precision_text, features))
+    # rank 0's key (hashing the split once, not once a rank), which every rank then uses
+    key, doc = rt.from_main(cache_key(teachers, data, aug, cfg, rt.precision_text, features) if rt.is_main else None)
     folder = _folder_for(cache_root(cfg, run_path), key, doc)
     layout = Layout(len(data.train), cfg.views, len(teachers), data.num_classes,
                     tuple(t.num_features for t in teachers) if features else (),
@@ -198,17 +201,37 @@ def _folder_for(root: Path, key: str, doc: dict) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"teacher cache file {path} cannot be read ({err}); delete its folder to rebuild it") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"teacher cache file {path} is damaged (not a JSON object); delete its folder to rebuild it")
+    return doc
+
+
+def _damage(folder: Path, layout: Layout) -> Optional[str]:
+    """What is wrong with a cache folder's files for this layout, or None: every memory-mapped file at its
+    size, ``views.npy`` of its shape, one ``done`` byte a chunk. (A short file mapped for writing would
+    silently grow with zeros.)"""
+    expected = dict(layout.files(), done=layout.chunks)
+    for name, size in expected.items():
+        have = (folder / name).stat().st_size if (folder / name).is_file() else -1
+        if have != size:
+            return f"{name} has {have} bytes where {size} are expected" if have >= 0 else f"{name} is missing"
+    if layout.view_params:
+        try:
+            shape = np.load(folder / "views.npy", mmap_mode="r").shape
+        except (OSError, ValueError) as err:
+            return f"views.npy cannot be read ({err})"
+        if shape != (layout.views, layout.images, layout.view_params):
+            return f"views.npy has shape {shape}"
+    return None
 
 
 def _check_files(folder: Path, layout: Layout) -> None:
-    for name, size in layout.files().items():
-        have = (folder / name).stat().st_size if (folder / name).exists() else -1
-        if have != size:
-            raise UserError(f"teacher cache {folder} is damaged: {name} has {have} bytes where {size} are expected; "
-                            "delete the folder to rebuild it")
+    damage = _damage(folder, layout)
+    if damage:
+        raise UserError(f"teacher cache {folder} is damaged: {damage}; delete the folder to rebuild it")
 
 
 def _build(folder: Path, key: str, doc: dict, layout: Layout, data: DataSplits, aug: Optional[Augment], seed: int,
@@ -226,10 +249,8 @@ def _build(folder: Path, key: str, doc: dict, layout: Layout, data: DataSplits, 
 
     try:
         rt.on_main(prepare)
-        rt.barrier()
         if not (folder / "complete.json").exists():
-            _fill(folder, layout, data, aug, rt, teacher_targets, progress)
-            rt.barrier()
+            rt.on_every_rank(lambda: _fill(folder, layout, data, aug, rt, teacher_targets, progress))
 
             def finish():
                 missing = int((np.fromfile(folder / "done", dtype=np.uint8) == 0).sum())
@@ -254,10 +275,13 @@ def _allocate(folder: Path, key: str, doc: dict, layout: Layout, data: DataSplit
     if key_path.exists():
         held = _read_json(key_path)
         same_layout = held.get("layout") == json.loads(json.dumps(dataclasses.asdict(layout)))
-        if held.get("key") == key and same_layout and held.get("chunk") == CHUNK:
+        damage = _damage(folder, layout)
+        if held.get("key") == key and same_layout and held.get("chunk") == CHUNK and damage is None:
             done = int(np.fromfile(folder / "done", dtype=np.uint8).sum())
             say(f"teacher cache {folder}: resuming, {done}/{layout.chunks} chunks already done")
             return
+        if damage:
+            say(f"teacher cache {folder}: the partial build is damaged ({damage}); building it again")
         key_path.unlink()
     need = layout.bytes_needed()
     free = shutil.disk_usage(folder).free
