@@ -1,6 +1,8 @@
 """The ``ekdc`` command line: each command parses, calls the library, prints. Nothing else lives here."""
 from __future__ import annotations
 
+import os
+
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -45,7 +47,7 @@ def distill(
     from .tables import metrics_table
 
     run = run_distill(r, out, resume=resume, runs_root=runs_root, console=console, progress=not quiet)
-    if run.metrics_path.exists():
+    if run.metrics_path.exists() and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         _show(metrics_table(run.metrics(), title=f"{r.name}: validation metrics ({run.path})"))
 
 
