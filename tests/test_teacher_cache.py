@@ -193,6 +193,8 @@ def test_an_interrupted_build_resumes_after_kill_9(cached_run, tmp_path, monkeyp
     resumed = _build(tmp_path / "killed", recipe, data, teachers, rt,
                      lambda px: (calls.append(1), (_live(teachers, px), None))[1])
     assert len(calls) == (8 - finished_before) * 3  # only the chunks not done, in every view
+    # the build's time counts the killed process's chunks too (each took 3 x 0.15 s there)
+    assert json.loads((folder / "complete.json").read_text())["build_seconds"] >= 0.45 * finished_before
     fresh = _build(tmp_path / "fresh", recipe, data, teachers, rt)
     assert np.array_equal(np.asarray(resumed.logits), np.asarray(fresh.logits))
 

@@ -12,6 +12,7 @@ views hit every time, at the price of K views per image instead of one fresh vie
         logits.f16     the teachers' logits, fp16 [n, K, M, C], memory-mapped
         feat<m>.f16    teacher m's pooled features [n, K, D_m], where the loss matches features
         done           one byte a chunk of CHUNK images, set once the chunk's outputs are on disk
+        seconds        the build's time so far (a resumed build adds to it)
         complete.json  written last: the cache is whole (and how long it took)
         .lock          held by the one process building it
 
@@ -239,7 +240,6 @@ def _build(folder: Path, key: str, doc: dict, layout: Layout, data: DataSplits, 
     """Rank 0 takes the cache's lock and allocates the files (or finds a partial build to resume); every
     rank fills its share of the chunks; rank 0 checks that all are done and marks the cache complete."""
     lock = FileLock(folder / ".lock")
-    t0 = time.perf_counter()
 
     def prepare():
         folder.mkdir(parents=True, exist_ok=True)
@@ -250,13 +250,19 @@ def _build(folder: Path, key: str, doc: dict, layout: Layout, data: DataSplits, 
     try:
         rt.on_main(prepare)
         if not (folder / "complete.json").exists():
-            rt.on_every_rank(lambda: _fill(folder, layout, data, aug, rt, teacher_targets, progress))
+            before = _seconds_so_far(folder)  # spent by builds of this cache that were interrupted
+            t0 = time.perf_counter()
+
+            def spent() -> float:
+                return before + time.perf_counter() - t0
+
+            rt.on_every_rank(lambda: _fill(folder, layout, data, aug, rt, teacher_targets, progress, spent))
 
             def finish():
                 missing = int((np.fromfile(folder / "done", dtype=np.uint8) == 0).sum())
                 if missing:
                     raise UserError(f"teacher cache {folder}: {missing} chunks were not filled; run again to finish them")
-                seconds = round(time.perf_counter() - t0, 2)
+                seconds = round(spent(), 2)
                 _io.write_json(folder / "complete.json", {"key": key, "build_seconds": seconds,
                                                           "bytes": layout.bytes_needed()})
                 say(f"teacher cache: {layout.images} images x {layout.views} views of {layout.teachers} teachers "
@@ -288,6 +294,7 @@ def _allocate(folder: Path, key: str, doc: dict, layout: Layout, data: DataSplit
     if free < need:
         raise UserError(f"teacher cache: {folder} needs {_size_text(need)} on its disk, and {_size_text(free)} is "
                         "free; free space, set distill.teacher_cache.path to a larger disk, or use fewer views")
+    (folder / "seconds").unlink(missing_ok=True)  # another build's time
     for name, size in layout.files().items():
         _reserve(folder / name, size)
     _write_view_params(folder / "views.npy", layout, aug, seed, canonical_size(data.image_size, aug.kind) if aug else 0)
@@ -324,8 +331,15 @@ def _write_view_params(path: Path, layout: Layout, aug: Optional[Augment], seed:
     del params
 
 
+def _seconds_so_far(folder: Path) -> float:
+    try:
+        return float((folder / "seconds").read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
 def _fill(folder: Path, layout: Layout, data: DataSplits, aug: Optional[Augment], rt: Runtime,
-          teacher_targets: TeacherTargets, progress) -> None:
+          teacher_targets: TeacherTargets, progress, spent: Callable[[], float]) -> None:
     """This rank's chunks not yet done: each decoded once, run through the teachers in every view, its
     outputs flushed to disk before its ``done`` byte is set (a kill at any moment loses at most the
     chunks in flight)."""
@@ -358,6 +372,8 @@ def _fill(folder: Path, layout: Layout, data: DataSplits, aug: Optional[Augment]
             for f in feats:
                 f.flush()
             os.pwrite(fd, b"\x01", c)
+            if rt.is_main:  # the build's time so far, which a resumed build adds to
+                _io.write_text(folder / "seconds", f"{spent():.2f}")
             if task is not None:
                 progress.update(task, advance=rt.world)
         os.fsync(fd)
