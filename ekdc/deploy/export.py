@@ -276,7 +276,7 @@ def _publish(job: _Job, manifest: dict) -> None:
     _io.write_json(job.out / "manifest.json", manifest)
     # ekdc's own outputs only; teachers.onnx too when this export has none, even if no manifest named it
     # (a bench beside this student would otherwise take another run's ensemble as its reference)
-    stale = {f for f in previous - set(names) if "/" not in f and (f.startswith("student") or f == "teachers.onnx")}
+    stale = {f for f in previous - set(names) if "/" not in f and f.startswith("student")}
     if "teachers.onnx" not in names:
         stale.add("teachers.onnx")
     for name in stale:

@@ -55,10 +55,9 @@ class Distiller(nn.Module):
     def forward_train(self, student: nn.Module, batch: Batch) -> tuple[torch.Tensor, Losses]:
         """``student`` is ``self.student``, or the DistributedDataParallel wrapper around it."""
         t_logits = t_feats = None
-        if self.loss.needs_teachers and self.cache is not None:
-            t_logits, t_feats = self.cache.targets(batch.indices, batch.views, batch.pixels.device)
-        elif self.loss.needs_teachers:
-            t_logits, t_feats = self.teacher_targets(batch.pixels)
+        if self.loss.needs_teachers:
+            t_logits, t_feats = (self.teacher_targets(batch.pixels) if self.cache is None
+                                 else self.cache.targets(batch.indices, batch.views, batch.pixels.device))
         out = student(batch.images, return_branches=True)
         total, terms = self.loss(out, batch.labels, t_logits, t_feats)
         return out.logits.mean(0), Losses(total, terms)

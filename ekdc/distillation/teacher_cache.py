@@ -23,6 +23,7 @@ is never read for the wrong key.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -108,6 +109,15 @@ def cache_key(teachers: list[Teacher], data: DataSplits, aug: Optional[Augment],
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(), doc
 
 
+def _output_arrays(folder: Path, layout: Layout, mode: str) -> tuple[np.memmap, list[np.memmap]]:
+    """The memory-mapped logits ``[n, K, M, C]`` and each teacher's features ``[n, K, D_m]``."""
+    shape = (layout.images, layout.views)
+    logits = np.memmap(folder / "logits.f16", np.float16, mode, shape=(*shape, layout.teachers, layout.classes))
+    feats = [np.memmap(folder / f"feat{m}.f16", np.float16, mode, shape=(*shape, d))
+             for m, d in enumerate(layout.feature_dims)]
+    return logits, feats
+
+
 def _size_text(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
@@ -122,10 +132,7 @@ class TeacherCache:
     def __init__(self, folder: Path, layout: Layout, info: dict):
         self.folder, self.layout, self.info = folder, layout, info
         self.view_params = np.load(folder / "views.npy", mmap_mode="r") if layout.view_params else None
-        shape = (layout.images, layout.views)
-        self.logits = np.memmap(folder / "logits.f16", np.float16, "r", shape=(*shape, layout.teachers, layout.classes))
-        self.features = [np.memmap(folder / f"feat{m}.f16", np.float16, "r", shape=(*shape, d))
-                         for m, d in enumerate(layout.feature_dims)]
+        self.logits, self.features = _output_arrays(folder, layout, "r")
 
     def views_for_epoch(self, seed: int, epoch: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(each sample's augmentation parameters, which view it is) for one epoch: view
@@ -310,8 +317,6 @@ def _reserve(path: Path, size: int) -> None:
                 os.posix_fallocate(fd, 0, size)
                 return
             except OSError as err:
-                import errno
-
                 if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                     raise
         os.ftruncate(fd, size)  # a filesystem without fallocate: the free-space check above must do
@@ -346,9 +351,7 @@ def _fill(folder: Path, layout: Layout, data: DataSplits, aug: Optional[Augment]
     done = np.fromfile(folder / "done", dtype=np.uint8)
     mine = [c for c in range(layout.chunks) if c % rt.world == rt.rank and not done[c]]
     n, k_views = layout.images, layout.views
-    logits = np.memmap(folder / "logits.f16", np.float16, "r+", shape=(n, k_views, layout.teachers, layout.classes))
-    feats = [np.memmap(folder / f"feat{m}.f16", np.float16, "r+", shape=(n, k_views, d))
-             for m, d in enumerate(layout.feature_dims)]
+    logits, feats = _output_arrays(folder, layout, "r+")
     view_params = np.load(folder / "views.npy", mmap_mode="r") if layout.view_params else None
     task = progress.add_task("teacher cache", total=layout.chunks, completed=int(done.sum()), info="") if progress else None
     batches = [torch.arange(c * CHUNK, min(n, (c + 1) * CHUNK)) for c in mine]
