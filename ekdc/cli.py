@@ -37,16 +37,24 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
     runs_root: Path = typer.Option(Path("runs"), "--runs", help="Where run folders go."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    teachers_only: bool = typer.Option(False, "--teachers-only", help="Stop after the teachers: save and score them "
+                                       "(teachers/metrics.json); later runs load them with weights:, and --resume "
+                                       "without this flag goes on to the student."),
 ):
     """Train (or load) the teachers, then the EKD student, from a recipe."""
     from .recipe import load_recipe
 
     r = load_recipe(recipe, set_)  # before the heavy imports: a bad recipe is reported at once
     from .distillation import distill as run_distill
-    from .tables import metrics_table
+    from .tables import metrics_table, teachers_table
 
-    run = run_distill(r, out, resume=resume, runs_root=runs_root, console=console, progress=not quiet)
-    if run.metrics_path.exists() and os.environ.get("RANK", "0") == "0":  # under torchrun, once
+    run = run_distill(r, out, resume=resume, runs_root=runs_root, console=console, progress=not quiet,
+                      teachers_only=teachers_only)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, the table once
+        return
+    if teachers_only:
+        _show(teachers_table(run.teacher_metrics(), title=f"{r.name}: teachers ({run.path / 'teachers'})"))
+    elif run.metrics_path.exists():
         _show(metrics_table(run.metrics(), title=f"{r.name}: validation metrics ({run.path})"))
 
 

@@ -2,6 +2,7 @@
 
     runs/<name>/recipe.yaml         the resolved recipe (every default filled in)
     runs/<name>/teachers/<t>.pt     trained (or copied) teacher checkpoints
+    runs/<name>/teachers/metrics.json  ``--teachers-only``: the teachers' validation metrics
     runs/<name>/student.pt          the trained student (without training-only adapters)
     runs/<name>/ckpt/<stage>.pt     the in-progress stage's last epoch (deleted when the stage ends)
     runs/<name>/log.jsonl           one JSON line per epoch and per event
@@ -37,6 +38,7 @@ class RunDir:
     recipe_path = property(lambda self: self.path / "recipe.yaml")
     student_path = property(lambda self: self.path / "student.pt")
     metrics_path = property(lambda self: self.path / "metrics.json")
+    teacher_metrics_path = property(lambda self: self.path / "teachers" / "metrics.json")
     plan_path = property(lambda self: self.path / "plan.json")
     log_path = property(lambda self: self.path / "log.jsonl")
     ckpt_dir = property(lambda self: self.path / "ckpt")
@@ -53,10 +55,11 @@ class RunDir:
         return self.metrics_path.is_file() and self.student_path.is_file()
 
     def metrics(self) -> dict:
-        try:
-            return json.loads(self.metrics_path.read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read {self.metrics_path}: {err}") from None
+        return _read_json(self.metrics_path)
+
+    def teacher_metrics(self) -> dict:
+        """``teachers/metrics.json``, written by ``ekdc distill --teachers-only``."""
+        return _read_json(self.teacher_metrics_path)
 
     def recipe(self):
         from .recipe import load_recipe
@@ -103,6 +106,13 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
 
 
 _HELD: "set[FileLock]" = set()

@@ -17,23 +17,44 @@ def count_text(n: Optional[float]) -> str:
     return f"{n:.0f}"
 
 
-def metrics_table(m: dict, title: str = "validation metrics") -> Table:
+def _metrics_columns(title: str) -> Table:
     t = Table(title=title)
     for col, just in (("model", "left"), ("arch", "left"), ("val acc", "right"), ("params", "right"), ("MACs", "right")):
         t.add_column(col, justify=just)
-    s = m["student"]
-    branches = " / ".join(f"{a:.4f}" for a in s["branch_acc"])
-    t.add_row(f"student ({m['mode']})", f"ekd_student x{len(s['branch_acc'])}", f"{s['ensemble_acc']:.4f}",
-              count_text(s["params"]), count_text(s["macs"]))
-    t.add_row("  branches", "", branches, "", "")
+    return t
+
+
+def _teacher_rows(t: Table, m: dict) -> tuple[int, int]:
+    """The teachers' rows and their ensemble's; returns the ensemble's (params, MACs)."""
     for tr in m["teachers"]:
         size = f" @{tr['input_size']}px" if tr.get("input_size") else ""
         t.add_row(f"teacher {tr['name']}", tr["arch"] + size, f"{tr['acc']:.4f}", count_text(tr["params"]), count_text(tr["macs"]))
     tp = sum(tr["params"] for tr in m["teachers"])
     tm = sum(tr["macs"] for tr in m["teachers"])
-    t.add_row("teacher ensemble", f"{len(m['teachers'])} teachers", f"{m['teacher_ensemble_acc']:.4f}", count_text(tp), count_text(tm))
+    n = len(m["teachers"])
+    t.add_row("teacher ensemble", f"{n} teacher{'s' if n != 1 else ''}", f"{m['teacher_ensemble_acc']:.4f}",
+              count_text(tp), count_text(tm))
+    return tp, tm
+
+
+def metrics_table(m: dict, title: str = "validation metrics") -> Table:
+    t = _metrics_columns(title)
+    s = m["student"]
+    branches = " / ".join(f"{a:.4f}" for a in s["branch_acc"])
+    t.add_row(f"student ({m['mode']})", f"ekd_student x{len(s['branch_acc'])}", f"{s['ensemble_acc']:.4f}",
+              count_text(s["params"]), count_text(s["macs"]))
+    t.add_row("  branches", "", branches, "", "")
+    tp, tm = _teacher_rows(t, m)
     t.caption = (f"student/ensemble: {s['params'] / tp:.1%} of params, {s['macs'] / tm:.1%} of MACs; "
                  f"training {m['seconds']:.0f}s")
+    return t
+
+
+def teachers_table(m: dict, title: str = "teachers: validation metrics") -> Table:
+    """``ekdc distill --teachers-only``'s table (teachers/metrics.json)."""
+    t = _metrics_columns(title)
+    _teacher_rows(t, m)
+    t.caption = f"trained on {m['train_images']:,} images, scored on {m['val_images']:,}; training {m['seconds']:.0f}s"
     return t
 
 

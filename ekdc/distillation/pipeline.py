@@ -29,8 +29,12 @@ from .trainer import Reporter, Stage, train_stage
 
 
 def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = False, runs_root: str | Path = "runs",
-            console=None, progress: bool = True) -> RunDir:
-    """Train (or load) the teachers, then the EKD student; write the run folder and return it."""
+            console=None, progress: bool = True, teachers_only: bool = False) -> RunDir:
+    """Train (or load) the teachers, then the EKD student; write the run folder and return it.
+
+    ``teachers_only`` stops after the teachers: they are saved (``teachers/<name>.pt``, loadable with
+    ``weights:``) and scored on the validation split (``teachers/metrics.json``); ``--resume`` without it
+    goes on to the student."""
     rt = setup_runtime(recipe.device, recipe.precision, recipe.channels_last)
     run, lock = _open_run(recipe, out, resume, runs_root, rt)
     try:
@@ -46,6 +50,12 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
                           + (f"; {skipped} unreadable files left out (data.skip_bad_files)" if skipped else ""))
         with Reporter(run, rt, console, progress) as rep:
             teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
+            if teachers_only:
+                scores = {**evaluate_teachers(data, teachers, rt), "seconds": round(teacher_s, 2),
+                          "train_images": len(data.train), "val_images": len(data.val)}
+                rt.on_main(lambda: _io.write_json(run.teacher_metrics_path, scores))
+                rt.barrier()
+                return run
             student, student_s, student_info = student_stage(recipe, data, teachers, rt, run, rep)
             metrics = {**evaluate(recipe, data, student, teachers, rt), **student_info}
             metrics["seconds"] = round(teacher_s + student_s, 2)
@@ -233,9 +243,8 @@ class _StudentBranches(nn.Module):
         return self.student(self.rt.normalize(pixels, self.mean, self.std), return_branches=True).logits.transpose(0, 1)
 
 
-def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: list[Teacher], rt: Runtime) -> dict:
-    """metrics.json (DESIGN.md's contract), but for ``seconds``, which the caller adds."""
-    branch_logits = predict(_StudentBranches(student, data.mean, data.std, rt), data.val, rt)  # [V,N,C]
+def evaluate_teachers(data: DataSplits, teachers: list[Teacher], rt: Runtime) -> dict:
+    """Each teacher's validation accuracy, size and cost, and their averaged logits' accuracy."""
     teacher_logits = [predict(t, data.val, rt) for t in teachers]
     y = data.val_y
     teachers_out = []
@@ -243,6 +252,13 @@ def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: li
         params, macs = teacher_stats(t)
         teachers_out.append({"name": t.name, "arch": t.arch, "source": t.source, "input_size": t.input_size,
                              "acc": top1(tl, y), "params": params, "macs": macs})
+    return {"teachers": teachers_out, "teacher_ensemble_acc": top1(torch.stack(teacher_logits).mean(0), y)}
+
+
+def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: list[Teacher], rt: Runtime) -> dict:
+    """metrics.json (DESIGN.md's contract), but for ``seconds``, which the caller adds."""
+    branch_logits = predict(_StudentBranches(student, data.mean, data.std, rt), data.val, rt)  # [V,N,C]
+    y = data.val_y
     return {
         "student": {
             "ensemble_acc": top1(branch_logits.mean(1), y),
@@ -251,8 +267,7 @@ def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: li
             "params": count_params(student) - (count_params(student.adapters) if student.adapters is not None else 0),
             "macs": count_macs(student, data.image_size),
         },
-        "teachers": teachers_out,
-        "teacher_ensemble_acc": top1(torch.stack(teacher_logits).mean(0), y),
+        **evaluate_teachers(data, teachers, rt),
         "mode": recipe.mode,
         "train_images": len(data.train),
         "val_images": len(data.val),
