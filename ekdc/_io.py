@@ -6,13 +6,23 @@ kill at any moment leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
+
+import torch
 
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; run folders and caches are then not guarded
+    fcntl = None
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -71,6 +81,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure as a PNG, written atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
@@ -98,9 +116,7 @@ def existing_file(path: str | os.PathLike, what: str, kind: str) -> Path:
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    import io
 
-    import torch
 
     # serialised in memory first: torch.save reports a failed file write as a RuntimeError of its own,
     # a plain write reports it as the OSError it is
@@ -112,9 +128,7 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     """``torch.load(weights_only=True)``: a checkpoint can hold tensors and plain data, never code."""
-    import pickle
 
-    import torch
 
     path = Path(path)
     if not path.is_file():
@@ -127,3 +141,98 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise UserError(f"{what} {path} is not an ekdc checkpoint (no 'state_dict' in it)")
     return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# locks
+
+
+_HELD: "set[FileLock]" = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the lock files inherited from the parent. An
+    ``flock`` lock lives as long as any process keeps its file open, so a worker outliving a parent
+    killed by ``kill -9`` would otherwise keep the run folder locked."""
+    for lock in list(_HELD):
+        if lock._fh is not None:
+            with contextlib.suppress(OSError):
+                lock._fh.close()  # the child's descriptor only: the parent's lock stays held
+            lock._fh = None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+class FileLock:
+    """An exclusive advisory lock on a file, held by one process.
+
+    ``flock`` locks die with their process, so a process killed by ``kill -9`` leaves nothing that blocks
+    the next one (forked workers close their inherited copy of the lock file at once). The file holds
+    the holder's pid, which a refused process names."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = None
+
+    def try_acquire(self) -> Optional[str]:
+        """Take the lock; returns None on success, else the holder's pid as text ("?" if unknown)."""
+        if fcntl is None:
+            return None
+        path = self.path
+        while True:
+            fh = open(path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                fh.close()
+                return holder
+            # the holder before us may have removed the file after we opened it: then lock the new one
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        _HELD.add(self)
+        return None
+
+    def release(self) -> None:
+        _HELD.discard(self)
+        if self._fh is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still locked: a waiter re-checks the inode it locked
+        self._fh.close()
+        self._fh = None
+
+    def acquire(self) -> "FileLock":
+        holder = self.try_acquire()
+        if holder is not None:
+            raise UserError(f"{self.path} is held by process {holder}")
+        return self
+
+    def wait(self, on_wait: Callable[[str], None], poll_s: float = 1.0) -> "FileLock":
+        """Take the lock, waiting for its holder to finish; ``on_wait(holder_pid)`` is called once."""
+        holder = self.try_acquire()
+        if holder is not None:
+            on_wait(holder)
+            while self.try_acquire() is not None:
+                time.sleep(poll_s)
+        return self
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -24,8 +24,8 @@ from .errors import UserError
 from .models import EKDStudent, create_model
 from .models.student import BLOCKS as STUDENT_BLOCKS
 from .models.student import STEMS as STUDENT_STEMS
-
-
+from .teachers import DataInfo, Teacher, frozen_teacher, teacher_from_checkpoint
+from .teachers.torch_models import build
 
 
 def _data_fields(classes: list[str], input_size: int, mean: list[float], std: list[float]) -> dict[str, Any]:
@@ -47,8 +47,6 @@ def save_teacher(path: str | os.PathLike, model: nn.Module, *, arch: str, source
 def load_teacher(path: str | os.PathLike, arch: str, what: str = "teacher checkpoint") -> tuple[nn.Module, dict]:
     """A teacher this run (or an earlier one) saved, and the checkpoint's fields; checked against the
     architecture the recipe names."""
-    from .teachers.torch_models import build
-
     ck = _io.load_checkpoint(path, what)
     if ck.get("arch") not in (None, arch):
         raise UserError(f"{what} {path} holds a '{ck['arch']}', not the '{arch}' the recipe names")
@@ -59,6 +57,17 @@ def load_teacher(path: str | os.PathLike, arch: str, what: str = "teacher checkp
         detail = str(err).splitlines()[0][:160]
         raise UserError(f"{what} {path} does not fit architecture '{arch}' ({detail})") from None
     return model, ck
+
+
+def teacher_for_run(tcfg, i: int, data: DataInfo, run) -> Teacher:
+    """The teacher a run uses: the one it trained (or saved) in ``teachers/<name>.pt``, else its source."""
+    path = run.teacher_path(tcfg.name)
+    if path.exists():
+        model, ck = load_teacher(path, tcfg.arch or "")
+        return teacher_from_checkpoint(ck, model, tcfg, data, i)
+    if tcfg.train is not None:  # trained (or fine-tuned) in the run: its weights exist only there, never guess them
+        raise UserError(f"teacher {tcfg.name} was trained in run {run.path}, but its checkpoint {path} is missing")
+    return frozen_teacher(tcfg, i, data)
 
 
 # --------------------------------------------------------------------------------------------------

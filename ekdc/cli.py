@@ -58,27 +58,43 @@ def distill(
         _show(metrics_table(run.metrics(), title=f"{r.name}: validation metrics ({run.path})"))
 
 
-@app.command()
 def export(
     run_dir: Optional[Path] = typer.Argument(None, help="Run folder [default: the newest under runs/]."),
     out: Path = typer.Option(Path("export"), "--out", "-o", help="Output folder."),
-    fp16: bool = typer.Option(False, "--fp16", help="Also write student.fp16.onnx (fp16 compute, float32 I/O)."),
-    int8: bool = typer.Option(False, "--int8", help="Also write student.int8.onnx (static QDQ, per-channel, QUInt8 activations)."),
-    trt: bool = typer.Option(False, "--trt", help="Also build student.plan with TensorRT (needs TensorRT and a GPU)."),
     fold: str = typer.Option("auto", "--fold", help="Branch layout: grouped, separate, none, or auto (timed on ONNX Runtime)."),
     calib: int = typer.Option(256, "--calib", help="Training images used to calibrate int8."),
     parity_images: int = typer.Option(0, "--parity-images", help="Validation images for parity and accuracy [default: all]."),
     runs_root: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest run."),
     teachers: bool = typer.Option(True, "--teachers/--no-teachers",
                                   help="Also write teachers.onnx (--no-teachers: the run's teachers are not on this machine)."),
+    **formats: bool,
 ):
     """Fold the student's branches into one graph and export ONNX (fp32/fp16/int8) and a TensorRT plan."""
     from .deploy.export import export as run_export
     from .tables import export_table
 
-    manifest = run_export(run_dir, out, fp16=fp16, int8=int8, trt=trt, fold_mode=fold, calib_images=calib,
-                          parity_images=parity_images, runs_root=runs_root, console=console, teachers=teachers)
+    manifest = run_export(run_dir, out, fold_mode=fold, calib_images=calib, parity_images=parity_images,
+                          runs_root=runs_root, console=console, teachers=teachers, **formats)
     _show(export_table(manifest))
+
+
+def _with_format_flags(fn):
+    """``fn`` with one flag per export format of the table (``--fp16``, ``--int8``, ``--trt``): the CLI
+    learns the formats where export does, from ``ekdc.formats``."""
+    import inspect
+
+    from .formats import export_formats
+
+    sig = inspect.signature(fn)
+    fixed = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    flags = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, f.flag, help=f.help))
+             for f in export_formats() if f.flag is not None]
+    fn.__signature__ = sig.replace(parameters=fixed + flags)
+    return fn
+
+
+app.command()(_with_format_flags(export))
 
 
 @app.command()
@@ -133,7 +149,13 @@ def plan(
     set_: List[str] = typer.Option([], "--set", "-s", help="Override a recipe field: key.path=value (repeatable)."),
 ):
     """Choose the student with the most MACs within a latency budget, timed on this machine before training."""
-    from .plan import NoStudentFits, plan_student, planned_yaml, read_candidates, set_lines
+    from .plan import (
+        NoStudentFits,
+        plan_student,
+        planned_yaml,
+        read_candidates,
+        set_lines,
+    )
     from .recipe import load_recipe
 
     r = load_recipe(recipe, set_)
@@ -160,6 +182,42 @@ def plan(
         console.print(f"train it with: ekdc distill {recipe} " + " ".join(set_lines(r, result)) +
                       f"; export it with --fold {result.chosen.layout}", soft_wrap=True)
     console.print(f"note: {result.holds_for}", soft_wrap=True)
+
+
+@app.command()
+def compare(
+    recipe: Path = typer.Argument(..., help="YAML recipe: its data, teachers, student and mode."),
+    rows: str = typer.Option("recipe,ce,plain:recipe", "--rows", "-r",
+                             help="Comma-separated rows: [plain:|planned:]BASE[+dkd][+conf][+feat][+k<K>], BASE one of "
+                                  "recipe, ce, avg_kd, ekd; plain: one branch of equal MACs, planned: one branch "
+                                  "of equal measured latency."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds (each row trains once a seed)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder of the grid [default: runs/compare/<name>]."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report here (always in OUT/compare.json)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of accuracy by row [default: OUT/compare.png]."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a recipe field: key.path=value (repeatable)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Train nothing: the report from the finished cells."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Does the multi-branch student pay on this data? Rows over seeds, against equal-cost one-branch students."""
+    from ._io import write_json
+    from .compare import compare as run_compare
+    from .compare import compare_table, parse_rows, write_compare_plot
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    parse_rows(rows)  # a bad row is named before any training
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    report = run_compare(r, rows, seed_list, out, console=console, progress=not quiet, report_only=report_only)
+    _show(compare_table(report))
+    plot = plot or Path(report["out"]) / "compare.png"
+    console.print(f"wrote {Path(report['out']) / 'compare.json'}, {write_compare_plot(report, plot)}")
+    if json_path is not None:
+        write_json(json_path, report)
+        console.print(f"wrote {json_path}")
 
 
 def _check_plan_outputs(recipe: Path, **paths: Optional[Path]) -> None:

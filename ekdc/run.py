@@ -19,16 +19,11 @@ import contextlib
 import json
 import os
 import re
-import time
 from pathlib import Path
-from typing import Callable, Optional
 
+from ._io import FileLock, WriteError, ensure_writable_dir
 from .errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; a run folder is then not guarded
-    fcntl = None
+from .recipe import load_recipe
 
 
 class RunDir:
@@ -62,8 +57,6 @@ class RunDir:
         return _read_json(self.teacher_metrics_path)
 
     def recipe(self):
-        from .recipe import load_recipe
-
         if not self.recipe_path.is_file():
             raise UserError(f"{self.path} is not an ekdc run folder (no recipe.yaml in it)")
         return load_recipe(self.recipe_path)
@@ -75,8 +68,6 @@ class RunDir:
     def append_log(self, record: dict) -> None:
         """Append one JSON line to log.jsonl. A write that fails part-way (full disk) is cut back off, so
         the log never keeps a torn last line."""
-        from ._io import WriteError
-
         line = (json.dumps(record) + "\n").encode()
         try:
             fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
@@ -113,97 +104,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
-
-
-_HELD: "set[FileLock]" = set()
-
-
-def _drop_inherited_locks() -> None:
-    """In a forked child (a DataLoader worker): close the lock files inherited from the parent. An
-    ``flock`` lock lives as long as any process keeps its file open, so a worker outliving a parent
-    killed by ``kill -9`` would otherwise keep the run folder locked."""
-    for lock in list(_HELD):
-        if lock._fh is not None:
-            with contextlib.suppress(OSError):
-                lock._fh.close()  # the child's descriptor only: the parent's lock stays held
-            lock._fh = None
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_locks)
-
-
-class FileLock:
-    """An exclusive advisory lock on a file, held by one process.
-
-    ``flock`` locks die with their process, so a process killed by ``kill -9`` leaves nothing that blocks
-    the next one (forked workers close their inherited copy of the lock file at once). The file holds
-    the holder's pid, which a refused process names."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._fh = None
-
-    def try_acquire(self) -> Optional[str]:
-        """Take the lock; returns None on success, else the holder's pid as text ("?" if unknown)."""
-        if fcntl is None:
-            return None
-        path = self.path
-        while True:
-            fh = open(path, "a+")
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "?"
-                fh.close()
-                return holder
-            # the holder before us may have removed the file after we opened it: then lock the new one
-            try:
-                same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            fh.close()
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-        _HELD.add(self)
-        return None
-
-    def release(self) -> None:
-        _HELD.discard(self)
-        if self._fh is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()  # while still locked: a waiter re-checks the inode it locked
-        self._fh.close()
-        self._fh = None
-
-    def acquire(self) -> "FileLock":
-        holder = self.try_acquire()
-        if holder is not None:
-            raise UserError(f"{self.path} is held by process {holder}")
-        return self
-
-    def wait(self, on_wait: Callable[[str], None], poll_s: float = 1.0) -> "FileLock":
-        """Take the lock, waiting for its holder to finish; ``on_wait(holder_pid)`` is called once."""
-        holder = self.try_acquire()
-        if holder is not None:
-            on_wait(holder)
-            while self.try_acquire() is not None:
-                time.sleep(poll_s)
-        return self
-
-    def __enter__(self) -> "FileLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 class RunLock(FileLock):
@@ -246,19 +146,13 @@ def claim_new_run(runs_root: str | Path, name: str) -> tuple[RunDir, RunLock]:
     n = 1 if last is None else (int(last.name.rsplit("-", 1)[1]) if last != runs_root / name else 1) + 1
     while True:
         run = RunDir(runs_root / (name if n == 1 else f"{name}-{n}"))
-        _make_dir(run.path)
+        ensure_writable_dir(run.path)
         lock = RunLock(run)
         if lock.try_acquire() is None:
             if not run.holds_files():
                 return run, lock
             lock.release()
         n += 1
-
-
-def _make_dir(path: Path) -> None:
-    from ._io import ensure_writable_dir
-
-    ensure_writable_dir(path)
 
 
 def open_training_run(recipe, out: str | Path | None, resume: bool, runs_root: str | Path) -> tuple[RunDir, RunLock]:
@@ -279,7 +173,7 @@ def open_training_run(recipe, out: str | Path | None, resume: bool, runs_root: s
         if RunDir(path).holds_files():
             raise UserError(f"--out {path} already holds files; pass --resume to continue that run, or choose another folder")
     run = RunDir(path)
-    _make_dir(run.path)
+    ensure_writable_dir(run.path)
     lock = RunLock(run).acquire()
     try:
         if resume:

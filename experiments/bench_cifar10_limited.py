@@ -71,7 +71,7 @@ def _run_folder(folder: Path, given: Path | None) -> Path:
             candidates.append(json.loads(manifest.read_text()).get("run_dir"))
         except (OSError, ValueError):
             pass
-    from ekdc.benchmark.onnx_stats import load_onnx
+    from ekdc.onnx_graph import load_onnx
 
     meta = {p.key: p.value for p in load_onnx(folder / FILES[0]).metadata_props}
     candidates.append(meta.get("ekdc.run_dir"))

@@ -25,13 +25,13 @@ def main() -> None:
     args = ap.parse_args()
     index = index_splits(load_recipe(args.recipe).data)
     for split in ("train", "val"):
-        source, labels, positions = index.part(split)
-        for pos in positions:
-            src = Path(source.files[pos])
-            dst = Path(args.out) / split / index.classes[int(labels[pos])] / src.name
+        part = index.part(split)
+        for pos in part.positions:
+            src = Path(part.source.files[pos])
+            dst = Path(args.out) / split / index.classes[int(part.source.labels[pos])] / src.name
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
-        print(f"{split}: {len(positions)} images -> {Path(args.out) / split}")
+        print(f"{split}: {len(part.positions)} images -> {Path(args.out) / split}")
 
 
 if __name__ == "__main__":

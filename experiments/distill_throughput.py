@@ -18,7 +18,7 @@ import time
 import torch
 
 from ekdc import load_recipe
-from ekdc.distillation.losses import EKDLoss
+from ekdc.losses import Objective
 from ekdc.distillation.runtime import setup_runtime
 from ekdc.distillation.trainer import make_optimizer, param_groups
 from ekdc.models import create_model
@@ -40,7 +40,8 @@ def main() -> None:
     x = torch.randn(bs, 3, size, size, device=rt.device)
     x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
     y = torch.randint(0, c, (bs,), device=rt.device)
-    losses = {m: EKDLoss(m, r.distill.weights.model_dump(), r.distill.temperature) for m in ("ce", "ekd")}
+    losses = {m: Objective(m, r.distill.weights, r.distill.term_settings(), temperature=r.distill.temperature)
+              for m in ("ce", "ekd")}
 
     def teachers_forward():
         with torch.inference_mode(), rt.autocast():
@@ -49,7 +50,7 @@ def main() -> None:
     def step(mode: str) -> None:
         t_logits = teachers_forward() if mode == "ekd" else None
         with rt.autocast():
-            loss, _ = losses[mode](student(x, return_branches=True), y, t_logits)
+            loss, _ = losses[mode](student(x, return_branches=True), y, 0, t_logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -23,8 +23,8 @@ import torch
 from ekdc import _io, load_recipe
 from ekdc.data import load_data
 from ekdc.distillation.distiller import Distiller
-from ekdc.distillation.losses import EKDLoss
-from ekdc.distillation.pipeline import data_info
+from ekdc.distillation.stages import data_info
+from ekdc.losses import Objective
 from ekdc.distillation.runtime import setup_runtime
 from ekdc.distillation.teacher_cache import open_teacher_cache
 from ekdc.distillation.trainer import Reporter, Stage, train_stage
@@ -54,7 +54,7 @@ def main() -> None:
         teachers.append(rt.prepare(Teacher(t.model, t.pre, name=tcfg.name, arch=tcfg.arch, source="ekdc", head=t.head)))
     student = rt.prepare(create_model("ekd_student", num_classes=data.num_classes, **r.student.model_kwargs()))
     d = r.distill
-    distiller = Distiller(student, teachers, EKDLoss(r.mode, d.weights.model_dump(), d.temperature, d.label_smoothing))
+    distiller = Distiller(student, teachers, Objective.from_recipe(r))
     run = RunDir(out / "run")
     (run.path / "ckpt").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

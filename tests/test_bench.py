@@ -324,7 +324,7 @@ def test_bad_arguments(art, kwargs, word):
 
 
 def test_bad_models(art, tmp_path):
-    from ekdc.benchmark.onnx_stats import inspect_model
+    from ekdc.onnx_graph import inspect_model
 
     text = tmp_path / "notes.onnx"
     text.write_text("hello, I am not a model\n")

@@ -102,5 +102,5 @@ def test_folder_split_does_not_depend_on_listing_order(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "walk", reversed_walk)
     second = index_splits(cfg)
-    pick = lambda ix: sorted(ix.val_images.files[i] for i in ix.val_idx)  # noqa: E731
-    assert pick(first) == pick(second) and list(first.train_idx) == list(second.train_idx)
+    pick = lambda ix: sorted(ix.val.source.files[i] for i in ix.val.positions)  # noqa: E731
+    assert pick(first) == pick(second) and list(first.train.positions) == list(second.train.positions)

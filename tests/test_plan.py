@@ -148,18 +148,19 @@ def test_planned_yaml_loads_and_trains(tmp_path):
 
 
 def test_distill_plans_once_and_resume_reuses_the_plan(tmp_path, monkeypatch):
-    import ekdc.plan as plan_mod
+    import ekdc.distillation.planning as planning
+    import ekdc.plan.candidates as candidates_mod
     from ekdc import distill
 
     calls = []
-    real = plan_mod.plan_student
+    real = planning.plan_student
 
     def counting(*args, **kwargs):
         calls.append(args[1])
         return real(*args, **{**kwargs, "repeats": 1})
 
-    monkeypatch.setattr(plan_mod, "default_candidates", lambda: [SMALL, MEDIUM])
-    monkeypatch.setattr(plan_mod, "plan_student", counting)
+    monkeypatch.setattr(candidates_mod, "default_candidates", lambda: [SMALL, MEDIUM])
+    monkeypatch.setattr(planning, "plan_student", counting)
     raw = tiny_recipe(**ONE_TEACHER)
     raw["student"] = {"latency_ms": 1000.0}
     path = tmp_path / "r.yaml"

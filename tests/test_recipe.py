@@ -67,7 +67,7 @@ def test_wrong_type_names_path(tmp_path):
     ({"distill": {"temperature": 0}}, "distill.temperature", "> 0"),
     ({"distill": {"epochs": -1}}, "distill.epochs", ">= 1"),
     ({"student": {"num_branches": 0}}, "student.num_branches", ">= 1"),
-    ({"data": {"dataset": "mnist"}}, "data.dataset", "must be"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset", "unknown data set 'mnist'"),
     ({"seed": 10**29}, "seed", "<= 4294967295"),
     ({"name": ".."}, "name", "not '.' or '..'"),
     ({"data": {"std": [0.2, float("inf"), 0.2]}}, "data.std", "finite"),

@@ -24,7 +24,8 @@ from ekdc.distillation.runtime import setup_runtime
 from ekdc.errors import UserError
 from ekdc.recipe import apply_overrides, recipe_from_dict
 from ekdc.run import RunDir
-from ekdc.teachers import DataInfo, teacher_for_run
+from ekdc.checkpoint import teacher_for_run
+from ekdc.teachers import DataInfo
 
 CACHE = {"teacher_cache": {"views": 3}}
 DISTILL = {"epochs": 1, "batch_size": 32, "lr": 0.05, "temperature": 4.0}

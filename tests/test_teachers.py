@@ -146,7 +146,8 @@ def test_mixed_ensemble_distill_export_bench(files, tmp_path):
     # the one graph equals the mean of the teachers run one by one
     from ekdc.recipe import load_recipe
     from ekdc.run import RunDir
-    from ekdc.teachers import DataInfo, teacher_for_run
+    from ekdc.checkpoint import teacher_for_run
+    from ekdc.teachers import DataInfo
 
     r = load_recipe(tmp_path / "run" / "recipe.yaml")
     info = DataInfo(CLASSES, 16, manifest["mean"], manifest["std"])
@@ -190,7 +191,7 @@ def test_pretrained_offline_is_one_line(tmp_path):
     ({"arch": "timm:test_resnett"}, "unknown timm model 'test_resnett' (closest: timm:test_resnet"),
     ({"arch": "torchvision:resnet18", "weights": "{timm}"}, "does not fit torchvision:resnet18"),
     ({"onnx": "{onnx}", "arch": "resnet8"}, "give exactly one of arch"),
-    ({"onnx": "{no_image}"}, "has no single image input"),
+    ({"onnx": "{no_image}"}, "expected float32"),
     ({**onnx_entry("{onnx}"), "classes": ["class_0", "class_1", "class_2", "x", "y"]}, "lack the data's class 'class_3'"),
     ({"onnx": "{onnx}", "train": {"epochs": 1}}, "train: does not apply to an onnx: teacher"),
     ({"arch": "torchvision:resnet18", "weights": "{tv}"}, "give it train: to fine-tune a new head"),

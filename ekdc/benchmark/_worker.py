@@ -69,7 +69,7 @@ def current_rss_mib() -> float:
 def _import_runtime(spec: dict) -> None:
     """Load the runtime before the model, so that the reading in between is the process without the
     model: the model's own memory (weights, arena) is what grows after it."""
-    if spec["format"] == "plan":
+    if spec["runtime"] == "tensorrt":
         try:
             import tensorrt  # noqa: F401
             import torch  # noqa: F401
@@ -269,6 +269,10 @@ class PlanRunner:
         return out.cpu().numpy()
 
 
+# each runtime of ``ekdc.formats`` and the runner that loads and times its files
+RUNNERS = {"onnxruntime": OrtRunner, "tensorrt": PlanRunner}
+
+
 # --------------------------------------------------------------------------------------------------
 # measurement
 
@@ -318,8 +322,8 @@ def measure(spec: dict) -> dict[str, Any]:
     baseline = peak_rss_mib()  # interpreter, numpy and ekdc's imports: the same for every model
     _import_runtime(spec)
     before_model = current_rss_mib()
-    gpu = _GpuMemory() if spec["provider"] != "cpu" or spec["format"] == "plan" else None
-    runner = PlanRunner(spec) if spec["format"] == "plan" else OrtRunner(spec)
+    gpu = _GpuMemory() if spec["provider"] != "cpu" or spec["runtime"] == "tensorrt" else None
+    runner = RUNNERS[spec["runtime"]](spec)
     hw = spec.get("input_hw") or getattr(runner, "input_hw", None)
     if hw is None:
         raise WorkerError("cannot tell the model's input size")

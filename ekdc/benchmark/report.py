@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich import box
 from rich.table import Table
 
 from .._io import atomic_path
@@ -53,7 +56,6 @@ def machine_line(report: dict) -> str:
 def bench_table(report: dict) -> Table:
     """One row per model (the reference too). Each cell stacks related figures so that three batch
     sizes still fit an 80-column terminal; per batch size: p50 ms, img/s, speedup over the reference."""
-    from rich import box
 
     batches = [str(b) for b in report["batches"]]
     ref = report.get("reference")
@@ -119,8 +121,6 @@ def markdown_table(report: dict) -> str:
 def write_plot(report: dict, path: str | os.PathLike) -> None:
     """Latency p50 against batch size, one line per model, log scale on both axes; written atomically."""
     # the object API with the Agg canvas: no pyplot global state, no display needed
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     batches = [int(b) for b in report["batches"]]
     fig = Figure(figsize=(7, 4.5), dpi=120)

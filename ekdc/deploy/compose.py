@@ -10,6 +10,8 @@ runs inside a ``Loop`` over the batch. Only standard ONNX operators are used.
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from ..contract import INPUT_NAME, OUTPUT_NAME
 from ..errors import UserError
@@ -34,7 +36,6 @@ def _check_standard(proto, what: str) -> None:
 
 
 def _at_opset(proto, target: int, what: str):
-    from onnx import version_converter
 
     if _opset(proto) == target:
         return proto
@@ -46,14 +47,12 @@ def _at_opset(proto, target: int, what: str):
 
 
 def _const(name: str, value) -> "object":
-    from onnx import helper, numpy_helper
 
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name + "_value"))
 
 
 def _preprocess_nodes(p: str, teacher, student_size: int, out: str) -> list:
     """[0,1] RGB ``images`` -> the ONNX teacher's input ``out``."""
-    from onnx import helper
 
     pre = teacher.pre
     nodes, x = [], INPUT_NAME
@@ -84,9 +83,7 @@ def _preprocess_nodes(p: str, teacher, student_size: int, out: str) -> list:
 
 def _postprocess_nodes(p: str, teacher, src: str, out: str) -> list:
     """The model's outputs -> logits over the data's classes, in the data's order."""
-    from onnx import helper
 
-    from onnx import TensorProto
 
     # whatever the model's output type (fp16, double), the ensemble averages float32
     nodes, x = [helper.make_node("Cast", [src], [p + "float"], to=TensorProto.FLOAT)], p + "float"
@@ -104,7 +101,6 @@ def _postprocess_nodes(p: str, teacher, src: str, out: str) -> list:
 
 def _loop_over_batch(p: str, body_nodes: list, src: str, model_in: str, in_dims: list, model_out: str, out: str) -> list:
     """Run ``body_nodes`` (a batch-1 model reading ``model_in`` of shape ``in_dims``) once per sample of ``src``."""
-    from onnx import TensorProto, helper
 
     # the Reshape to the model's own input shape keeps every shape in the body known (shape inference,
     # and so bench's MAC count, can follow it)
@@ -132,7 +128,6 @@ def _prefix_all(proto, p: str):
     """Every tensor, node and local function name prefixed with ``p``, inside subgraphs too: a name a
     Loop or If body reads from the graph around it is renamed with its definition (``onnx.compose.add_prefix``
     leaves such captured names behind)."""
-    import onnx
 
     m = onnx.ModelProto()
     m.CopyFrom(proto)
@@ -166,7 +161,6 @@ def _prefix_all(proto, p: str):
 
 def _onnx_part(i: int, teacher, student_size: int, target: int, ir: int, out: str) -> tuple[list, list, list]:
     """(nodes, initializers, functions) computing one ONNX teacher's logits ``out`` from ``images``."""
-    import onnx
 
     info = teacher.model.info
     what = f"teacher {teacher.name} ({info.path})"
@@ -192,8 +186,6 @@ def _onnx_part(i: int, teacher, student_size: int, target: int, ir: int, out: st
 def compose_teachers(torch_part, onnx_teachers: list, num_teachers: int, student_size: int):
     """One ModelProto: the PyTorch part (``torch_part``: images -> the sum of its teachers' logits, or
     None) and each ONNX teacher, averaged over ``num_teachers``."""
-    import onnx
-    from onnx import TensorProto, helper
 
     protos = [torch_part] if torch_part is not None else []
     target = max([MIN_OPSET] + [_opset(m) for m in protos] + [t.model.info.opset for t in onnx_teachers])

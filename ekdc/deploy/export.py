@@ -1,14 +1,12 @@
 """``ekdc export``: a run folder in, deployable files out.
 
-    student.onnx        the folded student (fp32), the averaging ensemble inside
-    student.fp16.onnx   --fp16: fp16 weights and compute, float32 I/O
-    student.int8.onnx   --int8: static QDQ int8, per-channel, QUInt8 activations
-    student.plan        --trt: a TensorRT engine built from the fp16 file
+    student.*           one file per format of ``ekdc.formats.export_formats()`` (student.onnx always)
     teachers.onnx       the teacher ensemble as one graph (the reference bench compares against)
     manifest.json       files, sizes, parity figures, fold choice with its timings
 
-One ``export_*`` function per file; each returns its manifest entry through ``_checked``, which opens
-the written file, runs it on the validation images and compares it with what it must equal.
+One ``export_*`` function per format (``@exporter(name)``); each returns its manifest entry through
+``_checked``, which opens the written file, runs it on the validation images and compares it with what it
+must equal.
 """
 from __future__ import annotations
 
@@ -21,16 +19,33 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import onnx
 import torch
 
 from .. import _io, checkpoint
 from ..contract import META_FOLD, META_TEACHERS, contract_metadata, ort_session, top1
 from ..data import eval_preprocess, index_splits
 from ..errors import UserError
+from ..formats import export_formats, get_format, with_prerequisites
 from ..models import EKDStudent
 from ..run import RunDir, open_finished_run
+from ..teachers import DataInfo
+from .compose import compose_teachers
 from .fold import LAYOUTS, fold
-from .onnx import DeployModel, TeacherEnsemble, as_float_images, export_onnx, parity, pick_fastest, run_session, run_torch, time_sessions
+from .onnx import (
+    DeployModel,
+    TeacherEnsemble,
+    as_float_images,
+    export_onnx,
+    parity,
+    pick_fastest,
+    run_session,
+    run_torch,
+    save_checked,
+    time_sessions,
+)
+from .quantize import quantize_int8
+from .tensorrt import build_engine, check_tensorrt_available
 
 FOLD_MODES = ("auto", *LAYOUTS)
 FP32_PARITY_TOLERANCE = 1e-3  # relative to the logits' scale; observed about 1e-6 on ONNX Runtime CPU
@@ -55,6 +70,8 @@ class _Job:
     calib_x: torch.Tensor  # uint8 training images for int8 calibration
     say: Callable[[str], None]
     preprocess: dict  # how a raw photo becomes the input (the ONNX metadata says it)
+    fold_mode: str = "auto"
+    fp32: Optional["_Fp32"] = None  # set by the fp32 export, which every other format starts from
 
     def meta(self, kind: str, precision: str, **extra) -> dict[str, str]:
         return contract_metadata(classes=self.classes, input_size=self.size, kind=kind, precision=precision,
@@ -84,7 +101,20 @@ def _checked(job: _Job, path: Path, kind: str, precision: str, reference: np.nda
 
 
 # --------------------------------------------------------------------------------------------------
-# one function per file
+# one function per format
+
+EXPORTERS: dict[str, Callable[[_Job], dict]] = {}
+
+
+def exporter(name: str):
+    """Register ``fn(job) -> manifest entry`` as the export of the format ``name`` (a row of the table)."""
+    get_format(name)
+
+    def deco(fn):
+        EXPORTERS[name] = fn
+        return fn
+
+    return deco
 
 
 @dataclasses.dataclass
@@ -96,8 +126,10 @@ class _Fp32:
     fold: dict
 
 
-def export_student_fp32(job: _Job, fold_mode: str) -> _Fp32:
+@exporter("fp32")
+def export_student_fp32(job: _Job) -> dict:
     """Fold in each candidate layout, keep the fastest (``auto``), check it against the trained student."""
+    fold_mode = job.fold_mode
     layouts = ["grouped", "separate"] if fold_mode == "auto" else [fold_mode]
     paths = {}
     for layout in layouts:
@@ -117,7 +149,8 @@ def export_student_fp32(job: _Job, fold_mode: str) -> _Fp32:
                            f"written to {job.out}. This is a bug in ekdc: please report it with the run folder")
     _copy_into_place(paths[choice], job.staged("student.onnx"))
     entry["file"] = "student.onnx"
-    return _Fp32(entry, logits, choice, paths, info)
+    job.fp32 = _Fp32(entry, logits, choice, paths, info)
+    return entry
 
 
 def export_teachers(job: _Job, teachers: list) -> dict:
@@ -130,13 +163,9 @@ def export_teachers(job: _Job, teachers: list) -> dict:
     if not from_onnx:
         export_onnx(TeacherEnsemble(teachers).eval(), path, job.size, meta)
     else:
-        from .compose import compose_teachers
-        from .onnx import save_checked
-
         in_torch = [t for t in teachers if t.source != "onnx"]
         part = None
         if in_torch:
-            import onnx
 
             part = onnx.load(str(export_onnx(TeacherEnsemble(in_torch, reduce="sum").eval(), job.tmp / "torch_teachers.onnx",
                                              job.size, {})))
@@ -146,7 +175,9 @@ def export_teachers(job: _Job, teachers: list) -> dict:
     return _checked(job, path, "teachers", "fp32", reference, "PyTorch")[0]
 
 
-def export_fp16(job: _Job, fp32: _Fp32) -> dict:
+@exporter("fp16")
+def export_fp16(job: _Job) -> dict:
+    fp32 = job.fp32
     job.say("  exporting fp16 ...")
     path = export_onnx(job.deploy(fp32.layout, half=True), job.staged("student.fp16.onnx"), job.size,
                        job.meta("student", "fp16", **{META_FOLD: fp32.layout}))
@@ -156,10 +187,10 @@ def export_fp16(job: _Job, fp32: _Fp32) -> dict:
     return entry
 
 
-def export_int8(job: _Job, fp32: _Fp32) -> dict:
+@exporter("int8")
+def export_int8(job: _Job) -> dict:
     """Quantise every fp32 layout and keep the fastest: int8 favours other layouts than fp32 does."""
-    from .quantize import quantize_int8
-
+    fp32 = job.fp32
     job.say(f"  quantising int8 (static QDQ, per-channel, QUInt8 activations, {len(job.calib_x)} calibration images) ...")
     calib = as_float_images(job.calib_x)
     q_paths = {layout: quantize_int8(path, job.tmp / f"{layout}.int8.onnx", calib,
@@ -176,9 +207,8 @@ def export_int8(job: _Job, fp32: _Fp32) -> dict:
     return _checked(job, path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])[0]
 
 
+@exporter("trt")
 def export_tensorrt(job: _Job) -> dict:
-    from .tensorrt import build_engine
-
     job.say("  building the TensorRT engine from the fp16 file ...")
     plan = build_engine(job.staged("student.fp16.onnx"), job.staged("student.plan"), job.size)
     return {"file": plan.name, "kind": "student", "precision": "fp16", "size_mb": _size_mb(plan), "parity": None,
@@ -189,25 +219,36 @@ def export_tensorrt(job: _Job) -> dict:
 # the command
 
 
-def _check_args(fold_mode: str, calib_images: int, parity_images: int, trt: bool) -> None:
+# what a format's ``needs`` names, and the check that it is there (one line naming the flag, else)
+REQUIREMENTS = {"tensorrt": check_tensorrt_available}
+
+
+def _requested(formats: dict[str, bool]) -> list[str]:
+    """The formats to write: those asked for (``fp16=True``...), what they are built from, and fp32."""
+    known = [f.name for f in export_formats() if f.name != "fp32"]
+    unknown = [k for k in formats if k not in known]
+    if unknown:
+        raise UserError(f"unknown export format '{unknown[0]}' (formats: {', '.join(known)})")
+    return with_prerequisites([k for k, on in formats.items() if on])
+
+
+def _check_args(fold_mode: str, calib_images: int, parity_images: int, names: list[str]) -> None:
     if fold_mode not in FOLD_MODES:
         raise UserError(f"--fold {fold_mode!r}: choose one of {', '.join(FOLD_MODES)}")
     if calib_images < 1:
         raise UserError("--calib must be >= 1")
     if parity_images < 0:
         raise UserError("--parity-images must be >= 0 (0: every validation image)")
-    if trt:
-        from .tensorrt import check_tensorrt_available
-
-        check_tensorrt_available()
+    for name in names:
+        fmt = get_format(name)
+        for need in fmt.needs:
+            REQUIREMENTS[need](fmt.flag)
 
 
 def _load_teachers(run: RunDir, recipe, ck: dict) -> list:
-    from ..teachers import DataInfo, teacher_for_run
-
     info = DataInfo(list(ck["classes"]), int(ck["input_size"]), list(ck["mean"]), list(ck["std"]))
     try:
-        return [teacher_for_run(t, i, info, run).eval() for i, t in enumerate(recipe.teachers)]
+        return [checkpoint.teacher_for_run(t, i, info, run).eval() for i, t in enumerate(recipe.teachers)]
     except UserError as err:
         raise UserError(f"{err} (teachers.onnx needs the teachers; --no-teachers exports the student alone)") from None
 
@@ -218,20 +259,22 @@ def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
     index = index_splits(recipe.data)
     if list(index.classes) != classes:
         raise UserError(f"the data of the run's recipe has classes {index.classes[:5]}..., the student {classes[:5]}...")
-    n_val, n_train = index.size("val"), index.size("train")
-    pick = np.random.default_rng(0).choice(n_val, parity_images, replace=False) if 0 < parity_images < n_val else None
+    n_val = index.size("val")
+    pick = index.sample("val", parity_images, 0) if 0 < parity_images < n_val else None
     val_x, val_y = index.take("val", pick)
-    calib_x, _ = index.take("train", np.random.default_rng(1).choice(n_train, min(calib_images, n_train), replace=False))
+    calib_x, _ = index.take("train", index.sample("train", calib_images, 1))
     return val_x, val_y.numpy(), calib_x
 
 
-def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fp16: bool = False, int8: bool = False,
-           trt: bool = False, fold_mode: str = "auto", calib_images: int = 256, parity_images: int = 0,
-           runs_root: str | Path = "runs", console=None, teachers: bool = True) -> dict:
-    """Export a run's student (folded) and, with ``teachers``, its teacher ensemble; returns the manifest
-    (also written). ``teachers=False`` exports a student whose teachers are not on this machine."""
+def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fold_mode: str = "auto",
+           calib_images: int = 256, parity_images: int = 0, runs_root: str | Path = "runs", console=None,
+           teachers: bool = True, **formats: bool) -> dict:
+    """Export a run's student (folded) in fp32 and in each format asked for (``fp16=True``, ``int8=True``,
+    ``trt=True``: ``ekdc.formats.export_formats()``) and, with ``teachers``, its teacher ensemble; returns
+    the manifest (also written). ``teachers=False`` exports a student whose teachers are not here."""
     say = console.print if console is not None else (lambda *a, **k: None)
-    _check_args(fold_mode, calib_images, parity_images, trt)
+    names = _requested(formats)
+    _check_args(fold_mode, calib_images, parity_images, names)
     run = open_finished_run(run_dir, runs_root)
     out = _io.ensure_writable_dir(out)
     recipe = run.recipe()
@@ -242,19 +285,16 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fp1
     val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
     with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir, _io.writes_into(out):
         job = _Job(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out, Path(tmpdir),
-                   val_x, val_y, calib_x, say, eval_preprocess(recipe.data))
-        fp32 = export_student_fp32(job, fold_mode)
-        files = [fp32.entry] + ([export_teachers(job, teacher_models)] if teachers else [])
-        if fp16 or trt:
-            files.append(export_fp16(job, fp32))
-        if int8:
-            files.append(export_int8(job, fp32))
-        if trt:
-            files.append(export_tensorrt(job))
+                   val_x, val_y, calib_x, say, eval_preprocess(recipe.data), fold_mode)
+        files = []
+        for name in names:
+            files.append({**EXPORTERS[name](job), "format": name, "checked": get_format(name).checked})
+            if name == "fp32" and teachers:  # the reference, right after the student it is compared with
+                files.append(export_teachers(job, teacher_models))
         manifest = {
             "out": str(out), "run_dir": str(run.path.resolve()), "recipe": recipe.name, "classes": classes,
-            "input_size": job.size, "mean": job.mean, "std": job.std, "fold": fp32.fold, "parity_images": int(len(val_x)),
-            "calibration_images": int(len(calib_x)), "files": files,
+            "input_size": job.size, "mean": job.mean, "std": job.std, "fold": job.fp32.fold,
+            "parity_images": int(len(val_x)), "calibration_images": int(len(calib_x)), "files": files,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         _publish(job, manifest)

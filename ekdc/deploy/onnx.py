@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
 
@@ -54,7 +55,6 @@ class TeacherEnsemble(nn.Module):
 def export_onnx(model: nn.Module, path: str | Path, input_size: int, metadata: dict[str, str]) -> Path:
     """Export with the dynamo exporter into one self-contained file (no external data), full
     ``onnx.checker`` check, metadata set; written atomically."""
-    import onnx
 
     model = model.eval()
     example = torch.rand(2, 3, input_size, input_size)
@@ -76,7 +76,6 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: int, metadata: d
 
 def save_checked(proto, path: str | Path, metadata: dict[str, str]) -> None:
     """Set the metadata, run ``onnx.checker`` in full, save as one self-contained file."""
-    import onnx
 
     set_metadata(proto, metadata)
     onnx.checker.check_model(proto, full_check=True)

@@ -11,6 +11,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 
 from .. import _io
 from ..contract import INPUT_NAME
@@ -30,8 +37,6 @@ class _Calibration:
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: np.ndarray,
                   metadata: dict[str, str]) -> Path:
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     out_path = Path(out_path)
     with _io.atomic_path(out_path) as tmp, contextlib.redirect_stdout(io.StringIO()):

@@ -8,19 +8,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import Batch
 from ..errors import UserError
+from ..losses import Objective
 from ..models import EKDStudent
 from ..teachers import Teacher
-from .losses import EKDLoss
 from .teacher_cache import TeacherCache
-from .trainer import Losses, param_groups
+from .trainer import Batch, Losses, param_groups
 
 
 class Distiller(nn.Module):
-    """The EKD student stage: frozen teachers, the multi-branch student and the EKD loss."""
+    """The EKD student stage: frozen teachers, the multi-branch student and the objective."""
 
-    def __init__(self, student: EKDStudent, teachers: list[Teacher], loss: EKDLoss):
+    def __init__(self, student: EKDStudent, teachers: list[Teacher], loss: Objective):
         super().__init__()
         self.student = student
         self.teachers = nn.ModuleList(teachers)
@@ -59,7 +58,7 @@ class Distiller(nn.Module):
             t_logits, t_feats = (self.teacher_targets(batch.pixels) if self.cache is None
                                  else self.cache.targets(batch.indices, batch.views, batch.pixels.device))
         out = student(batch.images, return_branches=True)
-        total, terms = self.loss(out, batch.labels, t_logits, t_feats)
+        total, terms = self.loss(out, batch.labels, batch.epoch, t_logits, t_feats)
         return out.logits.mean(0), Losses(total, terms)
 
 

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from .. import _io
+from .._io import FileLock
 from ..data import DataSplits, augment, augment_params, canonical_size
 from ..errors import UserError
 from ..recipe import Augment, TeacherCacheConfig
-from ..run import FileLock
 from ..teachers import Teacher
 from .runtime import Runtime
 
@@ -76,20 +76,11 @@ class Layout:
         return sum(self.files().values()) + self.views * self.images * self.view_params * 4 + self.chunks
 
 
-def _split_fingerprint(data: DataSplits) -> str:
-    """The training split's identity: its decoded images (in memory), or its files' paths, sizes and
-    modification times (streamed: hashing a folder larger than memory byte by byte would take as long
-    as the precompute), and its labels."""
-    h = hashlib.sha256(data.train_y.numpy().tobytes())
-    train = data.train
-    h.update(f"{train.view} {train.canonical} {train.size}".encode())
-    if train.streamed:
-        for f in train.files:
-            st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    else:
-        h.update(train.images.contiguous().numpy().tobytes())
-    return h.hexdigest()
+def check_cacheable(data: DataSplits) -> None:
+    """The cache stores outputs by each training image's position: a split read in order has none."""
+    if not data.train.random_access:
+        raise UserError("distill.teacher_cache: the training images are read in order (no position to store each "
+                        "image's outputs under); set distill.teacher_cache.views: 0, or data.loader: memory")
 
 
 def cache_key(teachers: list[Teacher], data: DataSplits, aug: Optional[Augment], cfg: TeacherCacheConfig,
@@ -98,7 +89,7 @@ def cache_key(teachers: list[Teacher], data: DataSplits, aug: Optional[Augment],
     doc = {
         "format": FORMAT,
         "teachers": [{"name": t.name, "weights": t.fingerprint(), "input_size": t.input_size} for t in teachers],
-        "train_split": _split_fingerprint(data),
+        "train_split": data.train.fingerprint(),
         "augment": aug.model_dump() if aug is not None else None,
         "image_size": data.image_size,
         "views": cfg.views,
@@ -163,6 +154,7 @@ def open_teacher_cache(cfg: TeacherCacheConfig, run_path: Path, teachers: list[T
                        say: Callable[[str], None], progress=None) -> TeacherCache:
     """The cache for these teachers, data and views: reused when one with the same key is complete,
     else built (resuming a partial build) by every rank together. Collective under ``torchrun``."""
+    check_cacheable(data)
     # rank 0's key (hashing the split once, not once a rank), which every rank then uses
     key, doc = rt.from_main(cache_key(teachers, data, aug, cfg, rt.precision_text, features) if rt.is_main else None)
     folder = _folder_for(cache_root(cfg, run_path), key, doc)

@@ -14,17 +14,36 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from .. import checkpoint
-from ..data import Batch, DataSplits, augment, augment_params, canonical_size, epoch_order, iterate_batches
+from ..data import Augment, DataSplits, augment
 from ..errors import UserError
-from ..recipe import Augment, Schedule
+from ..recipe import Schedule
 from ..run import RunDir
 from .runtime import Runtime
 
 
 class TrainingDiverged(UserError):
     """A NaN or infinite loss: the recipe's settings (often the learning rate) need a change."""
+
+
+@dataclasses.dataclass
+class Batch:
+    """One training step's input: what a ``forward_train`` gets."""
+
+    pixels: torch.Tensor  # augmented, RGB in [0,1], on the training device (what teachers take)
+    images: torch.Tensor  # the same, normalised with the data's statistics (what the student takes)
+    labels: torch.Tensor  # int64 [B]
+    indices: torch.Tensor  # each sample's position in the training split (int64 [B], CPU; -1: read in order)
+    epoch: int  # 0-based
+    views: Optional[torch.Tensor] = None  # with a teacher cache: which fixed view each sample is (int64 [B], CPU)
 
 
 class Losses(NamedTuple):
@@ -82,7 +101,6 @@ class Reporter:
         self.run, self.rt, self.console = run, rt, console
         self.progress = None
         if rt.is_main and show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -170,24 +188,20 @@ class _Optimisation(NamedTuple):
 
 def _run_epoch(stage: Stage, net: nn.Module, optim: _Optimisation, data: DataSplits, aug: Optional[Augment],
                rt: Runtime, run: RunDir, epoch: int, batch_size: int) -> _EpochTotals:
-    n = len(data.train)
     net.train()
-    if stage.fixed_views is not None:
-        aug_params, view_of = stage.fixed_views(epoch)
-    else:
-        aug_params, view_of = augment_params(n, aug, stage.seed, epoch, canonical_size(data.image_size, aug.kind) if aug else 0), None
-    order = epoch_order(n, stage.seed, epoch, rt.rank, rt.world)
+    fixed = stage.fixed_views(epoch) if stage.fixed_views is not None else None  # (params, view of each sample)
     mean = torch.tensor(data.mean, device=rt.device)
     std = torch.tensor(data.std, device=rt.device)
     totals = _EpochTotals()
-    # the order and the augmentation are functions of (seed, epoch, index): both loaders give these batches
-    for x_uint8, idx in data.train.batches(list(iterate_batches(len(order), batch_size, order, drop_last=True))):
-        xb = x_uint8.to(rt.device, non_blocking=True)
-        if aug_params is not None:
-            xb = augment(xb, aug_params[idx].to(rt.device), aug, data.image_size)
+    # the order and the augmentation are functions of (seed, epoch, sample): every loader gives these batches
+    for chunk in data.train.epoch(aug if fixed is None else None, stage.seed, epoch, batch_size, rt.rank, rt.world):
+        params = chunk.aug_params if fixed is None else (None if fixed[0] is None else fixed[0][chunk.ids])
+        xb = chunk.images.to(rt.device, non_blocking=True)
+        if params is not None:
+            xb = augment(xb, params.to(rt.device), aug, data.image_size)
         pixels = rt.to_pixels(xb)
-        batch = Batch(pixels, rt.normalize(pixels, mean, std), data.train_y[idx].to(rt.device, non_blocking=True), idx, epoch,
-                      None if view_of is None else view_of[idx])
+        batch = Batch(pixels, rt.normalize(pixels, mean, std), chunk.labels.to(rt.device, non_blocking=True), chunk.ids,
+                      epoch, None if fixed is None else fixed[1][chunk.ids])
         with rt.autocast():
             logits, losses = stage.forward_train(net, batch)
         check_finite(losses.total.detach(), stage.name, epoch, run)

@@ -7,10 +7,10 @@ from typing import NamedTuple, Optional
 
 import torch.nn as nn
 
+from ..contract import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
 from .base import Preprocess, Teacher
 from .onnx_model import OnnxModel, inspect_onnx
-from ..contract import IMAGENET_MEAN, IMAGENET_STD
 from .torch_models import build, final_linear, own_preprocessing, parse_arch, reset_head
 from .weights import load_into, read_weights
 

@@ -7,16 +7,20 @@ ONNX teacher is a ``Teacher`` like any other, frozen and without features.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import onnxruntime as ort
 import torch
 import torch.nn as nn
 
 from .._io import existing_file
+from ..contract import ort_session
 from ..errors import UserError
+from ..onnx_graph import classifier_io, load_onnx
 
 
 @dataclasses.dataclass
@@ -31,34 +35,19 @@ class OnnxInfo:
     ir_version: int
 
 
-def _dims(value_info) -> list:
-    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
-
-
 def inspect_onnx(path: str | os.PathLike, what: str) -> OnnxInfo:
-    """Check the file is a model with one float image input (rank 4) and a [B,K] output."""
-    import onnx
-    from onnx import TensorProto
-
+    """Check the file is an image classifier (one float image input of rank 4, NCHW or NHWC, and a [B,K]
+    first output), by the check bench uses too."""
     path = existing_file(path, what, "an ONNX file")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - protobuf raises several unrelated types on garbage bytes
-        raise UserError(f"{what} {path} is not an ONNX file ({(str(err).splitlines() or ['?'])[0][:120]})") from None
-    inits = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
-    images = [i for i in inputs if i.type.tensor_type.elem_type == TensorProto.FLOAT and len(_dims(i)) == 4]
-    if len(inputs) != 1 or len(images) != 1:
-        names = ", ".join(f"'{i.name}' {TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower()} {_dims(i)}"
-                          for i in inputs) or "none"
-        raise UserError(f"{what} {path} has no single image input (one float32 input of rank 4); its inputs: {names}")
-    if not proto.graph.output or len(_dims(proto.graph.output[0])) != 2:
-        raise UserError(f"{what} {path}: its first output is not [batch, classes]")
-    out = proto.graph.output[0]
-    dims = _dims(images[0])
-    k = _dims(out)[1]
+        proto = load_onnx(path)
+        io = classifier_io(proto, path, channels_last_ok=True, one_output=False, float16_output_ok=True,
+                           expect="a teacher is an image classifier: one float32 input of rank 4, a [B,C] output")
+    except UserError as err:
+        raise UserError(f"{what} {err}") from None
+    dims = [d if isinstance(d, int) and d > 0 else None for d in io.input_dims]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return OnnxInfo(path, images[0].name, out.name, dims, k, dims[0] if dims[0] else None, opset, proto.ir_version)
+    return OnnxInfo(path, io.input_name, io.output_name, dims, io.num_outputs, io.fixed_batch, opset, proto.ir_version)
 
 
 class OnnxModel(nn.Module):
@@ -72,9 +61,6 @@ class OnnxModel(nn.Module):
 
     def _sess(self, cuda: bool):
         if self._session is None:
-            import onnxruntime as ort
-
-            from ..contract import ort_session
 
             provider = "cuda" if cuda and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
             try:
@@ -102,7 +88,6 @@ class OnnxModel(nn.Module):
 
     def content_hash(self) -> str:
         """sha256 of the file's bytes (what a teacher-output cache is keyed by)."""
-        import hashlib
 
         h = hashlib.sha256()
         with open(self.info.path, "rb") as fh:

@@ -1,5 +1,6 @@
-"""What the parent process learns from a model file before timing it: the ekdc I/O contract,
-metadata, file size, parameter count and MACs per image.
+"""What an ONNX graph says of itself, read without running it: its image-classifier I/O, metadata, file
+size, parameter count and MACs per image. Bench reads every model file through ``inspect_model``; ONNX
+teachers are checked by ``classifier_io``.
 
 Parameters and MACs are counted from the graph itself, over the ops that carry the arithmetic
 (Conv, ConvTranspose, Gemm, MatMul). A weight is followed back through DequantizeLinear, Cast and
@@ -15,9 +16,16 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ..contract import (INPUT_NAME, META_CLASSES, META_INPUT_SIZE, META_KIND, META_PRECISION, OUTPUT_NAME,
-                        PLAN_SUFFIXES)
-from ..errors import UserError
+from .contract import (
+    INPUT_NAME,
+    META_CLASSES,
+    META_INPUT_SIZE,
+    META_KIND,
+    META_PRECISION,
+    OUTPUT_NAME,
+)
+from .errors import UserError
+from .formats import runtime_of
 
 # ops that only move, relabel or convert a stored weight: the parameter is the initializer behind them
 _PASS_THROUGH = {"DequantizeLinear", "Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
@@ -30,7 +38,7 @@ class ModelInfo:
     """A model as the parent sees it, before any timing."""
 
     path: Path
-    format: str  # "onnx" or "plan"
+    runtime: str  # what loads and runs it (``ekdc.formats.RUNTIMES``)
     file_mb: float
     input_hw: Optional[tuple[int, int]]  # None only for a plan with no ONNX beside it
     fixed_batch: Optional[int]  # a batch dimension frozen in the graph, else None
@@ -76,7 +84,7 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
         raise UserError(f"model not found: {path}")
     if not path.is_file():
         raise UserError(f"model {path} is a folder, not a model file")
-    if path.suffix.lower() in PLAN_SUFFIXES:
+    if runtime_of(path) == "tensorrt":
         return _inspect_plan(path)
     proto = load_onnx(path)
     input_name, output_name, hw, fixed_batch = check_io(proto, path)
@@ -84,7 +92,7 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
     if hw is None:
         hw = _size_from_metadata(meta, path)
     params, macs, exact = count_params_macs(proto)
-    return ModelInfo(path=path, format="onnx", file_mb=_file_mb(path, proto), input_hw=hw, fixed_batch=fixed_batch,
+    return ModelInfo(path=path, runtime="onnxruntime", file_mb=_file_mb(path, proto), input_hw=hw, fixed_batch=fixed_batch,
                      metadata=meta, params=params, macs=macs, macs_exact=exact, input_name=input_name,
                      output_name=output_name)
 
@@ -114,35 +122,62 @@ def _dims(value_info) -> list[Any]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
 
 
-def check_io(proto, path: Path) -> tuple[str, str, Optional[tuple[int, int]], Optional[int]]:
-    """An image classifier: one float32 input [B,3,H,W] (any name) and one float32 output [B,C].
-    ekdc's own files call them ``images`` and ``logits``; files from elsewhere may call them anything.
-    Returns (input name, output name, the fixed (H, W) if the graph has them, the batch if it freezes it)."""
+@dataclasses.dataclass
+class ClassifierIO:
+    """An image classifier's graph I/O: one float32 image input of rank 4, a float32 [B,C] output."""
+
+    input_name: str
+    output_name: str
+    input_dims: list  # ints where fixed, strings or None where symbolic
+    num_outputs: Optional[int]  # C, where the graph fixes it
+    fixed_batch: Optional[int]  # a batch frozen in the graph, else None
+
+
+BENCH_EXPECTS = "ekdc bench takes an image classifier: one float32 input [B,3,H,W] and one float32 output [B,C]"
+
+
+def classifier_io(proto, path: Path, *, channels_last_ok: bool = False, one_output: bool = True,
+                  float16_output_ok: bool = False, expect: str = BENCH_EXPECTS) -> ClassifierIO:
+    """Check that ``proto`` is an image classifier: exactly one float32 input of rank 4 with 3 channels
+    ([B,3,H,W], or [B,H,W,3] where ``channels_last_ok``) beside its initializers, and a float32 (or, where
+    ``float16_output_ok``, float16) [B,C] output (the first of several unless ``one_output``). One line
+    naming the file and what it has, else."""
     from onnx import TensorProto
 
     init_names = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in init_names]
-    expect = "ekdc bench takes an image classifier: one float32 input [B,3,H,W] and one float32 output [B,C]"
     if len(inputs) != 1:
-        names = ", ".join(f"'{i.name}'" for i in inputs) or "none"
-        raise UserError(f"{path}: model inputs are {names} ({expect})")
+        names = ", ".join(f"'{i.name}' {_type_name(i)} {_shape_text(_dims(i))}" for i in inputs) or "none"
+        raise UserError(f"{path}: has no single image input; its inputs are {names} ({expect})")
     x = inputs[0]
     if x.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise UserError(f"{path}: input '{x.name}' is {_type_name(x)}, expected float32 ({expect})")
     dims = _dims(x)
-    if len(dims) != 4 or dims[1] != 3:
-        raise UserError(f"{path}: input '{x.name}' has shape {_shape_text(dims)}, expected [B,3,H,W] ({expect})")
+    layouts = "[B,3,H,W]" + (" or [B,H,W,3]" if channels_last_ok else "")
+    # with channels_last_ok the caller checks the channels where the recipe's layout puts them
+    if len(dims) != 4 or (not channels_last_ok and dims[1] != 3):
+        raise UserError(f"{path}: input '{x.name}' has shape {_shape_text(dims)}, expected {layouts} ({expect})")
     outputs = list(proto.graph.output)
-    if len(outputs) != 1 or len(_dims(outputs[0])) != 2:
+    if not outputs or (one_output and len(outputs) != 1) or len(_dims(outputs[0])) != 2:
         shown = ", ".join(f"'{o.name}' {_shape_text(_dims(o))}" for o in outputs) or "none"
         raise UserError(f"{path}: model outputs are {shown} ({expect})")
     y = outputs[0]
-    if y.type.tensor_type.elem_type != TensorProto.FLOAT:
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16) if float16_output_ok else (TensorProto.FLOAT,)
+    if y.type.tensor_type.elem_type not in floats:
         raise UserError(f"{path}: output '{y.name}' is {_type_name(y)}, expected float32 ({expect})")
-    h, w = dims[2], dims[3]
+    k = _dims(y)[1]
+    return ClassifierIO(x.name, y.name, dims, k if isinstance(k, int) and k > 0 else None,
+                        dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None)
+
+
+def check_io(proto, path: Path) -> tuple[str, str, Optional[tuple[int, int]], Optional[int]]:
+    """Bench's contract: (input name, output name, the fixed (H, W) if the graph has them, the batch if it
+    freezes it). ekdc's own files call them ``images`` and ``logits``; files from elsewhere may call them
+    anything."""
+    io = classifier_io(proto, path)
+    h, w = io.input_dims[2], io.input_dims[3]
     hw = (h, w) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
-    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
-    return x.name, y.name, hw, batch
+    return io.input_name, io.output_name, hw, io.fixed_batch
 
 
 def _type_name(value_info) -> str:
@@ -192,7 +227,7 @@ def _file_mb(path: Path, proto=None) -> float:
 def _inspect_plan(path: Path) -> ModelInfo:
     """A plan carries no ONNX metadata; params, MACs and metadata come from the ONNX file it was
     built from when one sits beside it (export builds ``student.plan`` from ``student.fp16.onnx``)."""
-    info = ModelInfo(path=path, format="plan", file_mb=_file_mb(path), input_hw=None, fixed_batch=None, metadata={},
+    info = ModelInfo(path=path, runtime="tensorrt", file_mb=_file_mb(path), input_hw=None, fixed_batch=None, metadata={},
                      params=None, macs=None, macs_exact=False)
     stem = path.name[: -len(path.suffix)]
     for cand in (path.with_name(f"{stem}.fp16.onnx"), path.with_name(f"{stem}.onnx")):

@@ -1,0 +1,114 @@
+"""The validation images a bench scores models on: a recipe's or a run's split, and how each model is
+fed them (ekdc's exports say so in their metadata; a model from elsewhere through --classes and
+--preprocess)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..contract import IMAGENET_MEAN, IMAGENET_STD, META_RUN_DIR
+from ..data import index_splits
+from ..errors import UserError
+from ..onnx_graph import ModelInfo
+from ..recipe import load_recipe
+from ..run import RunDir
+from .settings import Entry, PathLike, ValData, say
+
+
+def resolve_data(data: Optional[PathLike], first: ModelInfo, console) -> Optional[ValData]:
+    """``--data`` (a recipe or a run folder), else the run folder named in the first model's metadata."""
+    if data is not None:
+        recipe, source = _recipe_from(Path(data))
+        return _load_val(recipe, source, explicit=True)
+    run_dir = first.metadata.get(META_RUN_DIR)
+    if not run_dir:
+        say(console, "no accuracy: no --data given and the model names no run folder (pass --data RECIPE|RUN_DIR)")
+        return None
+    if not (Path(run_dir) / "recipe.yaml").is_file():
+        say(console, f"no accuracy: the model's run folder {run_dir} is not there (pass --data RECIPE|RUN_DIR)")
+        return None
+    try:
+        return _load_val(RunDir(run_dir).recipe(), run_dir, explicit=False)
+    except UserError as err:  # found, not asked for: a note, not a failure
+        say(console, f"no accuracy: {err}")
+        return None
+
+
+def _recipe_from(path: Path):
+    if not path.exists():
+        raise UserError(f"--data {path}: no such recipe or run folder")
+    if path.is_dir():
+        return RunDir(path).recipe(), str(path)
+    return load_recipe(path), str(path)
+
+
+def _load_val(recipe, source: str, explicit: bool) -> ValData:
+    index = index_splits(recipe.data)  # only the validation images are decoded
+    x, y = index.take("val")
+    return ValData(x=x.numpy(), y=y.numpy().astype(np.int64, copy=False), classes=list(index.classes), source=source,
+                    explicit=explicit)
+
+
+def parse_preprocess(text: str) -> dict:
+    """``raw`` (RGB in [0,1], what ekdc's exports take), ``imagenet``, or ``R,G,B/R,G,B`` (mean/std)."""
+    t = text.strip().lower()
+    if t == "raw":
+        return {"mean": None, "std": None}
+    if t == "imagenet":
+        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    try:
+        mean, std = ([float(v) for v in part.split(",")] for part in t.split("/"))
+        if len(mean) == len(std) == 3 and all(v > 0 for v in std):
+            return {"mean": mean, "std": std}
+    except ValueError:
+        pass
+    raise UserError(f"--preprocess {text!r}: expected raw, imagenet, or mean/std as R,G,B/R,G,B "
+                    "(e.g. 0.485,0.456,0.406/0.229,0.224,0.225)")
+
+
+def foreign_feed(classes: Optional[Sequence[str]], preprocess: Optional[str]) -> Optional[dict]:
+    if classes is None and preprocess is None:
+        return None
+    if classes is None or preprocess is None:
+        raise UserError("--classes and --preprocess go together: a model from elsewhere needs both for accuracy")
+    return {"classes": list(classes), **parse_preprocess(preprocess)}
+
+
+def _feed_for(e: Entry, val: ValData, foreign: Optional[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """(how to feed this model the validation images, or the problem that rules accuracy out)."""
+    h, w = int(val.x.shape[2]), int(val.x.shape[3])
+    if e.info.input_hw is not None and tuple(e.info.input_hw) != (h, w):
+        ih, iw = e.info.input_hw
+        return None, f"validation images of {val.source} are {h}x{w} but {e.name} takes {ih}x{iw}"
+    if e.info.from_ekdc:
+        if len(e.info.classes) != len(val.classes):
+            return None, f"{val.source} has {len(val.classes)} classes but {e.name} predicts {len(e.info.classes)}"
+        return {}, None
+    if foreign is None:
+        return None, (f"{e.name} carries no ekdc metadata, so nothing says how to feed it: give --classes "
+                      "(its outputs in order) and --preprocess")
+    missing = [c for c in val.classes if c not in foreign["classes"]]
+    if missing:
+        return None, f"--classes lacks the data's class '{missing[0]}'"
+    return {"class_index": [foreign["classes"].index(c) for c in val.classes], "mean": foreign["mean"],
+            "std": foreign["std"]}, None
+
+
+def check_data_fits(val: ValData, entries: list[Entry], console, foreign: Optional[dict] = None) -> Optional[ValData]:
+    """Each model gets the validation images at its input size, fed as it expects, or no accuracy."""
+    for e in entries:
+        e.feed, problem = _feed_for(e, val, foreign)
+        if problem is not None:
+            if val.explicit and (e.info.from_ekdc or foreign is not None):
+                raise UserError(f"--data: {problem}")
+            say(console, f"no accuracy for {e.name}: {problem}")
+    return val if any(e.feed is not None for e in entries) else None
+
+
+def save_val(val: ValData, tmp: Path) -> tuple[str, str]:
+    xp, yp = tmp / "val_x.npy", tmp / "val_y.npy"
+    np.save(xp, val.x)
+    np.save(yp, val.y)
+    return str(xp), str(yp)

@@ -1,0 +1,155 @@
+"""``compare``: the same question as the paper's, on any recipe: does the multi-branch student beat the
+same student trained alone, and a one-branch student of the same cost? Each row trains over the seeds,
+all rows share one set of teachers (trained or loaded once) and one teacher-output cache; every cell is
+a run folder, so the grid resumes where it stopped.
+
+    OUT/teachers/          the teachers, trained once (``distill --teachers-only``), loaded by every cell
+    OUT/students.json      the one-branch students (equal MACs, planned) and the recipe student's latency
+    OUT/<row>/s<seed>/     each cell's run folder; its export/ holds the fp32 ONNX student
+    OUT/latency.json       each row's exported student timed at batch 1, all rows in one bench run
+    OUT/compare.json       the report (``report.py``)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .. import _io
+from ..benchmark.runner import time_models
+from ..data import index_splits
+from ..deploy.export import export
+from ..distillation import distill
+from ..errors import UserError
+from ..plan import short_config
+from ..recipe import Recipe, recipe_from_dict
+from ..run import RunDir
+from .report import build_report
+from .rows import DEFAULT_ROWS, Row, parse_rows, row_recipe
+from .students import equal_macs_student, planned_student, recipe_latency_ms, student_macs
+
+LATENCY_BATCH = 1
+
+
+def _say(console) -> Callable[[str], None]:
+    return (lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)) if console else (lambda t: None)
+
+
+def _num_classes(recipe: Recipe) -> int:
+    return len(index_splits(recipe.data).classes)
+
+
+def _teachers(recipe: Recipe, out: Path, console, progress: bool) -> dict:
+    """The base recipe mapping with every teacher that trains here replaced by its trained file."""
+    raw = recipe.model_dump(mode="json")
+    trained = [i for i, t in enumerate(recipe.teachers) if t.train is not None]
+    if trained:
+        folder = out / "teachers"
+        run = RunDir(folder)
+        if not run.teacher_metrics_path.is_file():
+            distill(recipe, folder, resume=run.recipe_path.is_file(), console=console, progress=progress,
+                    teachers_only=True)
+        for i in trained:
+            raw["teachers"][i] = {**raw["teachers"][i], "weights": str(run.teacher_path(recipe.teachers[i].name)),
+                                  "train": None, "checkpoint": None}
+    return raw
+
+
+def _students(recipe: Recipe, rows: list[Row], out: Path, say, console) -> dict:
+    """The recipe student's config and, where rows need them, the one-branch students (kept in
+    students.json: a resumed grid trains the students it chose before)."""
+    path = out / "students.json"
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    if recipe.student.latency_ms is not None:
+        raise UserError("compare: give the recipe's student by its widths (plan it first with 'ekdc plan "
+                        "--out'), not by student.latency_ms")
+    base = recipe.student.model_kwargs()
+    n, size = _num_classes(recipe), recipe.data.image_size
+    if found.get("recipe") != base:
+        found = {"recipe": base, "recipe_macs": student_macs(base, n, size)}
+    if any(r.student == "plain" for r in rows) and "plain" not in found:
+        cfg, macs, target = equal_macs_student(base, n, size)
+        found.update(plain=cfg, plain_macs=macs)
+        say(f"compare: the plain student {short_config(cfg)} has {macs:,} MACs against the recipe student's {target:,}")
+    if any(r.student == "planned" for r in rows) and "planned" not in found:
+        found["recipe_p50_ms"] = recipe_latency_ms(recipe, base, n, say)
+        found["planned"] = planned_student(recipe, found["recipe_p50_ms"], n, console)
+    _io.write_json(path, found)
+    return found
+
+
+def _cells(raw: dict, rows: list[Row], seeds: Sequence[int], students: dict, out: Path) -> list[tuple[Row, int, Path, Recipe]]:
+    cells = []
+    for seed in seeds:  # seed-major: every row gets its first seed before any row gets its second
+        for row in rows:
+            r = row_recipe(raw, row, students.get(row.student) if row.one_branch else None)
+            r["seed"] = int(seed)
+            r["name"] = f"{raw['name']}-{row.slug}-s{seed}"
+            if r["distill"]["teacher_cache"]["views"] and not r["distill"]["teacher_cache"].get("path"):
+                r["distill"]["teacher_cache"] = {**r["distill"]["teacher_cache"], "path": str(out / "teacher_cache")}
+            cells.append((row, int(seed), out / row.slug / f"s{seed}", recipe_from_dict(r, where=f"row {row.name}")))
+    return cells
+
+
+def _check_rows(recipe: Recipe, rows: list[Row]) -> None:
+    """What the rows ask of the recipe, before any teacher trains."""
+    for row in rows:
+        if row.one_branch and row.base == "recipe" and recipe.mode == "ekd":
+            raise UserError(f"--rows: '{row.name}': the recipe's mode is ekd, which trains branch i from teacher i; "
+                            "a one-branch row needs avg_kd (give plain:avg_kd)")
+        if row.confidence and (row.base == "ekd" or (row.base == "recipe" and recipe.mode == "ekd")):
+            raise UserError(f"--rows: '{row.name}': confidence weighting mixes the teachers; it applies to avg_kd")
+
+
+def _run_cell(recipe: Recipe, cell: Path, console, progress: bool) -> None:
+    run = RunDir(cell)
+    if not run.finished:
+        distill(recipe, cell, resume=run.recipe_path.is_file(), console=console, progress=progress)
+    if not (cell / "export" / "manifest.json").is_file():
+        export(cell, cell / "export", teachers=False)
+
+
+def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict[str, float]:
+    """Each row's exported student (its first seed's: latency does not depend on the weights), timed at
+    batch 1 in one bench run, rows interleaved. Kept in latency.json for the files it timed."""
+    files = {r.slug: out / r.slug / f"s{seeds[0]}" / "export" / "student.onnx" for r in rows}
+    files = {k: f for k, f in files.items() if f.is_file()}
+    path = out / "latency.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    stamp = {k: f.stat().st_mtime_ns for k, f in files.items()}
+    if files and known.get("files") != stamp:
+        say(f"compare: timing {len(files)} students at batch {LATENCY_BATCH} (bench's worker, 3 rounds interleaved)")
+        report = time_models(list(files.values()), batches=[LATENCY_BATCH], repeats=3)
+        p50 = {k: m["latency_ms"][str(LATENCY_BATCH)]["p50"] for k, m in zip(files, report["models"])}
+        known = {"files": stamp, "p50_ms": p50, "machine": report["machine"], "threads": report["settings"]["threads"]}
+        _io.write_json(path, known)
+    return known.get("p50_ms", {})
+
+
+def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Sequence[int] = (0, 1, 2),
+            out: Optional[str | Path] = None, *, console=None, progress: bool = True,
+            report_only: bool = False) -> dict:
+    """Train every row over the seeds (or, ``report_only``, read what is finished) and return the
+    report (``report.build_report``), also written to OUT/compare.json."""
+    parsed = parse_rows(rows)
+    seeds = sorted({int(s) for s in seeds})
+    if not seeds:
+        raise UserError("--seeds: give at least one seed")
+    out = Path(out) if out is not None else Path("runs") / "compare" / recipe.name
+    _io.ensure_writable_dir(out)
+    say = _say(console)
+    if report_only:
+        students = json.loads((out / "students.json").read_text()) if (out / "students.json").is_file() else {}
+    else:
+        _check_rows(recipe, parsed)
+        raw = _teachers(recipe, out, console, progress)
+        students = _students(recipe, parsed, out, say, console)
+        cells = _cells(raw, parsed, seeds, students, out)
+        for k, (row, seed, cell, r) in enumerate(cells):
+            say(f"compare [{k + 1}/{len(cells)}] {row.name}, seed {seed} -> {cell}")
+            _run_cell(r, cell, console, progress)
+    latency = _latencies(parsed, seeds, out, say) if not report_only else \
+        (json.loads((out / "latency.json").read_text()).get("p50_ms", {}) if (out / "latency.json").is_file() else {})
+    report = build_report(recipe, parsed, seeds, out, students, latency)
+    _io.write_json(out / "compare.json", report)
+    return report

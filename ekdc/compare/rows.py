@@ -1,0 +1,106 @@
+"""The rows of a comparison: which student, trained how.
+
+A row is ``[STUDENT:]BASE[+MOD...]``:
+
+    BASE     recipe (the recipe's own mode and KD loss), ce, avg_kd, ekd
+    MOD      dkd (decoupled KD), conf (confidence-weighted teachers, avg_kd), feat (feature matching,
+             ekd), k<K> (the teachers' outputs read from a cache of K views an image)
+    STUDENT  plain: one branch, widened to the recipe student's MACs (within 5%)
+             planned: one branch, the most MACs within the recipe student's measured p50 latency
+             (none: the recipe's own student)
+
+so ``plain:avg_kd+dkd`` is an equal-cost one-branch student distilled with DKD from the teachers' mean.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+from ..errors import UserError
+
+BASES = ("recipe", "ce", "avg_kd", "ekd")
+STUDENTS = ("recipe", "plain", "planned")
+DEFAULT_ROWS = ("recipe", "ce", "plain:recipe")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str  # as given
+    student: str  # STUDENTS
+    base: str  # BASES
+    dkd: bool = False
+    confidence: bool = False
+    feat: bool = False
+    views: Optional[int] = None  # a teacher-output cache of this many views (None: the recipe's)
+
+    @property
+    def slug(self) -> str:
+        """A folder and file name: ``plain-avg_kd-dkd``."""
+        return re.sub(r"[:+]", "-", self.name)
+
+    @property
+    def one_branch(self) -> bool:
+        return self.student != "recipe"
+
+
+def parse_row(text: str) -> Row:
+    text = text.strip()
+    student, _, rest = text.rpartition(":")
+    student = student or "recipe"
+    base, *mods = rest.split("+")
+    if student not in STUDENTS or base not in BASES:
+        raise UserError(f"--rows: '{text}' is not a row: [plain:|planned:]BASE[+dkd][+conf][+feat][+k<K>], BASE one "
+                        f"of {', '.join(BASES)}")
+    kw: dict = {}
+    for m in mods:
+        if m in ("dkd", "conf", "feat"):
+            kw[{"conf": "confidence"}.get(m, m)] = True
+        elif re.fullmatch(r"k\d+", m):
+            kw["views"] = int(m[1:])
+        else:
+            raise UserError(f"--rows: '{text}': unknown part '+{m}' (known: +dkd, +conf, +feat, +k<K>)")
+    row = Row(text, student, base, **kw)
+    if row.one_branch and row.base == "ekd":
+        raise UserError(f"--rows: '{text}': ekd trains branch i from teacher i, so a one-branch student cannot use it; "
+                        "use avg_kd")
+    return row
+
+
+def parse_rows(text: str | list[str] | tuple[str, ...]) -> list[Row]:
+    items = [t for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if not items:
+        raise UserError("--rows: give at least one row")
+    rows = [parse_row(t) for t in items]
+    slugs = [r.slug for r in rows]
+    dup = next((s for s in slugs if slugs.count(s) > 1), None)
+    if dup:
+        raise UserError(f"--rows: '{dup}' is listed twice")
+    return rows
+
+
+def row_recipe(raw: dict, row: Row, student: Optional[dict]) -> dict:
+    """The recipe mapping of one row (``raw``: the base recipe's, teachers already resolved); ``student``
+    replaces the recipe's student (``create_model`` keys) for one-branch rows."""
+    raw = {**raw, "distill": {**raw["distill"]}, "student": dict(raw["student"])}
+    if row.base != "recipe":
+        raw["mode"] = row.base
+    kd = dict(raw["distill"].get("kd") or {})
+    if row.base != "recipe":
+        kd.update(loss="kl", teachers="mean")
+    if row.dkd:
+        kd["loss"] = "dkd"
+    if row.confidence:
+        kd["teachers"] = "confidence"
+    raw["distill"]["kd"] = kd
+    weights = dict(raw["distill"].get("weights") or {})
+    if row.base != "recipe":
+        weights["feat"] = 0.0
+    if row.feat:
+        weights["feat"] = weights.get("feat") or 1.0
+    raw["distill"]["weights"] = weights
+    if row.views is not None:
+        raw["distill"]["teacher_cache"] = {**raw["distill"]["teacher_cache"], "views": row.views}
+    if student is not None:
+        raw["student"] = {"arch": "ekd_student", **student}
+    return raw

@@ -1,0 +1,59 @@
+"""The one-branch students a comparison sets beside the recipe's: of equal MACs (widened), or of equal
+measured latency (planned by ``ekdc plan`` for the recipe student's own p50)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import UserError
+from ..models import count_macs, create_model
+from ..plan import plan_student, short_config
+from ..recipe import Recipe, recipe_from_dict
+
+MACS_TOLERANCE = 0.05  # the plain student's MACs are within 5% of the recipe student's
+
+
+def student_macs(config: dict, num_classes: int, image_size: int) -> int:
+    return count_macs(create_model("ekd_student", num_classes=num_classes, **config).eval(), image_size)
+
+
+def _widened(config: dict, m: float) -> dict:
+    w = lambda x: max(1, int(round(x * m)))  # noqa: E731
+    return {**config, "num_branches": 1, "trunk_width": w(config["trunk_width"]),
+            "branch_widths": [w(x) for x in config["branch_widths"]]}
+
+
+def equal_macs_student(config: dict, num_classes: int, image_size: int) -> tuple[dict, int, int]:
+    """One branch of the recipe student's layout, every width scaled by one factor so that its MACs come
+    within ``MACS_TOLERANCE`` of the recipe student's: (config, its MACs, the target)."""
+    target = student_macs(config, num_classes, image_size)
+    macs = lambda m: student_macs(_widened(config, m), num_classes, image_size)  # noqa: E731
+    lo, hi = 1.0, 1.0
+    while macs(hi) < target:  # one branch of N at the same widths has about 1/N of the branches' MACs
+        lo, hi = hi, hi * 2
+        if hi > 64:
+            raise UserError("compare: no one-branch student reaches the recipe student's MACs")
+    for _ in range(40):  # bisection on the width factor
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(mid) < target else (lo, mid)
+    best = min({_widened(config, m)["trunk_width"]: m for m in (lo, hi)}.values(), key=lambda m: abs(macs(m) - target))
+    cfg, got = _widened(config, best), macs(best)
+    if abs(got - target) > MACS_TOLERANCE * target:
+        raise UserError(f"compare: the closest one-branch student has {got:,} MACs against {target:,}: more than "
+                        f"{MACS_TOLERANCE:.0%} apart")
+    return cfg, got, target
+
+
+def recipe_latency_ms(recipe: Recipe, config: dict, num_classes: int, say: Callable[[str], None]) -> float:
+    """The recipe student's p50 at batch 1 on this machine, timed as ``ekdc plan`` times a candidate."""
+    plan = plan_student(recipe, float("1e9"), candidates=[config], num_classes=num_classes)
+    say(f"compare: the recipe's student ({short_config(config)}) takes {plan.chosen.p50_ms:.3f} ms at {plan.target}")
+    return plan.chosen.p50_ms
+
+
+def planned_student(recipe: Recipe, budget_ms: float, num_classes: int, console) -> dict:
+    """The one-branch student ``ekdc plan`` chooses for ``budget_ms``."""
+    raw = recipe.model_dump(mode="json")
+    raw["student"] = {k: v for k, v in raw["student"].items() if k not in ("latency_ms",)} | {"num_branches": 1}
+    raw["mode"] = "avg_kd" if raw["mode"] == "ekd" else raw["mode"]  # what the one branch trains with is the row's
+    one = recipe_from_dict(raw, where="compare: the one-branch recipe")
+    return dict(plan_student(one, budget_ms, num_classes=num_classes, console=console).chosen.config)

@@ -1,0 +1,113 @@
+"""``load_data``: a recipe's ``data:`` in, the training and validation splits out, decoded into
+memory or streamed (``data.loader``), with the normalisation."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from ..contract import usable_cores
+from .decode import center_crop
+from .imageset import ImageSet, MemoryImages, StreamedImages
+from .ordered import OrderedImages
+from .splits import SplitIndex, index_splits
+
+MEAN_STD_SAMPLE = 2048  # training images the statistics are estimated from when streaming
+
+
+@dataclasses.dataclass
+class DataSplits:
+    """Train and validation images (``ImageSet``), class names, normalisation."""
+
+    train: ImageSet
+    val: ImageSet
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    image_size: int
+    loader: str = "memory"  # what ``data.loader: auto`` chose
+    skipped_files: int = 0  # unreadable files left out (data.skip_bad_files)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def train_y(self) -> torch.Tensor:
+        return self.train.labels
+
+    @property
+    def val_y(self) -> torch.Tensor:
+        return self.val.labels
+
+    @property
+    def train_x(self) -> torch.Tensor:
+        """The decoded training images (in-memory loader only)."""
+        if not isinstance(self.train, MemoryImages):
+            raise ValueError("the training split is streamed: iterate data.train.batches(...)")
+        return self.train.images
+
+    @property
+    def val_x(self) -> torch.Tensor:
+        if not isinstance(self.val, MemoryImages):
+            raise ValueError("the validation split is streamed: iterate data.val.batches(...)")
+        return self.val.images
+
+
+def _stream_chosen(cfg, index: SplitIndex) -> bool:
+    """``stream`` where asked for, or (``auto``) where the decoded splits would exceed the memory budget
+    (a source read in order always, under ``auto``: its size is not known before reading it). Sources
+    that hold their images as tensors never stream: they are in memory already."""
+    source = index.train.source
+    if getattr(source, "in_memory", False) or cfg.loader == "memory":
+        return False
+    if cfg.loader == "stream" or source.ordered:
+        return True
+    decoded = (index.size("train") + index.size("val")) * 3 * cfg.image_size ** 2
+    return decoded > cfg.memory_budget_gb * 2**30
+
+
+def _image_set(index: SplitIndex, split: str, stream: bool, workers: int, canonical: bool = False) -> ImageSet:
+    part, cfg = index.part(split), index.cfg
+    kw = dict(size=cfg.image_size, view=cfg.view, canonical=canonical)
+    if not stream:
+        x, y = index.take(split, canonical=canonical)
+        return MemoryImages(x, y, **kw)
+    if part.source.ordered:
+        return OrderedImages(part.source, workers=workers, **kw)
+    return StreamedImages(part.source, part.positions, workers=workers, **kw)
+
+
+def _statistics(cfg, index: SplitIndex, train: ImageSet) -> tuple[list[float], list[float]]:
+    """The recipe's mean/std, else the training split's: exact in memory, from a seeded sample of
+    ``MEAN_STD_SAMPLE`` images when streaming (the first ones, for a source read in order)."""
+    if cfg.mean is not None and cfg.std is not None:
+        return list(cfg.mean), list(cfg.std)
+    if train.streamed:
+        n = len(train)
+        pick = np.sort(index.sample("train", min(n, MEAN_STD_SAMPLE), cfg.split_seed))
+        x, _ = index.take("train", pick)
+    else:
+        x = center_crop(train.images, cfg.image_size)  # evaluation's view, as the sample above
+    f = x.float().div_(255)
+    mean = cfg.mean or [round(v, 4) for v in f.mean(dim=(0, 2, 3)).tolist()]
+    std = cfg.std or [round(max(v, 1e-3), 4) for v in f.std(dim=(0, 2, 3)).tolist()]
+    return list(mean), list(std)
+
+
+def load_data(cfg) -> DataSplits:
+    """The splits, decoded into memory or streamed (``data.loader``), with the normalisation."""
+    index = index_splits(cfg)
+    stream = _stream_chosen(cfg, index)
+    workers = cfg.workers if cfg.workers is not None else min(4, usable_cores())
+    aug = cfg.augment_config
+    train = _image_set(index, "train", stream, workers, canonical=aug is not None and aug.kind == "resized_crop")
+    val = _image_set(index, "val", stream, workers)
+    mean, std = _statistics(cfg, index, train)
+    sources = {id(p.source): p.source for p in (index.train, index.val)}
+    return DataSplits(train=train, val=val, classes=list(index.classes), mean=mean, std=std,
+                      image_size=cfg.image_size, loader="stream" if stream else "memory",
+                      skipped_files=sum(s.skipped for s in sources.values()))
+
+

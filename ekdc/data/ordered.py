@@ -1,0 +1,163 @@
+"""Splits read in order, shard by shard (``OrderedSource``): the stream loader for data that cannot be
+looked up by index.
+
+Each epoch the shards are shuffled by (seed, epoch); rank r of W takes every W-th shard, and each of its
+DataLoader workers every n-th of those; samples pass through a seeded shuffle buffer, and each sample's
+augmentation comes from (seed, epoch, its key), so a resumed run sees the views an uninterrupted one
+would. Every rank yields the same number of full batches (len // world // batch), starting its shards
+again where it runs short, so DistributedDataParallel never waits for a rank that has finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import UserError
+from .augment import keyed_augment_params
+from .config import Augment
+from .decode import canonical_size, center_crop, decode_image
+from .imageset import Chunk, ImageSet
+from .sources import OrderedSource
+
+SHUFFLE_BUFFER = 512  # samples a worker holds to shuffle within its shards
+
+
+def _seed_of(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+class _ShardBatches(IterableDataset):
+    """One pass over some shards, in worker processes: decoded, augmented-parameter, batched samples."""
+
+    def __init__(self, source: OrderedSource, shards: list[str], size: int, view: str, canonical: bool,
+                 batch_size: int, aug: Optional[Augment] = None, seed: int = 0, epoch: int = 0, shuffle: bool = False):
+        self.source, self.shards, self.size, self.view, self.canonical = source, shards, size, view, canonical
+        self.batch_size, self.aug, self.seed, self.epoch, self.shuffle = batch_size, aug, seed, epoch, shuffle
+
+    def _samples(self, shards: list[str]) -> Iterator[tuple[str, torch.Tensor, int, str]]:
+        for shard in shards:
+            for key, image, label in self.source.read(shard):
+                try:
+                    x = decode_image(image, self.size, self.view, name=f"{shard}:{key}")
+                    yield key, (x if self.canonical else center_crop(x, self.size)).contiguous(), int(label), ""
+                except UserError as err:  # reported by the main process, in one line
+                    yield key, torch.zeros(3, 1, 1, dtype=torch.uint8), int(label), str(err)
+
+    def _shuffled(self, samples, rng: random.Random):
+        buf = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= SHUFFLE_BUFFER:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        samples = self._samples(self.shards[wid::workers])
+        if self.shuffle:
+            samples = self._shuffled(samples, random.Random(_seed_of(self.seed, self.epoch, wid, *self.shards[:1])))
+        batch = []
+        for s in samples:
+            batch.append(s)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch)
+                batch = []
+        if batch and not self.shuffle:  # evaluation keeps the last, partial batch
+            yield self._collate(batch)
+
+    def _collate(self, batch):
+        errors = [e for *_, e in batch if e]
+        if errors:
+            return None, None, None, errors
+        keys = [k for k, *_ in batch]
+        side = canonical_size(self.size, self.view) if self.canonical else self.size
+        params = keyed_augment_params(keys, self.aug, self.seed, self.epoch, side)
+        return torch.stack([x for _, x, _, _ in batch]), torch.tensor([y for _, _, y, _ in batch]), params, errors
+
+
+class OrderedImages(ImageSet):
+    """An ordered source's split, streamed through worker processes."""
+
+    random_access = False
+    streamed = True
+
+    def __init__(self, source: OrderedSource, size: int, view: str, canonical: bool = False, workers: int = 0):
+        super().__init__(size, view, canonical)
+        self.source, self.workers = source, int(workers)
+        self._labels: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every label, in the order ``in_order`` gives the images (read without decoding them)."""
+        if self._labels is None:
+            self._labels = torch.tensor([int(y) for s in self.source.shards for _, _, y in self.source.read(s)],
+                                        dtype=torch.int64)
+        return self._labels
+
+    def batches(self, index_batches):
+        raise UserError("this split is read in order: it has no batches by position (the teacher-output cache and "
+                        "positions need a source with random access, or data.loader: memory)")
+
+    def _loader(self, stream: _ShardBatches, workers: int) -> Iterator:
+        for x, y, params, errors in DataLoader(stream, batch_size=None, num_workers=workers):
+            if errors:  # one line naming the sample, not the worker's traceback
+                raise UserError(errors[0])
+            yield x, y, params
+
+    def epoch(self, aug: Optional[Augment], seed: int, epoch: int, batch_size: int, rank: int = 0,
+              world: int = 1) -> Iterator[Chunk]:
+        shards = list(self.source.shards)
+        random.Random(_seed_of("shards", seed, epoch)).shuffle(shards)
+        mine = shards[rank::world]
+        if not mine:
+            raise UserError(f"{len(shards)} shards cannot feed {world} ranks: each rank reads shards of its own; "
+                            "write the data in more shards")
+        steps, done, cycle = len(self) // world // batch_size, 0, 0
+        while done < steps:
+            stream = _ShardBatches(self.source, mine, self.size, self.view, self.canonical, batch_size, aug, seed,
+                                   epoch * 1000 + cycle, shuffle=True)
+            before = done
+            for x, y, params in self._loader(stream, min(self.workers, len(mine))):
+                yield Chunk(x, y, torch.full((len(y),), -1, dtype=torch.int64), params)
+                done += 1
+                if done == steps:
+                    return
+            if done == before:
+                raise UserError(f"rank {rank}'s shards hold fewer than {batch_size} images: no full batch")
+            cycle += 1  # this rank's shards ran out first: read them again (another shuffle)
+
+    def in_order(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stream = _ShardBatches(self.source, list(self.source.shards), self.size, self.view, self.canonical, batch_size)
+        for x, y, _ in self._loader(stream, min(1, self.workers)):  # one worker: the order stays the listed one
+            yield x, y
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.view} {self.canonical} {self.size}".encode())
+        for part in self.source.identity():
+            h.update(part)
+        return h.hexdigest()
+
+
+def read_in_order(source: OrderedSource, n: int, size: int, view: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images (uint8 ``[n,3,c,c]``, c = ``canonical_size``) and labels, in the main process."""
+    c = canonical_size(size, view)
+    xs, ys = torch.empty(n, 3, c, c, dtype=torch.uint8), []
+    for shard in source.shards:
+        for key, image, label in source.read(shard):
+            if len(ys) == n:
+                return xs, torch.tensor(ys, dtype=torch.int64)
+            xs[len(ys)] = decode_image(image, size, view, name=f"{shard}:{key}")
+            ys.append(int(label))
+    return xs[: len(ys)], torch.tensor(ys, dtype=torch.int64)
+
+
+__all__ = ["OrderedImages", "read_in_order"]

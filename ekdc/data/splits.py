@@ -1,0 +1,130 @@
+"""Seeded, stratified splits: which images form the training and validation splits, decided before
+any image is decoded."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .decode import center_crop
+from .ordered import read_in_order
+from .registry import get_dataset
+from .sources import ImageSource, IndexedSource
+
+
+def stratified_split(
+    labels: np.ndarray, *, fraction: float | None = None, per_class: int | None = None, seed: int = 0,
+    candidates: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``candidates`` (indices into ``labels``, default all) into (picked, rest), stratified by
+    class: ``per_class`` items of each class, or ``fraction`` of each class (at least one).
+    Seeded and independent of the input order."""
+    labels = np.asarray(labels)
+    idx = np.arange(len(labels)) if candidates is None else np.sort(np.asarray(candidates))
+    rng = np.random.default_rng(seed)
+    picked, rest = [], []
+    for c in np.unique(labels[idx]):
+        members = idx[labels[idx] == c]
+        members = members[rng.permutation(len(members))]
+        k = per_class if per_class is not None else max(1, int(round(fraction * len(members))))
+        if k > len(members):
+            raise UserError(f"class {c} has {len(members)} images, fewer than the {k} asked for")
+        picked.append(members[:k])
+        rest.append(members[k:])
+    return np.sort(np.concatenate(picked)), np.sort(np.concatenate(rest))
+
+
+@dataclasses.dataclass
+class Split:
+    """One split: a source and, for a source with random access, the positions in it that form the split
+    (an ordered source's split is the whole source, in its order)."""
+
+    source: ImageSource
+    positions: Optional[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.source) if self.positions is None else len(self.positions)
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        """The split's labels in order (None for an ordered source: they arrive with the images)."""
+        if self.positions is None:
+            return None
+        return np.asarray(self.source.labels)[self.positions]
+
+
+@dataclasses.dataclass
+class SplitIndex:
+    """Which images form the training and validation splits, before any image is decoded: a caller that
+    needs a few images (int8 calibration, a bench) decodes just those with ``take``."""
+
+    cfg: object  # the recipe's data: (DataConfig)
+    classes: list[str]
+    train: Split
+    val: Split
+
+    def part(self, split: str) -> Split:
+        return self.train if split == "train" else self.val
+
+    def size(self, split: str) -> int:
+        return len(self.part(split))
+
+    def take(self, split: str, positions: np.ndarray | None = None,
+             canonical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (uint8 ``[n,3,S,S]``, evaluation's view at the recipe's size; with ``canonical``, the
+        decode training crops from) and labels of a split, or of the given positions in it (in that order).
+        An ordered source gives its first images instead (``positions`` must then be ``range(n)``-like)."""
+        part = self.part(split)
+        size, view = self.cfg.image_size, self.cfg.view
+        if part.source.ordered:
+            n = len(part) if positions is None else len(positions)
+            x, y = read_in_order(part.source, n, size, view)
+        else:
+            idx = part.positions if positions is None else part.positions[np.asarray(positions, dtype=np.int64)]
+            x, y = part.source.decode(idx, size, view), torch.from_numpy(np.asarray(part.source.labels)[idx])
+        if not canonical:
+            x = center_crop(x, size)
+        return x.contiguous(), y
+
+    def sample(self, split: str, n: int, seed: int) -> np.ndarray:
+        """Positions of ``n`` images of a split: a seeded draw (random access), the first ``n`` (in order)."""
+        total = self.size(split)
+        n = min(n, total)
+        if self.part(split).source.ordered:
+            return np.arange(n)
+        return np.random.default_rng(seed).choice(total, n, replace=False)
+
+
+def index_splits(cfg) -> SplitIndex:
+    """The data set the recipe names, a seeded stratified validation split carved from it (unless it
+    has its own), and optionally a seeded stratified subset of the rest for training (limited data)."""
+    train_src, val_src = get_dataset(cfg.dataset)(cfg)
+    limited = cfg.per_class is not None or cfg.train_fraction is not None
+    if train_src.ordered:
+        if val_src is None:
+            raise UserError(f"data.dataset {cfg.dataset}: its images are read in order, so no validation split can be "
+                            "carved from them; give the data set a validation source of its own")
+        if limited:
+            raise UserError(f"data.per_class / data.train_fraction: {cfg.dataset}'s images are read in order, so a "
+                            "stratified subset cannot be drawn from them; subset the data itself")
+        return SplitIndex(cfg, list(train_src.classes), Split(train_src, None), _whole(val_src))
+    if val_src is None:
+        vk = dict(per_class=cfg.val_per_class) if cfg.val_per_class else dict(fraction=cfg.val_fraction)
+        val_idx, train_idx = stratified_split(train_src.labels, seed=cfg.split_seed, **vk)
+        val = Split(train_src, val_idx)
+    else:
+        val, train_idx = _whole(val_src), np.arange(len(train_src))
+    if limited:
+        # a second, independent stream: the limited subset never depends on the validation draw
+        train_idx, _ = stratified_split(
+            train_src.labels, per_class=cfg.per_class, fraction=cfg.train_fraction, seed=cfg.split_seed + 1,
+            candidates=train_idx,
+        )
+    return SplitIndex(cfg, list(train_src.classes), Split(train_src, train_idx), val)
+
+
+def _whole(source: ImageSource) -> Split:
+    return Split(source, np.arange(len(source)) if isinstance(source, IndexedSource) else None)

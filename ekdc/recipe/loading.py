@@ -1,0 +1,147 @@
+"""Reading a recipe: YAML with ``yaml.safe_load``, ``--set key.path=value`` overrides, paths made
+absolute, and the schema's verdict as one line naming the key."""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import UserError
+from .messages import first_error, known_keys, schema_at
+from .schema import PLANNED_KEYS, Recipe, StudentConfig
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise UserError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to the raw recipe mapping."""
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {item}: '{where}' is not an index of a list of {len(node)}")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                if node.get(part) is None:
+                    _check_known_path(parts[: i + 1], item)
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise UserError(f"--set {item}: '{where}' is not a mapping")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise UserError(f"--set {item}: '{'.'.join(parts)}' is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            _check_known_path(parts, item)
+            node[last] = value
+    return raw
+
+
+def _check_known_path(parts: list[str], item: str) -> None:
+    owner = schema_at(Recipe, tuple(int(p) if p.isdigit() else p for p in parts[:-1]))
+    if owner is None:
+        return
+    known = known_keys(owner)
+    if parts[-1] not in known:
+        close = difflib.get_close_matches(parts[-1], known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+        raise UserError(f"--set {item}: unknown key '{'.'.join(parts)}'{hint}")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"recipe not found: {path}")
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder, not a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> None:
+    """Relative data roots and checkpoints are read relative to the working directory, which is how
+    people usually type them, else relative to the recipe file's folder. A path found either way is made
+    absolute, so the run folder's recipe.yaml works from any directory (``ekdc export``, ``--resume``)."""
+
+    def fix(p: str | None) -> str | None:
+        if p is None or os.path.isabs(p):
+            return p
+        for cand in (Path(p), base / p):
+            if cand.exists():
+                return str(cand.resolve())
+        # not there (yet: a torchvision root with download; or gone): absolute all the same, so that the
+        # run's recipe.yaml says where it was looked for, and is read alike from any folder
+        return str(Path(p).resolve())
+
+    recipe.data.root = fix(recipe.data.root)
+    recipe.data.val_root = fix(recipe.data.val_root)
+    for t in recipe.teachers:
+        t.weights = fix(t.weights)
+        t.onnx = fix(t.onnx)
+    recipe.distill.teacher_cache.path = fix(recipe.distill.teacher_cache.path)
+
+
+def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(first_error(err, where)) from None
+
+
+def student_from_dict(raw: Any, where: str) -> StudentConfig:
+    """One ``student:`` mapping on its own (a candidate of ``ekdc plan --candidates``)."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping of student keys (trunk_width, branch_widths, ...), "
+                        f"got {type(raw).__name__}")
+    try:
+        return StudentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(first_error(err, where, StudentConfig)) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (``--set key.path=value``) and validate a recipe."""
+    path = Path(path)
+    raw = apply_overrides(_read_yaml(path), overrides)
+    recipe = recipe_from_dict(raw, where=str(path))
+    _resolve_paths(recipe, path.resolve().parent)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    raw = recipe.model_dump(mode="json")
+    if recipe.student.latency_ms is not None:  # the planner's keys hold defaults: written out, they would clash
+        raw["student"] = {k: v for k, v in raw["student"].items() if k not in PLANNED_KEYS}
+    return yaml.safe_dump(raw, sort_keys=False)

@@ -1,0 +1,85 @@
+"""``ekdc compare``: rows over seeds sharing one set of teachers, equal-cost one-branch students, a report
+from the finished cells, and a grid that resumes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ekdc import UserError, load_recipe
+from ekdc.compare import compare, parse_row, parse_rows
+from ekdc.compare.students import equal_macs_student, student_macs
+
+from conftest import run_cli, write_recipe
+
+TINY = dict(teachers=[{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+                      {"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}],
+            distill={"epochs": 1, "batch_size": 32, "lr": 0.05, "temperature": 4.0}, mode="avg_kd")
+
+
+def test_row_grammar():
+    r = parse_row("plain:avg_kd+dkd+conf+k4")
+    assert (r.student, r.base, r.dkd, r.confidence, r.views, r.slug) == ("plain", "avg_kd", True, True, 4,
+                                                                         "plain-avg_kd-dkd-conf-k4")
+    assert parse_row("recipe").student == "recipe" and parse_row("ekd+feat").feat
+    for bad, words in [("plain:ekd", "one-branch student cannot use it"), ("avg_kd+jsd", r"unknown part '\+jsd'"),
+                       ("wide:ce", "is not a row")]:
+        with pytest.raises(UserError, match=words):
+            parse_row(bad)
+    with pytest.raises(UserError, match="listed twice"):
+        parse_rows("ce,ce")
+
+
+def test_equal_macs_student_within_five_percent():
+    base = dict(num_branches=3, trunk_width=16, trunk_blocks=1, branch_widths=[16, 32, 64], branch_blocks=1,
+                stem="cifar", block="basic", expand_ratio=6)
+    cfg, macs, target = equal_macs_student(base, 10, 32)
+    assert cfg["num_branches"] == 1 and target == student_macs(base, 10, 32) == 41_338_752
+    assert abs(macs - target) <= 0.05 * target and cfg["branch_widths"][0] > 16
+
+
+def test_compare_grid_report_and_resume(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **TINY))
+    out = tmp_path / "grid"
+    report = compare(recipe, "recipe,ce,plain:avg_kd+dkd", [0, 1], out, progress=False)
+    rows = {e["row"]: e for e in report["rows"]}
+    assert list(rows) == ["recipe", "ce", "plain:avg_kd+dkd"]
+    assert rows["recipe"]["num_branches"] == 2 and rows["plain:avg_kd+dkd"]["num_branches"] == 1
+    assert rows["plain:avg_kd+dkd"]["kd_loss"] == "dkd" and rows["recipe"]["kd_loss"] == "kl" and rows["ce"]["kd_loss"] is None
+    m0 = rows["recipe"]["macs"]
+    assert abs(rows["plain:avg_kd+dkd"]["macs"] - m0) <= 0.05 * m0
+    for e in rows.values():
+        assert set(e["acc"]) == {"0", "1"} and e["missing_seeds"] == [] and e["latency_ms"] > 0
+        for seed, acc in e["acc"].items():  # the exported file's own accuracy
+            manifest = json.loads((out / e["row"].replace(":", "-").replace("+", "-") / f"s{seed}" / "export" /
+                                   "manifest.json").read_text())
+            assert acc == manifest["files"][0]["accuracy"]
+    gap = rows["ce"]["gap"]
+    assert gap["seeds"] == 2 and gap["mean"] == pytest.approx(
+        sum(rows["ce"]["acc"][s] - rows["recipe"]["acc"][s] for s in "01") / 2)
+    # one set of teachers, trained once, loaded as files by every cell
+    assert sorted(p.name for p in (out / "teachers" / "teachers").glob("*.pt")) == ["resnet8.pt", "resnet8_1.pt"]
+    cell = load_recipe(out / "ce" / "s1" / "recipe.yaml")
+    assert cell.teachers[0].weights.endswith("teachers/teachers/resnet8.pt") and cell.teachers[0].train is None
+    assert not any((out / "ce" / "s1" / "teachers").glob("*.pt"))
+    # resume: finished cells are not trained again; a lost export is made again
+    (out / "ce" / "s1" / "export" / "manifest.json").unlink()
+    stamp = (out / "ce" / "s1" / "student.pt").stat().st_mtime_ns
+    again = compare(recipe, "recipe,ce,plain:avg_kd+dkd", [0, 1], out, progress=False)
+    assert (out / "ce" / "s1" / "student.pt").stat().st_mtime_ns == stamp
+    assert again["rows"][1]["acc"] == report["rows"][1]["acc"]
+    # the report alone, from the finished cells; and a row not run shows as missing, not as zero
+    only = compare(recipe, "recipe,avg_kd+conf", [0, 1], out, report_only=True)
+    assert only["rows"][1]["acc"] == {} and only["rows"][1]["missing_seeds"] == [0, 1]
+
+
+def test_cli_compare_refuses_a_bad_row_before_training(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", **TINY)
+    res = run_cli("compare", recipe, "--rows", "recipe,plain:ekd", "--out", tmp_path / "g")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("ekdc: error: --rows: 'plain:ekd'")
+    assert not (tmp_path / "g").exists()
+    res = run_cli("compare", write_recipe(tmp_path / "e.yaml", **{**TINY, "mode": "ekd"}), "--rows", "plain:recipe",
+                  "--seeds", "0", "--out", tmp_path / "g2", "-q")
+    assert res.returncode == 2 and "a one-branch row needs avg_kd" in res.stderr
+    assert not (tmp_path / "g2" / "teachers").exists()  # refused before the teachers train
