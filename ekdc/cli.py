@@ -177,10 +177,10 @@ def plan(
 
         write_text(out, planned_yaml(r, result))
         console.print(f"wrote {out}: {r.name} with the student {result.chosen.short} ({result.chosen.p50_ms:.3f} ms); "
-                      f"train it with 'ekdc distill {out}', export it with --fold {result.chosen.layout}", soft_wrap=True)
+                      f"train it with 'ekdc distill {out}', export it with {_export_flags(result)}", soft_wrap=True)
     else:
         console.print(f"train it with: ekdc distill {recipe} " + " ".join(set_lines(r, result)) +
-                      f"; export it with --fold {result.chosen.layout}", soft_wrap=True)
+                      f"; export it with {_export_flags(result)}", soft_wrap=True)
     console.print(f"note: {result.holds_for}", soft_wrap=True)
 
 
@@ -218,6 +218,11 @@ def compare(
     if json_path is not None:
         write_json(json_path, report)
         console.print(f"wrote {json_path}")
+
+
+def _export_flags(plan) -> str:
+    """The export flags that give the file a plan timed: its fold and, for an int8 plan, --int8."""
+    return ("--int8 " if plan.precision == "int8" else "") + f"--fold {plan.chosen.layout}"
 
 
 def _check_plan_outputs(recipe: Path, **paths: Optional[Path]) -> None:
@@ -260,6 +265,47 @@ def _class_list(text: Optional[str]) -> Optional[list[str]]:
     if not names or len(set(names)) != len(names):
         raise UserError(f"--classes {text}: expected distinct class names")
     return names
+
+
+data_app = typer.Typer(help="Look at a data set before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    target: Path = typer.Argument(..., help="An image folder (root/<class>/<image>), or a recipe (its data)."),
+    decode: bool = typer.Option(False, "--decode", help="Decode every image, not only read its header."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="With a recipe: override a field, key.path=value."),
+):
+    """Class counts, splits, links that would relabel, empty classes, identical and unreadable files, modes
+    and sizes; exit 1 when training on the folder would be wrong."""
+    from rich.progress import Progress
+
+    from ._io import write_json
+    from .data.check import check_images
+    from .data.config import DataConfig
+    from .recipe import load_recipe
+    from .tables import data_check_lines, data_check_table
+
+    if target.is_dir():
+        cfg, split = DataConfig(dataset="imagefolder", root=str(target)), "ekdc's default (val_fraction 0.1, split_seed 0)"
+    elif target.is_file():
+        cfg, split = load_recipe(target, set_).data, f"the recipe's ({target})"
+        if cfg.dataset != "imagefolder":
+            raise UserError(f"{target}: data.dataset is {cfg.dataset}; ekdc data check reads image folders (imagefolder)")
+    else:
+        raise UserError(f"{target}: no such folder or recipe")
+    with Progress(console=console, transient=True) as progress:
+        report = check_images(cfg, decode=decode, progress=progress, split=split).to_dict()
+    _show(data_check_table(report))
+    for line in data_check_lines(report):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if json_path is not None:
+        write_json(json_path, report)
+        console.print(f"wrote {json_path}")
+    if report["wrong"]:
+        raise typer.Exit(1)
 
 
 @app.command("models")

@@ -21,9 +21,9 @@ import os
 import re
 from pathlib import Path
 
-from ._io import FileLock, WriteError, ensure_writable_dir
+from ._io import FileLock, WriteError, ensure_writable_dir, write_text
 from .errors import UserError
-from .recipe import load_recipe
+from .recipe import dump_recipe, load_recipe
 
 
 class RunDir:
@@ -177,9 +177,7 @@ def open_training_run(recipe, out: str | Path | None, resume: bool, runs_root: s
     lock = RunLock(run).acquire()
     try:
         if resume:
-            diff = first_difference(run.recipe().model_dump(mode="json"), recipe.model_dump(mode="json"))
-            if diff:
-                raise UserError(f"--resume: the recipe differs from {path}/recipe.yaml at '{diff}'; resume with the same recipe")
+            _check_resumed_recipe(run, recipe)
         elif run.holds_files():  # another process wrote here between the check above and the lock
             raise UserError(f"--out {path} already holds files; pass --resume to continue that run, or choose another folder")
     except BaseException:
@@ -188,21 +186,34 @@ def open_training_run(recipe, out: str | Path | None, resume: bool, runs_root: s
     return run, lock
 
 
-def first_difference(a, b, prefix: str = "") -> str | None:
-    """The dotted key path of the first place two plain-data trees differ, or None."""
+# what only the student stage reads: a run whose student has not started may resume with these changed
+# (a new student.latency_ms after a budget nothing met, say), its teachers kept
+STUDENT_STAGE_KEYS = ("student.", "distill.", "mode")
+
+
+def _check_resumed_recipe(run: RunDir, recipe) -> None:
+    saved, given = run.recipe().model_dump(mode="json"), recipe.model_dump(mode="json")
+    diffs = all_differences(saved, given)
+    if not diffs:
+        return
+    started = run.student_path.exists() or any(run.ckpt_dir.glob("student-*.pt"))
+    if started or not all(d.startswith(STUDENT_STAGE_KEYS) for d in diffs):
+        raise UserError(f"--resume: the recipe differs from {run.recipe_path} at '{diffs[0]}'; resume with the same "
+                        "recipe" + ("" if started else " (before the student stage starts, only student:, distill: "
+                                                       "and mode may change)"))
+    # the student has not started: it will be built from the new keys; a plan for the old ones no longer holds
+    write_text(run.recipe_path, dump_recipe(recipe))
+    run.plan_path.unlink(missing_ok=True)
+    (run.path / "plan.png").unlink(missing_ok=True)
+
+
+def all_differences(a, b, prefix: str = "") -> list[str]:
+    """The dotted key paths where two plain-data trees differ."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
+        return [d for k in list(a) + [k for k in b if k not in a] for d in all_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            d = first_difference(x, y, f"{prefix}{i}.")
-            if d:
-                return d
-        return None
-    return prefix.rstrip(".") if a != b else None
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in all_differences(x, y, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if a != b else []
 
 
 def open_finished_run(run_dir: str | Path | None, runs_root: str | Path = "runs") -> RunDir:

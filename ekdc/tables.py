@@ -68,3 +68,37 @@ def export_table(manifest: dict) -> Table:
         t.add_row(f["file"], f["kind"], f["precision"], f"{f['size_mb']:.2f} MB", f.get("parity_summary", ""),
                   "" if acc is None else f"{acc:.4f}")
     return t
+
+
+def data_check_table(r: dict) -> Table:
+    """``ekdc data check``'s table of classes (``ekdc.data.check.CheckReport.to_dict()``); what it found is
+    in ``data_check_lines``."""
+    t = Table(title=f"ekdc data check: {r['root']} ({r['images']:,} images, {len(r['classes'])} classes"
+                    f"{', decoded' if r['decoded'] else ', headers'}; {r['seconds']:.1f} s)")
+    for col, just in (("class", "left"), ("images", "right"), ("train", "right"), ("val", "right")):
+        t.add_column(col, justify=just)
+    for c in r["classes"]:
+        t.add_row(c["name"], f"{c['images']:,}", "-" if c["train"] is None else f"{c['train']:,}",
+                  "-" if c["val"] is None else f"{c['val']:,}")
+    return t
+
+
+def data_check_lines(r: dict) -> list[str]:
+    """What ``ekdc data check`` found, one line each, the verdict last."""
+    size = lambda s: "-" if s is None else f"{s[0]}x{s[1]}"  # noqa: E731
+    modes = ", ".join(f"{m} {n:,}" for m, n in sorted(r["modes"].items()))
+    lines = [f"split: {r['split'] or 'not computed (unreadable files: set data.skip_bad_files)'}",
+             f"modes: {modes or '-'}; sizes: smallest {size(r['smallest'])}, largest {size(r['largest'])}; "
+             f"imbalance (largest / smallest class): {r['imbalance']:.2f}" if r["imbalance"] else "imbalance: -"]
+    for p in r["problems"]:
+        lines.append(f"{'WRONG' if p['wrong'] else 'note'}: {p['kind']}: {p['path']}: {p['detail']}")
+    for d in r["identical"]:
+        where = f"in classes {', '.join(d['classes'])}" if d["wrong"] else f"in class {d['classes'][0]}"
+        lines.append(f"{'WRONG' if d['wrong'] else 'note'}: identical files {where}: {', '.join(d['paths'][:3])}"
+                     + (f" (+{len(d['paths']) - 3})" if len(d["paths"]) > 3 else ""))
+    for u in r["unreadable"][:20]:
+        lines.append(f"unreadable: {u['error']}")
+    if len(r["unreadable"]) > 20:
+        lines.append(f"unreadable: {len(r['unreadable']) - 20} more (--json lists them all)")
+    lines.append("verdict: " + ("training on it would be wrong (WRONG lines above)" if r["wrong"] else "no problem found"))
+    return lines

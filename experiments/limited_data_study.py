@@ -4,7 +4,7 @@
     python experiments/limited_data_study.py                 # run (or continue) the whole grid, then report
     python experiments/limited_data_study.py --report-only   # rebuild docs/RESULTS.md from finished runs
     python experiments/limited_data_study.py --sizes 5000 --modes avg_kd,avg_kd_k4,avg_kd_k10,avg_kd_k30,ekd,ekd_k4,ekd_k10,ekd_k30 \
-        --page TEACHER-CACHE.md --jobs 8                       # the teacher-output cache against live teachers
+        --page TEACHER-CACHE.md                                # the teacher-output cache against live teachers
 
 The grid: training subsets of 5,000 and 10,000 images (seeded, stratified, disjoint from a fixed
 5,000-image validation split) x modes ``ce`` (student alone), ``avg_kd`` (every branch from the
@@ -13,123 +13,54 @@ seeds 0, 1, 2. The ``<mode>_k<K>`` modes read the teachers' outputs from a cache
 image (``distill.teacher_cache``), built once a subset size and K and shared by every seed and mode
 (the views' own seed stays 0). Every cell uses the same recipe (recipes/cifar10-limited.yaml): same student, epochs,
 schedule, temperature; no mode gets more tuning than another. The teachers of each subset size are
-trained once (by the first cell) and loaded by every other cell of that size.
+trained once a size and loaded by every cell of that size.
 
-Resumable: a cell with a metrics.json is never redone; a cell that was interrupted is continued with
-``--resume``; the grid can span several sessions. Each finished student is exported (folded, fp32
-ONNX) to show export loses nothing.
+Each size is one ``ekdc compare`` grid (the one way to run a grid): this script maps its modes to rows
+(``ekd_feat`` is ``ekd+feat``, ``avg_kd_k10`` is ``avg_kd+k10``) and writes the page. Resumable: a
+finished cell is never redone, an interrupted one is continued; the grid can span several sessions.
+Each finished student is exported (folded, fp32 ONNX) to show export loses nothing.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ekdc import load_recipe  # noqa: E402
+from ekdc.compare import compare, parse_row  # noqa: E402
+
+# each mode of the page and the ``ekdc compare`` row that trains it
 MODES = {
-    "ce": ["mode=ce"],
-    "avg_kd": ["mode=avg_kd"],
-    "ekd": ["mode=ekd"],
-    "ekd_feat": ["mode=ekd", "distill.weights.feat=1.0"],
-    **{f"{m}_k{k}": [f"mode={m}", f"distill.teacher_cache.views={k}"] for m in ("avg_kd", "ekd") for k in (4, 10, 30)},
+    "ce": "ce", "avg_kd": "avg_kd", "ekd": "ekd", "ekd_feat": "ekd+feat",
+    **{f"{m}_k{k}": f"{m}+k{k}" for m in ("avg_kd", "ekd") for k in (4, 10, 30)},
 }
 
 
-def _ekdc(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ekdc", *args]
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    with open(log, "a") as fh:
-        res = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-    if res.returncode != 0:
-        sys.exit(f"limited_data_study: command failed (exit {res.returncode}); see {log}")
-
-
-def _teacher_names(recipe: Path, sets: list[str]) -> list[str]:
-    """The names the teachers' checkpoints are saved under, as `ekdc distill` resolves them (repeated
-    architectures numbered, ``--set`` applied)."""
-    from ekdc import load_recipe
-
-    return [t.name for t in load_recipe(recipe, sets).teachers]
+def _cell_dir(root: Path, size: int, mode: str, seed: int) -> Path:
+    return root / f"n{size}" / parse_row(MODES[mode]).slug / f"s{seed}"
 
 
 def run_grid(args) -> None:
-    recipe = Path(args.recipe)
-    teacher_names = _teacher_names(recipe, args.set)
-    root = Path(args.runs_root)
-    root.mkdir(parents=True, exist_ok=True)
-    teacher_dirs = {}
+    """Each size is one ``ekdc compare`` grid (teachers trained once a size, one teacher-output cache a
+    size, seed-major, resumable); the page is rebuilt after every size."""
+    teachers = dict(args.teachers)
     for size in args.sizes:
-        given = dict(args.teachers).get(size)
-        first_cell = root / f"n{size}" / f"{args.modes[0]}-s{args.seeds[0]}"
-        teacher_dirs[size] = (Path(given) if given else first_cell / "teachers", first_cell, bool(given))
-    # seed-major order, across sizes too: every (size, mode) row gets its first seed before any row
-    # gets its second, so a grid cut short by the end of a session still fills every row
-    cells = []
-    for seed in args.seeds:
-        for size in args.sizes:
-            teachers_dir, first_cell, given = teacher_dirs[size]
-            for mode in args.modes:
-                cell = root / f"n{size}" / f"{mode}-s{seed}"
-                # one cache folder a size: cells with the same K share (and wait for) one cache
-                sets = [f"data.per_class={size // 10}", f"seed={seed}", *MODES[mode],
-                        f"distill.teacher_cache.path={root / f'n{size}' / 'teacher_cache'}", *args.set]
-                if given or cell != first_cell:
-                    sets += [f"teachers.{i}.checkpoint={(teachers_dir / f'{n}.pt').resolve()}"
-                             for i, n in enumerate(teacher_names)]
-                cells.append((cell, sets, teachers_dir if given or cell != first_cell else None))
-    _run_cells(cells, recipe, teacher_names, root, args, jobs=args.jobs)
-
-
-def _run_cells(cells, recipe: Path, teacher_names: list[str], root: Path, args, jobs: int) -> None:
-    """Distil and export each cell not finished yet, ``jobs`` at a time (one accelerator holds several
-    of these small runs at once: a cell that loads teachers waits until the cell training them has saved
-    them); the report is rebuilt after every cell."""
-    import threading
-
-    report_lock = threading.Lock()
-    trainers_done = threading.Event()
-
-    def one(cell: Path, sets: list[str], teachers_dir) -> None:
-        if teachers_dir is not None:
-            missing = lambda: [n for n in teacher_names if not (teachers_dir / f"{n}.pt").exists()]  # noqa: E731
-            while jobs > 1 and missing() and not trainers_done.is_set():
-                time.sleep(2)
-            if missing():
-                sys.exit(f"limited_data_study: no trained {missing()} in {teachers_dir} (the size's first cell trains them)")
-        if not (cell / "metrics.json").exists():
-            resume = ["--resume"] if (cell / "recipe.yaml").exists() else []
-            cmd = _ekdc("distill", str(recipe), "--out", str(cell), "-q", *resume,
-                        *[a for s in sets for a in ("--set", s)])
-            t0 = time.time()
-            _run(cmd, root / "study.log")
-            print(f"  {cell.parent.name}/{cell.name}: {time.time() - t0:.0f}s", flush=True)
-        if not (cell / "export" / "manifest.json").exists():
-            _run(_ekdc("export", str(cell), "--out", str(cell / "export"), "--fold", "grouped"), root / "study.log")
-        with report_lock:
-            report(args)  # after every cell, so the page is current whenever the grid stops
-
-    if jobs <= 1:
-        for c in cells:
-            one(*c)
-        return
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        # the cells that train teachers go first; the others start as soon as their teachers are saved
-        trainers = [pool.submit(one, *c) for c in cells if c[2] is None]
-        threading.Thread(target=lambda: (concurrent.futures.wait(trainers), trainers_done.set()), daemon=True).start()
-        others = [pool.submit(one, *c) for c in cells if c[2] is not None]
-        for f in trainers + others:
-            f.result()
+        sets = [f"data.per_class={size // 10}", *args.set]
+        recipe = load_recipe(args.recipe, sets)
+        given = teachers.get(size)
+        if given:  # teachers trained elsewhere: every cell loads them as they are
+            recipe = load_recipe(args.recipe, sets + [
+                s for i, t in enumerate(recipe.teachers)
+                for s in (f"teachers.{i}.weights={(Path(given) / f'{t.name}.pt').resolve()}", f"teachers.{i}.train=null")])
+        compare(recipe, [MODES[m] for m in args.modes], args.seeds, Path(args.runs_root) / f"n{size}", progress=False)
+        report(args)
 
 
 def _shown(path: str) -> str:
@@ -185,17 +116,9 @@ def _stage_seconds(log: Path, prefix: str) -> dict[str, float]:
     return out
 
 
-def _teacher_seconds(cell: Path) -> dict[str, float]:
-    """Training seconds per teacher, from the log of the run that trained them: this cell's, or the run
-    whose teachers/ folder the cell's recipe loads checkpoints from."""
-    import yaml
-
-    own = _stage_seconds(cell / "log.jsonl", "teacher-")
-    if own:
-        return own
-    recipe = yaml.safe_load((cell / "recipe.yaml").read_text()) if (cell / "recipe.yaml").exists() else {}
-    ckpts = [t.get("checkpoint") for t in recipe.get("teachers", []) if t.get("checkpoint")]
-    return _stage_seconds(Path(ckpts[0]).parent.parent / "log.jsonl", "teacher-") if ckpts else {}
+def _teacher_seconds(size_root: Path) -> dict[str, float]:
+    """Training seconds per teacher, from the log of the size's teachers run (``compare``'s teachers/)."""
+    return _stage_seconds(size_root / "teachers" / "log.jsonl", "teacher-")
 
 
 def collect(root: Path, sizes, modes, seeds) -> dict:
@@ -204,7 +127,7 @@ def collect(root: Path, sizes, modes, seeds) -> dict:
         for mode in modes:
             cells = []
             for seed in seeds:
-                cell = root / f"n{size}" / f"{mode}-s{seed}"
+                cell = _cell_dir(root, size, mode, seed)
                 if not (cell / "metrics.json").exists():
                     continue
                 m = json.loads((cell / "metrics.json").read_text())
@@ -220,7 +143,7 @@ def collect(root: Path, sizes, modes, seeds) -> dict:
                               "device": m.get("device"), "teacher_cache": m.get("teacher_cache")})
                 if size not in teachers:
                     teachers[size] = {"teachers": m["teachers"], "ensemble": m["teacher_ensemble_acc"],
-                                      "seconds": _teacher_seconds(cell)}
+                                      "seconds": _teacher_seconds(root / f"n{size}")}
             rows.append({"size": size, "mode": mode, "cells": cells})
     return {"rows": rows, "teachers": teachers}
 
@@ -424,8 +347,6 @@ def main(argv: list[str] | None = None) -> None:
                          "trained by the same recipe) instead of training them in the first cell")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where RESULTS.md, results.json and results.png go")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--jobs", type=int, default=1, help="cells trained side by side once the teachers exist "
-                                                         "(an accelerator holds several of these small runs)")
     ap.add_argument("--page", default="RESULTS.md", help="the page written in --docs (its results.json and .png "
                                                          "take the page's name: TEACHER-CACHE.md -> teacher-cache.json)")
     args = ap.parse_args(argv)

@@ -13,10 +13,55 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
+
+# as ekdc decodes (ekdc/data/decode.py's to_rgb and open_image, repeated here: this file imports no ekdc)
+MAX_PIXELS = 89_478_485
+_CONVERTIBLE = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _gray(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB with the image's range kept: 16-bit by 255/65535, 32-bit integers and floats by their range."""
+    if im.mode in _CONVERTIBLE:
+        return im.convert("RGB")
+    if im.mode in _SIXTEEN_BIT:
+        return _gray(np.asarray(im).astype(np.float64) * (255.0 / 65535.0))
+    if im.mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode == "F":
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if im.mode == "F" and lo >= 0 and hi <= 1:
+            return _gray(a * 255.0)
+        if lo >= 0 and hi <= 255:
+            return _gray(a)
+        if im.mode == "I":
+            return _gray(a * (255.0 / 65535.0) if lo >= 0 and hi <= 65535 else (a + 2.0**31) * (255.0 / (2.0**32 - 1)))
+        return _gray((a - lo) * (255.0 / (hi - lo)) if hi > lo else a * 0)
+    raise ValueError(f"{im.mode}: an image mode infer.py does not decode")
+
+
+def open_image(path: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"cannot read image {path}: more than the {MAX_PIXELS:,} pixels it decodes "
+                         "(a decompression bomb?)") from None
+    if im.size[0] * im.size[1] > MAX_PIXELS:
+        im.close()
+        raise ValueError(f"cannot read image {path}: {im.size[0]}x{im.size[1]} is more than {MAX_PIXELS:,} pixels")
+    return im
 
 
 def _center(im: Image.Image, side: int) -> Image.Image:
@@ -27,8 +72,8 @@ def _center(im: Image.Image, side: int) -> Image.Image:
 def load_images(paths: list[str], size: int, pre: dict) -> np.ndarray:
     batch = np.empty((len(paths), 3, size, size), dtype=np.float32)
     for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
+        with open_image(p) as im:
+            im = to_rgb(im)
             if "resize_shorter" in pre:  # as ekdc decodes photos: shorter side to C, centre C x C, centre crop
                 c = int(pre["resize_shorter"])
                 k = c / min(im.size)

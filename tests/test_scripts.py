@@ -1,8 +1,6 @@
 """The benchmark scripts' own logic (the heavy runs they drive are covered by the CLI tests)."""
 import importlib.util
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -17,15 +15,18 @@ def _load(name):
 
 
 def _cell(root, size, mode, seed, acc, branches, exported, teachers=None):
-    cell = root / f"n{size}" / f"{mode}-s{seed}"
+    """A finished cell where ``ekdc compare`` puts it (n<size>/<row>/s<seed>), and its size's teachers run."""
+    cell = root / f"n{size}" / mode.replace("_feat", "-feat") / f"s{seed}"
     (cell / "export").mkdir(parents=True)
     teachers = teachers or [{"name": "t1", "arch": "resnet8", "acc": 0.6, "params": 1000, "macs": 5000}]
     (cell / "metrics.json").write_text(json.dumps({
         "student": {"ensemble_acc": acc, "branch_acc": branches, "params": 10, "macs": 100},
         "teachers": teachers, "teacher_ensemble_acc": 0.61, "mode": mode, "seconds": 99}))
-    # teacher i trained for 50 + 10 i seconds, the student for 7 + 8
+    # teacher i trained for 50 + 10 i seconds (once a size), the student for 7 + 8
+    (root / f"n{size}" / "teachers").mkdir(exist_ok=True)
+    (root / f"n{size}" / "teachers" / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"stage": f"teacher-{t['name']}", "epoch": 1, "seconds": 50 + 10 * i} for i, t in enumerate(teachers)]) + "\n")
     (cell / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        *({"stage": f"teacher-{t['name']}", "epoch": 1, "seconds": 50 + 10 * i} for i, t in enumerate(teachers)),
         {"stage": f"student-{mode}", "epoch": 1, "seconds": 7},
         {"stage": f"student-{mode}", "epoch": 2, "seconds": 8}]) + "\n")
     (cell / "export" / "manifest.json").write_text(json.dumps({"files": [{"file": "student.onnx", "accuracy": exported}]}))
@@ -40,7 +41,7 @@ def test_limited_data_study_report(tmp_path):
     _cell(root, 5000, "ce", 1, 0.52, [0.41, 0.47], 0.52, teachers)
     _cell(root, 5000, "ekd", 0, 0.60, [0.55, 0.58], 0.60, teachers)
     _cell(root, 5000, "ekd", 1, 0.56, [0.62, 0.66], 0.56, teachers)
-    (root / "n5000" / "ekd-s1" / "export" / "manifest.json").unlink()  # not exported yet
+    (root / "n5000" / "ekd" / "s1" / "export" / "manifest.json").unlink()  # not exported yet
     args = ["--runs-root", str(root), "--sizes", "5000", "--modes", "ce,ekd", "--seeds", "0,1"]
 
     summary = study.summarise(study.collect(root, [5000], ["ce", "ekd"], [0, 1]), [5000])
@@ -96,52 +97,19 @@ def test_limited_data_study_paired_gaps_match_seeds():
     assert study._mean_std([-0.0046], signed=True) == "−0.46"
 
 
-def test_limited_data_study_grid_order_and_resume(tmp_path, monkeypatch):
-    """Seed-major across sizes; the first cell of a size trains its teachers and the others load them;
-    a finished cell is never redone; an interrupted one is continued with --resume."""
+def test_limited_data_study_runs_each_size_as_one_compare_grid(tmp_path, monkeypatch):
+    """The study is a thin caller of ``ekdc compare``: one grid a size, its modes as rows, the subset size
+    and the caller's overrides in the recipe; teachers given for a size are loaded as they are."""
     study = _load("limited_data_study")
-    root = tmp_path / "study"
-    # two teachers of one architecture: their checkpoints are resnet8.pt and resnet8_1.pt
     write_recipe(tmp_path / "r.yaml", teachers=[{"arch": "resnet8"}, {"arch": "resnet8"}])
-    monkeypatch.chdir(tmp_path)  # relative paths are the caller's, though the cells run from the repository
     calls = []
-
-    def fake_run(cmd, log):  # stands in for `ekdc distill` / `ekdc export`: writes what they would
-        out = Path(cmd[cmd.index("--out") + 1])
-        if cmd[3] == "distill":
-            calls.append((out.parent.name, out.name, cmd))
-            mode, seed = out.name.rsplit("-s", 1)
-            shutil.rmtree(out, ignore_errors=True)
-            _cell(out.parent.parent, int(out.parent.name[1:]), mode, int(seed), 0.5, [0.4], 0.5)
-            (out / "export" / "manifest.json").unlink()
-            (out / "teachers").mkdir()
-            for t in ("resnet8", "resnet8_1"):
-                (out / "teachers" / f"{t}.pt").write_bytes(b"x")
-        else:
-            (out / "manifest.json").write_text(json.dumps({"files": [{"file": "student.onnx", "accuracy": 0.5}]}))
-
-    monkeypatch.setattr(study, "_run", fake_run)
-    # an interrupted cell: it has its recipe but no metrics yet
-    (root / "n20" / "ekd-s1").mkdir(parents=True)
-    (root / "n20" / "ekd-s1" / "recipe.yaml").write_text("{}")
-    args = ["--recipe", "r.yaml", "--runs-root", "study", "--sizes", "10,20", "--modes", "ce,ekd",
-            "--seeds", "0,1", "--docs", "docs"]
-    study.main(args)
-    assert [(s, c) for s, c, _ in calls] == [
-        ("n10", "ce-s0"), ("n10", "ekd-s0"), ("n20", "ce-s0"), ("n20", "ekd-s0"),
-        ("n10", "ce-s1"), ("n10", "ekd-s1"), ("n20", "ce-s1"), ("n20", "ekd-s1")]
-    by_cell = {(s, c): cmd for s, c, cmd in calls}
-    first = by_cell[("n20", "ce-s0")]
-    assert not any("checkpoint=" in a for a in first)  # trains its own teachers
-    later = by_cell[("n20", "ekd-s1")]
-    assert f"teachers.1.checkpoint={(root / 'n20' / 'ce-s0' / 'teachers' / 'resnet8_1.pt').resolve()}" in later
-    assert by_cell[("n10", "ce-s0")][4] == str(tmp_path / "r.yaml")
-    assert "data.per_class=2" in later and "seed=1" in later and "mode=ekd" in later
-    assert "--resume" in later and "--resume" not in by_cell[("n10", "ekd-s1")]
-    rows = study.summarise(study.collect(root, [10, 20], ["ce", "ekd"], [0, 1]), [10, 20])["rows"]
-    assert [(r["size"], r["mode"], r["n"]) for r in rows] == [(10, "ce", 2), (10, "ekd", 2), (20, "ce", 2), (20, "ekd", 2)]
-    assert all(r["ensemble"]["mean"] == 50.0 and r["ensemble"]["std"] == 0.0 for r in rows)  # every fake cell: 0.5
-    assert (tmp_path / "docs" / "RESULTS.md").is_file()
-    calls.clear()
-    study.main(args)  # everything finished: nothing is run again
-    assert calls == []
+    monkeypatch.setattr(study, "compare", lambda recipe, rows, seeds, out, **kw: calls.append((recipe, rows, seeds, out)))
+    monkeypatch.setattr(study, "report", lambda args: None)
+    study.main(["--recipe", str(tmp_path / "r.yaml"), "--runs-root", str(tmp_path / "study"), "--sizes", "10,20",
+                "--modes", "ce,ekd_feat,avg_kd_k4", "--seeds", "0,1", "--teachers", f"20={tmp_path / 't'}"])
+    assert [(c[1], c[2], c[3].name) for c in calls] == [(["ce", "ekd+feat", "avg_kd+k4"], [0, 1], "n10")] * 1 + \
+        [(["ce", "ekd+feat", "avg_kd+k4"], [0, 1], "n20")]
+    assert calls[0][0].data.per_class == 1 and calls[1][0].data.per_class == 2
+    assert calls[0][0].teachers[1].train is not None  # trained by the grid itself
+    t = calls[1][0].teachers[1]
+    assert t.weights == str((tmp_path / "t" / "resnet8_1.pt").resolve()) and t.train is None

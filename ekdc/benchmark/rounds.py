@@ -68,7 +68,7 @@ def unique_names(paths: list[Path]) -> list[str]:
 def plan_line(entries: list[Entry], s: Settings) -> str:
     budget = f"{s.runs} runs" if s.runs is not None else f"{s.duration:g} s (at least {s.min_runs} runs)"
     rounds = f"{s.repeats} round" + ("s" if s.repeats != 1 else "")
-    return (f"benching {len(entries)} models at batch {','.join(map(str, s.batches))}: {rounds}, each "
+    return (f"benching {len(entries)} model{'s' if len(entries) != 1 else ''} at batch {','.join(map(str, s.batches))}: {rounds}, each "
             f"model in a fresh process, {s.warmup} warm-up + {budget} per batch size; {s.provider}, "
             f"{s.threads} threads")
 

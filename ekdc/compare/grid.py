@@ -109,7 +109,7 @@ def _run_cell(recipe: Recipe, cell: Path, console, progress: bool) -> None:
         export(cell, cell / "export", teachers=False)
 
 
-def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict[str, float]:
+def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict:
     """Each row's exported student (its first seed's: latency does not depend on the weights), timed at
     batch 1 in one bench run, rows interleaved. Kept in latency.json for the files it timed."""
     files = {r.slug: out / r.slug / f"s{seeds[0]}" / "export" / "student.onnx" for r in rows}
@@ -123,7 +123,7 @@ def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict[st
         p50 = {k: m["latency_ms"][str(LATENCY_BATCH)]["p50"] for k, m in zip(files, report["models"])}
         known = {"files": stamp, "p50_ms": p50, "machine": report["machine"], "threads": report["settings"]["threads"]}
         _io.write_json(path, known)
-    return known.get("p50_ms", {})
+    return known
 
 
 def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Sequence[int] = (0, 1, 2),
@@ -149,7 +149,7 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
             say(f"compare [{k + 1}/{len(cells)}] {row.name}, seed {seed} -> {cell}")
             _run_cell(r, cell, console, progress)
     latency = _latencies(parsed, seeds, out, say) if not report_only else \
-        (json.loads((out / "latency.json").read_text()).get("p50_ms", {}) if (out / "latency.json").is_file() else {})
+        (json.loads((out / "latency.json").read_text()) if (out / "latency.json").is_file() else {})
     report = build_report(recipe, parsed, seeds, out, students, latency)
     _io.write_json(out / "compare.json", report)
     return report

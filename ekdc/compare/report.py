@@ -45,7 +45,7 @@ def _stats(xs: list[float]) -> tuple[Optional[float], Optional[float]]:
     return (statistics.mean(xs) if xs else None), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
-def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latency: dict) -> dict:
+def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latency: dict[str, float]) -> dict:
     cells = {s: _cell(out / row.slug / f"s{s}") for s in seeds}
     done = {s: c for s, c in cells.items() if c is not None}
     recipe_path = out / row.slug / f"s{seeds[0]}" / "recipe.yaml"
@@ -80,11 +80,13 @@ def _gap(row: dict, ref: dict) -> dict:
 
 def build_report(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Path, students: dict,
                  latency: dict) -> dict:
-    entries = [_row_entry(r, seeds, out, students, latency) for r in rows]
+    """``latency``: latency.json's content (each row's p50 and the machine it was timed on)."""
+    entries = [_row_entry(r, seeds, out, students, latency.get("p50_ms", {})) for r in rows]
     for e in entries:
         e["gap"] = _gap(e, entries[0]) if e is not entries[0] else None
     return {"recipe": recipe.name, "out": str(out), "seeds": list(seeds), "reference": entries[0]["row"],
             "rows": entries, "recipe_p50_ms": students.get("recipe_p50_ms"),
+            "machine": (latency.get("machine") or {}).get("cpu"), "latency_threads": latency.get("threads"),
             "units": {"acc": "fraction of the validation split, the exported fp32 ONNX student's own",
                       "latency_ms": "p50 at batch 1, ONNX Runtime CPU, bench's worker, all usable cores",
                       "gap": "row - reference, paired by seed: mean, std, and in how many seeds the row is ahead"}}

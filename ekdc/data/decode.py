@@ -1,11 +1,14 @@
 """From an image file to the uint8 tensor training and evaluation take: the one decode of ekdc."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import IO, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..errors import UserError
 
@@ -19,16 +22,92 @@ def canonical_size(size: int, view: str) -> int:
     return size if view == "pad_crop" else int(round(size / CENTER_CROP))
 
 
-def decode_image(src: Union[str, IO[bytes]], size: int, view: str = "pad_crop", name: str = "") -> torch.Tensor:
-    """One image (a path or an open binary file) as uint8 ``[3,c,c]``, c = ``canonical_size``: any mode
-    made RGB; ``pad_crop`` resizes to the square, ``resized_crop`` resizes the shorter side to c and keeps
-    the centre square. An unreadable image is a UserError naming it."""
-    from PIL import Image
+# Pillow's own limit on an image's pixels; past it an image is refused as a likely decompression bomb
+# (Pillow warns past 1x and raises past 2x: here both are one "cannot read" error)
+MAX_PIXELS = 89_478_485
+# modes made RGB by Pillow's own convert (palette expanded, alpha dropped, CMYK and YCbCr converted)
+_CONVERTIBLE = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+MODES = (*_CONVERTIBLE, *_SIXTEEN_BIT, "I", "F")
 
-    c = canonical_size(size, view)
+
+def _gray_to_rgb(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode Pillow opens as 8-bit RGB with its range kept: 16-bit images scaled by 255/65535, 32-bit
+    integer images by the range their values use (8-bit, 16-bit, else the int32 range), float images by
+    theirs ([0,1], [0,255], else their own min to max); palette and alpha as Pillow converts them. Any
+    other mode is a ValueError naming it. ``export/infer.py`` repeats this function (it imports no ekdc)."""
+    mode = im.mode
+    if mode in _CONVERTIBLE:
+        return im.convert("RGB")
+    if mode in _SIXTEEN_BIT:
+        return _gray_to_rgb(np.asarray(im).astype(np.float64) * (255.0 / 65535.0))
+    if mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo >= 0 and hi <= 255:
+            return _gray_to_rgb(a)
+        if lo >= 0 and hi <= 65535:
+            return _gray_to_rgb(a * (255.0 / 65535.0))
+        return _gray_to_rgb((a + 2.0**31) * (255.0 / (2.0**32 - 1)))
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo >= 0 and hi <= 1:
+            return _gray_to_rgb(a * 255.0)
+        if lo >= 0 and hi <= 255:
+            return _gray_to_rgb(a)
+        return _gray_to_rgb((a - lo) * (255.0 / (hi - lo)) if hi > lo else a * 0)
+    raise ValueError(f"image mode '{mode}' is not one ekdc decodes ({', '.join(MODES)})")
+
+
+@contextlib.contextmanager
+def open_image(src: Union[str, IO[bytes]], name: str = ""):
+    """``Image.open`` with ekdc's limits: more than ``MAX_PIXELS`` pixels (a decompression bomb, or just too
+    large) and a file Pillow cannot read are one UserError naming the file ("cannot read image ...")."""
+    label = name or src
     try:
-        with Image.open(src) as im:
-            im = im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(src)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"cannot read image {label}: more than the {MAX_PIXELS:,} pixels ekdc decodes "
+                        "(a decompression bomb?)") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"cannot read image {label}: {err}") from None
+    with im:
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise UserError(f"cannot read image {label}: {w}x{h} is {w * h:,} pixels, more than the {MAX_PIXELS:,} "
+                            "ekdc decodes (a decompression bomb?)")
+        yield im
+
+
+def check_image(src: Union[str, IO[bytes]], name: str = "") -> tuple[str, tuple[int, int]]:
+    """Read only the header (and Pillow's ``verify``): (mode, size), or the UserError ``decode_image`` would
+    raise for this file's size or mode."""
+    with open_image(src, name) as im:
+        if im.mode not in MODES:
+            raise UserError(f"cannot read image {name or src}: image mode '{im.mode}' is not one ekdc decodes")
+        mode, size = im.mode, im.size
+        try:
+            im.verify()
+        except (OSError, ValueError, SyntaxError) as err:
+            raise UserError(f"cannot read image {name or src}: {err}") from None
+    return mode, size
+
+
+def decode_image(src: Union[str, IO[bytes]], size: int, view: str = "pad_crop", name: str = "") -> torch.Tensor:
+    """One image (a path or an open binary file) as uint8 ``[3,c,c]``, c = ``canonical_size``: made RGB by
+    ``to_rgb``; ``pad_crop`` resizes to the square, ``resized_crop`` resizes the shorter side to c and keeps
+    the centre square. An unreadable image is a UserError naming it."""
+    c = canonical_size(size, view)
+    with open_image(src, name) as im:
+        try:
+            im = to_rgb(im)
             if view == "pad_crop":
                 im = im.resize((c, c), Image.BILINEAR) if im.size != (c, c) else im
             else:
@@ -38,8 +117,8 @@ def decode_image(src: Union[str, IO[bytes]], size: int, view: str = "pad_crop", 
                 left, top = (im.size[0] - c) // 2, (im.size[1] - c) // 2
                 im = im.crop((left, top, left + c, top + c))
             return torch.from_numpy(np.array(im)).permute(2, 0, 1)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read image {name or src}: {err}") from None
+        except (OSError, ValueError, SyntaxError) as err:
+            raise UserError(f"cannot read image {name or src}: {err}") from None
 
 
 def decode_files(files: list[str], size: int, view: str = "pad_crop") -> torch.Tensor:

@@ -1,53 +1,144 @@
-"""Image folders (``data.dataset: imagefolder``): ``root/<class>/<image>``, any depth below the class."""
+"""Image folders (``data.dataset: imagefolder``): ``root/<class>/<image>``, any depth below the class.
+
+The scan cannot relabel an image: each file is taken once, by its real path, under the class folder it
+is listed in. Symbolic links are followed where they lead outside the root (data linked in from
+elsewhere) or elsewhere inside their own class folder (taken once); a link that leads back into the root
+or to a folder above it (a loop) or into another class's folder (it would give that class's images this
+class's label) is not followed, and said. A folder that holds no image is no class: it is said and left
+out, so the student, the exports and ``infer.py`` never carry a class that was never trained.
+"""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from .decode import IMG_EXTENSIONS
+from .decode import IMG_EXTENSIONS, check_image
 from .registry import Sources, register_dataset
 from .sources import FileSource
 
+# what the scan left out, and whether it means the folder is wrong (``ekdc data check`` exits 1 on those)
+PROBLEMS = {"loop": True, "other_class_link": True, "in_two_classes": True, "empty_class": True,
+            "duplicate_path": False}
 
-def scan_folder(root: Path, what: str) -> tuple[list[str], list[str], np.ndarray]:
+
+@dataclasses.dataclass
+class Problem:
+    kind: str  # a key of PROBLEMS
+    path: str  # where the scan met it
+    detail: str
+
+    @property
+    def makes_training_wrong(self) -> bool:
+        return PROBLEMS[self.kind]
+
+
+@dataclasses.dataclass
+class FolderScan:
+    classes: list[str]
+    files: list[str]  # as listed under their class folder (the path training opens)
+    labels: np.ndarray
+    real: list[str]  # each file's real path
+    problems: list[Problem]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class _ClassWalk:
+    """One class folder's images, each real path once; links judged as the module docstring says."""
+
+    def __init__(self, root_real: str, class_dirs: dict[str, str], name: str):
+        self.root_real, self.class_dirs, self.name = root_real, class_dirs, name
+        self.found: dict[str, str] = {}  # real path -> the path it was listed under
+        self.problems: list[Problem] = []
+        self._dirs_seen: set[str] = set()
+
+    def _link_problem(self, target: str) -> str | None:
+        if _inside(self.root_real, target):  # the root itself, or a folder above it
+            return "loop"
+        if _inside(target, self.root_real):
+            owner = next((c for c, d in self.class_dirs.items() if _inside(target, d)), None)
+            if owner != self.name:
+                return "other_class_link"
+        return None
+
+    def walk(self, folder: str) -> None:
+        real = os.path.realpath(folder)
+        if real in self._dirs_seen:  # a link to a folder of this class already walked
+            return
+        self._dirs_seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            raise UserError(f"data.root: cannot list {folder} ({err.strerror or err})") from None
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            target = os.path.realpath(e.path)
+            if e.is_symlink():
+                kind = self._link_problem(target)
+                if kind is not None:
+                    where = "the root or a folder above it" if kind == "loop" else "another class's folder"
+                    self.problems.append(Problem(kind, e.path, f"a link to {target}, inside {where}: not followed"))
+                    continue
+            if e.is_dir():
+                self.walk(e.path)
+            elif e.name.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(target):
+                if target in self.found:
+                    self.problems.append(Problem("duplicate_path", e.path, f"the same file as {self.found[target]}: "
+                                                                           "taken once"))
+                else:
+                    self.found[target] = e.path
+
+
+def scan_folder(root: Path, what: str) -> FolderScan:
     """Class folders and their images, in sorted order of relative path: the same list (and so the same
     seeded split) on any copy of the folder, whatever order the filesystem lists it in."""
     if not root.is_dir():
         raise UserError(f"{what}: folder not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files, labels = [], []
-    for ci, c in enumerate(classes):
-        found, seen = [], set()
-        for dirpath, dirnames, names in os.walk(root / c, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a symbolic link back up the tree: walk it once
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            found += [os.path.join(dirpath, n) for n in names if n.lower().endswith(IMG_EXTENSIONS)]
-        found.sort(key=lambda f: os.path.relpath(f, root).split(os.sep))
-        files += found
-        labels += [ci] * len(found)
+    root_real = os.path.realpath(root)
+    names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = {c: os.path.realpath(root / c) for c in names}
+    classes, files, labels, real, problems = [], [], [], [], []
+    owner: dict[str, str] = {}  # real path -> the class that took it (a file linked in from outside by two)
+    for c in names:
+        if _inside(root_real, class_dirs[c]):  # a class folder that is a link to the root or above it
+            problems.append(Problem("loop", str(root / c), f"a link to {class_dirs[c]}: not followed"))
+            continue
+        walk = _ClassWalk(root_real, class_dirs, c)
+        walk.walk(str(root / c))
+        problems += walk.problems
+        for r in [r for r in walk.found if r in owner]:
+            problems.append(Problem("in_two_classes", walk.found.pop(r), f"the same file as one of class "
+                                                                         f"'{owner[r]}': left out of '{c}'"))
+        owner.update({r: c for r in walk.found})
+        if not walk.found:
+            problems.append(Problem("empty_class", str(root / c), "holds no image: not a class"))
+            continue
+        listed = sorted(walk.found.items(), key=lambda kv: os.path.relpath(kv[1], root).split(os.sep))
+        classes.append(c)
+        files += [p for _, p in listed]
+        real += [r for r, _ in listed]
+        labels += [len(classes) - 1] * len(listed)
     if not files:
         raise UserError(f"{what}: no images in class folders under {root} (expected {root}/<class>/<image>)")
-    return classes, files, np.asarray(labels, dtype=np.int64)
+    return FolderScan(classes, files, np.asarray(labels, dtype=np.int64), real, problems)
 
 
 def readable(files: list[str], labels: np.ndarray, what: str) -> tuple[list[str], np.ndarray]:
-    """The files whose image header reads (``data.skip_bad_files``): the others are left out of the
-    split, and counted."""
-    from PIL import Image, UnidentifiedImageError
-
+    """The files whose header reads and whose size and mode ekdc decodes (``data.skip_bad_files``): the
+    others are left out of the split, and counted."""
     keep = []
     for i, f in enumerate(files):
         try:
-            with Image.open(f) as im:
-                im.verify()
+            check_image(f)
             keep.append(i)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        except UserError:
             pass
     if not keep:
         raise UserError(f"{what}: no readable image among {len(files)} files")
@@ -55,11 +146,11 @@ def readable(files: list[str], labels: np.ndarray, what: str) -> tuple[list[str]
 
 
 def folder_source(root: str, what: str, skip_bad_files: bool) -> FileSource:
-    classes, files, labels = scan_folder(Path(root), what)
-    scanned = len(files)
+    scan = scan_folder(Path(root), what)
+    files, labels = scan.files, scan.labels
     if skip_bad_files:
         files, labels = readable(files, labels, what)
-    return FileSource(files, labels, classes, skipped=scanned - len(files))
+    return FileSource(files, labels, scan.classes, skipped=len(scan.files) - len(files), problems=scan.problems)
 
 
 @register_dataset("imagefolder")

@@ -14,6 +14,7 @@ from .ordered import OrderedImages
 from .splits import SplitIndex, index_splits
 
 MEAN_STD_SAMPLE = 2048  # training images the statistics are estimated from when streaming
+STATISTICS_CHUNK = 256  # ... decoded this many at a time
 
 
 @dataclasses.dataclass
@@ -28,6 +29,7 @@ class DataSplits:
     image_size: int
     loader: str = "memory"  # what ``data.loader: auto`` chose
     skipped_files: int = 0  # unreadable files left out (data.skip_bad_files)
+    problems: list = dataclasses.field(default_factory=list)  # what the folder scans left out (``folder.Problem``)
 
     @property
     def num_classes(self) -> int:
@@ -81,18 +83,26 @@ def _image_set(index: SplitIndex, split: str, stream: bool, workers: int, canoni
 
 def _statistics(cfg, index: SplitIndex, train: ImageSet) -> tuple[list[float], list[float]]:
     """The recipe's mean/std, else the training split's: exact in memory, from a seeded sample of
-    ``MEAN_STD_SAMPLE`` images when streaming (the first ones, for a source read in order)."""
+    ``MEAN_STD_SAMPLE`` images when streaming (the first ones, for a source read in order), decoded and
+    summed a chunk at a time so that the sample never sits in memory whole."""
     if cfg.mean is not None and cfg.std is not None:
         return list(cfg.mean), list(cfg.std)
     if train.streamed:
-        n = len(train)
-        pick = np.sort(index.sample("train", min(n, MEAN_STD_SAMPLE), cfg.split_seed))
-        x, _ = index.take("train", pick)
+        pick = np.sort(index.sample("train", min(len(train), MEAN_STD_SAMPLE), cfg.split_seed))
+        n, s1, s2 = 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        for lo in range(0, len(pick), STATISTICS_CHUNK):
+            x, _ = index.take("train", pick[lo : lo + STATISTICS_CHUNK])
+            f = x.double().div_(255)
+            n += f.numel() // 3
+            s1 += f.sum(dim=(0, 2, 3))
+            s2 += f.pow(2).sum(dim=(0, 2, 3))
+        m = s1 / n
+        mean_v, std_v = m.tolist(), ((s2 / n - m * m) * n / max(1, n - 1)).clamp_min(0).sqrt().tolist()
     else:
-        x = center_crop(train.images, cfg.image_size)  # evaluation's view, as the sample above
-    f = x.float().div_(255)
-    mean = cfg.mean or [round(v, 4) for v in f.mean(dim=(0, 2, 3)).tolist()]
-    std = cfg.std or [round(max(v, 1e-3), 4) for v in f.std(dim=(0, 2, 3)).tolist()]
+        f = center_crop(train.images, cfg.image_size).float().div_(255)  # evaluation's view, as the sample above
+        mean_v, std_v = f.mean(dim=(0, 2, 3)).tolist(), f.std(dim=(0, 2, 3)).tolist()
+    mean = cfg.mean or [round(v, 4) for v in mean_v]
+    std = cfg.std or [round(max(v, 1e-3), 4) for v in std_v]
     return list(mean), list(std)
 
 
@@ -108,6 +118,7 @@ def load_data(cfg) -> DataSplits:
     sources = {id(p.source): p.source for p in (index.train, index.val)}
     return DataSplits(train=train, val=val, classes=list(index.classes), mean=mean, std=std,
                       image_size=cfg.image_size, loader="stream" if stream else "memory",
-                      skipped_files=sum(s.skipped for s in sources.values()))
+                      skipped_files=sum(s.skipped for s in sources.values()),
+                      problems=[p for s in sources.values() for p in getattr(s, "problems", [])])
 
 

@@ -89,9 +89,11 @@ class FileSource(IndexedSource):
     """Image files, decoded when selected (a 10% subset decodes 10%); identified by path, size and
     modification time (hashing a folder larger than memory byte by byte would take as long as training)."""
 
-    def __init__(self, files: list[str], labels: np.ndarray, classes: list[str], skipped: int = 0):
+    def __init__(self, files: list[str], labels: np.ndarray, classes: list[str], skipped: int = 0,
+                 problems: Optional[list] = None):
         self.files, self.labels, self.classes = list(files), np.asarray(labels, dtype=np.int64), list(classes)
         self.skipped = skipped
+        self.problems = list(problems or [])  # what the folder scan left out, and why (``folder.Problem``)
 
     def decode(self, positions: np.ndarray, size: int, view: str) -> torch.Tensor:
         return decode_files([self.files[i] for i in positions], size, view)

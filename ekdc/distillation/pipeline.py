@@ -8,13 +8,14 @@ from pathlib import Path
 
 from .. import _io
 from ..data import load_data
+from ..data.check import scan_summary
 from ..recipe import Recipe, dump_recipe
 from ..run import RunDir, open_training_run
 from .evaluation import evaluate, evaluate_teachers, predict
-from .planning import plan_metrics
+from .planning import plan_metrics, planned_student_config
 from .runtime import Runtime, seed_everything, setup_runtime
 from .stages import student_stage, teacher_stage
-from .teacher_cache import cache_root, check_cacheable
+from .teacher_cache import cache_root, check_cacheable, check_room
 from .trainer import Reporter
 
 __all__ = ["distill", "predict"]
@@ -35,14 +36,8 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
             console.print(f"[bold]ekdc distill[/bold] {recipe.name} -> {run.path}  ({rt.device}, {rt.precision_text}"
                           f"{', channels_last' if rt.channels_last else ''}{f', {rt.world} processes' if rt.world > 1 else ''})")
         data = load_data(recipe.data)
-        if recipe.distill.teacher_cache.views:
-            check_cacheable(data)  # before the teachers train, not after
-        if console is not None and rt.is_main:
-            skipped = data.skipped_files
-            console.print(f"data: {recipe.data.dataset}, {len(data.train)} training / {len(data.val)} validation "
-                          f"images, {data.num_classes} classes, {data.image_size}px, {data.loader} loader"
-                          + (f"; {skipped} unreadable files left out (data.skip_bad_files)" if skipped else ""))
         with Reporter(run, rt, console, progress) as rep:
+            config = _before_training(recipe, data, rt, run, rep, teachers_only)
             teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
             if teachers_only:
                 scores = {**evaluate_teachers(data, teachers, rt), "seconds": round(teacher_s, 2),
@@ -50,19 +45,9 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
                 rt.on_main(lambda: _io.write_json(run.teacher_metrics_path, scores))
                 rt.barrier()
                 return run
-            student, student_s, student_info = student_stage(recipe, data, teachers, rt, run, rep)
-            metrics = {**evaluate(recipe, data, student, teachers, rt), **student_info}
-            metrics["seconds"] = round(teacher_s + student_s, 2)
-            metrics.update(plan_metrics(run))  # student.latency_ms: what was planned, and where it holds
-
-            def finish():
-                _io.write_json(run.metrics_path, metrics)
-                rep.log({"event": "done", **{k: metrics[k] for k in ("mode", "seconds", "teacher_ensemble_acc")},
-                         "student_ensemble_acc": metrics["student"]["ensemble_acc"]})
-                with contextlib.suppress(OSError):
-                    run.ckpt_dir.rmdir()
-
-            rt.on_main(finish)
+            student, student_s, student_info = student_stage(recipe, data, teachers, rt, run, rep, config)
+            _finish(run, rt, rep, {**evaluate(recipe, data, student, teachers, rt), **student_info,
+                                   "seconds": round(teacher_s + student_s, 2), **plan_metrics(run)})
         rt.barrier()
     except _io.WriteError as err:
         raise _io.WriteError(f"{err}; the last good checkpoint in {run.path} is intact: free space, then continue "
@@ -71,6 +56,34 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
         if lock is not None:
             lock.release()
     return run
+
+
+def _before_training(recipe: Recipe, data, rt: Runtime, run: RunDir, rep: Reporter, teachers_only: bool):
+    """Everything a run can know before the teachers train, checked first: what the folder scan left out,
+    whether the cache can be used, and the student (planned now for ``student.latency_ms``, so that a
+    budget nothing meets fails in minutes, not after the teachers). Returns the student's config."""
+    for line in scan_summary(data.problems, "data"):  # the cheap part of 'ekdc data check'
+        rep.say(f"[yellow]warning:[/yellow] {line}")
+    cache = recipe.distill.teacher_cache
+    if cache.views and not teachers_only:
+        check_cacheable(data)
+        rt.on_main(lambda: check_room(cache, run.path, len(data.train), len(recipe.teachers), data.num_classes))
+    skipped = data.skipped_files
+    rep.say(f"data: {recipe.data.dataset}, {len(data.train)} training / {len(data.val)} validation images, "
+            f"{data.num_classes} classes, {data.image_size}px, {data.loader} loader"
+            + (f"; {skipped} unreadable files left out (data.skip_bad_files)" if skipped else ""))
+    return None if teachers_only else planned_student_config(recipe, data, rt, run, rep)
+
+
+def _finish(run: RunDir, rt: Runtime, rep: Reporter, metrics: dict) -> None:
+    def write():
+        _io.write_json(run.metrics_path, metrics)
+        rep.log({"event": "done", **{k: metrics[k] for k in ("mode", "seconds", "teacher_ensemble_acc")},
+                 "student_ensemble_acc": metrics["student"]["ensemble_acc"]})
+        with contextlib.suppress(OSError):
+            run.ckpt_dir.rmdir()
+
+    rt.on_main(write)
 
 
 def _open_run(recipe: Recipe, out, resume: bool, runs_root, rt: Runtime):

@@ -26,7 +26,6 @@ from ..teachers import (
     trainable_teacher,
 )
 from .distiller import Distiller, SupervisedClassifier
-from .planning import planned_student_config
 from .runtime import Runtime
 from .teacher_cache import open_teacher_cache
 from .trainer import Reporter, Stage, train_stage
@@ -37,13 +36,17 @@ from .trainer import Reporter, Stage, train_stage
 
 def teacher_stage(recipe: Recipe, data: DataSplits, rt: Runtime, run: RunDir, rep: Reporter) -> tuple[list[Teacher], float]:
     """Each teacher found already trained (or saved) in this run, used as it is from its source, or
-    trained (fine-tuned) now."""
-    teachers, seconds = [], 0.0
-    for ti, tcfg in enumerate(recipe.teachers):
-        teacher, secs = _obtain_teacher(ti, tcfg, recipe, data, rt, run, rep)
+    trained (fine-tuned) now. The teachers that need no training are built first: one whose file, classes
+    or input size do not fit fails before any other teacher has trained."""
+    ready = [ti for ti, t in enumerate(recipe.teachers) if t.train is None or run.teacher_path(t.name).exists()]
+    order = ready + [ti for ti in range(len(recipe.teachers)) if ti not in ready]
+    found: dict[int, Teacher] = {}
+    seconds = 0.0
+    for ti in order:
+        teacher, secs = _obtain_teacher(ti, recipe.teachers[ti], recipe, data, rt, run, rep)
         seconds += secs
-        teachers.append(rt.prepare(teacher))
-    return teachers, seconds
+        found[ti] = rt.prepare(teacher)
+    return [found[ti] for ti in range(len(recipe.teachers))], seconds
 
 
 def data_info(data: DataSplits) -> DataInfo:
@@ -92,10 +95,10 @@ def _save_teacher(path: Path, model: nn.Module, tcfg: TeacherConfig, pre, classe
 
 
 def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt: Runtime, run: RunDir,
-                  rep: Reporter) -> tuple[EKDStudent, float, dict]:
-    """The trained student, its training seconds, and what metrics.json records of how it was trained."""
+                  rep: Reporter, config: dict) -> tuple[EKDStudent, float, dict]:
+    """The trained student (``config``: its ``create_model`` keys, the recipe's or planned), its training
+    seconds, and what metrics.json records of how it was trained."""
     torch.manual_seed(recipe.seed)
-    config = planned_student_config(recipe, data, rt, run, rep)  # the recipe's, or planned for student.latency_ms
     student = create_model("ekd_student", num_classes=data.num_classes, **config)
     d = recipe.distill
     distiller = Distiller(student, teachers, Objective.from_recipe(recipe))

@@ -173,6 +173,17 @@ def open_teacher_cache(cfg: TeacherCacheConfig, run_path: Path, teachers: list[T
                         "to a writable folder") from None
 
 
+def check_room(cfg: TeacherCacheConfig, run_path: Path, images: int, teachers: int, classes: int) -> None:
+    """Before the teachers train: the cache's logits alone fit on the disk it is to be built on (features,
+    where matched, add to that; the build checks the exact size again)."""
+    need = Layout(images, cfg.views, teachers, classes, (), 0).bytes_needed()
+    root = cache_root(cfg, run_path)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise UserError(f"teacher cache: {root} needs at least {_size_text(need)} on its disk, and {_size_text(free)} "
+                        "is free; free space, set distill.teacher_cache.path to a larger disk, or use fewer views")
+
+
 def cache_root(cfg: TeacherCacheConfig, run_path: Path) -> Path:
     """The folder the caches are kept in, created now: a path that cannot hold them is refused before
     any teacher trains, not after."""

@@ -89,6 +89,8 @@ def first_error(err: ValidationError, where: str, schema: type[BaseModel] | None
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
+    if e["type"] == "string_type" and isinstance(e.get("input"), (int, float)) and not isinstance(e["input"], bool):
+        msg += f" (YAML read {e['input']!r} as a number: quote it, '{e['input']}')"
     msg = re.sub(r"Input should be a valid dictionary or instance of \w+", "must be a mapping of keys to values", msg)
     msg = msg.replace("Input should be", "must be").replace("greater than or equal to", ">=")
     msg = msg.replace("greater than", ">").replace("less than or equal to", "<=").replace("less than", "<")

@@ -81,6 +81,15 @@ class TeacherConfig(_Strict):
     _mean = field_validator("mean")(classmethod(lambda cls, v: rgb_triple(v)))
     _std = field_validator("std")(classmethod(lambda cls, v: rgb_triple(v, positive=True)))
 
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, v):
+        if v is not None:
+            dup = next((c for i, c in enumerate(v) if c in v[:i]), None)
+            if dup is not None:
+                raise ValueError(f"names '{dup}' twice: a model's outputs are distinct classes")
+        return v
+
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v):

@@ -37,11 +37,12 @@ def read_weights(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Te
 
         found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(err))
         if found:  # a readable file that stores code objects: refused, not run
-            raise UserError(f"{what} {path} holds a Python object ekdc does not load ({found.group(1)}); only tensors, "
+            hint = "; save model.state_dict(), not the model" if found.group(1).startswith("torch.nn") else ""
+            raise UserError(f"{what} {path} holds a Python object ekdc does not load ({found.group(1)}{hint}); only tensors, "
                             "plain data and the training scripts' args are read") from None
         raise UserError(f"{what} {path} is corrupt or not a weight file (it cannot be read as tensors and plain data)") from None
     if not isinstance(obj, dict):
-        raise UserError(f"{what} {path} holds a {type(obj).__name__}, not a state dict")
+        raise UserError(f"{what} {path} holds a {type(obj).__name__}, not a state dict (save model.state_dict())")
     for key in STATE_DICT_KEYS:
         if isinstance(obj.get(key), dict):
             fields = {k: v for k, v in obj.items() if k != key}

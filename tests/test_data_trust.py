@@ -1,0 +1,173 @@
+"""Data you can trust: the scan never relabels, the decoder never blanks, nothing invents a class, a
+decompression bomb is one line, and a plan that cannot succeed fails before the teachers train."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ekdc import UserError, distill, load_recipe
+from ekdc.data import load_data
+from ekdc.data.decode import decode_image, to_rgb
+
+from conftest import ROOT, run_cli, tiny_recipe, write_recipe
+
+
+def _img(path: Path, value: int, size: int = 12) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    root = tmp_path / "img"
+    for i in range(6):
+        _img(root / "cat" / f"c{i}.png", i)
+        _img(root / "dog" / f"d{i}.png", 100 + i)
+    return root
+
+
+def _data(root: Path, **over):
+    raw = tiny_recipe(data={"dataset": "imagefolder", "root": str(root), "image_size": 12, "val_per_class": 1, **over})
+    return load_recipe_from(raw).data
+
+
+def load_recipe_from(raw):
+    from ekdc.recipe import recipe_from_dict
+
+    return recipe_from_dict(raw)
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_symlink_loop_never_relabels(folder, loader):
+    os.symlink("..", folder / "dog" / "loop")  # dog/loop/cat/... would be cat's images labelled dog
+    d = load_data(_data(folder, loader=loader, workers=0))
+    assert len(d.train) + len(d.val) == 12  # each image once, not 18
+    assert [p.kind for p in d.problems] == ["loop"]
+
+
+def test_links_into_another_class_are_not_followed_and_outside_ones_are(folder, tmp_path):
+    os.symlink(folder / "cat", folder / "dog" / "cats")
+    os.symlink(folder / "cat" / "c0.png", folder / "dog" / "c0-as-dog.png")
+    extra = tmp_path / "extra"
+    _img(extra / "d9.png", 109)
+    os.symlink(extra, folder / "dog" / "more")  # data linked in from outside the root: followed
+    d = load_data(_data(folder))
+    labels = torch.cat([d.train_y, d.val_y]).tolist()
+    assert labels.count(0) == 6 and labels.count(1) == 7
+    assert sorted(p.kind for p in d.problems) == ["other_class_link", "other_class_link"]
+
+
+def test_an_empty_class_folder_is_not_a_class(folder, tmp_path):
+    (folder / "empty").mkdir()
+    (folder / "empty" / "notes.txt").write_text("no images here")
+    d = load_data(_data(folder))
+    assert d.classes == ["cat", "dog"] and [p.kind for p in d.problems] == ["empty_class"]
+    res = run_cli("data", "check", folder)
+    assert res.returncode == 1 and "WRONG: empty_class" in res.stdout and str(folder / "empty") in res.stdout
+
+
+def test_data_check_reports_and_exits(folder):
+    (folder / "dog" / "d0-copy.png").write_bytes((folder / "dog" / "d0.png").read_bytes())  # same class: a note
+    (folder / "cat" / "bad.png").write_bytes(b"not a png")
+    res = run_cli("data", "check", folder, "--json", folder.parent / "check.json")
+    assert res.returncode == 0, res.stdout + res.stderr  # nothing that makes training wrong
+    r = json.loads((folder.parent / "check.json").read_text())
+    assert [c["images"] for c in r["classes"]] == [7, 7] and r["wrong"] is False
+    assert len(r["identical"]) == 1 and not r["identical"][0]["wrong"]
+    assert [u["path"] for u in r["unreadable"]] == [str(folder / "cat" / "bad.png")]
+    assert r["modes"] == {"RGB": 13} and r["smallest"] == [12, 12]
+    (folder / "cat" / "d1-as-cat.png").write_bytes((folder / "dog" / "d1.png").read_bytes())  # two labels, one image
+    res = run_cli("data", "check", folder)
+    assert res.returncode == 1 and "identical files in classes cat, dog" in res.stdout
+
+
+def _sixteen_bit(tmp_path: Path) -> tuple[Path, Path]:
+    g = (np.linspace(0, 1, 20 * 20).reshape(20, 20) * 65535).astype(np.uint16)
+    p16, p8 = tmp_path / "g16.png", tmp_path / "g8.png"
+    Image.fromarray(g).save(p16)  # Pillow writes (and opens) it as I;16
+    Image.fromarray(np.rint(g / 257).astype(np.uint8), "L").save(p8)
+    return p16, p8
+
+
+def test_sixteen_bit_and_float_images_keep_their_range(tmp_path):
+    p16, p8 = _sixteen_bit(tmp_path)
+    with Image.open(p16) as im:
+        assert im.mode.startswith("I;16")
+    a, b = decode_image(str(p16), 20), decode_image(str(p8), 20)
+    assert a.float().mean() > 100 and (a.int() - b.int()).abs().max() <= 1  # not clipped to white
+    f = Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), "F")
+    assert np.asarray(to_rgb(f))[..., 0].max() == 255 and np.asarray(to_rgb(f))[..., 0].min() == 0
+    i32 = Image.fromarray(np.full((4, 4), 30000, dtype=np.int32), "I")
+    assert np.asarray(to_rgb(i32))[0, 0, 0] == round(30000 * 255 / 65535)
+    with pytest.raises(ValueError, match="image mode 'HSV' is not one ekdc decodes"):
+        to_rgb(Image.new("HSV", (2, 2)))
+
+
+def test_infer_script_decodes_as_training_does(tmp_path):
+    spec = importlib.util.spec_from_file_location("infer", ROOT / "export" / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    p16, _ = _sixteen_bit(tmp_path)
+    rgba = tmp_path / "p.png"
+    Image.new("P", (9, 7), 3).save(rgba)
+    for p in (p16, rgba):
+        ours = decode_image(str(p), 16).float().numpy() / 255
+        theirs = infer.load_images([str(p)], 16, {"resize": 16})[0]
+        assert np.abs(ours - theirs).max() < 1e-6
+
+
+def _bomb(path: Path, side: int = 20000) -> None:
+    """A PNG whose header says side x side pixels: Pillow refuses it on opening, before any decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1)))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_one_line_and_skipped_when_asked(folder, tmp_path):
+    _bomb(folder / "cat" / "bomb.png")
+    recipe = write_recipe(tmp_path / "r.yaml", data={"dataset": "imagefolder", "root": str(folder), "image_size": 12,
+                                                     "val_per_class": 1}, distill={"epochs": 1, "batch_size": 4})
+    res = run_cli("distill", recipe, "--out", tmp_path / "run", "-q")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "cannot read image" in res.stderr and "bomb.png" in res.stderr and "decompression bomb" in res.stderr
+    d = load_data(_data(folder, skip_bad_files=True))
+    assert d.skipped_files == 1 and len(d.train) + len(d.val) == 12
+
+
+def test_an_impossible_budget_fails_before_the_teachers_and_resumes_with_a_new_one(tmp_path, monkeypatch):
+    import ekdc.plan.candidates as candidates_mod
+
+    small = {"trunk_width": 4, "trunk_blocks": 1, "branch_widths": [4, 8], "branch_blocks": 1, "block": "basic"}
+    monkeypatch.setattr(candidates_mod, "default_candidates", lambda: [small])
+    raw = tiny_recipe(teachers=[{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}])
+    raw["student"] = {"latency_ms": 0.0001}
+    path = tmp_path / "r.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="no student meets 0.0001 ms"):
+        distill(load_recipe(path), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "teachers" / "resnet8.pt").exists()  # nothing expensive happened
+    run = distill(load_recipe(path, ["student.latency_ms=1000"]), tmp_path / "run", resume=True, progress=False)
+    assert run.metrics()["plan"]["budget_ms"] == 1000 and run.recipe().student.latency_ms == 1000
+    # teachers trained, then a new budget for the student: the teachers are not trained again
+    run.student_path.unlink()
+    run.metrics_path.unlink()
+    epochs = lambda: sum('"teacher-resnet8"' in line for line in run.log_path.read_text().splitlines())  # noqa: E731
+    before = epochs()
+    distill(load_recipe(path, ["student.latency_ms=2000"]), tmp_path / "run", resume=True, progress=False)
+    assert epochs() == before and run.metrics()["plan"]["budget_ms"] == 2000
+    with pytest.raises(UserError, match="differs .* at 'seed'"):  # what the teachers depend on may not change
+        distill(load_recipe(path, ["seed=5"]), tmp_path / "run", resume=True, progress=False)
