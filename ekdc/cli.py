@@ -67,14 +67,21 @@ def export(
     runs_root: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest run."),
     teachers: bool = typer.Option(True, "--teachers/--no-teachers",
                                   help="Also write teachers.onnx (--no-teachers: the run's teachers are not on this machine)."),
+    qad: bool = typer.Option(False, "--qad", help="With --int8: quantization-aware distillation (NVIDIA ModelOpt, "
+                                                  "pip install 'ekdc[qad]') instead of post-training quantisation."),
+    qad_epochs: int = typer.Option(2, "--qad-epochs", help="QAD: fine-tuning epochs of the fake-quantised student."),
+    qad_lr: Optional[float] = typer.Option(None, "--qad-lr", help="QAD: learning rate [default: the run's distill.lr / 50]."),
+    qad_labels: bool = typer.Option(False, "--qad-labels", help="QAD without the teachers: fine-tune on the labels alone."),
     **formats: bool,
 ):
     """Fold the student's branches into one graph and export ONNX (fp32/fp16/int8) and a TensorRT plan."""
     from .deploy.export import export as run_export
+    from .deploy.qad import QADSettings
     from .tables import export_table
 
+    settings = QADSettings(epochs=qad_epochs, lr=qad_lr, teachers=not qad_labels) if qad else None
     manifest = run_export(run_dir, out, fold_mode=fold, calib_images=calib, parity_images=parity_images,
-                          runs_root=runs_root, console=console, teachers=teachers, **formats)
+                          runs_root=runs_root, console=console, teachers=teachers, qad=settings, **formats)
     _show(export_table(manifest))
 
 

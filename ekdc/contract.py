@@ -28,6 +28,8 @@ META_RECIPE = "ekdc.recipe"
 META_RUN_DIR = "ekdc.run_dir"
 # how a raw photo becomes the input: {"resize": S} (to S x S), or {"resize_shorter": C, "center_crop": S}
 META_PREPROCESS = "ekdc.preprocess"
+# int8 files: how they were quantised (JSON: {"method": "ptq"|"qad"|"qat_labels", "tool": ...})
+META_QUANTIZATION = "ekdc.quantization"
 META_FOLD = "fold"
 META_TEACHERS = "teachers"
 

@@ -447,3 +447,39 @@ def test_bench_script_writes_doc(art, tmp_path, capsys):
     assert f"--data {art['run']}" in text and "ekdc bench" in text and "onnxruntime" in text
     assert "`student.int8.onnx`" in text and "`teachers.onnx (reference)`" in text and "](b.png)" in text
     assert json.loads((tmp_path / "docs" / "b.json").read_text())["reference"] == "teachers.onnx"
+
+
+def _gemm_classifier(path, classes: int):
+    """images [B,3,64,64] -> Flatten -> Gemm: its weights are classes x 12,288 float32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(classes)
+    w = numpy_helper.from_array(rng.standard_normal((classes, 3 * 64 * 64)).astype(np.float32), "W")
+    b = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 64, 64])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
+    nodes = [helper.make_node("Flatten", ["images"], ["f"]), helper.make_node("Gemm", ["f", "W", "b"], ["logits"], transB=1)]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, b]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_model_memory_reflects_the_weights(tmp_path):
+    """Two models of known weight sizes (46.9 and 0.47 MiB): the graph's figures are exact, and the measured
+    model memory, net of the runtime's fixed cost of a session, lies between the weights and twice the
+    weights (ONNX Runtime holds the loaded file while it makes the session's copy) plus the activations and
+    16 MiB of arena; the memory ratio follows the weights, not the runtime."""
+    from ekdc.benchmark import bench
+
+    big, small = _gemm_classifier(tmp_path / "big.onnx", 1000), _gemm_classifier(tmp_path / "small.onnx", 10)
+    r = bench([small], against=big, batches=[1, 64], repeats=2, runs=10)
+    by = {m["name"]: m for m in r["models"]}
+    for name, classes in (("big.onnx", 1000), ("small.onnx", 10)):
+        m = by[name]
+        weights = (classes * 12288 + classes) * 4 / 2**20
+        assert m["weights_mb"] == pytest.approx(weights)
+        # at the Flatten node the input and its flat copy are alive at once: 2 x 64 x 12,288 floats
+        assert m["activations_mb"]["64"] == pytest.approx(2 * 64 * 12288 * 4 / 2**20)
+        assert weights * 0.9 <= m["model_mem_mb"] <= 2 * weights + m["activations_mb"]["64"] + 16, m
+    assert r["memory_ratio"] > 5  # the old figure, the runtime's own cost, gave about 1

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..contract import META_RECIPE
+from ..onnx_graph import activation_peak_bytes, load_onnx
 from .machine import machine_info
 from .settings import Entry, Settings, ValData
 
@@ -57,6 +58,8 @@ def _model_entry(e: Entry, rounds: list[dict], s: Settings) -> dict[str, Any]:
         "peak_mem_mb": max(r["peak_rss_mib"] for r in rounds),
         # the model's own: peak minus the process after `import onnxruntime`, before the model is loaded
         "model_mem_mb": median([max(0.0, r["peak_rss_mib"] - r["runtime_rss_mib"]) for r in rounds]),
+        "weights_mb": None if info.weight_bytes is None else info.weight_bytes / 2**20,
+        "activations_mb": _activations(info, s.batches),
         "baseline_mem_mb": min(r["baseline_rss_mib"] for r in rounds),
         "device_mem_mb": max(device) if device else None,
         "accuracy": accuracy,
@@ -64,6 +67,15 @@ def _model_entry(e: Entry, rounds: list[dict], s: Settings) -> dict[str, Any]:
         "spread_pct": spread, "round_p50_ms": round_p50, "samples": samples,
         "timing": rounds[0].get("timing"),
     }
+
+
+def _activations(info, batches: list[int]) -> dict[str, Optional[float]]:
+    """Each batch's peak of live activation bytes, from the graph (``activation_peak_bytes``), in MiB."""
+    if info.runtime != "onnxruntime":
+        return {str(b): None for b in batches}
+    proto = load_onnx(info.path)
+    peaks = {str(b): activation_peak_bytes(proto, b) for b in batches}
+    return {b: None if v is None else v / 2**20 for b, v in peaks.items()}
 
 
 def _vs(m: dict, ref: Optional[dict], batches: list[int]) -> dict[str, Any]:
@@ -106,9 +118,14 @@ def build_report(entries: list[Entry], results: dict[str, list[dict]], s: Settin
                   "macs": "MACs per image", "params": "parameters (Conv/ConvTranspose/Gemm/MatMul weights and biases)",
                   "peak_mem_mb": "MiB, peak resident memory of the whole child process that loads and runs only "
                                  "that model (Python and the runtime included)",
-                  "model_mem_mb": "MiB, the model's own memory: that peak minus the process's resident memory after "
-                                  "the runtime is imported, just before the model is loaded (weights and arena); "
+                  "model_mem_mb": "MiB, the model's own memory, measured: that peak minus the process's resident "
+                                  "memory after a session of a trivial graph (one Identity) was made and run with the "
+                                  "same provider and options, so the runtime's fixed cost of a session is left out; "
                                   "median over rounds",
+                  "weights_mb": "MiB, from the graph: the bytes of its stored tensors (initializers, constants)",
+                  "activations_mb": "MiB per batch size, from the graph: the peak of live activation bytes over "
+                                    "its nodes in order (fusion, in-place buffers, scratch space and the arena's "
+                                    "reuse are not modelled)",
                   "file_mb": "MB (1e6 bytes)", "gflops": "GFLOP/s at the largest batch (2 x MACs x images/s)",
                   "spread_pct": "(max - min) / median of the per-round p50, percent",
                   "speedup": "reference p50 / model p50", "memory_ratio": "reference model_mem_mb / model model_mem_mb"},

@@ -66,9 +66,9 @@ def bench_table(report: dict) -> Table:
     longest = max(len(m["name"]) for m in report["models"])
     t.add_column("model\nprecision\naccuracy", no_wrap=True, min_width=min(longest, 40))
     t.add_column("params\nMACs/img\nGFLOP/s", justify="right")
-    t.add_column("file MB\nmodel MiB\nmem ratio\npeak MiB", justify="right")
+    t.add_column("file MB\nweights MiB\nmodel MiB\nmem ratio\npeak MiB", justify="right")
     for b in batches:
-        t.add_column(f"batch {b}\np50 ms\nimg/s\nspeedup", justify="right")
+        t.add_column(f"batch {b}\np50 ms\nimg/s\nspeedup\nact MiB", justify="right")
     t.add_column("spread", justify="right")
     for m in report["models"]:
         vs = m["vs_reference"]
@@ -76,16 +76,20 @@ def bench_table(report: dict) -> Table:
         acc = "no data" if m.get("accuracy") is None else f"acc {m['accuracy']:.4f}"
         cells = [f"{m['name']}\n{tag}\n{acc}",
                  f"{count_text(m['params'])}\n{count_text(m['macs'])}\n{_num(m.get('gflops'))}",
-                 f"{_num(m['file_mb'])}\n{m['model_mem_mb']:.1f}\n{_times(vs['memory_ratio'])}\n{m['peak_mem_mb']:.0f}"]
+                 f"{_num(m['file_mb'])}\n{_num(m.get('weights_mb'))}\n{m['model_mem_mb']:.1f}\n{_times(vs['memory_ratio'])}"
+                 f"\n{m['peak_mem_mb']:.0f}"]
         for b in batches:
-            cells.append(f"{_num(m['latency_ms'][b]['p50'])}\n{_rate(m['throughput'][b])}\n{_times(vs['speedup'][b])}")
+            act = (m.get("activations_mb") or {}).get(b)
+            cells.append(f"{_num(m['latency_ms'][b]['p50'])}\n{_rate(m['throughput'][b])}\n{_times(vs['speedup'][b])}"
+                         f"\n{_num(act)}")
         spread = _max_spread(m)
         cells.append("-" if spread is None else f"{spread:.1f}%")
         t.add_row(*cells, end_section=True)
     ratio_note = f"ratios: {ref} / model (> 1: faster, smaller)" if ref else "no reference: no ratios"
     t.caption = (f"{machine_line(report)}\nMACs per image; GFLOP/s at the largest batch; img/s = batch / mean "
-                 f"latency; model MiB: the model's own memory (weights, arena), mem ratio from it; peak MiB: the whole process; spread: (max-min)/median of per-round p50, worst "
-                 f"batch; {ratio_note}")
+                 f"latency; weights MiB: its stored tensors, from the graph; model MiB: its own memory, measured (peak less the "
+                 f"runtime's fixed cost of a session), mem ratio from it; act MiB: the graph's peak of live activations; "
+                 f"peak MiB: the whole process; spread: (max-min)/median of per-round p50, worst batch; {ratio_note}")
     return t
 
 
@@ -96,7 +100,7 @@ def bench_table(report: dict) -> Table:
 def markdown_table(report: dict) -> str:
     """The report as a GitHub Markdown table (one row per model, the reference included)."""
     batches = [str(b) for b in report["batches"]]
-    head = ["model", "precision", "params", "MACs per image", "file MB", "model MiB", "peak MiB", "accuracy"]
+    head = ["model", "precision", "params", "MACs per image", "file MB", "weights MiB", "model MiB", "peak MiB", "accuracy"]
     for b in batches:
         head += [f"p50 ms @{b}", f"img/s @{b}", f"speedup @{b}"]
     head += ["GFLOP/s", "memory ratio", "spread %"]
@@ -105,7 +109,7 @@ def markdown_table(report: dict) -> str:
         vs = m["vs_reference"]
         name = f"{m['name']} (reference)" if m["is_reference"] else m["name"]
         cells = [f"`{name}`", m.get("precision") or "-", count_text(m["params"]), count_text(m["macs"]),
-                 _num(m["file_mb"]), f"{m['model_mem_mb']:.1f}", f"{m['peak_mem_mb']:.0f}", _acc(m)]
+                 _num(m["file_mb"]), _num(m.get("weights_mb")), f"{m['model_mem_mb']:.1f}", f"{m['peak_mem_mb']:.0f}", _acc(m)]
         for b in batches:
             cells += [_num(m["latency_ms"][b]["p50"]), _rate(m["throughput"][b]), _times(vs["speedup"][b])]
         spread = _max_spread(m)

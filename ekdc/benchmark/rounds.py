@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+import onnx
+from onnx import TensorProto, helper
+
+from ..contract import INPUT_NAME, OUTPUT_NAME
 from ..errors import UserError
 from ..onnx_graph import inspect_model
 from .pooling import median
@@ -103,6 +107,7 @@ def _run_child(e: Entry, s: Settings, tmp: Path, val_paths: Optional[tuple[str, 
         "val_x": val_paths[0] if val_paths else None, "val_y": val_paths[1] if val_paths else None,
         "feed": e.feed, "input_name": e.info.input_name, "output_name": e.info.output_name,
         "cache_dir": str(tmp / "trt-cache"),
+        "trivial": str(_trivial_graph(tmp, e.info.input_hw)) if e.info.input_hw else None,
     }
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
@@ -116,6 +121,19 @@ def _run_child(e: Entry, s: Settings, tmp: Path, val_paths: Optional[tuple[str, 
     if "error" in res:
         raise UserError(f"{e.name}: {res['error']}")
     return res
+
+
+def _trivial_graph(tmp: Path, hw) -> Path:
+    """One Identity on an image batch: the session whose memory is the runtime's fixed cost, which the
+    measured process subtracts from its peak (``model_mem_mb``)."""
+    path = tmp / f"trivial-{hw[0]}x{hw[1]}.onnx"
+    if not path.is_file():
+        shape = ["batch", 3, int(hw[0]), int(hw[1])]
+        x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, shape)
+        y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, shape)
+        graph = helper.make_graph([helper.make_node("Identity", [INPUT_NAME], [OUTPUT_NAME])], "trivial", [x], [y])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
 
 
 def _child_env() -> dict[str, str]:

@@ -26,7 +26,12 @@ from ..recipe import Recipe, recipe_from_dict
 from ..run import RunDir
 from .report import build_report
 from .rows import DEFAULT_ROWS, Row, parse_rows, row_recipe
-from .students import equal_macs_student, planned_student, recipe_latency_ms, student_macs
+from .students import (
+    equal_macs_student,
+    planned_student,
+    recipe_latency_ms,
+    student_macs,
+)
 
 LATENCY_BATCH = 1
 

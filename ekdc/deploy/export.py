@@ -23,7 +23,14 @@ import onnx
 import torch
 
 from .. import _io, checkpoint
-from ..contract import META_FOLD, META_TEACHERS, contract_metadata, ort_session, top1
+from ..contract import (
+    META_FOLD,
+    META_QUANTIZATION,
+    META_TEACHERS,
+    contract_metadata,
+    ort_session,
+    top1,
+)
 from ..data import eval_preprocess, index_splits
 from ..errors import UserError
 from ..formats import export_formats, get_format, with_prerequisites
@@ -42,8 +49,10 @@ from .onnx import (
     run_session,
     run_torch,
     save_checked,
+    set_file_metadata,
     time_sessions,
 )
+from .qad import QADSettings, modelopt_quantization, quantization_aware_distill
 from .quantize import quantize_int8
 from .tensorrt import build_engine, check_tensorrt_available
 
@@ -72,6 +81,9 @@ class _Job:
     preprocess: dict  # how a raw photo becomes the input (the ONNX metadata says it)
     fold_mode: str = "auto"
     fp32: Optional["_Fp32"] = None  # set by the fp32 export, which every other format starts from
+    recipe: object = None  # the run's recipe (QAD fine-tunes on its training split)
+    teachers: list = dataclasses.field(default_factory=list)  # the run's teachers (loaded when needed)
+    qad: Optional[QADSettings] = None  # int8 by quantization-aware distillation instead of post-training
 
     def meta(self, kind: str, precision: str, **extra) -> dict[str, str]:
         return contract_metadata(classes=self.classes, input_size=self.size, kind=kind, precision=precision,
@@ -189,12 +201,14 @@ def export_fp16(job: _Job) -> dict:
 
 @exporter("int8")
 def export_int8(job: _Job) -> dict:
-    """Quantise every fp32 layout and keep the fastest: int8 favours other layouts than fp32 does."""
+    """Post-training (ONNX Runtime, static QDQ) by default; with ``job.qad``, quantization-aware
+    distillation (ModelOpt) of the layout fastest in int8."""
     fp32 = job.fp32
-    job.say(f"  quantising int8 (static QDQ, per-channel, QUInt8 activations, {len(job.calib_x)} calibration images) ...")
     calib = as_float_images(job.calib_x)
+    job.say(f"  quantising int8 (static QDQ, per-channel, QUInt8 activations, {len(job.calib_x)} calibration images) ...")
+    ptq = {"method": "ptq", "tool": "onnxruntime", "calibration_images": int(len(job.calib_x))}
     q_paths = {layout: quantize_int8(path, job.tmp / f"{layout}.int8.onnx", calib,
-                                     job.meta("student", "int8", **{META_FOLD: layout}))
+                                     job.meta("student", "int8", **{META_FOLD: layout, META_QUANTIZATION: json.dumps(ptq)}))
                for layout, path in fp32.candidates.items()}
     if len(q_paths) > 1:
         job.say("  timing int8 fold candidates (batch 1 and 64) ...")
@@ -203,8 +217,21 @@ def export_int8(job: _Job) -> dict:
     else:
         fp32.fold["int8_choice"] = next(iter(q_paths))
     path = job.staged("student.int8.onnx")
-    _copy_into_place(q_paths[fp32.fold["int8_choice"]], path)
-    return _checked(job, path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])[0]
+    layout = fp32.fold["int8_choice"]
+    if job.qad is None:
+        _copy_into_place(q_paths[layout], path)
+        info = ptq
+    else:
+        job.say(f"  quantization-aware distillation ({layout} fold, NVIDIA ModelOpt, {job.qad.epochs} epochs"
+                f"{' against the teachers' if job.qad.teachers else ', labels only'}) ...")
+        meta = lambda i: job.meta("student", "int8", **{META_FOLD: layout, META_QUANTIZATION: json.dumps(i)})  # noqa: E731
+        _, info = quantization_aware_distill(job.deploy(layout), job.recipe, job.teachers, job.calib_x, job.qad,
+                                             path, job.size, meta({"method": "qad"}), job.say)
+        info["calibration_images"] = int(len(job.calib_x))
+        set_file_metadata(path, meta(info))
+    entry = _checked(job, path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])[0]
+    entry["quantization"] = info
+    return entry
 
 
 @exporter("trt")
@@ -245,6 +272,15 @@ def _check_args(fold_mode: str, calib_images: int, parity_images: int, names: li
             REQUIREMENTS[need](fmt.flag)
 
 
+def _check_qad(qad: Optional[QADSettings], names: list[str], teachers: bool) -> None:
+    if qad is None:
+        return
+    if "int8" not in names:
+        raise UserError("--qad makes the int8 file: add --int8")
+    qad.check()
+    modelopt_quantization()  # installed, or one line naming the extra, before anything is exported
+
+
 def _load_teachers(run: RunDir, recipe, ck: dict) -> list:
     info = DataInfo(list(ck["classes"]), int(ck["input_size"]), list(ck["mean"]), list(ck["std"]))
     try:
@@ -268,24 +304,27 @@ def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
 
 def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fold_mode: str = "auto",
            calib_images: int = 256, parity_images: int = 0, runs_root: str | Path = "runs", console=None,
-           teachers: bool = True, **formats: bool) -> dict:
+           teachers: bool = True, qad: Optional[QADSettings] = None, **formats: bool) -> dict:
     """Export a run's student (folded) in fp32 and in each format asked for (``fp16=True``, ``int8=True``,
     ``trt=True``: ``ekdc.formats.export_formats()``) and, with ``teachers``, its teacher ensemble; returns
-    the manifest (also written). ``teachers=False`` exports a student whose teachers are not here."""
+    the manifest (also written). ``teachers=False`` exports a student whose teachers are not here.
+    ``qad`` makes the int8 file by quantization-aware distillation (``ekdc.deploy.qad``)."""
     say = console.print if console is not None else (lambda *a, **k: None)
     names = _requested(formats)
     _check_args(fold_mode, calib_images, parity_images, names)
+    _check_qad(qad, names, teachers)
     run = open_finished_run(run_dir, runs_root)
     out = _io.ensure_writable_dir(out)
     recipe = run.recipe()
     student, ck = checkpoint.load_student(run.student_path)
     classes = list(ck["classes"])
-    teacher_models = _load_teachers(run, recipe, ck) if teachers else []
+    teacher_models = _load_teachers(run, recipe, ck) if teachers or (qad is not None and qad.teachers) else []
     say(f"[bold]ekdc export[/bold] {run.path} -> {out}")
     val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
     with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir, _io.writes_into(out):
         job = _Job(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out, Path(tmpdir),
-                   val_x, val_y, calib_x, say, eval_preprocess(recipe.data), fold_mode)
+                   val_x, val_y, calib_x, say, eval_preprocess(recipe.data), fold_mode, recipe=recipe,
+                   teachers=teacher_models, qad=qad)
         files = []
         for name in names:
             files.append({**EXPORTERS[name](job), "format": name, "checked": get_format(name).checked})

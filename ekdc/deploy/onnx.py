@@ -82,6 +82,14 @@ def save_checked(proto, path: str | Path, metadata: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
+def set_file_metadata(path: str | Path, metadata: dict[str, str]) -> None:
+    """Set metadata in a written file (atomically)."""
+    proto = onnx.load(str(path))
+    set_metadata(proto, metadata)
+    with _io.atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+
+
 def set_metadata(proto, metadata: dict[str, str]) -> None:
     keep = [p for p in proto.metadata_props if p.key not in metadata]
     del proto.metadata_props[:]

@@ -1,6 +1,6 @@
-"""What an ONNX graph says of itself, read without running it: its image-classifier I/O, metadata, file
-size, parameter count and MACs per image. Bench reads every model file through ``inspect_model``; ONNX
-teachers are checked by ``classifier_io``.
+"""A model file as bench and the teachers see it before running it: its image-classifier I/O, metadata,
+file size, and (from ``cost.py``) parameters, MACs and weight bytes. Bench reads every model file
+through ``inspect_model``; ONNX teachers are checked by ``classifier_io``.
 
 Parameters and MACs are counted from the graph itself, over the ops that carry the arithmetic
 (Conv, ConvTranspose, Gemm, MatMul). A weight is followed back through DequantizeLinear, Cast and
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .contract import (
+import onnx
+from onnx import TensorProto, helper
+
+from ..contract import (
     INPUT_NAME,
     META_CLASSES,
     META_INPUT_SIZE,
@@ -24,13 +26,9 @@ from .contract import (
     META_PRECISION,
     OUTPUT_NAME,
 )
-from .errors import UserError
-from .formats import runtime_of
-
-# ops that only move, relabel or convert a stored weight: the parameter is the initializer behind them
-_PASS_THROUGH = {"DequantizeLinear", "Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
-                 "QuantizeLinear"}
-_COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+from ..errors import UserError
+from ..formats import runtime_of
+from .cost import count_params_macs, weight_bytes
 
 
 @dataclasses.dataclass
@@ -49,6 +47,7 @@ class ModelInfo:
     stats_from: Optional[str] = None  # for a plan: the ONNX file its params/MACs were read from
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
+    weight_bytes: Optional[int] = None  # the stored tensors' bytes (None for a plan with no ONNX beside it)
 
     @property
     def from_ekdc(self) -> bool:
@@ -94,12 +93,11 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
     params, macs, exact = count_params_macs(proto)
     return ModelInfo(path=path, runtime="onnxruntime", file_mb=_file_mb(path, proto), input_hw=hw, fixed_batch=fixed_batch,
                      metadata=meta, params=params, macs=macs, macs_exact=exact, input_name=input_name,
-                     output_name=output_name)
+                     output_name=output_name, weight_bytes=weight_bytes(proto))
 
 
 def load_onnx(path: Path):
     """``onnx.load`` without external data (shapes are all that counting needs); one line on failure."""
-    import onnx
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -142,7 +140,6 @@ def classifier_io(proto, path: Path, *, channels_last_ok: bool = False, one_outp
     ([B,3,H,W], or [B,H,W,3] where ``channels_last_ok``) beside its initializers, and a float32 (or, where
     ``float16_output_ok``, float16) [B,C] output (the first of several unless ``one_output``). One line
     naming the file and what it has, else."""
-    from onnx import TensorProto
 
     init_names = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in init_names]
@@ -181,7 +178,6 @@ def check_io(proto, path: Path) -> tuple[str, str, Optional[tuple[int, int]], Op
 
 
 def _type_name(value_info) -> str:
-    from onnx import helper
 
     try:
         return str(helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type))
@@ -238,180 +234,10 @@ def _inspect_plan(path: Path) -> ModelInfo:
                 continue
             info.input_hw, info.metadata = src.input_hw, dict(src.metadata)
             info.params, info.macs, info.macs_exact = src.params, src.macs, src.macs_exact
+            info.weight_bytes = src.weight_bytes
             info.metadata[META_PRECISION] = "plan:" + (src.precision or "?")
             info.stats_from = cand.name
             break
     return info
 
 
-# --------------------------------------------------------------------------------------------------
-# parameters and MACs
-
-
-def _subgraphs(graph):
-    """The bodies of Loop, Scan and If nodes, recursively (a batch-1 model wrapped in a Loop lives there)."""
-    for node in graph.node:
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield g
-                yield from _subgraphs(g)
-
-
-def count_params_macs(proto) -> tuple[int, int, bool]:
-    """(parameters, MACs for one image, whether every MAC term was resolved) of an ONNX graph.
-
-    Compute nodes inside subgraphs (a Loop over the batch) count too: their weights fully, their MACs
-    once per iteration with an unknown leading dimension read as 1; the result is then marked inexact."""
-    graph_proto = _with_batch_one(proto)
-    graph = graph_proto.graph
-    bodies = list(_subgraphs(graph))
-    nodes = list(graph.node) + [n for g in bodies for n in g.node]
-    producers = {out: node for node in nodes for out in node.output}
-    stored = {t.name: _numel(t.dims) for g in (graph, *bodies) for t in g.initializer}
-    for node in nodes:  # Constant nodes store tensors too (some exporters prefer them)
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    stored[node.output[0]] = _numel(attr.t.dims)
-    shapes = _shapes(graph)
-    for g in bodies:
-        shapes.update({k: [1 if (i == 0 and d is None) else d for i, d in enumerate(v)] for k, v in _shapes(g).items()})
-
-    counted: set[str] = set()
-    macs, exact = 0, not any(n.op_type in _COMPUTE for g in bodies for n in g.node)
-    for node in nodes:
-        if node.op_type not in _COMPUTE:
-            continue
-        for name in _weight_inputs(node, producers, stored):
-            counted.add(name)
-        m = _node_macs(node, shapes)
-        if m is None:
-            exact = False
-        else:
-            macs += m
-    # a MatMul's bias arrives by a following Add; count it with the layer it belongs to
-    matmul_outs = {n.output[0] for n in nodes if n.op_type == "MatMul"}
-    for node in nodes:
-        if node.op_type == "Add" and any(i in matmul_outs for i in node.input):
-            for i in node.input:
-                src = _stored_source(i, producers, stored)
-                if src is not None:
-                    counted.add(src)
-    params = sum(stored[n] for n in counted)
-    return int(params), int(macs), exact
-
-
-def _with_batch_one(proto):
-    """A copy with the batch fixed to 1 and shapes inferred, so every shape is per image."""
-    import onnx
-    from onnx import shape_inference
-
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
-    stored = {t.name for t in m.graph.initializer}
-    # the data inputs and the outputs, whatever their names (a teacher from elsewhere has its own)
-    for vi in (*[i for i in m.graph.input if i.name not in stored], *m.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) >= 1:
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    del m.graph.value_info[:]  # stale symbolic shapes from the exporter would fight the fixed batch
-    if len(m.functions):
-        try:
-            from onnx import inliner
-
-            m = inliner.inline_local_functions(m)
-        except Exception:  # noqa: BLE001 - older onnx: count the top-level graph only
-            pass
-    try:
-        return shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - a graph inference cannot follow still has its stored weights
-        return m
-
-
-def _numel(dims) -> int:
-    return int(math.prod(int(d) for d in dims)) if len(dims) else 1
-
-
-def _shapes(graph) -> dict[str, list[Optional[int]]]:
-    """Known shapes of every tensor in the graph (ints; None for an unresolved dimension)."""
-    out: dict[str, list[Optional[int]]] = {}
-    for vi in (*graph.input, *graph.value_info, *graph.output):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    for t in graph.initializer:
-        out[t.name] = [int(d) for d in t.dims]
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    out[node.output[0]] = [int(d) for d in attr.t.dims]
-    return out
-
-
-def _stored_source(name: str, producers: dict, stored: dict[str, int], depth: int = 0) -> Optional[str]:
-    """The initializer (or Constant) a tensor is read from, through DequantizeLinear/Cast/layout ops;
-    None when the tensor is computed from the input (an activation, not a parameter)."""
-    if name in stored:
-        return name
-    node = producers.get(name)
-    if node is None or depth > 16 or node.op_type not in _PASS_THROUGH or not node.input:
-        return None
-    return _stored_source(node.input[0], producers, stored, depth + 1)
-
-
-def _weight_inputs(node, producers: dict, stored: dict[str, int]) -> list[str]:
-    """The stored tensors a compute node uses as weights and bias."""
-    if node.op_type in ("Conv", "ConvTranspose"):
-        candidates = node.input[1:3]
-    elif node.op_type == "Gemm":
-        candidates = node.input[0:3]  # either operand may be the stored one
-    else:  # MatMul
-        candidates = node.input[0:2]
-    found = [_stored_source(i, producers, stored) for i in candidates if i]
-    return [f for f in found if f is not None]
-
-
-def _attr(node, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _known(shape: Optional[list]) -> bool:
-    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
-
-
-def _node_macs(node, shapes: dict[str, list]) -> Optional[int]:
-    """Multiply-accumulates of one node for one image, from its (batch-1) shapes; None if unknown."""
-    get = lambda i: shapes.get(node.input[i]) if len(node.input) > i and node.input[i] else None  # noqa: E731
-    out = shapes.get(node.output[0])
-    op = node.op_type
-    if op == "Conv":
-        w = get(1)
-        if not (_known(w) and _known(out)):
-            return None
-        # every output element sums (Cin / groups) x kernel products: exactly the weight's per-filter size
-        return _numel(out) * _numel(w[1:])
-    if op == "ConvTranspose":
-        x, w = get(0), get(1)
-        if not (_known(x) and _known(w)):
-            return None
-        # every input element scatters into (Cout / groups) x kernel outputs
-        return _numel(x) * _numel(w[1:])
-    if op == "Gemm":
-        a = get(0)
-        if not (_known(a) and _known(out)) or len(a) != 2:
-            return None
-        k = a[0] if _attr(node, "transA", 0) else a[1]
-        return _numel(out) * k
-    if op == "MatMul":
-        a = get(0)
-        if not (_known(a) and _known(out)):
-            return None
-        return _numel(out) * a[-1]
-    return None

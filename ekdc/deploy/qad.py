@@ -1,0 +1,156 @@
+"""Quantization-aware distillation (QAD): the folded student, fake-quantised with NVIDIA ModelOpt (int8
+per-channel weights, per-tensor activations, calibrated on training images), fine-tuned for a few
+epochs against the teacher ensemble's averaged logits (KL at the run's temperature, plus the label
+loss), then exported as QDQ ONNX: the explicit quantization TensorRT builds from and ONNX Runtime runs.
+
+Fold first, quantize second: the folded graph has one output (the averaging is inside), so the
+per-branch terms of training no longer apply and the target is the teachers' mean. The teachers run
+live, or their outputs are read from the run's teacher-output cache (on its fixed views). With
+``teachers=False`` the fine-tuning sees the labels only (quantization-aware training, no teachers).
+ModelOpt is an optional extra: ``pip install 'ekdc[qad]'``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import _io
+from ..contract import INPUT_NAME, OUTPUT_NAME
+from ..data import augment, load_data
+from ..errors import UserError
+from ..losses import kd_kl
+from .onnx import DeployModel, TeacherEnsemble, save_checked
+
+EXTRA = "pip install 'ekdc[qad]'"
+
+
+@dataclasses.dataclass
+class QADSettings:
+    epochs: int = 2
+    lr: Optional[float] = None  # default: the run's distill.lr / 50 (fine-tuning, not training)
+    teachers: bool = True  # KD against the teachers' mean; False: the labels only
+    seed: int = 0  # the fine-tuning's batch order and augmentation
+    batch_size: Optional[int] = None  # default: the run's distill.batch_size
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise UserError(f"--qad-epochs {self.epochs}: must be at least 1")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--qad-lr {self.lr}: must be a number more than 0")
+
+
+def modelopt_quantization():
+    """``modelopt.torch.quantization``, or one line naming the extra to install."""
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            import modelopt.torch.quantization as mtq
+    except ImportError as err:
+        raise UserError(f"--qad needs NVIDIA ModelOpt (nvidia-modelopt), which is not installed here ({err}); "
+                        f"{EXTRA}") from None
+    return mtq
+
+
+def _calibrate(model: nn.Module, calib_x: torch.Tensor, mtq) -> nn.Module:
+    """ModelOpt's int8 config (per-channel weights, per-tensor activations), ranges from the calibration images."""
+    def forward_loop(m: nn.Module) -> None:
+        with torch.no_grad():
+            for i in range(0, len(calib_x), 64):
+                m(calib_x[i : i + 64].float() / 255)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop)
+
+
+def _targets(teachers: Optional[nn.Module], pixels: torch.Tensor) -> Optional[torch.Tensor]:
+    if teachers is None:
+        return None
+    with torch.inference_mode():
+        return teachers(pixels).float().clone()
+
+
+def _fine_tune(model: nn.Module, recipe, teachers: Optional[nn.Module], s: QADSettings,
+               say: Callable[[str], None]) -> dict:
+    """A few epochs of the fake-quantised deploy graph on the training split: CE with the labels, plus
+    T² KL to the teachers' mean. Returns what the manifest records of it."""
+    data = load_data(recipe.data)
+    aug = recipe.data.augment_config
+    d = recipe.distill
+    bs = min(s.batch_size or d.batch_size, len(data.train))
+    lr = s.lr if s.lr is not None else d.lr / 50
+    steps = s.epochs * (len(data.train) // bs)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps)))))
+    t0, losses = time.perf_counter(), []
+    model.train()
+    for epoch in range(s.epochs):
+        seen, total = 0, 0.0
+        for chunk in data.train.epoch(aug, s.seed + 7_777, epoch, bs):
+            x = chunk.images if chunk.aug_params is None else augment(chunk.images, chunk.aug_params, aug, data.image_size)
+            pixels = x.float() / 255
+            logits = model(pixels)
+            loss = F.cross_entropy(logits.float(), chunk.labels)
+            t_logits = _targets(teachers, pixels)
+            if t_logits is not None:
+                loss = loss + kd_kl(logits, t_logits, d.temperature)
+            if not torch.isfinite(loss):
+                raise UserError(f"QAD diverged in epoch {epoch + 1} (loss {float(loss)}): lower --qad-lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen, total = seen + len(x), total + float(loss) * len(x)
+        losses.append(round(total / max(1, seen), 5))
+        say(f"  QAD epoch {epoch + 1}/{s.epochs}: loss {losses[-1]:.4f}, {seen / (time.perf_counter() - t0):.0f} images/s")
+    model.eval()
+    return {"epochs": s.epochs, "lr": lr, "batch_size": bs, "loss_per_epoch": losses,
+            "kd_loss": "kl" if teachers is not None else None, "temperature": d.temperature if teachers is not None else None,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def export_qdq(model: nn.Module, path: Path, input_size: int, metadata: dict[str, str]) -> Path:
+    """The fake-quantised model as QDQ ONNX (ModelOpt's quantizers export as QuantizeLinear /
+    DequantizeLinear through the TorchScript exporter), under ekdc's contract; written atomically."""
+    example = torch.rand(2, 3, input_size, input_size)
+    with _io.atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        raw = tmp.with_suffix(".raw.onnx")
+        try:
+            torch.onnx.export(model, (example,), str(raw), dynamo=False, opset_version=17, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+            proto = onnx.load(str(raw))
+        finally:
+            raw.unlink(missing_ok=True)
+        if not any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
+            raise RuntimeError("ModelOpt's export holds no QuantizeLinear node: the file would not be int8. This is a "
+                               "bug in ekdc or an unsupported ModelOpt version: please report it")
+        save_checked(proto, tmp, metadata)
+    return Path(path)
+
+
+def quantization_aware_distill(deploy: DeployModel, recipe, teachers: list, calib_x: torch.Tensor, s: QADSettings,
+                               path: Path, input_size: int, metadata: dict[str, str],
+                               say: Callable[[str], None]) -> tuple[Path, dict]:
+    """Fake-quantise ``deploy`` (a copy: the fp32 graph is kept), fine-tune it against ``teachers`` (or the
+    labels alone), export it; returns the file and what the manifest records of it."""
+    mtq = modelopt_quantization()
+    torch.manual_seed(s.seed)
+    model = _calibrate(copy.deepcopy(deploy).float(), calib_x, mtq)
+    ensemble = TeacherEnsemble(teachers).eval() if s.teachers and teachers else None
+    info = _fine_tune(model, recipe, ensemble, s, say)
+    info.update(method="qad" if ensemble is not None else "qat_labels", tool="nvidia-modelopt",
+                config="INT8_DEFAULT_CFG: int8 per-channel weights, per-tensor activations", seed=s.seed,
+                teachers=(len(teachers) if ensemble is not None else 0))
+    return export_qdq(model, path, input_size, metadata), info

@@ -1,0 +1,85 @@
+"""Quantization-aware distillation (``ekdc export --int8 --qad``): a ModelOpt QDQ file that runs in ONNX
+Runtime under the contract, whose manifest figures are its own, and that is never PTQ in disguise."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from ekdc import UserError, export
+from ekdc.contract import META_QUANTIZATION, ort_session, top1
+from ekdc.data import index_splits
+from ekdc.deploy.onnx import run_session
+from ekdc.deploy.qad import QADSettings
+from ekdc.onnx_graph import inspect_model
+from ekdc.run import RunDir
+
+from conftest import run_cli
+
+pytest.importorskip("modelopt.torch.quantization", reason="QAD's tests need nvidia-modelopt (pip install 'ekdc[qad]')")
+
+
+def _zero_point_types(path) -> set[int]:
+    proto = onnx.load(str(path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
+    types = set()
+    for n in proto.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2:
+            zp = n.input[2]
+            if zp in inits:
+                types.add(inits[zp].data_type)
+            elif zp in consts:
+                types.add(consts[zp].attribute[0].t.data_type)
+    return types
+
+
+@pytest.fixture(scope="module")
+def qad_export(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qad")
+    manifest = export(tiny_run, out, int8=True, qad=QADSettings(epochs=1), calib_images=32, fold_mode="grouped",
+                      teachers=False)
+    return out, manifest
+
+
+def test_qad_file_runs_passes_the_contract_and_reports_its_own_accuracy(tiny_run, qad_export):
+    out, manifest = qad_export
+    entry = next(f for f in manifest["files"] if f["file"] == "student.int8.onnx")
+    q = entry["quantization"]
+    assert (q["method"], q["tool"], q["epochs"], q["kd_loss"], q["calibration_images"]) == \
+        ("qad", "nvidia-modelopt", 1, "kl", 32)
+    assert len(q["loss_per_epoch"]) == 1 and q["teachers"] == 2
+    info = inspect_model(out / "student.int8.onnx")  # the contract: images/logits, metadata, dynamic batch
+    assert info.precision == "int8" and info.classes == manifest["classes"] and info.fixed_batch is None
+    assert json.loads(info.metadata[META_QUANTIZATION])["method"] == "qad"
+    x, y = index_splits(RunDir(tiny_run).recipe().data).take("val")
+    logits = run_session(ort_session(out / "student.int8.onnx"), x)
+    assert entry["accuracy"] == pytest.approx(top1(logits, y.numpy()))  # the file's own figure
+    fp32 = run_session(ort_session(out / "student.onnx"), x)
+    assert entry["parity"]["argmax_agreement"] == pytest.approx(float((fp32.argmax(1) == logits.argmax(1)).mean()))
+
+
+def test_qad_is_never_ptq_in_disguise(tiny_run, qad_export, tmp_path):
+    out, _ = qad_export
+    ptq = export(tiny_run, tmp_path / "ptq", int8=True, calib_images=32, fold_mode="grouped", teachers=False)
+    assert next(f for f in ptq["files"] if f["file"] == "student.int8.onnx")["quantization"]["method"] == "ptq"
+    # ModelOpt quantises activations symmetrically to int8 (what TensorRT takes); ONNX Runtime's PTQ here to uint8
+    assert _zero_point_types(out / "student.int8.onnx") == {onnx.TensorProto.INT8}
+    assert onnx.TensorProto.UINT8 in _zero_point_types(tmp_path / "ptq" / "student.int8.onnx")
+
+
+def test_qad_labels_only_and_refusals(tiny_run, tmp_path, monkeypatch):
+    m = export(tiny_run, tmp_path / "labels", int8=True, qad=QADSettings(epochs=1, teachers=False), calib_images=16,
+               fold_mode="grouped", teachers=False)
+    q = next(f for f in m["files"] if f["file"] == "student.int8.onnx")["quantization"]
+    assert q["method"] == "qat_labels" and q["kd_loss"] is None and q["teachers"] == 0
+    res = run_cli("export", tiny_run, "--out", tmp_path / "x", "--qad")
+    assert res.returncode == 2 and res.stderr.strip().endswith("--qad makes the int8 file: add --int8")
+    monkeypatch.setitem(sys.modules, "modelopt.torch.quantization", None)  # as if ModelOpt were not installed
+    with pytest.raises(UserError, match=r"pip install 'ekdc\[qad\]'"):
+        export(tiny_run, tmp_path / "y", int8=True, qad=QADSettings(epochs=1))
+    assert not (tmp_path / "y" / "student.onnx").exists()  # refused before anything was written
+    assert np.isfinite(q["lr"])
