@@ -315,6 +315,25 @@ def data_check(
         raise typer.Exit(1)
 
 
+@data_app.command("shard")
+def data_shard(
+    folder: Path = typer.Argument(..., help="An image folder (root/<class>/<image>)."),
+    out: Path = typer.Argument(..., help="Where the shards go (OUT/shard-000000.tar ..., classes.txt, shards.json)."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples a shard."),
+    seed: int = typer.Option(0, "--seed", help="The seeded order the samples are written in (every shard holds every class)."),
+):
+    """Write an image folder as WebDataset tar shards (data.dataset: webdataset)."""
+    from rich.progress import Progress
+
+    from .data.shards import write_shards
+
+    with Progress(console=console, transient=True) as progress:
+        r = write_shards(folder, out, shard_size=shard_size, seed=seed, progress=progress)
+    console.print(f"wrote {r['shards']} shards of {r['samples']:,} samples ({r['classes']} classes) to {r['out']}; "
+                  f"train from them with data: {{dataset: webdataset, urls: \"{r['pattern']}\"}}", soft_wrap=True,
+                  markup=False, highlight=False)
+
+
 @app.command("models")
 def list_models_cmd(
     filter_: Optional[str] = typer.Option(None, "--filter", "-f", help="Search ekdc's registry, torchvision and timm "

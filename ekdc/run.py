@@ -193,7 +193,9 @@ STUDENT_STAGE_KEYS = ("student.", "distill.", "mode")
 
 def _check_resumed_recipe(run: RunDir, recipe) -> None:
     saved, given = run.recipe().model_dump(mode="json"), recipe.model_dump(mode="json")
-    diffs = all_differences(saved, given)
+    diffs = [d for d in all_differences(saved, given) if not d.startswith("tracking.")]  # watching changes no result
+    if not diffs and saved != given:
+        write_text(run.recipe_path, dump_recipe(recipe))
     if not diffs:
         return
     started = run.student_path.exists() or any(run.ckpt_dir.glob("student-*.pt"))

@@ -5,6 +5,7 @@ and loaded for training.
     sources.py   the ``ImageSource`` protocol: random access (``IndexedSource``) or read in order
                  (``OrderedSource``); tensors and files
     builtin.py   cifar10, cifar100, digits, synthetic          folder.py  imagefolder
+    shards.py    webdataset (tar shards, read in order) and ``ekdc data shard``   check.py  ``ekdc data check``
     splits.py    seeded stratified splits (``index_splits``)   decode.py  file -> uint8 tensor
     augment.py   batch augmentation and sample order          config.py  ``data:`` in a recipe
     imageset.py  in memory / streamed by position             ordered.py streamed in order
@@ -12,7 +13,7 @@ and loaded for training.
 
 Importing the package registers the built-in data sets.
 """
-from . import builtin, folder  # noqa: F401  (registration side effects)
+from . import builtin, folder, shards  # noqa: F401  (registration side effects)
 from .augment import (
            augment,
            augment_batch,

@@ -48,6 +48,11 @@ class DataConfig(_Strict):
     dataset: str = Field(description="a registered data set (ekdc.data.list_datasets()): cifar10, cifar100, "
                                      "imagefolder, digits, synthetic, ...")
     root: Optional[str] = Field(None, description="cifar: torchvision root; imagefolder: the training root")
+    urls: Optional[Union[str, list[str]]] = Field(None, description="webdataset: the training shards (brace notation, "
+                                                                    "local paths or pipe: commands, or a list)")
+    val_urls: Optional[Union[str, list[str]]] = Field(None, description="webdataset: the validation shards")
+    classes: Optional[list[str]] = Field(None, min_length=2, description="webdataset: the class names, in label order "
+                                                                         "(default: classes.txt beside the shards)")
     download: bool = Field(False, description="cifar: let torchvision download the data set")
     val_root: Optional[str] = Field(None, description="imagefolder: a separate validation root")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share carved from training data")
@@ -88,6 +93,8 @@ class DataConfig(_Strict):
             raise ValueError("set either train_fraction or per_class, not both")
         if self.dataset == "imagefolder" and not self.root:
             raise ValueError("imagefolder needs data.root (the training folder)")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes: a class is named twice")
         return self
 
     @property

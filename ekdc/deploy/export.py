@@ -37,6 +37,7 @@ from ..formats import export_formats, get_format, with_prerequisites
 from ..models import EKDStudent
 from ..run import RunDir, open_finished_run
 from ..teachers import DataInfo
+from ..tracking import log_export
 from .compose import compose_teachers
 from .fold import LAYOUTS, fold
 from .onnx import (
@@ -337,6 +338,7 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fol
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         _publish(job, manifest)
+    log_export(run.path, [out / f["file"] for f in files] + [out / "manifest.json"], say)
     return manifest
 
 

@@ -10,6 +10,8 @@ from .. import _io
 from ..data import load_data
 from ..data.check import scan_summary
 from ..recipe import Recipe, dump_recipe
+from ..tracking import check_available as check_tracking
+from ..tracking import open_tracker
 from ..run import RunDir, open_training_run
 from .evaluation import evaluate, evaluate_teachers, predict
 from .planning import plan_metrics, planned_student_config
@@ -29,14 +31,18 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
     ``weights:``) and scored on the validation split (``teachers/metrics.json``); ``--resume`` without it
     goes on to the student."""
     rt = setup_runtime(recipe.device, recipe.precision, recipe.channels_last)
+    check_tracking(recipe.tracking)  # a tracker without its library: one line, before anything runs
     run, lock = _open_run(recipe, out, resume, runs_root, rt)
+    tracker = None
     try:
         seed_everything(recipe.seed)
         if console is not None and rt.is_main:
             console.print(f"[bold]ekdc distill[/bold] {recipe.name} -> {run.path}  ({rt.device}, {rt.precision_text}"
                           f"{', channels_last' if rt.channels_last else ''}{f', {rt.world} processes' if rt.world > 1 else ''})")
         data = load_data(recipe.data)
-        with Reporter(run, rt, console, progress) as rep:
+        say = (lambda text: console.print(text, soft_wrap=True)) if console is not None else (lambda text: None)
+        tracker = open_tracker(recipe.tracking, run.path, recipe.model_dump(mode="json"), rt.is_main, say)
+        with Reporter(run, rt, console, progress, tracker) as rep:
             config = _before_training(recipe, data, rt, run, rep, teachers_only)
             teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
             if teachers_only:
@@ -46,13 +52,17 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
                 rt.barrier()
                 return run
             student, student_s, student_info = student_stage(recipe, data, teachers, rt, run, rep, config)
-            _finish(run, rt, rep, {**evaluate(recipe, data, student, teachers, rt), **student_info,
-                                   "seconds": round(teacher_s + student_s, 2), **plan_metrics(run)})
+            metrics = {**evaluate(recipe, data, student, teachers, rt), **student_info,
+                       "seconds": round(teacher_s + student_s, 2), **plan_metrics(run)}
+            _finish(run, rt, rep, metrics)
+            tracker.final(metrics)
         rt.barrier()
     except _io.WriteError as err:
         raise _io.WriteError(f"{err}; the last good checkpoint in {run.path} is intact: free space, then continue "
                              "with 'ekdc distill RECIPE --resume'") from None
     finally:
+        if tracker is not None:
+            tracker.close()
         if lock is not None:
             lock.release()
     return run

@@ -97,8 +97,8 @@ def make_scheduler(opt: torch.optim.Optimizer, s: Schedule, steps_per_epoch: int
 class Reporter:
     """Rich progress on rank 0 and one JSON line per epoch in log.jsonl."""
 
-    def __init__(self, run: RunDir, rt: Runtime, console, show: bool):
-        self.run, self.rt, self.console = run, rt, console
+    def __init__(self, run: RunDir, rt: Runtime, console, show: bool, tracker=None):
+        self.run, self.rt, self.console, self.tracker = run, rt, console, tracker
         self.progress = None
         if rt.is_main and show:
 
@@ -119,6 +119,11 @@ class Reporter:
     def log(self, record: dict) -> None:
         if self.rt.is_main:
             self.run.append_log(record)
+
+    def track(self, record: dict) -> None:
+        """An epoch's record to the run's trackers (TensorBoard, MLflow), where the recipe asked for them."""
+        if self.tracker is not None and self.rt.is_main:
+            self.tracker.epoch(record)
 
     def say(self, text: str) -> None:
         if self.rt.is_main and self.console is not None:
@@ -256,6 +261,7 @@ def train_stage(stage: Stage, data: DataSplits, aug: Optional[Augment], rt: Runt
             run.append_log(record)
 
         rt.on_main(save_then_log)
+        rep.track(record)
         info = f"loss {record['loss']:.3f}  acc {record['train_acc']:.3f}  {record['images_per_s']:,.0f} img/s"
         if rep.progress:
             rep.progress.update(task, advance=1, info=info)

@@ -106,11 +106,30 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         return str(Path(p).resolve())
 
     recipe.data.root = fix(recipe.data.root)
+    recipe.data.urls = _fix_urls(recipe.data.urls, base)
+    recipe.data.val_urls = _fix_urls(recipe.data.val_urls, base)
     recipe.data.val_root = fix(recipe.data.val_root)
     for t in recipe.teachers:
         t.weights = fix(t.weights)
         t.onnx = fix(t.onnx)
     recipe.distill.teacher_cache.path = fix(recipe.distill.teacher_cache.path)
+
+
+def _fix_urls(urls, base: Path):
+    """Shard URLs as ``_resolve_paths`` makes paths absolute: a local pattern's folder is looked for in the
+    working directory, then beside the recipe; ``pipe:`` and remote URLs are left as they are."""
+    if urls is None:
+        return None
+
+    def fix(u: str) -> str:
+        if "://" in u or u.startswith("pipe:") or os.path.isabs(u):
+            return u
+        for cand in (Path(u), base / u):
+            if cand.parent.is_dir():
+                return str(cand.parent.resolve() / cand.name)
+        return str(Path(u).parent.resolve() / Path(u).name)
+
+    return fix(urls) if isinstance(urls, str) else [fix(u) for u in urls]
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:

@@ -251,6 +251,14 @@ class DistillConfig(Schedule):
         return [n for n in terms_of_mode(mode) if self.weights.get(n, 0.0) > 0]
 
 
+class TrackingConfig(_Strict):
+    """Where a run can be watched (``ekdc.tracking``): off unless asked for."""
+
+    tensorboard: bool = Field(False, description="event files in the run folder's tb/")
+    mlflow: bool = Field(False, description="an MLflow run (MLFLOW_TRACKING_URI, else a local mlruns/)")
+    experiment: Optional[str] = Field(None, min_length=1, description="MLflow's experiment (default: the recipe's name)")
+
+
 class Recipe(_Strict):
     name: str = Field("run", pattern=SAFE_NAME, description="the run folder's name: letters, digits, _ . -")
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -262,6 +270,7 @@ class Recipe(_Strict):
     teachers: list[TeacherConfig] = Field(min_length=1)
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("device")
     @classmethod
