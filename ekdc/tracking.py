@@ -139,7 +139,7 @@ class Tracker:
 
     def final(self, metrics: dict) -> None:
         values = {"val/student_ensemble_acc": metrics["student"]["ensemble_acc"],
-                  "val/teacher_ensemble_acc": metrics["teacher_ensemble_acc"], "seconds": metrics["seconds"],
+                  "val/teacher_ensemble_acc": metrics["teacher_ensemble_acc"], "final/seconds": metrics["seconds"],
                   **{f"val/student_branch_{i}_acc": a for i, a in enumerate(metrics["student"]["branch_acc"])},
                   **{f"val/teacher_{t['name']}_acc": t["acc"] for t in metrics["teachers"]}}
         self._each("the final metrics", lambda b: b.metrics(values, 0))

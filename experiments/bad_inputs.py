@@ -76,6 +76,13 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
     shutil.copytree(run, d / "moved")  # a run copied without the teachers it trained
     shutil.rmtree(d / "moved" / "teachers")
     (d / "candidates.yaml").write_text(yaml.safe_dump([{"trunk_width": 4, "branch_widths": [4]}]))
+    bomb_root = d / "bomb_root"
+    for c in ("cat", "dog"):
+        (bomb_root / c).mkdir(parents=True)
+        for i in range(4):
+            torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(bomb_root / c / f"{i}.png")
+    _bomb(bomb_root / "cat" / "huge.png")
+    (d / "shards").mkdir()
     return [  # (what, arguments); the "busy" run is locked by another process, "disk full" runs under a file-size limit
         ("recipe missing", ["distill", str(d / "missing.yaml")]),
         ("recipe not YAML", ["distill", str(d / "not_yaml.yaml")]),
@@ -135,7 +142,38 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("bench: --classes without --preprocess", ["bench", str(d / "export" / "student.onnx"), "--classes", "a,b"]),
         ("bench: --provider cuda without a GPU", ["bench", str(d / "export" / "student.onnx"), "--provider", "cuda"]),
         ("bench: --json not writable", ["bench", str(d / "export" / "student.onnx"), "--json", "/proc/ekdc/x.json"]),
+        ("loss: unknown term", ["distill", str(ok), "--set", "distill.weights.dkd=1"]),
+        ("loss: a KD setting out of range", ["distill", str(ok), "--set", "distill.kd.beta=-1"]),
+        ("loss: confidence-weighted teachers in ekd", ["distill", str(ok), "--set", "distill.kd.teachers=confidence"]),
+        ("data: unknown data set", ["distill", str(ok), "--set", "data.dataset=mnist"]),
+        ("teacher: class names read as numbers", ["distill", str(ok), "--set", "teachers.0.classes=[1,2,3,4]"]),
+        ("teacher: a class named twice", ["distill", str(ok), "--set", "teachers.0.classes=[a,a,b,c]"]),
+        ("data: a decompression bomb in the folder", ["distill", str(ok), "--out", str(d / "o9"), "--set",
+                                                      "data.dataset=imagefolder", "--set", f"data.root={bomb_root}",
+                                                      "--set", "data.val_per_class=1"]),
+        ("--resume with what the teachers depend on changed", ["distill", str(ok), "--resume", "--out", str(run),
+                                                               "--set", "seed=5"]),
+        ("data check: folder missing", ["data", "check", str(d / "nope")]),
+        ("data check: a recipe whose data is no folder", ["data", "check", str(ok)]),
+        ("data shard: folder missing", ["data", "shard", str(d / "nope"), str(d / "sh")]),
+        ("shards: no validation shards", ["distill", str(ok), "--out", str(d / "o10"), "--set", "data.dataset=webdataset",
+                                          "--set", f"data.urls={d}/shards/a.tar"]),
+        ("compare: not a row", ["compare", str(ok), "--rows", "wide:ce"]),
+        ("compare: a one-branch student in ekd", ["compare", str(ok), "--rows", "plain:ekd", "--out", str(d / "c1")]),
+        ("export: --qad without --int8", ["export", str(run), "--out", str(d / "e4"), "--qad"]),
     ]
+
+
+def _bomb(path: Path, side: int = 20000) -> None:
+    """A PNG whose header says side x side pixels (Pillow refuses it on opening, before decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1)))
+                     + chunk(b"IEND", b""))
 
 
 def _declare_nhwc(src: Path, dst: Path) -> None:
