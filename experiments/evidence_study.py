@@ -130,11 +130,12 @@ def _pairs_table(report: dict, best: str) -> tuple[list[str], list[dict]]:
     by = {e["row"]: e for e in report["rows"]}
     lines = ["| row − baseline | what it answers | seeds | gap, points (mean ± std) | row ahead in | seed spread of "
              "the baseline |", "|---|---|---:|---:|---:|---:|"]
-    out = []
+    out, seen = [], set()
     for row, base, what in PAIRS:
         row, base = row.format(best=best), base.format(best_plain=_plain_of(best))
-        if row not in by or base not in by:
+        if row not in by or base not in by or (row, base) in seen:
             continue
+        seen.add((row, base))
         seeds = [s for s in by[row]["acc"] if s in by[base]["acc"]]
         diffs = [by[row]["acc"][s] - by[base]["acc"][s] for s in seeds]
         spread = list(by[base]["acc"].values())

@@ -45,6 +45,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
                           cwd=cwd, timeout=timeout, env=env)
 
 
+def kill_9_during(recipe: Path, run: Path, stage: str, epochs: int) -> None:
+    """Start ``ekdc distill recipe --out run`` and kill it with SIGKILL once ``stage`` has logged ``epochs``
+    epochs; the student must not have been saved yet."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ekdc", "distill", str(recipe), "--out", str(run), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    log, deadline = run / "log.jsonl", time.time() + 300
+    while (not log.exists() or log.read_text().count(f'"{stage}"') < epochs) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "student.pt").exists(), "the run ended before it could be killed"
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """One trained tiny run (through the library), shared by the export tests."""

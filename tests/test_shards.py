@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from PIL import Image
 from ekdc import UserError, load_recipe
 from ekdc.data import load_data
 
-from conftest import ROOT, run_cli, tiny_recipe
+from conftest import ROOT, kill_9_during, run_cli, tiny_recipe
 
 pytest.importorskip("webdataset", reason="shard tests need the shards extra (pip install 'ekdc[shards]')")
 
@@ -77,15 +75,7 @@ def test_distill_from_shards_and_resume_after_kill_9(shards):
     m = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     assert m["train_images"] == 48 and m["teacher_ensemble_acc"] > 0.9  # dark and light: learnt
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ekdc", "distill", str(recipe), "--out", str(run), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    log, deadline = run / "log.jsonl", time.time() + 300
-    while (not log.exists() or log.read_text().count('"student-ekd"') < 1) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "student.pt").exists()
+    kill_9_during(recipe, run, "student-ekd", 1)
     res = run_cli("distill", recipe, "--out", run, "--resume", "-q")
     assert res.returncode == 0, res.stderr
     assert json.loads((run / "metrics.json").read_text())["student"] == m["student"]  # the same batches, retraced

@@ -1,11 +1,8 @@
 """The streaming loader: image folders decoded batch by batch in worker processes give the very batches
 the in-memory loader gives, so runs, resumes and DDP shards agree whichever loader a folder gets."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from PIL import Image
 
 from ekdc.data import iterate_batches, load_data
 from ekdc.recipe import DataConfig
-from tests.conftest import ROOT, run_cli, tiny_recipe
+from tests.conftest import ROOT, kill_9_during, run_cli, tiny_recipe
 
 
 def _folder(root, per_class=12, size=(20, 14)):
@@ -85,16 +82,7 @@ def test_kill_9_then_resume_with_the_stream_loader(tmp_path):
     recipe = _recipe(tmp_path, root, "stream", **over)
     assert run_cli("distill", recipe, "--out", tmp_path / "ref", "-q").returncode == 0
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ekdc", "distill", str(recipe), "--out", str(run), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    log = run / "log.jsonl"
-    deadline = time.time() + 300
-    while (not log.exists() or log.read_text().count('"student-ekd"') < 2) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "student.pt").exists()
+    kill_9_during(recipe, run, "student-ekd", 2)
     res = run_cli("distill", recipe, "--out", run, "--resume", "-q")
     assert res.returncode == 0, res.stderr
     a, b = (json.loads((p / "metrics.json").read_text()) for p in (tmp_path / "ref", run))
