@@ -1,6 +1,6 @@
 """ekdc: Ensemble Knowledge Distillation, from recipe to deployable model.
 
-    from ekdc import load_recipe, distill, fold, export, bench, plan_student
+    from ekdc import load_recipe, distill, fold, export, bench, plan_student, compare
     run = distill(load_recipe("recipes/quickstart.yaml"))
 """
 from .errors import UserError
@@ -15,6 +15,9 @@ _LAZY = {
     "bench": ("benchmark", "bench"), "create_model": ("models", "create_model"),
     "list_models": ("models", "list_models"), "register_model": ("models", "register_model"),
     "plan_student": ("plan", "plan_student"), "Plan": ("plan", "Plan"),
+    "compare": ("compare", "compare"), "export_formats": ("formats", "export_formats"),
+    "list_datasets": ("data", "list_datasets"), "register_dataset": ("data", "register_dataset"),
+    "list_terms": ("losses", "list_terms"), "register_term": ("losses", "register_term"),
 }
 
 
@@ -27,5 +30,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ekdc' has no attribute {name!r}")
 
 
-__all__ = ["Plan", "Recipe", "RunDir", "UserError", "bench", "create_model", "distill", "export", "fold", "list_models",
-           "load_recipe", "plan_student", "register_model"]
+__all__ = ["Plan", "Recipe", "RunDir", "UserError", "bench", "compare", "create_model", "distill", "export",
+           "export_formats", "fold", "list_datasets", "list_models", "list_terms", "load_recipe", "plan_student",
+           "register_dataset", "register_model", "register_term"]

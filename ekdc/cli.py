@@ -330,7 +330,8 @@ def data_shard(
     with Progress(console=console, transient=True) as progress:
         r = write_shards(folder, out, shard_size=shard_size, seed=seed, progress=progress)
     console.print(f"wrote {r['shards']} shards of {r['samples']:,} samples ({r['classes']} classes) to {r['out']}; "
-                  f"train from them with data: {{dataset: webdataset, urls: \"{r['pattern']}\"}}", soft_wrap=True,
+                  f"train from them with data: {{dataset: webdataset, urls: \"{r['pattern']}\", val_urls: ...}} "
+                  "(the validation shards: shard the validation folder the same way)", soft_wrap=True,
                   markup=False, highlight=False)
 
 

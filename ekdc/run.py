@@ -203,10 +203,11 @@ def _check_resumed_recipe(run: RunDir, recipe) -> None:
         raise UserError(f"--resume: the recipe differs from {run.recipe_path} at '{diffs[0]}'; resume with the same "
                         "recipe" + ("" if started else " (before the student stage starts, only student:, distill: "
                                                        "and mode may change)"))
-    # the student has not started: it will be built from the new keys; a plan for the old ones no longer holds
+    # the student has not started: it will be built from the new keys; a plan for another student no longer holds
     write_text(run.recipe_path, dump_recipe(recipe))
-    run.plan_path.unlink(missing_ok=True)
-    (run.path / "plan.png").unlink(missing_ok=True)
+    if any(d.startswith("student.") for d in diffs):
+        run.plan_path.unlink(missing_ok=True)
+        (run.path / "plan.png").unlink(missing_ok=True)
 
 
 def all_differences(a, b, prefix: str = "") -> list[str]:

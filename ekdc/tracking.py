@@ -66,14 +66,15 @@ class _TensorBoard:
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self.writer.close()
 
 
 class _MLflow:
     name = "mlflow"
 
-    def __init__(self, run_path: Path, recipe_raw: dict, experiment: Optional[str], resume_id: Optional[str]):
+    def __init__(self, run_path: Path, recipe_raw: dict, experiment: Optional[str], resume_id: Optional[str],
+                 resume_uri: Optional[str] = None):
         from mlflow.entities import Param  # optional extra: imported only where asked for
         from mlflow.tracking import MlflowClient
 
@@ -82,7 +83,7 @@ class _MLflow:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         logging.getLogger("mlflow").setLevel(logging.ERROR)
         logging.getLogger("alembic").setLevel(logging.ERROR)
-        self.uri = tracking_uri()
+        self.uri = resume_uri or tracking_uri()  # a resumed run goes on where it was tracked
         self.client = MlflowClient(tracking_uri=self.uri)  # its own client: no process-wide state is changed
         name = experiment or recipe_raw.get("name", "ekdc")
         found = self.client.get_experiment_by_name(name)
@@ -102,8 +103,8 @@ class _MLflow:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def tracking_uri() -> str:
@@ -144,8 +145,9 @@ class Tracker:
                   **{f"val/teacher_{t['name']}_acc": t["acc"] for t in metrics["teachers"]}}
         self._each("the final metrics", lambda b: b.metrics(values, 0))
 
-    def close(self) -> None:
-        self._each("closing", lambda b: b.close())
+    def close(self, status: str = "FINISHED") -> None:
+        """``status``: FINISHED, FAILED (an error ended the run) or KILLED (interrupted), as MLflow names them."""
+        self._each("closing", lambda b: b.close(status))
 
 
 def _state(run_path: Path) -> dict:
@@ -164,7 +166,8 @@ def open_tracker(cfg, run_path: Path, recipe_raw: dict, is_main: bool, say: Call
         if cfg.tensorboard:
             starters.append(("tensorboard", lambda: _TensorBoard(run_path, recipe_raw)))
         if cfg.mlflow:
-            starters.append(("mlflow", lambda: _MLflow(run_path, recipe_raw, cfg.experiment, state.get("mlflow_run_id"))))
+            starters.append(("mlflow", lambda: _MLflow(run_path, recipe_raw, cfg.experiment, state.get("mlflow_run_id"),
+                                                       state.get("mlflow_tracking_uri"))))
         for name, start in starters:
             try:
                 backends.append(start())

@@ -90,9 +90,9 @@ def toy_tar(tmp_path):
 
 
 def _recipe(**data):
-    raw = tiny_recipe(mode="avg_kd", teachers=[{"arch": "resnet8", "train": {"epochs": 4, "batch_size": 8, "lr": 0.1}}])
+    raw = tiny_recipe(mode="avg_kd", teachers=[{"arch": "resnet8", "train": {"epochs": 6, "batch_size": 8, "lr": 0.05}}])
     raw["data"] = {"dataset": "toy_tar", "image_size": 16, "loader": "stream", "workers": 1, **data}
-    raw["distill"].update({"epochs": 4, "batch_size": 8, "lr": 0.05})
+    raw["distill"].update({"epochs": 6, "batch_size": 8, "lr": 0.05})
     return recipe_from_dict(raw)
 
 
@@ -103,7 +103,7 @@ def test_an_ordered_source_trains_through_the_stream_loader(toy_tar):
     m = json.loads((run.path / "metrics.json").read_text())
     assert m["loader"] == "stream" and m["train_images"] == 96 and m["val_images"] == 32
     epochs = [json.loads(line) for line in (run.path / "log.jsonl").read_text().splitlines() if '"epoch"' in line]
-    assert [e["stage"] for e in epochs] == ["teacher-resnet8"] * 4 + ["student-avg_kd"] * 4
+    assert [e["stage"] for e in epochs] == ["teacher-resnet8"] * 6 + ["student-avg_kd"] * 6
     assert m["teacher_ensemble_acc"] > 0.9 and m["student"]["ensemble_acc"] > 0.9  # circles and squares: learnt
 
 

@@ -324,6 +324,10 @@ def measure(spec: dict) -> dict[str, Any]:
     # the runtime's fixed cost of a session (thread pool, arena, kernels' registries), paid once by any model:
     # a session of a trivial graph with the same provider and options, kept open while the model runs
     trivial = _trivial_session(spec)
+    peak_before_model = peak_rss_mib()
+    # the high-water mark so far (imports, the trivial session's own start) is not the model's: reset it to
+    # the resident memory now, so that the peak read after the runs is what the model added (Linux >= 4.0)
+    peak_reset = _reset_peak()
     before_model = current_rss_mib()
     gpu = _GpuMemory() if spec["provider"] != "cpu" or spec["runtime"] == "tensorrt" else None
     runner = RUNNERS[spec["runtime"]](spec)
@@ -332,6 +336,7 @@ def measure(spec: dict) -> dict[str, Any]:
         raise WorkerError("cannot tell the model's input size")
     rng = np.random.default_rng(0)
     result: dict[str, Any] = {"batches": {}, "baseline_rss_mib": baseline, "runtime_rss_mib": before_model,
+                              "peak_reset": peak_reset, "peak_before_model_mib": peak_before_model,
                               "input_hw": list(hw),
                               "timing": runner.timing}
     device_peak: Optional[float] = None
@@ -355,6 +360,15 @@ def measure(spec: dict) -> dict[str, Any]:
                                       spec.get("feed"))
         result["accuracy_seconds"] = time.perf_counter() - t0
     return result
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _trivial_session(spec: dict):

@@ -55,8 +55,9 @@ def _model_entry(e: Entry, rounds: list[dict], s: Settings) -> dict[str, Any]:
         "provider": "tensorrt (plan)" if info.runtime == "tensorrt" else s.provider,
         "params": info.params, "macs": info.macs, "macs_exact": info.macs_exact, "stats_from": info.stats_from,
         "file_mb": info.file_mb,
-        "peak_mem_mb": max(r["peak_rss_mib"] for r in rounds),
-        # the model's own: peak minus the process after `import onnxruntime`, before the model is loaded
+        "peak_mem_mb": max(max(r["peak_rss_mib"], r.get("peak_before_model_mib", 0.0)) for r in rounds),
+        # the model's own: the peak after the runtime's fixed cost of a session (the worker resets the
+        # high-water mark there) minus the resident memory at that moment
         "model_mem_mb": median([max(0.0, r["peak_rss_mib"] - r["runtime_rss_mib"]) for r in rounds]),
         "weights_mb": None if info.weight_bytes is None else info.weight_bytes / 2**20,
         "activations_mb": _activations(info, s.batches),

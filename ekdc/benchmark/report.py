@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from rich import box
 from rich.table import Table
 
-from .._io import atomic_path
+from .._io import save_figure
 from ..tables import count_text
 
 
@@ -147,5 +147,4 @@ def write_plot(report: dict, path: str | os.PathLike) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    save_figure(fig, path)

@@ -23,7 +23,7 @@ from ..distillation import distill
 from ..errors import UserError
 from ..plan import short_config
 from ..recipe import Recipe, recipe_from_dict
-from ..run import RunDir
+from ..run import RunDir, all_differences
 from .report import build_report
 from .rows import DEFAULT_ROWS, Row, parse_rows, row_recipe
 from .students import (
@@ -51,13 +51,28 @@ def _teachers(recipe: Recipe, out: Path, console, progress: bool) -> dict:
     if trained:
         folder = out / "teachers"
         run = RunDir(folder)
-        if not run.teacher_metrics_path.is_file():
+        if run.teacher_metrics_path.is_file():
+            _same_recipe(run, recipe, TEACHER_KEYS)
+        else:
             distill(recipe, folder, resume=run.recipe_path.is_file(), console=console, progress=progress,
                     teachers_only=True)
         for i in trained:
             raw["teachers"][i] = {**raw["teachers"][i], "weights": str(run.teacher_path(recipe.teachers[i].name)),
-                                  "train": None, "checkpoint": None}
+                                  "train": None, "checkpoint": None, "pretrained": False}
     return raw
+
+
+# what a teachers run depends on (a grid whose recipe changed elsewhere reuses its teachers)
+TEACHER_KEYS = ("seed", "device", "precision", "channels_last", "data.", "teachers.")
+
+
+def _same_recipe(run: RunDir, recipe: Recipe, keys: Optional[tuple[str, ...]] = None) -> None:
+    """A folder of the grid holds what ``recipe`` makes (in ``keys``, default all but tracking), or one line."""
+    diffs = [d for d in all_differences(run.recipe().model_dump(mode="json"), recipe.model_dump(mode="json"))
+             if not d.startswith("tracking.") and (keys is None or d.startswith(keys))]
+    if diffs:
+        raise UserError(f"compare: {run.path} was trained from another recipe ('{diffs[0]}' differs): give another "
+                        "--out, or remove that folder to train it again")
 
 
 def _students(recipe: Recipe, rows: list[Row], out: Path, say, console) -> dict:
@@ -90,24 +105,25 @@ def _cells(raw: dict, rows: list[Row], seeds: Sequence[int], students: dict, out
             r = row_recipe(raw, row, students.get(row.student) if row.one_branch else None)
             r["seed"] = int(seed)
             r["name"] = f"{raw['name']}-{row.slug}-s{seed}"
+            if r["tracking"]["mlflow"] and not r["tracking"].get("experiment"):  # one experiment a grid
+                r["tracking"] = {**r["tracking"], "experiment": raw["name"]}
             if r["distill"]["teacher_cache"]["views"] and not r["distill"]["teacher_cache"].get("path"):
                 r["distill"]["teacher_cache"] = {**r["distill"]["teacher_cache"], "path": str(out / "teacher_cache")}
             cells.append((row, int(seed), out / row.slug / f"s{seed}", recipe_from_dict(r, where=f"row {row.name}")))
     return cells
 
 
-def _check_rows(recipe: Recipe, rows: list[Row]) -> None:
-    """What the rows ask of the recipe, before any teacher trains."""
-    for row in rows:
-        if row.one_branch and row.base == "recipe" and recipe.mode == "ekd":
-            raise UserError(f"--rows: '{row.name}': the recipe's mode is ekd, which trains branch i from teacher i; "
-                            "a one-branch row needs avg_kd (give plain:avg_kd)")
-        if row.confidence and (row.base == "ekd" or (row.base == "recipe" and recipe.mode == "ekd")):
-            raise UserError(f"--rows: '{row.name}': confidence weighting mixes the teachers; it applies to avg_kd")
+def _check_rows(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Path) -> None:
+    """Every row's recipe is valid, before any teacher trains (the one-branch students stand in as one
+    branch of the recipe's own layout)."""
+    one = {**recipe.student.model_kwargs(), "num_branches": 1}
+    _cells(recipe.model_dump(mode="json"), rows, seeds[:1], {"plain": one, "planned": one}, out)
 
 
 def _run_cell(recipe: Recipe, cell: Path, console, progress: bool) -> None:
     run = RunDir(cell)
+    if run.recipe_path.is_file():
+        _same_recipe(run, recipe)
     if not run.finished:
         distill(recipe, cell, resume=run.recipe_path.is_file(), console=console, progress=progress)
     if not (cell / "export" / "manifest.json").is_file():
@@ -146,7 +162,7 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
     if report_only:
         students = json.loads((out / "students.json").read_text()) if (out / "students.json").is_file() else {}
     else:
-        _check_rows(recipe, parsed)
+        _check_rows(recipe, parsed, seeds, out)
         raw = _teachers(recipe, out, console, progress)
         students = _students(recipe, parsed, out, say, console)
         cells = _cells(raw, parsed, seeds, students, out)

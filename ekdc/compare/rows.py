@@ -7,7 +7,8 @@ A row is ``[STUDENT:]BASE[+MOD...]``:
              ekd), k<K> (the teachers' outputs read from a cache of K views an image)
     STUDENT  plain: one branch, widened to the recipe student's MACs (within 5%)
              planned: one branch, the most MACs within the recipe student's measured p50 latency
-             (none: the recipe's own student)
+             (none: the recipe's own student); a one-branch row of an ekd recipe trains with avg_kd,
+             since one branch cannot pair with several teachers
 
 so ``plain:avg_kd+dkd`` is an equal-cost one-branch student distilled with DKD from the teachers' mean.
 """
@@ -64,6 +65,14 @@ def parse_row(text: str) -> Row:
     if row.one_branch and row.base == "ekd":
         raise UserError(f"--rows: '{text}': ekd trains branch i from teacher i, so a one-branch student cannot use it; "
                         "use avg_kd")
+    if row.base == "ce" and (row.dkd or row.confidence or row.feat or row.views):
+        raise UserError(f"--rows: '{text}': ce trains the student alone: +dkd, +conf, +feat and +k<K> change nothing "
+                        "there")
+    if row.feat and row.base == "avg_kd":
+        raise UserError(f"--rows: '{text}': feature matching pairs branch i with teacher i: it applies to ekd")
+    if row.confidence and row.base == "ekd":
+        raise UserError(f"--rows: '{text}': confidence weighting mixes the teachers for every branch: it applies to "
+                        "avg_kd")
     return row
 
 
@@ -85,6 +94,8 @@ def row_recipe(raw: dict, row: Row, student: Optional[dict]) -> dict:
     raw = {**raw, "distill": {**raw["distill"]}, "student": dict(raw["student"])}
     if row.base != "recipe":
         raw["mode"] = row.base
+    if row.one_branch and raw["mode"] == "ekd":  # one branch cannot pair with N teachers: its ekd is avg_kd
+        raw["mode"] = "avg_kd"
     kd = dict(raw["distill"].get("kd") or {})
     if row.base != "recipe":
         kd.update(loss="kl", teachers="mean")

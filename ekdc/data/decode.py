@@ -25,6 +25,9 @@ def canonical_size(size: int, view: str) -> int:
 # Pillow's own limit on an image's pixels; past it an image is refused as a likely decompression bomb
 # (Pillow warns past 1x and raises past 2x: here both are one "cannot read" error)
 MAX_PIXELS = 89_478_485
+# resized_crop resizes the shorter side to the view's size: past this aspect ratio the centre square is cut
+# out first, so that a 2 x 40,000 strip never becomes a 256 x 5,120,000 image
+MAX_ASPECT = 4
 # modes made RGB by Pillow's own convert (palette expanded, alpha dropped, CMYK and YCbCr converted)
 _CONVERTIBLE = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -86,9 +89,10 @@ def open_image(src: Union[str, IO[bytes]], name: str = ""):
         yield im
 
 
-def check_image(src: Union[str, IO[bytes]], name: str = "") -> tuple[str, tuple[int, int]]:
-    """Read only the header (and Pillow's ``verify``): (mode, size), or the UserError ``decode_image`` would
-    raise for this file's size or mode."""
+def check_image(src: Union[str, IO[bytes]], name: str = "", full: bool = False) -> tuple[str, tuple[int, int]]:
+    """(mode, size) from the header and Pillow's ``verify``, or the UserError ``decode_image`` would raise
+    for this file's size or mode. ``verify`` does not read a JPEG's data, so a truncated JPEG passes unless
+    ``full``, which decodes the image too."""
     with open_image(src, name) as im:
         if im.mode not in MODES:
             raise UserError(f"cannot read image {name or src}: image mode '{im.mode}' is not one ekdc decodes")
@@ -97,6 +101,12 @@ def check_image(src: Union[str, IO[bytes]], name: str = "") -> tuple[str, tuple[
             im.verify()
         except (OSError, ValueError, SyntaxError) as err:
             raise UserError(f"cannot read image {name or src}: {err}") from None
+    if full:
+        with open_image(src, name) as im:
+            try:
+                im.load()
+            except (OSError, ValueError, SyntaxError) as err:
+                raise UserError(f"cannot read image {name or src}: {err}") from None
     return mode, size
 
 
@@ -112,6 +122,11 @@ def decode_image(src: Union[str, IO[bytes]], size: int, view: str = "pad_crop", 
                 im = im.resize((c, c), Image.BILINEAR) if im.size != (c, c) else im
             else:
                 w, h = im.size
+                if max(w, h) > MAX_ASPECT * min(w, h):  # a strip: its centre square first, never a huge resize
+                    s = min(w, h)
+                    left, top = (w - s) // 2, (h - s) // 2
+                    im = im.crop((left, top, left + s, top + s))
+                    w, h = im.size
                 k = c / min(w, h)
                 im = im.resize((max(c, round(w * k)), max(c, round(h * k))), Image.BILINEAR)
                 left, top = (im.size[0] - c) // 2, (im.size[1] - c) // 2

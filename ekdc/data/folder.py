@@ -136,7 +136,7 @@ def readable(files: list[str], labels: np.ndarray, what: str) -> tuple[list[str]
     keep = []
     for i, f in enumerate(files):
         try:
-            check_image(f)
+            check_image(f, full=True)  # decoded: a truncated JPEG passes the header check
             keep.append(i)
         except UserError:
             pass
@@ -147,10 +147,17 @@ def readable(files: list[str], labels: np.ndarray, what: str) -> tuple[list[str]
 
 def folder_source(root: str, what: str, skip_bad_files: bool) -> FileSource:
     scan = scan_folder(Path(root), what)
-    files, labels = scan.files, scan.labels
+    files, labels, classes, problems = scan.files, scan.labels, scan.classes, list(scan.problems)
     if skip_bad_files:
         files, labels = readable(files, labels, what)
-    return FileSource(files, labels, scan.classes, skipped=len(scan.files) - len(files), problems=scan.problems)
+        left = sorted(set(int(y) for y in labels))
+        if len(left) < len(classes):  # a class whose every image was unreadable is no class either
+            problems += [Problem("empty_class", str(Path(root) / c), "holds no readable image: not a class")
+                         for k, c in enumerate(classes) if k not in left]
+            remap = {old: new for new, old in enumerate(left)}
+            labels = np.asarray([remap[int(y)] for y in labels], dtype=np.int64)
+            classes = [classes[k] for k in left]
+    return FileSource(files, labels, classes, skipped=len(scan.files) - len(files), problems=problems)
 
 
 @register_dataset("imagefolder")

@@ -10,7 +10,7 @@ import torch
 from ..contract import usable_cores
 from .decode import center_crop
 from .imageset import ImageSet, MemoryImages, StreamedImages
-from .ordered import OrderedImages
+from .ordered import OrderedImages, chunks_in_order
 from .splits import SplitIndex, index_splits
 
 MEAN_STD_SAMPLE = 2048  # training images the statistics are estimated from when streaming
@@ -88,10 +88,8 @@ def _statistics(cfg, index: SplitIndex, train: ImageSet) -> tuple[list[float], l
     if cfg.mean is not None and cfg.std is not None:
         return list(cfg.mean), list(cfg.std)
     if train.streamed:
-        pick = np.sort(index.sample("train", min(len(train), MEAN_STD_SAMPLE), cfg.split_seed))
         n, s1, s2 = 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-        for lo in range(0, len(pick), STATISTICS_CHUNK):
-            x, _ = index.take("train", pick[lo : lo + STATISTICS_CHUNK])
+        for x in _sample_chunks(cfg, index, len(train)):
             f = x.double().div_(255)
             n += f.numel() // 3
             s1 += f.sum(dim=(0, 2, 3))
@@ -104,6 +102,20 @@ def _statistics(cfg, index: SplitIndex, train: ImageSet) -> tuple[list[float], l
     mean = cfg.mean or [round(v, 4) for v in mean_v]
     std = cfg.std or [round(max(v, 1e-3), 4) for v in std_v]
     return list(mean), list(std)
+
+
+def _sample_chunks(cfg, index: SplitIndex, n: int):
+    """The statistics' sample, ``STATISTICS_CHUNK`` decoded images at a time: a seeded draw (random access),
+    the first images (read once, in order)."""
+    k = min(n, MEAN_STD_SAMPLE)
+    source = index.train.source
+    if source.ordered:
+        for x, _ in chunks_in_order(source, k, cfg.image_size, cfg.view, STATISTICS_CHUNK):
+            yield center_crop(x, cfg.image_size)
+        return
+    pick = np.sort(index.sample("train", k, cfg.split_seed))
+    for lo in range(0, len(pick), STATISTICS_CHUNK):
+        yield index.take("train", pick[lo : lo + STATISTICS_CHUNK])[0]
 
 
 def load_data(cfg) -> DataSplits:

@@ -24,28 +24,37 @@ from .imageset import Chunk, ImageSet
 from .sources import OrderedSource
 
 SHUFFLE_BUFFER = 512  # samples a worker holds to shuffle within its shards
+CHUNK = 16  # samples a worker sends at a time
 
 
 def _seed_of(*parts) -> int:
     return int.from_bytes(hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
 
 
-class _ShardBatches(IterableDataset):
-    """One pass over some shards, in worker processes: decoded, augmented-parameter, batched samples."""
+class _ShardChunks(IterableDataset):
+    """One pass over some shards, in worker processes: decoded samples, with their augmentation parameters,
+    in chunks of ``CHUNK``; the main process makes batches of them (``OrderedImages._batches``), so that a
+    batch may hold samples of several workers and no worker's last samples are lost to its own batching."""
 
     def __init__(self, source: OrderedSource, shards: list[str], size: int, view: str, canonical: bool,
-                 batch_size: int, aug: Optional[Augment] = None, seed: int = 0, epoch: int = 0, shuffle: bool = False):
+                 aug: Optional[Augment] = None, seed: int = 0, epoch: int = 0, shuffle: bool = False):
         self.source, self.shards, self.size, self.view, self.canonical = source, shards, size, view, canonical
-        self.batch_size, self.aug, self.seed, self.epoch, self.shuffle = batch_size, aug, seed, epoch, shuffle
+        self.aug, self.seed, self.epoch, self.shuffle = aug, seed, epoch, shuffle
 
     def _samples(self, shards: list[str]) -> Iterator[tuple[str, torch.Tensor, int, str]]:
         for shard in shards:
-            for key, image, label in self.source.read(shard):
-                try:
-                    x = decode_image(image, self.size, self.view, name=f"{shard}:{key}")
-                    yield key, (x if self.canonical else center_crop(x, self.size)).contiguous(), int(label), ""
-                except UserError as err:  # reported by the main process, in one line
-                    yield key, torch.zeros(3, 1, 1, dtype=torch.uint8), int(label), str(err)
+            try:
+                for key, image, label in self.source.read(shard):
+                    try:
+                        x = decode_image(image, self.size, self.view, name=f"{shard}:{key}")
+                        yield key, (x if self.canonical else center_crop(x, self.size)).contiguous(), int(label), ""
+                    except UserError as err:  # reported by the main process, in one line
+                        yield key, torch.zeros(0, dtype=torch.uint8), -1, str(err)
+                        return
+            except Exception as err:  # noqa: BLE001 - a shard that cannot be read: one line, not a worker traceback
+                detail = str(err) if isinstance(err, UserError) else f"{shard}: {type(err).__name__}: {err}"
+                yield "", torch.zeros(0, dtype=torch.uint8), -1, (detail.splitlines() or ["?"])[0][:300]
+                return
 
     def _shuffled(self, samples, rng: random.Random):
         buf = []
@@ -62,23 +71,23 @@ class _ShardBatches(IterableDataset):
         samples = self._samples(self.shards[wid::workers])
         if self.shuffle:
             samples = self._shuffled(samples, random.Random(_seed_of(self.seed, self.epoch, wid, *self.shards[:1])))
-        batch = []
+        chunk = []
         for s in samples:
-            batch.append(s)
-            if len(batch) == self.batch_size:
-                yield self._collate(batch)
-                batch = []
-        if batch and not self.shuffle:  # evaluation keeps the last, partial batch
-            yield self._collate(batch)
+            if s[3]:
+                yield None, None, None, s[3]
+                return
+            chunk.append(s)
+            if len(chunk) == CHUNK:
+                yield self._collate(chunk)
+                chunk = []
+        if chunk:
+            yield self._collate(chunk)
 
-    def _collate(self, batch):
-        errors = [e for *_, e in batch if e]
-        if errors:
-            return None, None, None, errors
-        keys = [k for k, *_ in batch]
+    def _collate(self, chunk):
+        keys = [k for k, *_ in chunk]
         side = canonical_size(self.size, self.view) if self.canonical else self.size
         params = keyed_augment_params(keys, self.aug, self.seed, self.epoch, side)
-        return torch.stack([x for _, x, _, _ in batch]), torch.tensor([y for _, _, y, _ in batch]), params, errors
+        return torch.stack([x for _, x, _, _ in chunk]), torch.tensor([y for _, _, y, _ in chunk]), params, ""
 
 
 class OrderedImages(ImageSet):
@@ -107,11 +116,22 @@ class OrderedImages(ImageSet):
         raise UserError("this split is read in order: it has no batches by position (the teacher-output cache and "
                         "positions need a source with random access, or data.loader: memory)")
 
-    def _loader(self, stream: _ShardBatches, workers: int) -> Iterator:
-        for x, y, params, errors in DataLoader(stream, batch_size=None, num_workers=workers):
-            if errors:  # one line naming the sample, not the worker's traceback
-                raise UserError(errors[0])
-            yield x, y, params
+    def _batches(self, stream: _ShardChunks, workers: int, batch_size: int, keep_last: bool) -> Iterator:
+        """The workers' chunks, in the DataLoader's (round-robin, deterministic) order, as batches."""
+        xs, ys, ps, n = [], [], [], 0
+        for x, y, params, error in DataLoader(stream, batch_size=None, num_workers=workers):
+            if error:  # one line naming the sample or shard, not the worker's traceback
+                raise UserError(error)
+            xs.append(x), ys.append(y), ps.append(params)
+            n += len(y)
+            while n >= batch_size:
+                bx, by = torch.cat(xs), torch.cat(ys)
+                bp = torch.cat(ps) if ps[0] is not None else None
+                yield bx[:batch_size], by[:batch_size], None if bp is None else bp[:batch_size]
+                xs, ys, ps = [bx[batch_size:]], [by[batch_size:]], [None if bp is None else bp[batch_size:]]
+                n -= batch_size
+        if keep_last and n:
+            yield torch.cat(xs), torch.cat(ys), torch.cat(ps) if ps[0] is not None else None
 
     def epoch(self, aug: Optional[Augment], seed: int, epoch: int, batch_size: int, rank: int = 0,
               world: int = 1) -> Iterator[Chunk]:
@@ -121,12 +141,12 @@ class OrderedImages(ImageSet):
         if not mine:
             raise UserError(f"{len(shards)} shards cannot feed {world} ranks: each rank reads shards of its own; "
                             "write the data in more shards")
-        steps, done, cycle = len(self) // world // batch_size, 0, 0
+        steps, done, cycle = max(1, len(self) // world // batch_size), 0, 0
         while done < steps:
-            stream = _ShardBatches(self.source, mine, self.size, self.view, self.canonical, batch_size, aug, seed,
-                                   epoch * 1000 + cycle, shuffle=True)
+            stream = _ShardChunks(self.source, mine, self.size, self.view, self.canonical, aug, seed,
+                                  epoch * 1000 + cycle, shuffle=True)
             before = done
-            for x, y, params in self._loader(stream, min(self.workers, len(mine))):
+            for x, y, params in self._batches(stream, min(self.workers, len(mine)), batch_size, keep_last=False):
                 yield Chunk(x, y, torch.full((len(y),), -1, dtype=torch.int64), params)
                 done += 1
                 if done == steps:
@@ -136,8 +156,8 @@ class OrderedImages(ImageSet):
             cycle += 1  # this rank's shards ran out first: read them again (another shuffle)
 
     def in_order(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        stream = _ShardBatches(self.source, list(self.source.shards), self.size, self.view, self.canonical, batch_size)
-        for x, y, _ in self._loader(stream, min(1, self.workers)):  # one worker: the order stays the listed one
+        stream = _ShardChunks(self.source, list(self.source.shards), self.size, self.view, self.canonical)
+        for x, y, _ in self._batches(stream, min(1, self.workers), batch_size, keep_last=True):  # one worker: in order
             yield x, y
 
     def fingerprint(self) -> str:
@@ -147,17 +167,35 @@ class OrderedImages(ImageSet):
         return h.hexdigest()
 
 
-def read_in_order(source: OrderedSource, n: int, size: int, view: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` images (uint8 ``[n,3,c,c]``, c = ``canonical_size``) and labels, in the main process."""
+def chunks_in_order(source: OrderedSource, n: int, size: int, view: str,
+                    chunk: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` images (uint8 ``[k,3,c,c]``, c = ``canonical_size``) and labels, ``chunk`` at a
+    time, read once, in the main process."""
     c = canonical_size(size, view)
-    xs, ys = torch.empty(n, 3, c, c, dtype=torch.uint8), []
+    xs, ys, left = [], [], n
     for shard in source.shards:
         for key, image, label in source.read(shard):
-            if len(ys) == n:
-                return xs, torch.tensor(ys, dtype=torch.int64)
-            xs[len(ys)] = decode_image(image, size, view, name=f"{shard}:{key}")
+            if left == 0:
+                break
+            xs.append(decode_image(image, size, view, name=f"{shard}:{key}").reshape(1, 3, c, c))
             ys.append(int(label))
-    return xs[: len(ys)], torch.tensor(ys, dtype=torch.int64)
+            left -= 1
+            if len(xs) == chunk:
+                yield torch.cat(xs), torch.tensor(ys, dtype=torch.int64)
+                xs, ys = [], []
+        if left == 0:
+            break
+    if xs:
+        yield torch.cat(xs), torch.tensor(ys, dtype=torch.int64)
 
 
-__all__ = ["OrderedImages", "read_in_order"]
+def read_in_order(source: OrderedSource, n: int, size: int, view: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images and labels at once (see ``chunks_in_order``)."""
+    parts = list(chunks_in_order(source, n, size, view))
+    if not parts:
+        c = canonical_size(size, view)
+        return torch.empty(0, 3, c, c, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+__all__ = ["OrderedImages", "chunks_in_order", "read_in_order"]

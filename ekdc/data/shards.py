@@ -78,7 +78,12 @@ def _label(sample: dict, classes: list[str], where: str) -> int:
         except ValueError:
             raise UserError(f"{where}: its .cls is not a class index") from None
     elif "json" in sample:
-        meta = json.loads(sample["json"])
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:
+            raise UserError(f"{where}: its .json is not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{where}: its .json is not a mapping with a label")
         y = meta.get("label", meta.get("cls"))
         if y is None and meta.get("class") in classes:
             y = classes.index(meta["class"])

@@ -273,7 +273,7 @@ def _check_args(fold_mode: str, calib_images: int, parity_images: int, names: li
             REQUIREMENTS[need](fmt.flag)
 
 
-def _check_qad(qad: Optional[QADSettings], names: list[str], teachers: bool) -> None:
+def _check_qad(qad: Optional[QADSettings], names: list[str]) -> None:
     if qad is None:
         return
     if "int8" not in names:
@@ -282,12 +282,12 @@ def _check_qad(qad: Optional[QADSettings], names: list[str], teachers: bool) -> 
     modelopt_quantization()  # installed, or one line naming the extra, before anything is exported
 
 
-def _load_teachers(run: RunDir, recipe, ck: dict) -> list:
+def _load_teachers(run: RunDir, recipe, ck: dict, hint: str) -> list:
     info = DataInfo(list(ck["classes"]), int(ck["input_size"]), list(ck["mean"]), list(ck["std"]))
     try:
         return [checkpoint.teacher_for_run(t, i, info, run).eval() for i, t in enumerate(recipe.teachers)]
     except UserError as err:
-        raise UserError(f"{err} (teachers.onnx needs the teachers; --no-teachers exports the student alone)") from None
+        raise UserError(f"{err} ({hint})") from None
 
 
 def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
@@ -313,13 +313,20 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fol
     say = console.print if console is not None else (lambda *a, **k: None)
     names = _requested(formats)
     _check_args(fold_mode, calib_images, parity_images, names)
-    _check_qad(qad, names, teachers)
+    _check_qad(qad, names)
     run = open_finished_run(run_dir, runs_root)
     out = _io.ensure_writable_dir(out)
     recipe = run.recipe()
     student, ck = checkpoint.load_student(run.student_path)
     classes = list(ck["classes"])
-    teacher_models = _load_teachers(run, recipe, ck) if teachers or (qad is not None and qad.teachers) else []
+    if teachers:
+        teacher_models = _load_teachers(run, recipe, ck, "teachers.onnx needs the teachers; --no-teachers exports "
+                                                         "the student alone")
+    elif qad is not None and qad.teachers:
+        teacher_models = _load_teachers(run, recipe, ck, "QAD fine-tunes against the teachers; --qad-labels "
+                                                         "fine-tunes on the labels alone")
+    else:
+        teacher_models = []
     say(f"[bold]ekdc export[/bold] {run.path} -> {out}")
     val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
     with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir, _io.writes_into(out):

@@ -5,8 +5,8 @@ loss), then exported as QDQ ONNX: the explicit quantization TensorRT builds from
 
 Fold first, quantize second: the folded graph has one output (the averaging is inside), so the
 per-branch terms of training no longer apply and the target is the teachers' mean. The teachers run
-live, or their outputs are read from the run's teacher-output cache (on its fixed views). With
-``teachers=False`` the fine-tuning sees the labels only (quantization-aware training, no teachers).
+live (on the run's device where it is there). With ``teachers=False`` the fine-tuning sees the labels
+only (quantization-aware training, no teachers).
 ModelOpt is an optional extra: ``pip install 'ekdc[qad]'``.
 """
 from __future__ import annotations
@@ -63,12 +63,20 @@ def modelopt_quantization():
     return mtq
 
 
-def _calibrate(model: nn.Module, calib_x: torch.Tensor, mtq) -> nn.Module:
+def _device(recipe) -> torch.device:
+    """The run's device where it is there (a GPU fine-tunes much faster), else the CPU."""
+    want = str(getattr(recipe, "device", "auto"))
+    if want != "cpu" and torch.cuda.is_available():
+        return torch.device(want if want.startswith("cuda:") else "cuda")
+    return torch.device("cpu")
+
+
+def _calibrate(model: nn.Module, calib_x: torch.Tensor, mtq, dev: torch.device) -> nn.Module:
     """ModelOpt's int8 config (per-channel weights, per-tensor activations), ranges from the calibration images."""
     def forward_loop(m: nn.Module) -> None:
         with torch.no_grad():
             for i in range(0, len(calib_x), 64):
-                m(calib_x[i : i + 64].float() / 255)
+                m(calib_x[i : i + 64].to(dev).float() / 255)
 
     with contextlib.redirect_stdout(io.StringIO()):
         return mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop)
@@ -82,7 +90,7 @@ def _targets(teachers: Optional[nn.Module], pixels: torch.Tensor) -> Optional[to
 
 
 def _fine_tune(model: nn.Module, recipe, teachers: Optional[nn.Module], s: QADSettings,
-               say: Callable[[str], None]) -> dict:
+               say: Callable[[str], None], dev: torch.device) -> dict:
     """A few epochs of the fake-quantised deploy graph on the training split: CE with the labels, plus
     T² KL to the teachers' mean. Returns what the manifest records of it."""
     data = load_data(recipe.data)
@@ -98,10 +106,12 @@ def _fine_tune(model: nn.Module, recipe, teachers: Optional[nn.Module], s: QADSe
     for epoch in range(s.epochs):
         seen, total = 0, 0.0
         for chunk in data.train.epoch(aug, s.seed + 7_777, epoch, bs):
-            x = chunk.images if chunk.aug_params is None else augment(chunk.images, chunk.aug_params, aug, data.image_size)
+            x = chunk.images.to(dev)
+            if chunk.aug_params is not None:
+                x = augment(x, chunk.aug_params.to(dev), aug, data.image_size)
             pixels = x.float() / 255
             logits = model(pixels)
-            loss = F.cross_entropy(logits.float(), chunk.labels)
+            loss = F.cross_entropy(logits.float(), chunk.labels.to(dev))
             t_logits = _targets(teachers, pixels)
             if t_logits is not None:
                 loss = loss + kd_kl(logits, t_logits, d.temperature)
@@ -115,7 +125,7 @@ def _fine_tune(model: nn.Module, recipe, teachers: Optional[nn.Module], s: QADSe
         losses.append(round(total / max(1, seen), 5))
         say(f"  QAD epoch {epoch + 1}/{s.epochs}: loss {losses[-1]:.4f}, {seen / (time.perf_counter() - t0):.0f} images/s")
     model.eval()
-    return {"epochs": s.epochs, "lr": lr, "batch_size": bs, "loss_per_epoch": losses,
+    return {"epochs": s.epochs, "lr": lr, "batch_size": bs, "loss_per_epoch": losses, "device": str(dev),
             "kd_loss": "kl" if teachers is not None else None, "temperature": d.temperature if teachers is not None else None,
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -147,9 +157,11 @@ def quantization_aware_distill(deploy: DeployModel, recipe, teachers: list, cali
     labels alone), export it; returns the file and what the manifest records of it."""
     mtq = modelopt_quantization()
     torch.manual_seed(s.seed)
-    model = _calibrate(copy.deepcopy(deploy).float(), calib_x, mtq)
-    ensemble = TeacherEnsemble(teachers).eval() if s.teachers and teachers else None
-    info = _fine_tune(model, recipe, ensemble, s, say)
+    dev = _device(recipe)
+    model = _calibrate(copy.deepcopy(deploy).float().to(dev), calib_x, mtq, dev)
+    ensemble = TeacherEnsemble(teachers).eval().to(dev) if s.teachers and teachers else None
+    info = _fine_tune(model, recipe, ensemble, s, say, dev)
+    model = model.cpu()
     info.update(method="qad" if ensemble is not None else "qat_labels", tool="nvidia-modelopt",
                 config="INT8_DEFAULT_CFG: int8 per-channel weights, per-tensor activations", seed=s.seed,
                 teachers=(len(teachers) if ensemble is not None else 0))

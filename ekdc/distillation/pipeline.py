@@ -4,6 +4,7 @@ folder's lock throughout; what can be checked before the teachers train is check
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 from .. import _io
@@ -62,7 +63,9 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
                              "with 'ekdc distill RECIPE --resume'") from None
     finally:
         if tracker is not None:
-            tracker.close()
+            failed = sys.exc_info()[0]
+            tracker.close("FINISHED" if failed is None else "KILLED" if issubclass(failed, KeyboardInterrupt)
+                          else "FAILED")
         if lock is not None:
             lock.release()
     return run

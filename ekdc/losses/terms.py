@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .kd import confidence_weights, dkd_per_sample, kl_per_sample
 from .registry import TermInputs, register_term
@@ -46,6 +46,13 @@ class KDSettings(BaseModel):
     teachers: Literal["mean", "confidence"] = Field(
         "mean", description="avg_kd: match the teachers' mean logits, or (confidence, CA-MKD) each teacher, "
                             "weighted per sample by its cross-entropy with the label")
+
+    @model_validator(mode="after")
+    def _dkd_only(self):
+        if self.loss == "kl" and (self.alpha != 1.0 or self.beta != 8.0):
+            raise ValueError("alpha and beta weigh DKD's two parts, and do nothing with loss: kl; set loss: dkd "
+                             "(the KD term's own weight is distill.weights.kd)")
+        return self
 
     @property
     def label(self) -> str:

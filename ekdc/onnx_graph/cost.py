@@ -231,10 +231,14 @@ def activation_peak_bytes(proto, batch: int) -> Optional[int]:
     m = _with_batch(proto, int(batch))
     g = m.graph
     stored = {t.name for t in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
+    for n in g.node:  # computed from stored tensors alone (a weight's DequantizeLinear, Cast): a weight too
+        if n.input and all(i in stored for i in n.input if i):
+            stored.update(o for o in n.output if o)
     sizes = {}
     for vi in (*g.input, *g.value_info, *g.output):
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        sizes[vi.name] = None if any(d is None for d in dims) else _numel(dims) * _itemsize(vi.type.tensor_type.elem_type)
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] if t.HasField("shape") else None
+        sizes[vi.name] = None if dims is None or any(d is None for d in dims) else _numel(dims) * _itemsize(t.elem_type)
     last_use: dict[str, int] = {}
     for k, n in enumerate(g.node):
         for i in n.input:
@@ -249,7 +253,7 @@ def activation_peak_bytes(proto, batch: int) -> Optional[int]:
             live[vi.name] = sizes[vi.name]
     peak = sum(live.values())
     for k, n in enumerate(g.node):
-        if n.op_type == "Constant":
+        if n.op_type == "Constant" or all(o in stored for o in n.output if o):
             continue
         for o in n.output:
             if o and o not in stored:

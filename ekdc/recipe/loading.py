@@ -122,6 +122,8 @@ def _fix_urls(urls, base: Path):
         return None
 
     def fix(u: str) -> str:
+        if u.startswith("file:") and "://" not in u:
+            return "file:" + fix(u[len("file:"):])
         if "://" in u or u.startswith("pipe:") or os.path.isabs(u):
             return u
         for cand in (Path(u), base / u):
