@@ -84,3 +84,22 @@ def test_cli_compare_refuses_a_bad_row_before_training(tmp_path):
                   "--seeds", "0", "--out", tmp_path / "g2", "-q")
     assert res.returncode == 2 and "needs at least 2 teachers" in res.stderr
     assert not (tmp_path / "g2" / "teachers").exists()  # refused before the teachers train
+
+
+def test_a_planned_row_is_one_branch_within_the_recipe_students_latency(tmp_path, monkeypatch):
+    import ekdc.plan.candidates as candidates_mod
+
+    small = {"trunk_width": 4, "trunk_blocks": 1, "branch_widths": [4, 8], "branch_blocks": 1, "block": "basic"}
+    huge = {"trunk_width": 64, "trunk_blocks": 2, "branch_widths": [64, 128], "branch_blocks": 2, "block": "basic"}
+    monkeypatch.setattr(candidates_mod, "default_candidates", lambda: [small, huge])
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **TINY))
+    report = compare(recipe, "recipe,planned:avg_kd", [0], tmp_path / "g", progress=False)
+    students = json.loads((tmp_path / "g" / "students.json").read_text())
+    assert students["recipe_p50_ms"] > 0 and students["planned"]["num_branches"] == 1
+    assert students["planned"]["trunk_width"] == 4  # the huge one is slower than the 2-branch student
+    planned = report["rows"][1]
+    assert planned["num_branches"] == 1 and planned["mode"] == "avg_kd" and set(planned["acc"]) == {"0"}
+    # the grid's folder, asked for with another recipe, is refused rather than reported as this one
+    other = load_recipe(write_recipe(tmp_path / "o.yaml", **{**TINY, "distill": {**TINY["distill"], "epochs": 2}}))
+    with pytest.raises(UserError, match="was trained from another recipe .*distill.epochs"):
+        compare(other, "recipe", [0], tmp_path / "g", progress=False)
