@@ -11,9 +11,7 @@ the model's, not ekdc's.
 from __future__ import annotations
 
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 import traceback
@@ -23,6 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..contract import INPUT_NAME, OUTPUT_NAME, PROVIDERS, ort_session, top1
+from .device_memory import DeviceMemory
 
 _MAX_SAMPLES = 200_000  # a duration budget on a microsecond model must not grow a list without bound
 
@@ -77,55 +76,6 @@ def _import_runtime(spec: dict) -> None:
             pass  # PlanRunner says what is missing
     else:
         import onnxruntime  # noqa: F401
-
-
-class _GpuMemory:
-    """Device memory of this process (MiB, summed over GPUs) from NVML or nvidia-smi; where the
-    process is not visible by its PID (a container's own PID namespace), the growth of the devices'
-    used memory since this object was made (before the model was loaded)."""
-
-    def __init__(self) -> None:
-        self.method: Optional[str] = None
-        self._nvml, self._handles, self._base = None, [], 0
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-            self._base = sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles)
-            self._nvml = pynvml
-        except Exception:  # noqa: BLE001 - NVML is optional; nvidia-smi is tried next
-            self._nvml = None
-
-    def sample(self) -> Optional[float]:
-        pid = os.getpid()
-        if self._nvml is not None:
-            try:
-                used = sum(p.usedGpuMemory or 0 for h in self._handles
-                           for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid == pid)
-                if used:
-                    self.method = "process (NVML)"
-                    return used / (1 << 20)
-            except Exception:  # noqa: BLE001
-                pass
-        try:
-            query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-            out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
-            mine = [line.split(",")[1].strip() for line in out.splitlines()
-                    if line.count(",") == 1 and line.split(",")[0].strip() == str(pid)]
-            if mine and all(m.isdigit() for m in mine):
-                self.method = "process (nvidia-smi)"
-                return float(sum(int(m) for m in mine))
-        except (OSError, subprocess.SubprocessError):
-            pass
-        if self._nvml is not None:
-            try:
-                used = sum(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles)
-                self.method = "device used-memory growth (NVML)"
-                return max(0.0, (used - self._base) / (1 << 20))
-            except Exception:  # noqa: BLE001
-                pass
-        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,7 +279,7 @@ def measure(spec: dict) -> dict[str, Any]:
     # the resident memory now, so that the peak read after the runs is what the model added (Linux >= 4.0)
     peak_reset = _reset_peak()
     before_model = current_rss_mib()
-    gpu = _GpuMemory() if spec["provider"] != "cpu" or spec["runtime"] == "tensorrt" else None
+    gpu = DeviceMemory() if spec["provider"] != "cpu" or spec["runtime"] == "tensorrt" else None
     runner = RUNNERS[spec["runtime"]](spec)
     hw = spec.get("input_hw") or getattr(runner, "input_hw", None)
     if hw is None:
