@@ -87,7 +87,8 @@ class _MLflow:
         self.client = MlflowClient(tracking_uri=self.uri)  # its own client: no process-wide state is changed
         name = experiment or recipe_raw.get("name", "ekdc")
         found = self.client.get_experiment_by_name(name)
-        exp_id = found.experiment_id if found is not None else self.client.create_experiment(name)
+        exp_id = found.experiment_id if found is not None else self.client.create_experiment(
+            name, artifact_location=_artifacts_beside(self.uri))
         if resume_id is not None:
             self.run_id = resume_id
             self.client.update_run(resume_id, status="RUNNING")
@@ -114,6 +115,14 @@ def tracking_uri() -> str:
         return uri
     DEFAULT_MLFLOW_STORE.parent.mkdir(exist_ok=True)
     return f"sqlite:///{DEFAULT_MLFLOW_STORE.resolve()}"
+
+
+def _artifacts_beside(uri: str) -> Optional[str]:
+    """A SQLite store's artifacts in a folder beside its database file. MLflow's own default for a database
+    store is ./mlruns of whatever directory the run started in, which scatters one experiment's files."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server or a file store places its artifacts itself
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
 
 
 class Tracker:

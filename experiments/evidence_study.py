@@ -99,6 +99,18 @@ def _mean_std(xs, signed=False):
     return _pct(m, signed) + (f" ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
 
 
+def _training_hours(log: Path, metrics: dict) -> float:
+    """Training time robust to a pause: per teacher stage, the median epoch's seconds times its epochs."""
+    if not log.is_file():
+        return metrics["seconds"] / 3600
+    epochs: dict[str, list[float]] = {}
+    for line in log.read_text().splitlines():
+        e = json.loads(line)
+        if e.get("stage", "").startswith("teacher-") and "seconds" in e:
+            epochs.setdefault(e["stage"], []).append(e["seconds"])
+    return sum(statistics.median(v) * len(v) for v in epochs.values()) / 3600
+
+
 def _teachers_section(teachers_dir: Path) -> tuple[list[str], dict]:
     m = json.loads((teachers_dir / "metrics.json").read_text())
     lines = ["| teacher | arch | val acc | params | MACs |", "|---|---|---:|---:|---:|"]
@@ -109,7 +121,9 @@ def _teachers_section(teachers_dir: Path) -> tuple[list[str], dict]:
                  f"{sum(t['params'] for t in m['teachers']) / 1e6:.2f}M | {macs / 1e6:.1f}M |")
     lines.append("")
     lines.append(f"Trained on {m['train_images']:,} images (`ekdc distill recipes/cifar10-strong-teachers.yaml "
-                 f"--teachers-only`), {m['seconds'] / 3600:.2f} h of training on this machine; scored on the "
+                 f"--teachers-only`), {_training_hours(teachers_dir.parent / 'log.jsonl', m):.2f} h of training on "
+                 f"this machine (each teacher's median epoch time times its epochs, from the run's log.jsonl: the "
+                 f"run was paused once for the test suite, which the median leaves out); scored on the "
                  f"{m['val_images']:,}-image validation split every student is scored on.")
     return lines, {"val_acc": m["teacher_ensemble_acc"], "macs": macs, "train_images": m["train_images"],
                    "teachers": [{k: t[k] for k in ("name", "arch", "acc", "params", "macs")} for t in m["teachers"]]}
@@ -146,19 +160,35 @@ def _pairs_table(report: dict, best: str) -> tuple[list[str], list[dict]]:
     return lines, out
 
 
+def _training_text(report: dict) -> str:
+    """Device and precision as a finished cell's metrics.json recorded them."""
+    for e in report["rows"]:
+        for seed in e["acc"]:
+            cell = Path(report["out"]) / e["row"].replace(":", "-").replace("+", "-") / f"s{seed}" / "metrics.json"
+            if cell.is_file():
+                m = json.loads(cell.read_text())
+                return f"{m.get('device', 'cpu')}, {m.get('precision', 'precision not recorded')}, channels_last"
+    return "(no finished cell yet)"
+
+
 def write_page(reports: dict[int, dict], args) -> None:
     docs = Path(args.docs)
     (docs / "evidence").mkdir(parents=True, exist_ok=True)
     first = next(iter(reports.values()))
     best = best_kd_row(reports[max(reports)]) if reports else "avg_kd"
     teachers_dir = Path(args.teachers)
+    cfg = load_recipe(args.recipe, args.set)
     t_lines, t_info = _teachers_section(teachers_dir) if (teachers_dir / "metrics.json").is_file() else ([], {})
     lines = ["# Evidence: does the multi-branch EKD student earn its place?", "",
-             "Written by `python experiments/evidence_study.py` from finished runs (`--report-only` rebuilds it); "
+             f"Written by `python experiments/evidence_study.py --sizes {','.join(map(str, args.sizes))} --seeds "
+             f"{','.join(map(str, args.seeds))}` from finished runs (`--report-only` rebuilds it); "
              "every cell is a run of `ekdc compare` (see `runs/evidence/n<size>/`). Machine: "
-             f"{first.get('machine', 'this 2-core CPU')}; training on CPU, bf16 autocast, channels_last.", "",
-             "Recipe: `recipes/cifar10-strong.yaml` with `data.per_class` set per size; the teachers' outputs are read "
-             "from a cache of 10 fixed views an image. Validation: the fixed 5,000-image split (500 a class) no run "
+             f"{first.get('machine', 'this 2-core CPU')}; training on {_training_text(first)}.", "",
+             "Recipe: `recipes/cifar10-strong.yaml` with `data.per_class` set per size"
+             + (f" and {', '.join(f'`--set {s}`' for s in args.set)} for every cell" if args.set else "")
+             + "; the teachers' outputs are read "
+             f"from a cache of {cfg.distill.teacher_cache.views} fixed views an image; {cfg.distill.epochs} epochs of "
+             f"batch {cfg.distill.batch_size} for every student. Validation: the fixed 5,000-image split (500 a class) no run "
              "trains on. Accuracies are the exported fp32 ONNX students' own on it, in %, mean ± std over the seeds "
              "that finished (n). A seed fixes the student's initialisation and batch order; the training subset of a "
              "size is the same for every cell.", "", "## Teachers", "", *t_lines, ""]

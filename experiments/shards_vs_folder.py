@@ -2,11 +2,12 @@
 """The same student from an image folder and from WebDataset shards of it: single-process, and under a
 two-node torchrun (two processes on this machine as two nodes, rendezvous on 127.0.0.1).
 
-    python experiments/shards_vs_folder.py [--recipe recipes/cifar10-strong.yaml] [--epochs 10]
+    python experiments/shards_vs_folder.py [--recipe recipes/cifar10-strong.yaml] [--epochs 10] [--mode ce]
 
 The recipe's split (500 images a class, the fixed validation split) is copied into train/ and val/
 folders, which `ekdc data shard` writes as shards; three runs then train the recipe's student from the
-strong teachers (live: a split read in order has no teacher-output cache) for --epochs epochs, seed 0:
+strong teachers (live: a split read in order has no teacher-output cache; or, with --mode ce, the student
+alone, the teachers only scored) for --epochs epochs, seed 0:
 from the folders, from the shards, and from the shards under torchrun. Writes docs/SHARDS.md.
 """
 from __future__ import annotations
@@ -42,8 +43,8 @@ def _copy_split(recipe, out: Path) -> None:
                 shutil.copyfile(src, dst)
 
 
-def _recipe(base: dict, data: dict, path: Path, epochs: int) -> Path:
-    r = {**base, "data": {**{k: base["data"][k] for k in ("image_size", "augment")}, **data}}
+def _recipe(base: dict, data: dict, path: Path, epochs: int, mode: str) -> Path:
+    r = {**base, "mode": mode, "data": {**{k: base["data"][k] for k in ("image_size", "augment")}, **data}}
     r["distill"] = {**base["distill"], "epochs": epochs, "teacher_cache": {"views": 0}}
     r["device"] = "cpu"
     path.write_text(yaml.safe_dump(r, sort_keys=False))
@@ -69,6 +70,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "cifar10-strong.yaml"))
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--mode", default=None, help="the recipe's mode unless given (ce: the student alone, faster)")
     ap.add_argument("--out", default="runs/shards_vs_folder")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
@@ -76,17 +78,18 @@ def main(argv=None) -> None:
     log = out / "log.txt"
     recipe = load_recipe(args.recipe)
     base = recipe.model_dump(mode="json")
+    mode = args.mode or recipe.mode
     _copy_split(recipe, out / "folder")
     py = [sys.executable, "-m", "ekdc"]
     for split in ("train", "val"):
         if not (out / "shards" / split / "shards.json").is_file():
             _run([*py, "data", "shard", str(out / "folder" / split), str(out / "shards" / split), "--shard-size", "500"], log)
     folder = _recipe(base, {"dataset": "imagefolder", "root": str(out / "folder" / "train"),
-                            "val_root": str(out / "folder" / "val")}, out / "folder.yaml", args.epochs)
+                            "val_root": str(out / "folder" / "val")}, out / "folder.yaml", args.epochs, mode)
     shard_data = {"dataset": "webdataset", "urls": sorted(str(p) for p in (out / "shards" / "train").glob("*.tar")),
                   "val_urls": sorted(str(p) for p in (out / "shards" / "val").glob("*.tar")), "loader": "stream",
                   "workers": 1}
-    shards = _recipe(base, shard_data, out / "shards.yaml", args.epochs)
+    shards = _recipe(base, shard_data, out / "shards.yaml", args.epochs, mode)
     seconds = {}
     for name, r in (("folder", folder), ("shards", shards)):
         if not (out / name / "metrics.json").is_file():
@@ -108,10 +111,12 @@ def main(argv=None) -> None:
         rows.append(f"| {name} | {m['world_size']} | {m['train_images']:,} | {100 * m['student']['ensemble_acc']:.2f} | "
                     f"{100 * m['teacher_ensemble_acc']:.2f} | {m['seconds']:.0f} |")
     page = ["# The same student from a folder and from WebDataset shards", "",
-            f"Written by `python experiments/shards_vs_folder.py --epochs {args.epochs}` on this machine (2 CPU cores).",
+            f"Written by `python experiments/shards_vs_folder.py --epochs {args.epochs} --mode {mode}` on this machine "
+            "(2 CPU cores).",
             "", f"Recipe: `{Path(args.recipe).name}`'s split (500 images a class, the fixed 5,000-image validation split) "
             "copied into folders, then `ekdc data shard ... --shard-size 500` (10 training shards, 10 validation "
-            f"shards); its student distilled from the strong teachers (live) for {args.epochs} epochs, seed 0. The "
+            f"shards); its student trained in mode `{mode}` (teachers live where the mode uses them) for {args.epochs} "
+            "epochs, seed 0. The "
             "folder is read at random by position, the shards in order (shard order shuffled each epoch, a shuffle "
             "buffer, augmentation drawn per sample key), so the batches differ: the accuracies agree within seed noise "
             "or not at all.", "", "| data | processes | training images | student acc % | teacher ensemble acc % | "

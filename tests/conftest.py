@@ -11,6 +11,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: each worker (and every process it starts) gets one thread, so N workers on N cores never
+    # oversubscribe them; more threads than cores makes torch's OpenMP workers wait on each other, many
+    # times slower than one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
 
 def tiny_recipe(**over) -> dict:
     """A recipe on synthetic 16x16 data: trains in seconds on a CPU."""
@@ -39,10 +46,41 @@ def write_recipe(path: Path, **over) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "160", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "ekdc", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env=env)
+def run_cli(*args: str, cwd: Path | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``ekdc ARGS`` as a user runs it: its exit code, stdout and stderr. In this process by default (a fresh
+    interpreter costs seconds of imports a call); ``fresh=True`` for what only a new process shows."""
+    argv = [*map(str, args)]
+    if fresh:
+        env = {**os.environ, "COLUMNS": "160", "PYTHONWARNINGS": "ignore"}
+        return subprocess.run([sys.executable, "-m", "ekdc", *argv], capture_output=True, text=True, cwd=cwd,
+                              timeout=600, env=env)
+    import contextlib
+    import io
+    import traceback
+    import warnings
+
+    from ekdc import cli
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old_argv, old_cwd, old_width = sys.argv, os.getcwd(), cli.console.width
+    try:
+        sys.argv = ["ekdc", *argv]
+        cli.console.width = 160
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                cli.main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except BaseException:  # what the interpreter does with an uncaught exception: a traceback, exit 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, cli.console.width = old_argv, old_width
+        os.chdir(old_cwd)
+    return subprocess.CompletedProcess(["ekdc", *argv], code, out.getvalue(), err.getvalue())
 
 
 def kill_9_during(recipe: Path, run: Path, stage: str, epochs: int) -> None:

@@ -482,4 +482,8 @@ def test_model_memory_reflects_the_weights(tmp_path):
         # at the Flatten node the input and its flat copy are alive at once: 2 x 64 x 12,288 floats
         assert m["activations_mb"]["64"] == pytest.approx(2 * 64 * 12288 * 4 / 2**20)
         assert weights * 0.9 <= m["model_mem_mb"] <= 2 * weights + m["activations_mb"]["64"] + 16, m
+        by_batch = m["model_mem_by_batch_mb"]  # read after each batch size, smallest first: never shrinks
+        # (within 1 MiB: the kernel syncs its resident-memory counters lazily)
+        assert by_batch["1"] <= by_batch["64"] + 1 and by_batch["64"] <= m["model_mem_mb"] + 1 and by_batch["1"] >= weights * 0.9
     assert r["memory_ratio"] > 5  # the old figure, the runtime's own cost, gave about 1
+    assert by["small.onnx"]["vs_reference"]["memory_ratio_by_batch"]["1"] > 5

@@ -104,3 +104,31 @@ def test_folder_split_does_not_depend_on_listing_order(tmp_path, monkeypatch):
     second = index_splits(cfg)
     pick = lambda ix: sorted(ix.val.source.files[i] for i in ix.val.positions)  # noqa: E731
     assert pick(first) == pick(second) and list(first.train.positions) == list(second.train.positions)
+
+
+def test_a_split_decoded_again_comes_from_the_memo_until_a_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    from ekdc.data import decode as dec
+
+    monkeypatch.setattr(dec, "MEMO_MIN_FILES", 4)
+    monkeypatch.setattr(dec, "_MEMO", dec.collections.OrderedDict())
+    files = []
+    for i in range(6):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(files[-1])
+    calls = []
+    real = dec.decode_image
+    monkeypatch.setattr(dec, "decode_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    first = dec.decode_files(files, 8)
+    first[0].fill_(255)  # a caller's change must not reach the next caller
+    again = dec.decode_files(files, 8)
+    assert len(calls) == 6 and int(again[0].max()) == 0 and torch.equal(again[1:], first[1:])
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(files[2])
+    os.utime(files[2], ns=(1, 1))  # a file changed: decoded again, and the new pixels are what comes back
+    assert int(dec.decode_files(files, 8)[2].max()) == 7 and len(calls) == 12
+    kept = len(dec._MEMO)
+    dec.decode_files(files[:3], 8)  # under MEMO_MIN_FILES: decoded, never kept
+    assert len(dec._MEMO) == kept

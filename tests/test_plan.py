@@ -1,5 +1,6 @@
 """`ekdc plan`: the student for a latency budget, timed on this machine before training."""
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def test_impossible_budget_is_one_line_and_exit_2(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert "no student meets 1e-05 ms at batch 1 on cpu" in lines[0]
-    assert "the fastest of 2, trunk 4 / branches [4,8] basic, takes" in lines[0]
+    # which of the two is faster is the machine's to say (they are close): the message names one of them
+    assert re.search(r"the fastest of 2, trunk (4 / branches \[4,8\]|8 / branches \[8,16\]) basic, takes", lines[0])
     assert "Traceback" not in res.stderr and "Pareto" in res.stdout  # the measurements are still shown
 
 

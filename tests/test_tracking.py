@@ -40,8 +40,12 @@ def test_tensorboard_scalars_read_back(tmp_path):
 def test_mlflow_run_params_metrics_resume_and_export_artifacts(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    uri = f"sqlite:///{tmp_path / 'store' / 'ml.db'}"
+    (tmp_path / "store").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # nothing may land in the directory the run was started from
     recipe = _recipe(mlflow=True, experiment="tests")
     distill(recipe, tmp_path / "run", progress=False, teachers_only=True)
     run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["mlflow_run_id"]
@@ -55,6 +59,7 @@ def test_mlflow_run_params_metrics_resume_and_export_artifacts(tmp_path, monkeyp
     assert r.data.metrics["val/student_ensemble_acc"] == pytest.approx(run.metrics()["student"]["ensemble_acc"])
     export(run.path, tmp_path / "export", teachers=False)
     assert {a.path for a in client.list_artifacts(run_id, "export")} >= {"export/student.onnx", "export/manifest.json"}
+    assert (tmp_path / "store" / "artifacts").is_dir() and not any(cwd.iterdir())
 
 
 def test_a_tracking_server_that_is_down_leaves_the_run_intact(tmp_path, monkeypatch, capsys):

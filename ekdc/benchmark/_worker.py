@@ -285,7 +285,7 @@ def measure(spec: dict) -> dict[str, Any]:
     if hw is None:
         raise WorkerError("cannot tell the model's input size")
     rng = np.random.default_rng(0)
-    result: dict[str, Any] = {"batches": {}, "baseline_rss_mib": baseline, "runtime_rss_mib": before_model,
+    result: dict[str, Any] = {"batches": {}, "peak_rss_by_batch_mib": {}, "baseline_rss_mib": baseline, "runtime_rss_mib": before_model,
                               "peak_reset": peak_reset, "peak_before_model_mib": peak_before_model,
                               "input_hw": list(hw),
                               "timing": runner.timing}
@@ -294,6 +294,8 @@ def measure(spec: dict) -> dict[str, Any]:
         x = rng.random((b, 3, *hw), dtype=np.float32)
         once = runner.prepare(x)
         result["batches"][str(b)] = time_batch(once, spec["warmup"], spec["runs"], spec["duration"], spec["min_runs"])
+        # the peak so far: batches run smallest first, so this is the model's memory up to this batch size
+        result["peak_rss_by_batch_mib"][str(b)] = peak_rss_mib()
         if gpu is not None:
             d = gpu.sample()
             device_peak = d if device_peak is None or (d is not None and d > device_peak) else device_peak

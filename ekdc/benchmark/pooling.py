@@ -59,6 +59,8 @@ def _model_entry(e: Entry, rounds: list[dict], s: Settings) -> dict[str, Any]:
         # the model's own: the peak after the runtime's fixed cost of a session (the worker resets the
         # high-water mark there) minus the resident memory at that moment
         "model_mem_mb": median([max(0.0, r["peak_rss_mib"] - r["runtime_rss_mib"]) for r in rounds]),
+        "model_mem_by_batch_mb": {str(b): median([max(0.0, r["peak_rss_by_batch_mib"][str(b)] - r["runtime_rss_mib"])
+                                                  for r in rounds]) for b in s.batches},
         "weights_mb": None if info.weight_bytes is None else info.weight_bytes / 2**20,
         "activations_mb": _activations(info, s.batches),
         "baseline_mem_mb": min(r["baseline_rss_mib"] for r in rounds),
@@ -89,6 +91,8 @@ def _vs(m: dict, ref: Optional[dict], batches: list[int]) -> dict[str, Any]:
         "speedup": {str(b): _ratio(rl.get(str(b), {}).get("p50"), m["latency_ms"][str(b)]["p50"]) for b in batches},
         "throughput_ratio": {str(b): _ratio(m["throughput"][str(b)], rt.get(str(b))) for b in batches},
         "memory_ratio": _ratio(g("model_mem_mb"), m["model_mem_mb"]),
+        "memory_ratio_by_batch": {str(b): _ratio((g("model_mem_by_batch_mb") or {}).get(str(b)),
+                                                 m["model_mem_by_batch_mb"][str(b)]) for b in batches},
         "file_ratio": _ratio(g("file_mb"), m["file_mb"]),
         "params_ratio": _ratio(g("params"), m["params"]),
         "macs_ratio": _ratio(g("macs"), m["macs"]),
@@ -123,6 +127,8 @@ def build_report(entries: list[Entry], results: dict[str, list[dict]], s: Settin
                                   "memory after a session of a trivial graph (one Identity) was made and run with the "
                                   "same provider and options, so the runtime's fixed cost of a session is left out; "
                                   "median over rounds",
+                  "model_mem_by_batch_mb": "MiB per batch size: model_mem_mb read after that batch size's runs "
+                                           "(batch sizes run smallest first, so each holds the smaller ones' too)",
                   "weights_mb": "MiB, from the graph: the bytes of its stored tensors (initializers, constants)",
                   "activations_mb": "MiB per batch size, from the graph: the peak of live activation bytes over "
                                     "its nodes in order (fusion, in-place buffers, scratch space and the arena's "

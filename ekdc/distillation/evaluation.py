@@ -69,5 +69,6 @@ def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: li
         "loader": data.loader,
         "skipped_files": data.skipped_files,
         "device": str(rt.device),
+        "precision": rt.precision_text,
         "world_size": rt.world,
     }
