@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ekdc import load_recipe  # noqa: E402
-from ekdc.compare import compare, compare_table, write_compare_plot  # noqa: E402
+from ekdc.compare import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
 
 KD_ROWS = ["avg_kd", "ekd", "ekd+dkd", "avg_kd+dkd", "avg_kd+conf"]
 FIRST_ROWS = ["ce", *KD_ROWS, "plain:avg_kd", "planned:avg_kd"]
@@ -122,8 +122,8 @@ def _teachers_section(teachers_dir: Path) -> tuple[list[str], dict]:
     lines.append("")
     lines.append(f"Trained on {m['train_images']:,} images (`ekdc distill recipes/cifar10-strong-teachers.yaml "
                  f"--teachers-only`), {_training_hours(teachers_dir.parent / 'log.jsonl', m):.2f} h of training on "
-                 f"this machine (each teacher's median epoch time times its epochs, from the run's log.jsonl: the "
-                 f"run was paused once for the test suite, which the median leaves out); scored on the "
+                 f"this machine (each teacher's median epoch time times its epochs, from the run's log.jsonl, so "
+                 f"that an epoch the run was paused in does not count); scored on the "
                  f"{m['val_images']:,}-image validation split every student is scored on.")
     return lines, {"val_acc": m["teacher_ensemble_acc"], "macs": macs, "train_images": m["train_images"],
                    "teachers": [{k: t[k] for k in ("name", "arch", "acc", "params", "macs")} for t in m["teachers"]]}
@@ -164,7 +164,7 @@ def _training_text(report: dict) -> str:
     """Device and precision as a finished cell's metrics.json recorded them."""
     for e in report["rows"]:
         for seed in e["acc"]:
-            cell = Path(report["out"]) / e["row"].replace(":", "-").replace("+", "-") / f"s{seed}" / "metrics.json"
+            cell = Path(report["out"]) / parse_row(e["row"]).slug / f"s{seed}" / "metrics.json"
             if cell.is_file():
                 m = json.loads(cell.read_text())
                 return f"{m.get('device', 'cpu')}, {m.get('precision', 'precision not recorded')}, channels_last"
@@ -213,7 +213,7 @@ def _artifacts(reports: dict[int, dict], folder: Path, teachers: dict) -> None:
         for e in report["rows"]:
             if "0" not in e["acc"]:
                 continue
-            slug = e["row"].replace(":", "-").replace("+", "-")
+            slug = parse_row(e["row"]).slug
             name = f"{slug}-500-s0.onnx"
             shutil.copyfile(out / slug / "s0" / "export" / "student.onnx", folder / name)
             files.append({"row": e["row"], "onnx": name, "mode": e["mode"], "kd_loss": e["kd_loss"],

@@ -285,7 +285,8 @@ def measure(spec: dict) -> dict[str, Any]:
     if hw is None:
         raise WorkerError("cannot tell the model's input size")
     rng = np.random.default_rng(0)
-    result: dict[str, Any] = {"batches": {}, "peak_rss_by_batch_mib": {}, "baseline_rss_mib": baseline, "runtime_rss_mib": before_model,
+    result: dict[str, Any] = {"batches": {}, "peak_rss_by_batch_mib": {}, "baseline_rss_mib": baseline,
+                              "runtime_rss_mib": before_model,
                               "peak_reset": peak_reset, "peak_before_model_mib": peak_before_model,
                               "input_hw": list(hw),
                               "timing": runner.timing}

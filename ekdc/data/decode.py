@@ -158,7 +158,7 @@ def decode_files(files: list[str], size: int, view: str = "pad_crop") -> torch.T
 
 
 # whole splits only (a streamed batch never reaches this many files), the last few, within a byte budget
-MEMO_MIN_FILES, MEMO_SPLITS, MEMO_MAX_BYTES = 1024, 4, 1 << 30
+MEMO_MIN_FILES, MEMO_SPLITS, MEMO_MAX_BYTES = 1024, 4, 1 << 29  # the memo is a second copy: keep it small
 _MEMO: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
 
 
