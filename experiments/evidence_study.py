@@ -35,6 +35,9 @@ from ekdc.compare import compare, compare_table, parse_row, write_compare_plot  
 KD_ROWS = ["avg_kd", "ekd", "ekd+dkd", "avg_kd+dkd", "avg_kd+conf"]
 FIRST_ROWS = ["ce", *KD_ROWS, "plain:avg_kd", "planned:avg_kd"]
 SIZES = (500, 250)
+# the student under test: the 3-branch EKD student (the recipe itself now ships the one-branch winner,
+# so the grid sets the 3-branch one back for every cell; the plain rows widen its single branch)
+STUDY_STUDENT = ["student.num_branches=3", "student.trunk_width=16", "student.branch_widths=[16,32,64]"]
 # the paired gaps the page shows: (row, baseline, what the gap answers)
 PAIRS = [
     ("avg_kd", "ce", "KD from the averaged teachers, against the student alone"),
@@ -66,7 +69,7 @@ def rows_for(best: str) -> list[str]:
 def run(args) -> dict[int, dict]:
     reports, best = {}, None
     for size in args.sizes:
-        recipe = load_recipe(args.recipe, [f"data.per_class={size}", *args.set])
+        recipe = load_recipe(args.recipe, [*STUDY_STUDENT, f"data.per_class={size}", *args.set])
         out = Path(args.runs_root) / f"n{size}"
         if args.report_only:
             first = json.loads((out / "compare.json").read_text()) if (out / "compare.json").is_file() else None
@@ -177,14 +180,15 @@ def write_page(reports: dict[int, dict], args) -> None:
     first = next(iter(reports.values()))
     best = best_kd_row(reports[max(reports)]) if reports else "avg_kd"
     teachers_dir = Path(args.teachers)
-    cfg = load_recipe(args.recipe, args.set)
+    cfg = load_recipe(args.recipe, [*STUDY_STUDENT, *args.set])
     t_lines, t_info = _teachers_section(teachers_dir) if (teachers_dir / "metrics.json").is_file() else ([], {})
     lines = ["# Evidence: does the multi-branch EKD student earn its place?", "",
              f"Written by `python experiments/evidence_study.py --sizes {','.join(map(str, args.sizes))} --seeds "
              f"{','.join(map(str, args.seeds))}` from finished runs (`--report-only` rebuilds it); "
              "every cell is a run of `ekdc compare` (see `runs/evidence/n<size>/`). Machine: "
              f"{first.get('machine', 'this 2-core CPU')}; training on {_training_text(first)}.", "",
-             "Recipe: `recipes/cifar10-strong.yaml` with `data.per_class` set per size"
+             "Recipe: `recipes/cifar10-strong.yaml` with the 3-branch student under test ("
+             + ", ".join(f"`{o}`" for o in STUDY_STUDENT) + ") and `data.per_class` set per size"
              + (f" and {', '.join(f'`--set {s}`' for s in args.set)} for every cell" if args.set else "")
              + "; the teachers' outputs are read "
              f"from a cache of {cfg.distill.teacher_cache.views} fixed views an image; {cfg.distill.epochs} epochs of "

@@ -38,10 +38,11 @@ def test_equal_macs_student_within_five_percent():
     assert abs(macs - target) <= 0.05 * target and cfg["branch_widths"][0] > 16
 
 
-def test_compare_grid_report_and_resume(tmp_path):
+def test_compare_grid_report_and_resume(tmp_path, monkeypatch):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **TINY))
+    monkeypatch.chdir(tmp_path)  # --out relative, as people type it: a resumed grid must still match its cells
     out = tmp_path / "grid"
-    report = compare(recipe, "recipe,ce,plain:avg_kd+dkd", [0, 1], out, progress=False)
+    report = compare(recipe, "recipe,ce,plain:avg_kd+dkd", [0, 1], "grid", progress=False)
     rows = {e["row"]: e for e in report["rows"]}
     assert list(rows) == ["recipe", "ce", "plain:avg_kd+dkd"]
     assert rows["recipe"]["num_branches"] == 2 and rows["plain:avg_kd+dkd"]["num_branches"] == 1
@@ -65,7 +66,7 @@ def test_compare_grid_report_and_resume(tmp_path):
     # resume: finished cells are not trained again; a lost export is made again
     (out / "ce" / "s1" / "export" / "manifest.json").unlink()
     stamp = (out / "ce" / "s1" / "student.pt").stat().st_mtime_ns
-    again = compare(recipe, "recipe,ce,plain:avg_kd+dkd", [0, 1], out, progress=False)
+    again = compare(recipe, "recipe,ce,plain:avg_kd+dkd", [0, 1], "grid", progress=False)
     assert (out / "ce" / "s1" / "student.pt").stat().st_mtime_ns == stamp
     assert again["rows"][1]["acc"] == report["rows"][1]["acc"]
     # the report alone, from the finished cells; and a row not run shows as missing, not as zero

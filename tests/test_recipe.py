@@ -25,7 +25,12 @@ def _yaml(**over) -> str:
 def test_shipped_recipes_validate():
     for p in sorted((ROOT / "recipes").glob("*.yaml")):
         r = load_recipe(p)
-        assert r.student.num_branches == len(r.teachers)
+        # ekd pairs branch i with teacher i; the other modes may use any branch count
+        # (cifar10-strong ships a one-branch student, docs/EVIDENCE.md)
+        if r.mode == "ekd":
+            assert r.student.num_branches == len(r.teachers), p.name
+        else:
+            assert r.student.num_branches >= 1, p.name
 
 
 def test_defaults_and_round_trip(tmp_path):

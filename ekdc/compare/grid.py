@@ -156,7 +156,9 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
     seeds = sorted({int(s) for s in seeds})
     if not seeds:
         raise UserError("--seeds: give at least one seed")
-    out = Path(out) if out is not None else Path("runs") / "compare" / recipe.name
+    # absolute from here on: a cell's recipe.yaml holds absolute paths (teacher files, the shared cache),
+    # and a resumed grid compares its recipes with the ones it makes now, from whatever folder it runs in
+    out = (Path(out) if out is not None else Path("runs") / "compare" / recipe.name).resolve()
     _io.ensure_writable_dir(out)
     say = _say(console)
     if report_only:
