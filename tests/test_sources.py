@@ -89,9 +89,9 @@ def toy_tar(tmp_path):
     unregister_dataset("toy_tar")
 
 
-def _recipe(**data):
+def _recipe(dataset="toy_tar", **data):
     raw = tiny_recipe(mode="avg_kd", teachers=[{"arch": "resnet8", "train": {"epochs": 6, "batch_size": 8, "lr": 0.05}}])
-    raw["data"] = {"dataset": "toy_tar", "image_size": 16, "loader": "stream", "workers": 1, **data}
+    raw["data"] = {"dataset": dataset, "image_size": 16, "loader": "stream", "workers": 1, **data}
     raw["distill"].update({"epochs": 6, "batch_size": 8, "lr": 0.05})
     return recipe_from_dict(raw)
 
@@ -124,6 +124,23 @@ def test_ordered_batches_follow_the_seed_not_the_arrival_order(toy_tar):
     # evaluation reads the validation shard in its listed order, labels included
     xs, ys = zip(*data.val.in_order(10))
     assert torch.cat(ys).tolist() == data.val_y.tolist() and sum(len(x) for x in xs) == 32
+
+
+def test_shards_moved_to_another_folder_give_the_same_epoch(tmp_path):
+    """The shuffle is seeded by the shards' names, not their paths: a run is reproduced from the data."""
+    def epoch(folder):
+        train = _write_shards(folder, shards=4, per_shard=24)
+        register_dataset("toy_moved")(lambda cfg: Sources(TarShards(train), TarShards(train[:1])))
+        try:
+            data = load_data(_recipe("toy_moved").data)
+            data.train.workers = 0
+            return [(c.images.clone(), c.labels.clone()) for c in data.train.epoch(None, 0, 0, 16)]
+        finally:
+            unregister_dataset("toy_moved")
+
+    a, b = epoch(tmp_path / "here" / "train"), epoch(tmp_path / "elsewhere" / "deeper" / "train")
+    assert len(a) == len(b) == 96 // 16
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
 
 
 def test_ordered_sources_refuse_what_needs_positions(toy_tar):

@@ -70,7 +70,10 @@ class _ShardChunks(IterableDataset):
         wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         samples = self._samples(self.shards[wid::workers])
         if self.shuffle:
-            samples = self._shuffled(samples, random.Random(_seed_of(self.seed, self.epoch, wid, *self.shards[:1])))
+            # seeded by the first shard's name, not its path: shards copied to another folder or machine
+            # shuffle the same, so a run is reproduced from the data alone
+            first = [str(s).rsplit("/", 1)[-1] for s in self.shards[:1]]
+            samples = self._shuffled(samples, random.Random(_seed_of(self.seed, self.epoch, wid, *first)))
         chunk = []
         for s in samples:
             if s[3]:
