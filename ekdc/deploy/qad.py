@@ -116,12 +116,12 @@ def _fine_tune(model: nn.Module, recipe, teachers: Optional[nn.Module], s: QADSe
             if t_logits is not None:
                 loss = loss + kd_kl(logits, t_logits, d.temperature)
             if not torch.isfinite(loss):
-                raise UserError(f"QAD diverged in epoch {epoch + 1} (loss {float(loss)}): lower --qad-lr")
+                raise UserError(f"QAD diverged in epoch {epoch + 1} (loss {loss.item()}): lower --qad-lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            seen, total = seen + len(x), total + float(loss) * len(x)
+            seen, total = seen + len(x), total + loss.item() * len(x)
         losses.append(round(total / max(1, seen), 5))
         say(f"  QAD epoch {epoch + 1}/{s.epochs}: loss {losses[-1]:.4f}, {seen / (time.perf_counter() - t0):.0f} images/s")
     model.eval()
