@@ -60,7 +60,7 @@ def main() -> None:
         a = flat(distill(args.before.resolve(), recipe, args.set, Path(tmp) / "before"))
         b = flat(distill(ROOT, recipe, args.set, Path(tmp) / "after"))
     only = sorted(set(a) ^ set(b))
-    differ = [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and k != "precision"]
+    differ = [k for k in sorted(set(a) & set(b)) if a[k] != b[k]]
     for k in only:
         print(f"only in {'before' if k in a else 'after'}: {k} = {a.get(k, b.get(k))}")
     for k in differ:
