@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import _io
 from .errors import UserError
-from .models import EKDStudent, create_model
+from .models import EKDStudent, create_model, list_students
 from .models.student import BLOCKS as STUDENT_BLOCKS
 from .models.student import STEMS as STUDENT_STEMS
 from .teachers import DataInfo, Teacher, frozen_teacher, teacher_from_checkpoint
@@ -80,8 +80,10 @@ def save_student(path: str | os.PathLike, student: EKDStudent, *, classes: list[
     """The trained student without its training-only feature adapters (``teacher_cache``: the cache its
     teachers' outputs were read from, if any)."""
     sd = {k: v for k, v in student.state_dict().items() if not k.startswith("adapters.")}
-    _io.save_checkpoint({"state_dict": sd, "arch": "ekd_student", "config": student.config,
-                         "stem": student.config["stem"], "block": student.config["block"], **_data_fields(classes, input_size, mean, std), "recipe": recipe,
+    arch = getattr(student, "arch", "ekd_student")
+    _io.save_checkpoint({"state_dict": sd, "arch": arch, "config": student.config,
+                         **({"stem": student.config["stem"], "block": student.config["block"]} if arch == "ekd_student" else {}),
+                         **_data_fields(classes, input_size, mean, std), "recipe": recipe,
                          "mode": mode, "teachers": list(teachers), "seconds": float(seconds),
                          "teacher_cache": teacher_cache}, path)
 
@@ -89,13 +91,16 @@ def save_student(path: str | os.PathLike, student: EKDStudent, *, classes: list[
 def load_student(path: str | os.PathLike) -> tuple[EKDStudent, dict]:
     """The student (eval mode) and its checkpoint's fields."""
     ck = _io.load_checkpoint(path, "student checkpoint")
-    if ck.get("arch") != "ekd_student" or "config" not in ck:
+    if not isinstance(ck.get("arch"), str) or "config" not in ck:
         raise UserError(f"{path} is not an ekdc student checkpoint")
+    if ck["arch"] not in list_students():
+        raise UserError(f"{path}: a '{ck['arch']}' student, which this ekdc does not have (students: "
+                        f"{', '.join(list_students())}; a plugin's student needs its package installed)")
     for key, known in (("stem", STUDENT_STEMS), ("block", STUDENT_BLOCKS)):
         if ck.get(key, known[0]) not in known:
             raise UserError(f"{path}: a student with {key} '{ck[key]}' needs a newer ekdc (this one builds "
                             f"{', '.join(known)})")
-    student = create_model("ekd_student", num_classes=int(ck["num_classes"]), **ck["config"])
+    student = create_model(ck["arch"], num_classes=int(ck["num_classes"]), **ck["config"])
     try:
         student.load_state_dict(ck["state_dict"])
     except RuntimeError as err:
@@ -108,17 +113,19 @@ def load_student(path: str | os.PathLike) -> tuple[EKDStudent, dict]:
 
 
 def save_stage(path: str | os.PathLike, *, stage: str, model: nn.Module, optimizer, scheduler, scaler,
-               epoch: int, seconds: float) -> None:
+               epoch: int, seconds: float, ema=None) -> None:
     _io.save_checkpoint({
         "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng_cpu": torch.get_rng_state(),
+        "ema": ema.state_dict() if ema is not None else None,
         "epoch": int(epoch), "seconds": float(seconds), "stage": stage,
     }, path)
 
 
-def load_stage(path: str | os.PathLike, *, model: nn.Module, optimizer, scheduler, scaler) -> Optional[tuple[int, float]]:
-    """Restore a stage in progress into the given objects; returns (epochs done, seconds so far), or None
-    when there is no stage checkpoint."""
+def load_stage(path: str | os.PathLike, *, model: nn.Module, optimizer, scheduler, scaler,
+               ema=None) -> Optional[tuple[int, float]]:
+    """Restore a stage in progress into the given objects (``ema``: the stage's weight average, where it
+    keeps one); returns (epochs done, seconds so far), or None when there is no stage checkpoint."""
     if not Path(path).exists():
         return None
     ck = _io.load_checkpoint(path, "stage checkpoint")
@@ -127,5 +134,7 @@ def load_stage(path: str | os.PathLike, *, model: nn.Module, optimizer, schedule
     scheduler.load_state_dict(ck["scheduler"])
     if ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
+    if ema is not None and ck.get("ema"):
+        ema.load_state_dict(ck["ema"])
     torch.set_rng_state(ck["rng_cpu"])
     return int(ck["epoch"]), float(ck["seconds"])

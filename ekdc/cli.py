@@ -17,6 +17,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # help texts are plain text: Rich markup would take "[default: ...]" and "'ekdc[qad]'" for tags and drop them
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(highlight=False)
@@ -43,8 +45,10 @@ def distill(
 ):
     """Train (or load) the teachers, then the EKD student, from a recipe."""
     from .recipe import load_recipe
+    from .recipe.inert import check_recipe
 
     r = load_recipe(recipe, set_)  # before the heavy imports: a bad recipe is reported at once
+    check_recipe(r, str(recipe))  # a setting that changes nothing, named
     from .distillation import distill as run_distill
     from .tables import metrics_table, teachers_table
 
@@ -211,8 +215,10 @@ def compare(
     from .compare import compare as run_compare
     from .compare import compare_table, parse_rows, write_compare_plot
     from .recipe import load_recipe
+    from .recipe.inert import check_recipe
 
     r = load_recipe(recipe, set_)
+    check_recipe(r, str(recipe))  # what ekdc distill refuses, compare refuses
     parse_rows(rows)  # a bad row is named before any training
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
@@ -274,7 +280,7 @@ def _class_list(text: Optional[str]) -> Optional[list[str]]:
     return names
 
 
-data_app = typer.Typer(help="Look at a data set before training on it.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at a data set before training on it.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 
@@ -318,21 +324,30 @@ def data_check(
 @data_app.command("shard")
 def data_shard(
     folder: Path = typer.Argument(..., help="An image folder (root/<class>/<image>)."),
-    out: Path = typer.Argument(..., help="Where the shards go (OUT/shard-000000.tar ..., classes.txt, shards.json)."),
+    out: Path = typer.Argument(..., help="Where the shards go (OUT/shard-000000.tar ..., classes.txt, shards.json): "
+                                         "a new or empty folder, outside FOLDER."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples a shard."),
     seed: int = typer.Option(0, "--seed", help="The seeded order the samples are written in (every shard holds every class)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="OUT holds shards of an earlier 'ekdc data shard': "
+                                   "replace them (nothing else in OUT is ever removed)."),
 ):
-    """Write an image folder as WebDataset tar shards (data.dataset: webdataset)."""
+    """Write an image folder as WebDataset tar shards (data.dataset: webdataset). Only images training can
+    use are packed: what 'ekdc data check' finds wrong (unreadable files, links that would relabel, one
+    image in two classes) is left out and listed in OUT/shards.json."""
     from rich.progress import Progress
 
-    from .data.shards import write_shards
+    from .data.shards import SHARDS_INDEX, left_out_summary, write_shards
 
     with Progress(console=console, transient=True) as progress:
-        r = write_shards(folder, out, shard_size=shard_size, seed=seed, progress=progress)
-    console.print(f"wrote {r['shards']} shards of {r['samples']:,} samples ({r['classes']} classes) to {r['out']}; "
-                  f"train from them with data: {{dataset: webdataset, urls: \"{r['pattern']}\", val_urls: ...}} "
-                  "(the validation shards: shard the validation folder the same way)", soft_wrap=True,
-                  markup=False, highlight=False)
+        r = write_shards(folder, out, shard_size=shard_size, seed=seed, progress=progress, overwrite=overwrite)
+    say = lambda text: console.print(text, soft_wrap=True, markup=False, highlight=False)  # noqa: E731
+    if r["replaced"]:
+        say(f"replaced the {r['replaced']} shards an earlier write left in {r['out']}")
+    for line in left_out_summary(r["left_out"], str(Path(r["out"]) / SHARDS_INDEX)):
+        say(f"warning: {line}")
+    say(f"wrote {r['shards']} shards of {r['samples']:,} samples ({r['classes']} classes) to {r['out']}; "
+        f"train from them with data: {{dataset: webdataset, urls: \"{r['pattern']}\", val_urls: ...}} "
+        "(the validation shards: shard the validation folder the same way)")
 
 
 @app.command("models")

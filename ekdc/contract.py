@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from .cores import usable_cores
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
@@ -32,8 +34,6 @@ META_PREPROCESS = "ekdc.preprocess"
 META_QUANTIZATION = "ekdc.quantization"
 META_FOLD = "fold"
 META_TEACHERS = "teachers"
-
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 
 # ImageNet's normalisation: the default of models from elsewhere (ONNX teachers, bench's --preprocess imagenet)
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -53,14 +53,6 @@ def contract_metadata(*, classes: list[str], input_size: int, kind: str, precisi
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
-
-
-def usable_cores() -> int:
-    """The CPUs this process may run on (``taskset``, cgroups' cpusets), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def ort_providers(provider: str = "cpu", trt_options: Optional[dict[str, Any]] = None) -> list:

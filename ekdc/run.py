@@ -6,7 +6,7 @@
     runs/<name>/student.pt          the trained student (without training-only adapters)
     runs/<name>/ckpt/<stage>.pt     the in-progress stage's last epoch (deleted when the stage ends)
     runs/<name>/log.jsonl           one JSON line per epoch and per event
-    runs/<name>/metrics.json        validation metrics (see DESIGN.md)
+    runs/<name>/metrics.json        validation metrics (distillation/evaluation.py)
     runs/<name>/plan.json           student.latency_ms only: the planned student and every candidate timed
     runs/<name>/.lock               held by the one process training into the folder
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ._io import FileLock, WriteError, ensure_writable_dir, write_text
 from .errors import UserError
+from .plugins import missing_hint
 from .recipe import dump_recipe, load_recipe
 
 
@@ -59,7 +60,10 @@ class RunDir:
     def recipe(self):
         if not self.recipe_path.is_file():
             raise UserError(f"{self.path} is not an ekdc run folder (no recipe.yaml in it)")
-        return load_recipe(self.recipe_path)
+        try:
+            return load_recipe(self.recipe_path)
+        except UserError as err:  # a plugin the run used, not installed here: say which
+            raise UserError(f"{err}{missing_hint(self.path)}") from None
 
     def holds_files(self) -> bool:
         """Whether the folder holds anything but its lock."""
@@ -192,8 +196,11 @@ STUDENT_STAGE_KEYS = ("student.", "distill.", "mode")
 
 
 def _check_resumed_recipe(run: RunDir, recipe) -> None:
+    from .recipe.inert import effective  # settings that change nothing (ekdc.recipe.inert) make no difference
+
     saved, given = run.recipe().model_dump(mode="json"), recipe.model_dump(mode="json")
-    diffs = [d for d in all_differences(saved, given) if not d.startswith("tracking.")]  # watching changes no result
+    diffs = [d for d in all_differences(effective(saved), effective(given))
+             if not d.startswith("tracking.")]  # watching changes no result
     if not diffs and saved != given:
         write_text(run.recipe_path, dump_recipe(recipe))
     if not diffs:

@@ -41,7 +41,7 @@ def metrics_table(m: dict, title: str = "validation metrics") -> Table:
     t = _metrics_columns(title)
     s = m["student"]
     branches = " / ".join(f"{a:.4f}" for a in s["branch_acc"])
-    t.add_row(f"student ({m['mode']})", f"ekd_student x{len(s['branch_acc'])}", f"{s['ensemble_acc']:.4f}",
+    t.add_row(f"student ({m['mode']})", f"{s.get('arch', 'ekd_student')} x{len(s['branch_acc'])}", f"{s['ensemble_acc']:.4f}",
               count_text(s["params"]), count_text(s["macs"]))
     t.add_row("  branches", "", branches, "", "")
     tp, tm = _teacher_rows(t, m)

@@ -12,6 +12,7 @@ import argparse
 import os
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,10 +72,10 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
                    check=True, capture_output=True)
     wrong_input = d / "nhwc_input.onnx"
     _declare_nhwc(d / "export" / "student.onnx", wrong_input)
-    import shutil
-
     shutil.copytree(run, d / "moved")  # a run copied without the teachers it trained
     shutil.rmtree(d / "moved" / "teachers")
+    shutil.copytree(run, d / "nostudent")  # a run whose student was never trained (a failed run leaves no folder)
+    (d / "nostudent" / "student.pt").unlink()
     (d / "candidates.yaml").write_text(yaml.safe_dump([{"trunk_width": 4, "branch_widths": [4]}]))
     bomb_root = d / "bomb_root"
     for c in ("cat", "dog"):
@@ -83,6 +84,13 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
             torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(bomb_root / c / f"{i}.png")
     _bomb(bomb_root / "cat" / "huge.png")
     (d / "shards").mkdir()
+    # shards of bomb_root (its bomb left out), and a copy of them with a shard cut short
+    subprocess.run([sys.executable, "-m", "ekdc", "data", "shard", str(bomb_root), str(d / "sh"), "--shard-size", "4"],
+                   check=True, capture_output=True)
+    shutil.copytree(d / "sh", d / "sh_short")
+    os.truncate(d / "sh_short" / "shard-000001.tar", 3000)
+    shards = ["--set", "data.dataset=webdataset", "--set", f"data.urls={d}/sh/shard-000000.tar",
+              "--set", f"data.val_urls={d}/sh/shard-000001.tar", "--set", "data.image_size=8"]
     return [  # (what, arguments); the "busy" run is locked by another process, "disk full" runs under a file-size limit
         ("recipe missing", ["distill", str(d / "missing.yaml")]),
         ("recipe not YAML", ["distill", str(d / "not_yaml.yaml")]),
@@ -132,7 +140,7 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("plan: --out is the recipe itself", ["plan", str(ok), "--latency", "1", "--out", str(ok)]),
         ("export: the teachers it trained are missing", ["export", str(d / "moved"), "--out", str(d / "e3")]),
         ("export: no run found", ["export", "--runs", str(d / "no_runs")]),
-        ("export: run without a student", ["export", str(d / "o2")]),
+        ("export: run without a student", ["export", str(d / "nostudent")]),
         ("export: output folder not writable", ["export", str(run), "--out", "/proc/ekdc"]),
         ("export: --trt without TensorRT/GPU", ["export", str(run), "--out", str(d / "e2"), "--trt"]),
         ("export: unknown --fold", ["export", str(run), "--fold", "diagonal"]),
@@ -161,6 +169,24 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("compare: not a row", ["compare", str(ok), "--rows", "wide:ce"]),
         ("compare: a one-branch student in ekd", ["compare", str(ok), "--rows", "plain:ekd", "--out", str(d / "c1")]),
         ("export: --qad without --int8", ["export", str(run), "--out", str(d / "e4"), "--qad"]),
+        ("data shard: OUT inside FOLDER", ["data", "shard", str(bomb_root), str(bomb_root / "shards")]),
+        ("data shard: OUT holds the shards of an earlier write", ["data", "shard", str(bomb_root), str(d / "sh")]),
+        ("shards: data.classes in another order than classes.txt", ["distill", str(ok), "--out", str(d / "o11"), *shards,
+                                                                   "--set", "data.classes=[dog,cat]"]),
+        ("shards: a shard cut short", ["distill", str(ok), "--out", str(d / "o12"), *shards, "--set",
+                                       f"data.urls={d}/sh_short/shard-000001.tar"]),
+        ("a setting that changes nothing: feature weight in avg_kd", ["distill", str(ok), "--set", "mode=avg_kd",
+                                                                      "--set", "distill.weights.feat=1.0"]),
+        ("a setting that changes nothing: DKD in mode ce", ["distill", str(ok), "--set", "mode=ce", "--set",
+                                                            "distill.kd.loss=dkd"]),
+        ("a setting that changes nothing: DKD with alpha and beta 0", ["distill", str(ok), "--set", "distill.kd.loss=dkd",
+                                                                       "--set", "distill.kd.alpha=0", "--set",
+                                                                       "distill.kd.beta=0"]),
+        ("compare: a modifier that changes nothing", ["compare", str(ok), "--rows", "recipe,recipe+k0", "--out",
+                                                      str(d / "c2")]),
+        ("compare: two rows that train the same", ["compare", str(ok), "--rows", "ekd,recipe", "--out", str(d / "c3")]),
+        ("compare: a row that changes nothing in its mode", ["compare", str(ok), "--set", "mode=avg_kd", "--rows",
+                                                             "recipe,recipe+feat", "--out", str(d / "c4")]),
     ]
 
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from ekdc import load_recipe  # noqa: E402
 from ekdc.compare import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
+from ekdc.compare.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
 
 KD_ROWS = ["avg_kd", "ekd", "ekd+dkd", "avg_kd+dkd", "avg_kd+conf"]
 FIRST_ROWS = ["ce", *KD_ROWS, "plain:avg_kd", "planned:avg_kd"]
@@ -89,17 +90,7 @@ def run(args) -> dict[int, dict]:
 # the page
 
 
-def _pct(x, signed=False):
-    if x is None:
-        return "–"
-    return (f"{100 * x:+.2f}".replace("-", "−")) if signed else f"{100 * x:.2f}"
-
-
-def _mean_std(xs, signed=False):
-    if not xs:
-        return "–"
-    m = statistics.mean(xs)
-    return _pct(m, signed) + (f" ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+_pct, _mean_std = pct, pct_mean_std  # the page's figures: ekdc.compare.stats, as compare's own report
 
 
 def _training_hours(log: Path, metrics: dict) -> float:
@@ -154,9 +145,9 @@ def _pairs_table(report: dict, best: str) -> tuple[list[str], list[dict]]:
             continue
         seen.add((row, base))
         seeds = [s for s in by[row]["acc"] if s in by[base]["acc"]]
-        diffs = [by[row]["acc"][s] - by[base]["acc"][s] for s in seeds]
+        diffs = paired_diffs(by[row]["acc"], by[base]["acc"])
         spread = list(by[base]["acc"].values())
-        sd = f"{100 * statistics.stdev(spread):.2f}" if len(spread) > 1 else "–"
+        sd = pct(mean_std(spread)[1])
         lines.append(f"| `{row}` − `{base}` | {what} | {len(seeds)} | {_mean_std(diffs, True)} | "
                      f"{sum(d > 0 for d in diffs)} of {len(seeds)} | {sd} |")
         out.append({"row": row, "baseline": base, "seeds": len(seeds), "diffs": diffs})

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from ekdc import load_recipe  # noqa: E402
 from ekdc.compare import compare, parse_row  # noqa: E402
+from ekdc.compare.stats import mean_std  # noqa: E402
 
 # each mode of the page and the ``ekdc compare`` row that trains it
 MODES = {
@@ -71,8 +72,8 @@ def _shown(path: str) -> str:
 
 def _pct_stats(xs: list[float]) -> dict:
     """Fractions as percent: n, mean (None with no value) and sample std (None with fewer than two)."""
-    return {"n": len(xs), "mean": 100 * statistics.mean(xs) if xs else None,
-            "std": 100 * statistics.stdev(xs) if len(xs) > 1 else None}
+    mean, std = mean_std(xs)
+    return {"n": len(xs), "mean": None if mean is None else 100 * mean, "std": None if std is None else 100 * std}
 
 
 def _stats_text(st: dict, signed: bool = False) -> str:
@@ -164,8 +165,8 @@ def _plot(data: dict, path: Path) -> None:
             accs = [c["ensemble"] for r in data["rows"] if r["size"] == size and r["mode"] == mode for c in r["cells"]]
             if accs:
                 xs.append(i + (j - (len(modes) - 1) / 2) * width)
-                ys.append(100 * statistics.mean(accs))
-                es.append(100 * statistics.stdev(accs) if len(accs) > 1 else 0)
+                ys.append(100 * mean_std(accs)[0])
+                es.append(100 * (mean_std(accs)[1] or 0))
         if xs:  # a mode with no finished run yet gets no legend entry
             ax.bar(xs, ys, width, yerr=es, capsize=3, label=mode, color=f"C{j}")
     ax.set_xticks(range(len(sizes)), [f"{s:,} images" for s in sizes])

@@ -46,6 +46,9 @@ def _copy_split(recipe, out: Path) -> None:
 def _recipe(base: dict, data: dict, path: Path, epochs: int, mode: str) -> Path:
     r = {**base, "mode": mode, "data": {**{k: base["data"][k] for k in ("image_size", "augment")}, **data}}
     r["distill"] = {**base["distill"], "epochs": epochs, "teacher_cache": {"views": 0}}
+    if mode == "ce":  # the student alone: the KD term's settings would change nothing, and are refused
+        for key in ("kd", "temperature"):
+            r["distill"].pop(key, None)
     r["device"] = "cpu"
     path.write_text(yaml.safe_dump(r, sort_keys=False))
     return path

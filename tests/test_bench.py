@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -188,7 +189,10 @@ def test_report_shape_and_types(report, art):
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
             assert m["throughput"][b] == pytest.approx(int(b) * 1e3 / lat["mean"])
             assert m["samples"][b] == FAST["runs"] * FAST["repeats"]  # per-round samples pooled
-            assert len(m["round_p50_ms"][b]) == FAST["repeats"] and m["spread_pct"][b] >= 0
+            rounds = m["round_p50_ms"][b]
+            assert len(rounds) == FAST["repeats"]
+            # the spread is the rounds' own: (max - min) / median, in percent
+            assert m["spread_pct"][b] == pytest.approx(100 * (max(rounds) - min(rounds)) / statistics.median(rounds), abs=0.05)
         assert m["device_mem_mb"] is None  # CPU
         assert m["gflops"] == pytest.approx(2 * m["macs"] * m["throughput"]["4"] / 1e9)
     assert set(report["speedup"]) == {"1", "4"}
@@ -284,8 +288,12 @@ def test_table_and_markdown(report):
     console = Console(width=220, record=True)
     console.print(bench_table(report))
     text = console.export_text()
-    for name in ("student.onnx", "student.int8.onnx", "teachers.onnx", "fp32, reference", "speedup"):
+    for name in ("student.onnx", "student.int8.onnx", "teachers.onnx (reference)", "speedup", "onnxruntime"):
         assert name in text
+    models = text.split("ekdc bench: speed")[0]
+    # one line per model in the models table, with plain one-line column heads
+    assert sum(1 for line in models.splitlines() if line.strip().startswith(("student", "teachers"))) == len(report["models"])
+    assert "MACs" in models and "\nprecision\n" not in text
     md = markdown_table(report)
     assert md.count("\n") == 2 + len(report["models"]) and "`teachers.onnx (reference)`" in md
 

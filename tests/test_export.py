@@ -222,7 +222,7 @@ def test_failed_export_leaves_the_folder_as_it_was(tiny_run, tmp_path, monkeypat
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert "student.int8.onnx" in before
 
-    def teachers_fail(job, teachers):  # fails after student.onnx is made, before anything is published
+    def teachers_fail(job):  # fails after student.onnx is made, before anything is published
         raise export_mod.UserError("teachers cannot be exported")
 
     monkeypatch.setattr(export_mod, "export_teachers", teachers_fail)

@@ -68,7 +68,9 @@ def test_a_tracking_server_that_is_down_leaves_the_run_intact(tmp_path, monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     run = distill(_recipe(mlflow=True, tensorboard=True), tmp_path / "run", progress=False, console=Console())
-    assert run.finished and run.metrics()["student"]["ensemble_acc"] >= 0
+    assert run.finished
+    epochs = [json.loads(line) for line in run.log_path.read_text().splitlines() if '"stage"' in line]
+    assert [r["epoch"] for r in epochs] == [1, 2, 1, 2]  # every epoch of both stages trained and logged
     out = capsys.readouterr().out
     assert "mlflow tracking could not start" in out and "training goes on untracked" in out
     assert (run.path / "tb").is_dir()  # the other tracker kept working

@@ -1,5 +1,5 @@
 """Each model's rounds pooled into its report entry (percentiles, throughput, memory, spread), and the
-ratios to the reference: the bench JSON of DESIGN.md's contract."""
+ratios to the reference: the bench JSON (units in its "units" key)."""
 from __future__ import annotations
 
 from typing import Any, Optional

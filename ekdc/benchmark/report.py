@@ -7,6 +7,7 @@ from typing import Any, Optional
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich import box
+from rich.console import Group
 from rich.table import Table
 
 from .._io import save_figure
@@ -44,7 +45,8 @@ def _max_spread(m: dict) -> Optional[float]:
 def machine_line(report: dict) -> str:
     mc = report.get("machine", {})
     gpu = f", GPU {mc['gpu']}" if mc.get("gpu") else ""
-    return (f"{mc.get('cpu', '?')}, {mc.get('cores', '?')} cores ({mc.get('usable_cores', '?')} usable){gpu}; "
+    flags = f" ({' '.join(mc['cpu_flags'])})" if mc.get("cpu_flags") else ""  # not [..]: Rich markup
+    return (f"{mc.get('cpu', '?')}{flags}, {mc.get('cores', '?')} cores ({mc.get('usable_cores', '?')} usable){gpu}; "
             f"onnxruntime {mc.get('onnxruntime', '?')}, provider {mc.get('provider', '?')}, "
             f"{mc.get('threads', '?')} intra-op threads")
 
@@ -53,44 +55,56 @@ def machine_line(report: dict) -> str:
 # Rich
 
 
-def bench_table(report: dict) -> Table:
-    """One row per model (the reference too). Each cell stacks related figures so that three batch
-    sizes still fit an 80-column terminal; per batch size: p50 ms, img/s, speedup over the reference."""
+def _label(m: dict) -> str:
+    return f"{m['name']} (reference)" if m["is_reference"] else m["name"]
 
-    batches = [str(b) for b in report["batches"]]
+
+def model_table(report: dict) -> Table:
+    """One line per model: what it is, what it scores, what it weighs."""
+    ref = report.get("reference")
+    t = Table(title="ekdc bench: models", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("model", "precision", "accuracy", "params", "MACs", "file MB", "weights MiB", "model MiB",
+                "memory vs ref", "peak MiB"):
+        t.add_column(col, justify="left" if col in ("model", "precision") else "right", no_wrap=col == "model")
+    for m in report["models"]:
+        vs = m["vs_reference"]
+        t.add_row(_label(m), m.get("precision") or "-", _acc(m), count_text(m["params"]), count_text(m["macs"]),
+                  _num(m["file_mb"]), _num(m.get("weights_mb")), f"{m['model_mem_mb']:.1f}",
+                  _times(vs["memory_ratio"]), f"{m['peak_mem_mb']:.0f}")
+    t.caption = (f"accuracy on the validation split ({'no data given' if all(m.get('accuracy') is None for m in report['models']) else 'the same images for every model'}); "
+                 "MACs per image; weights MiB: stored tensors; model MiB: its own memory, measured (peak less a "
+                 f"trivial session's); memory vs ref: {ref or 'no reference'} / model")
+    return t
+
+
+def speed_table(report: dict) -> Table:
+    """One line per model and batch size: latency, throughput, speedup (timm's benchmark shape)."""
     ref = report.get("reference")
     s = report["settings"]
     rounds = f"{s['repeats']} round" + ("s" if s["repeats"] != 1 else "")
-    t = Table(title=f"ekdc bench: {s['provider']}, {s['threads']} threads, {rounds}",
-              box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
-    longest = max(len(m["name"]) for m in report["models"])
-    t.add_column("model\nprecision\naccuracy", no_wrap=True, min_width=min(longest, 40))
-    t.add_column("params\nMACs/img\nGFLOP/s", justify="right")
-    t.add_column("file MB\nweights MiB\nmodel MiB\nmem ratio\npeak MiB", justify="right")
-    for b in batches:
-        t.add_column(f"batch {b}\np50 ms\nimg/s\nspeedup\nact MiB", justify="right")
-    t.add_column("spread", justify="right")
+    t = Table(title=f"ekdc bench: speed ({s['provider']}, {s['threads']} threads, {rounds})", box=box.SIMPLE_HEAD,
+              padding=(0, 1))
+    for col in ("model", "precision", "batch", "p50 ms", "p90 ms", "img/s", "speedup", "GFLOP/s", "act MiB", "spread %"):
+        t.add_column(col, justify="left" if col in ("model", "precision") else "right", no_wrap=col == "model")
+    big = str(max(int(b) for b in report["batches"]))
     for m in report["models"]:
         vs = m["vs_reference"]
-        tag = (m.get("precision") or "-") + (", reference" if m["is_reference"] else "")
-        acc = "no data" if m.get("accuracy") is None else f"acc {m['accuracy']:.4f}"
-        cells = [f"{m['name']}\n{tag}\n{acc}",
-                 f"{count_text(m['params'])}\n{count_text(m['macs'])}\n{_num(m.get('gflops'))}",
-                 f"{_num(m['file_mb'])}\n{_num(m.get('weights_mb'))}\n{m['model_mem_mb']:.1f}\n{_times(vs['memory_ratio'])}"
-                 f"\n{m['peak_mem_mb']:.0f}"]
-        for b in batches:
-            act = (m.get("activations_mb") or {}).get(b)
-            cells.append(f"{_num(m['latency_ms'][b]['p50'])}\n{_rate(m['throughput'][b])}\n{_times(vs['speedup'][b])}"
-                         f"\n{_num(act)}")
-        spread = _max_spread(m)
-        cells.append("-" if spread is None else f"{spread:.1f}%")
-        t.add_row(*cells, end_section=True)
-    ratio_note = f"ratios: {ref} / model (> 1: faster, smaller)" if ref else "no reference: no ratios"
-    t.caption = (f"{machine_line(report)}\nMACs per image; GFLOP/s at the largest batch; img/s = batch / mean "
-                 f"latency; weights MiB: its stored tensors, from the graph; model MiB: its own memory, measured (peak less the "
-                 f"runtime's fixed cost of a session), mem ratio from it; act MiB: the graph's peak of live activations; "
-                 f"peak MiB: the whole process; spread: (max-min)/median of per-round p50, worst batch; {ratio_note}")
+        for i, b in enumerate(str(b) for b in report["batches"]):
+            lat, spread = m["latency_ms"][b], (m.get("spread_pct") or {}).get(b)
+            t.add_row(_label(m) if i == 0 else "", (m.get("precision") or "-") if i == 0 else "", b, _num(lat["p50"]),
+                      _num(lat.get("p90")), _rate(m["throughput"][b]), _times(vs["speedup"][b]),
+                      _num(m.get("gflops")) if b == big else "", _num((m.get("activations_mb") or {}).get(b)),
+                      "-" if spread is None else f"{spread:.1f}",
+                      end_section=(b == str(report["batches"][-1])))
+    t.caption = (f"{machine_line(report)}\nimg/s = batch / mean latency; speedup: {ref or 'no reference'}'s latency / "
+                 "the model's (> 1: faster); GFLOP/s at the largest batch; act MiB: the graph's peak of live "
+                 "activations; spread: (max - min) / median of the per-round p50")
     return t
+
+
+def bench_table(report: dict) -> Group:
+    """The report as a person reads it: the models table, then the speed table under it."""
+    return Group(model_table(report), speed_table(report))
 
 
 # --------------------------------------------------------------------------------------------------

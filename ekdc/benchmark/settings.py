@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Optional, Union
 import onnxruntime as ort
 
 from .._io import ensure_writable_dir
-from ..contract import PROVIDERS, usable_cores
+from ..contract import PROVIDERS
+from ..cores import usable_cores
 from ..errors import UserError
 from ..onnx_graph import ModelInfo
 

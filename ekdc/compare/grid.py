@@ -11,6 +11,7 @@ a run folder, so the grid resumes where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -23,6 +24,7 @@ from ..distillation import distill
 from ..errors import UserError
 from ..plan import short_config
 from ..recipe import Recipe, recipe_from_dict
+from ..recipe.inert import check_recipe, effective
 from ..run import RunDir, all_differences
 from .report import build_report
 from .rows import DEFAULT_ROWS, Row, parse_rows, row_recipe
@@ -44,11 +46,21 @@ def _num_classes(recipe: Recipe) -> int:
     return len(index_splits(recipe.data).classes)
 
 
-def _teachers(recipe: Recipe, out: Path, console, progress: bool) -> dict:
-    """The base recipe mapping with every teacher that trains here replaced by its trained file."""
+def _teacher_files(recipe: Recipe, out: Path) -> dict:
+    """The base recipe mapping with every teacher that trains here replaced by its file in OUT/teachers/."""
     raw = recipe.model_dump(mode="json")
-    trained = [i for i, t in enumerate(recipe.teachers) if t.train is not None]
-    if trained:
+    run = RunDir(out / "teachers")
+    for i, t in enumerate(recipe.teachers):
+        if t.train is not None:
+            raw["teachers"][i] = {**raw["teachers"][i], "weights": str(run.teacher_path(t.name)),
+                                  "train": None, "checkpoint": None, "pretrained": False}
+    return raw
+
+
+def _teachers(recipe: Recipe, out: Path, console, progress: bool) -> dict:
+    """The teachers that train here, trained once (or checked: trained from this recipe), and the base
+    recipe mapping with each replaced by its trained file."""
+    if any(t.train is not None for t in recipe.teachers):
         folder = out / "teachers"
         run = RunDir(folder)
         if run.teacher_metrics_path.is_file():
@@ -56,10 +68,7 @@ def _teachers(recipe: Recipe, out: Path, console, progress: bool) -> dict:
         else:
             distill(recipe, folder, resume=run.recipe_path.is_file(), console=console, progress=progress,
                     teachers_only=True)
-        for i in trained:
-            raw["teachers"][i] = {**raw["teachers"][i], "weights": str(run.teacher_path(recipe.teachers[i].name)),
-                                  "train": None, "checkpoint": None, "pretrained": False}
-    return raw
+    return _teacher_files(recipe, out)
 
 
 # what a teachers run depends on (a grid whose recipe changed elsewhere reuses its teachers)
@@ -68,7 +77,8 @@ TEACHER_KEYS = ("seed", "device", "precision", "channels_last", "data.", "teache
 
 def _same_recipe(run: RunDir, recipe: Recipe, keys: Optional[tuple[str, ...]] = None) -> None:
     """A folder of the grid holds what ``recipe`` makes (in ``keys``, default all but tracking), or one line."""
-    diffs = [d for d in all_differences(run.recipe().model_dump(mode="json"), recipe.model_dump(mode="json"))
+    diffs = [d for d in all_differences(effective(run.recipe().model_dump(mode="json")),
+                                        effective(recipe.model_dump(mode="json")))
              if not d.startswith("tracking.") and (keys is None or d.startswith(keys))]
     if diffs:
         raise UserError(f"compare: {run.path} was trained from another recipe ('{diffs[0]}' differs): give another "
@@ -84,14 +94,18 @@ def _students(recipe: Recipe, rows: list[Row], out: Path, say, console) -> dict:
         raise UserError("compare: give the recipe's student by its widths (plan it first with 'ekdc plan "
                         "--out'), not by student.latency_ms")
     base = recipe.student.model_kwargs()
+    arch = recipe.student.arch
     n, size = _num_classes(recipe), recipe.data.image_size
     if found.get("recipe") != base:
-        found = {"recipe": base, "recipe_macs": student_macs(base, n, size)}
+        found = {"recipe": base, "recipe_macs": student_macs(base, n, size, arch)}
     if any(r.student == "plain" for r in rows) and "plain" not in found:
-        cfg, macs, target = equal_macs_student(base, n, size)
+        cfg, macs, target = equal_macs_student(base, n, size, arch)
         found.update(plain=cfg, plain_macs=macs)
         say(f"compare: the plain student {short_config(cfg)} has {macs:,} MACs against the recipe student's {target:,}")
     if any(r.student == "planned" for r in rows) and "planned" not in found:
+        if arch != "ekd_student":
+            raise UserError(f"compare: the planned row needs 'ekdc plan', which plans ekd_student students; a {arch} "
+                            "recipe takes the rows recipe, ce, plain:<row>")
         found["recipe_p50_ms"] = recipe_latency_ms(recipe, base, n, say)
         found["planned"] = planned_student(recipe, found["recipe_p50_ms"], n, console)
     _io.write_json(path, found)
@@ -109,15 +123,77 @@ def _cells(raw: dict, rows: list[Row], seeds: Sequence[int], students: dict, out
                 r["tracking"] = {**r["tracking"], "experiment": raw["name"]}
             if r["distill"]["teacher_cache"]["views"] and not r["distill"]["teacher_cache"].get("path"):
                 r["distill"]["teacher_cache"] = {**r["distill"]["teacher_cache"], "path": str(out / "teacher_cache")}
-            cells.append((row, int(seed), out / row.slug / f"s{seed}", recipe_from_dict(r, where=f"row {row.name}")))
+            cell = recipe_from_dict(r, where=f"row {row.name}")
+            check_recipe(cell, f"row {row.name}")  # the rule ekdc distill follows
+            cells.append((row, int(seed), out / row.slug / f"s{seed}", cell))
     return cells
 
 
+def _config(cell_recipe: Recipe) -> str:
+    """What a cell trains, less its name (which holds the row's label): two rows with the same train the same."""
+    return json.dumps({k: v for k, v in effective(cell_recipe.model_dump(mode="json")).items() if k != "name"},
+                      sort_keys=True)
+
+
+def _distinct(cells: list[tuple[Row, int, Path, Recipe]], by_kind: bool) -> None:
+    """No two rows train the same configuration (``by_kind``: one-branch rows told apart by their kind, for
+    stand-in students that are not chosen yet)."""
+    seen: dict[tuple, str] = {}
+    for row, _, _, r in cells:
+        key = (row.student if by_kind and row.one_branch else "", _config(r))
+        if key in seen and seen[key] != row.name:
+            raise UserError(f"--rows: '{row.name}' trains the same configuration as '{seen[key]}' on this recipe "
+                            "(rows are told apart by what they train, not by their text): list it once")
+        seen.setdefault(key, row.name)
+
+
+def _modifiers(row: Row) -> list[tuple[str, Row]]:
+    """Each modifier of a row, and the row without it."""
+    out = []
+    for flag, text in (("dkd", "dkd"), ("confidence", "conf"), ("feat", "feat")):
+        if getattr(row, flag):
+            out.append((text, dataclasses.replace(row, **{flag: False})))
+    if row.views is not None:
+        out.append((f"k{row.views}", dataclasses.replace(row, views=None)))
+    return out
+
+
 def _check_rows(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Path) -> None:
-    """Every row's recipe is valid, before any teacher trains (the one-branch students stand in as one
-    branch of the recipe's own layout)."""
+    """Before any teacher trains: every row's recipe is valid and holds no setting that changes nothing
+    (``ekdc.recipe.inert``, as ekdc distill checks it), no row's modifier changes nothing, and no two rows
+    train the same configuration (the one-branch students stand in as one branch of the recipe's own
+    layout)."""
     one = {**recipe.student.model_kwargs(), "num_branches": 1}
-    _cells(recipe.model_dump(mode="json"), rows, seeds[:1], {"plain": one, "planned": one}, out)
+    raw, students = recipe.model_dump(mode="json"), {"plain": one, "planned": one}
+    cells = _cells(raw, rows, seeds[:1], students, out)
+    for row, _, _, r in cells:
+        for mod, without in _modifiers(row):
+            try:
+                same = _config(_cells(raw, [without], seeds[:1], students, out)[0][3]) == _config(r)
+            except UserError:  # the row without it is no valid row: the modifier does something
+                same = False
+            if same:
+                raise UserError(f"--rows: '{row.name}': +{mod} changes nothing on this recipe (the row trains the "
+                                "same without it)")
+    _distinct(cells, by_kind=True)
+
+
+def _check_finished(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Path, students: dict) -> None:
+    """--report-only: every folder of the grid that holds a run was trained from what this recipe makes, as
+    a training run of the grid checks it; a grid of another recipe is refused, naming the key."""
+    teachers = RunDir(out / "teachers")
+    if teachers.recipe_path.is_file():
+        _same_recipe(teachers, recipe, TEACHER_KEYS)
+    if students and students.get("recipe") != recipe.student.model_kwargs():
+        raise UserError(f"compare: {out / 'students.json'} was chosen for another recipe student: give another "
+                        "--out, or run the grid without --report-only")
+    raw = _teacher_files(recipe, out)
+    for row in rows:
+        if row.one_branch and row.student not in students:  # its student was never chosen: no cell trained
+            continue
+        for _, _, cell, r in _cells(raw, [row], seeds, students, out):
+            if RunDir(cell).recipe_path.is_file():
+                _same_recipe(RunDir(cell), r)
 
 
 def _run_cell(recipe: Recipe, cell: Path, console, progress: bool) -> None:
@@ -153,21 +229,24 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
     """Train every row over the seeds (or, ``report_only``, read what is finished) and return the
     report (``report.build_report``), also written to OUT/compare.json."""
     parsed = parse_rows(rows)
+    check_recipe(recipe)
     seeds = sorted({int(s) for s in seeds})
     if not seeds:
         raise UserError("--seeds: give at least one seed")
     # absolute from here on: a cell's recipe.yaml holds absolute paths (teacher files, the shared cache),
     # and a resumed grid compares its recipes with the ones it makes now, from whatever folder it runs in
     out = (Path(out) if out is not None else Path("runs") / "compare" / recipe.name).resolve()
+    _check_rows(recipe, parsed, seeds, out)  # before OUT is made: a refused grid leaves nothing behind
     _io.ensure_writable_dir(out)
     say = _say(console)
     if report_only:
         students = json.loads((out / "students.json").read_text()) if (out / "students.json").is_file() else {}
+        _check_finished(recipe, parsed, seeds, out, students)
     else:
-        _check_rows(recipe, parsed, seeds, out)
         raw = _teachers(recipe, out, console, progress)
         students = _students(recipe, parsed, out, say, console)
         cells = _cells(raw, parsed, seeds, students, out)
+        _distinct(cells[: len(parsed)], by_kind=False)  # the one-branch students chosen: still no two the same
         for k, (row, seed, cell, r) in enumerate(cells):
             say(f"compare [{k + 1}/{len(cells)}] {row.name}, seed {seed} -> {cell}")
             _run_cell(r, cell, console, progress)

@@ -8,7 +8,6 @@ JSON, a Rich table and a plot.
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,6 +20,7 @@ from ..plan import short_config
 from ..recipe import Recipe, load_recipe
 from ..tables import count_text
 from .rows import Row
+from .stats import mean_std, paired_gap
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -41,10 +41,6 @@ def _cell(cell: Path) -> Optional[dict]:
             "seconds": metrics["seconds"], "train_images": metrics["train_images"], "val_images": metrics["val_images"]}
 
 
-def _stats(xs: list[float]) -> tuple[Optional[float], Optional[float]]:
-    return (statistics.mean(xs) if xs else None), (statistics.stdev(xs) if len(xs) > 1 else None)
-
-
 def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latency: dict[str, float]) -> dict:
     cells = {s: _cell(out / row.slug / f"s{s}") for s in seeds}
     done = {s: c for s, c in cells.items() if c is not None}
@@ -53,7 +49,7 @@ def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latenc
     kd = r.distill.term_settings()["kd"] if r is not None else None
     student = r.student.model_kwargs() if r is not None else students.get(row.student if row.one_branch else "recipe")
     acc = {str(s): c["onnx_acc"] for s, c in done.items()}
-    mean, std = _stats(list(acc.values()))
+    mean, std = mean_std(list(acc.values()))
     first = next(iter(done.values()), None)
     return {
         "row": row.name, "mode": r.mode if r is not None else None,
@@ -70,20 +66,12 @@ def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latenc
     }
 
 
-def _gap(row: dict, ref: dict) -> dict:
-    """The row minus the reference, paired by seed (same data, initialisation and order)."""
-    both = [s for s in row["acc"] if s in ref["acc"]]
-    diffs = [row["acc"][s] - ref["acc"][s] for s in both]
-    mean, std = _stats(diffs)
-    return {"seeds": len(both), "mean": mean, "std": std, "ahead": sum(d > 0 for d in diffs)}
-
-
 def build_report(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Path, students: dict,
                  latency: dict) -> dict:
     """``latency``: latency.json's content (each row's p50 and the machine it was timed on)."""
     entries = [_row_entry(r, seeds, out, students, latency.get("p50_ms", {})) for r in rows]
     for e in entries:
-        e["gap"] = _gap(e, entries[0]) if e is not entries[0] else None
+        e["gap"] = paired_gap(e["acc"], entries[0]["acc"]) if e is not entries[0] else None
     return {"recipe": recipe.name, "out": str(out), "seeds": list(seeds), "reference": entries[0]["row"],
             "rows": entries, "recipe_p50_ms": students.get("recipe_p50_ms"),
             "machine": (latency.get("machine") or {}).get("cpu"), "latency_threads": latency.get("threads"),

@@ -19,6 +19,7 @@ import re
 from typing import Optional
 
 from ..errors import UserError
+from ..losses import get_term, list_terms, terms_of_mode
 
 BASES = ("recipe", "ce", "avg_kd", "ekd")
 STUDENTS = ("recipe", "plain", "planned")
@@ -54,7 +55,10 @@ def parse_row(text: str) -> Row:
         raise UserError(f"--rows: '{text}' is not a row: [plain:|planned:]BASE[+dkd][+conf][+feat][+k<K>], BASE one "
                         f"of {', '.join(BASES)}")
     kw: dict = {}
-    for m in mods:
+    for k, m in enumerate(mods):
+        part = "k<K>" if re.fullmatch(r"k\d+", m) else m
+        if part in ["k<K>" if re.fullmatch(r"k\d+", o) else o for o in mods[:k]]:
+            raise UserError(f"--rows: '{text}': +{part} is given twice")
         if m in ("dkd", "conf", "feat"):
             kw[{"conf": "confidence"}.get(m, m)] = True
         elif re.fullmatch(r"k\d+", m):
@@ -90,12 +94,18 @@ def parse_rows(text: str | list[str] | tuple[str, ...]) -> list[Row]:
 
 def row_recipe(raw: dict, row: Row, student: Optional[dict]) -> dict:
     """The recipe mapping of one row (``raw``: the base recipe's, teachers already resolved); ``student``
-    replaces the recipe's student (``create_model`` keys) for one-branch rows."""
+    replaces the recipe's student (``create_model`` keys) for one-branch rows.
+
+    What the row's mode cannot use is left at its default, so that a row never carries a setting that
+    changes nothing (``ekdc.recipe.inert`` refuses those): a ``ce`` row drops the KD settings, temperature
+    and cache; an ``avg_kd`` row the feature weight; a KL row DKD's alpha and beta. What a modifier asks
+    for is kept, and refused where it changes nothing (``recipe+feat`` on an ``avg_kd`` recipe)."""
     raw = {**raw, "distill": {**raw["distill"]}, "student": dict(raw["student"])}
     if row.base != "recipe":
         raw["mode"] = row.base
     if row.one_branch and raw["mode"] == "ekd":  # one branch cannot pair with N teachers: its ekd is avg_kd
         raw["mode"] = "avg_kd"
+    mode = raw["mode"]
     kd = dict(raw["distill"].get("kd") or {})
     if row.base != "recipe":
         kd.update(loss="kl", teachers="mean")
@@ -103,15 +113,22 @@ def row_recipe(raw: dict, row: Row, student: Optional[dict]) -> dict:
         kd["loss"] = "dkd"
     if row.confidence:
         kd["teachers"] = "confidence"
+    if kd.get("loss", "kl") == "kl":  # alpha and beta weigh DKD's two parts: with KL, their defaults
+        kd.pop("alpha", None), kd.pop("beta", None)
     raw["distill"]["kd"] = kd
     weights = dict(raw["distill"].get("weights") or {})
-    if row.base != "recipe":
-        weights["feat"] = 0.0
+    for name in list_terms():  # a term the mode does not train on: its default weight and settings
+        if name not in terms_of_mode(mode):
+            weights.pop(name, None)
+            raw["distill"].pop(name, None)
     if row.feat:
         weights["feat"] = weights.get("feat") or 1.0
     raw["distill"]["weights"] = weights
+    if not any(get_term(n).needs_teachers for n in terms_of_mode(mode)):  # ce: no teacher is read
+        raw["distill"].pop("temperature", None)
+        raw["distill"]["teacher_cache"] = {**raw["distill"]["teacher_cache"], "views": 0}
     if row.views is not None:
         raw["distill"]["teacher_cache"] = {**raw["distill"]["teacher_cache"], "views": row.views}
     if student is not None:
-        raw["student"] = {"arch": "ekd_student", **student}
+        raw["student"] = {"arch": raw["student"].get("arch", "ekd_student"), **student}
     return raw

@@ -5,28 +5,28 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import UserError
-from ..models import count_macs, create_model
+from ..models import count_macs, create_model, get_student
 from ..plan import plan_student, short_config
 from ..recipe import Recipe, recipe_from_dict
 
 MACS_TOLERANCE = 0.05  # the plain student's MACs are within 5% of the recipe student's
 
 
-def student_macs(config: dict, num_classes: int, image_size: int) -> int:
-    return count_macs(create_model("ekd_student", num_classes=num_classes, **config).eval(), image_size)
+def student_macs(config: dict, num_classes: int, image_size: int, arch: str = "ekd_student") -> int:
+    return count_macs(create_model(arch, num_classes=num_classes, **config).eval(), image_size)
 
 
-def _widened(config: dict, m: float) -> dict:
-    w = lambda x: max(1, int(round(x * m)))  # noqa: E731
-    return {**config, "num_branches": 1, "trunk_width": w(config["trunk_width"]),
-            "branch_widths": [w(x) for x in config["branch_widths"]]}
-
-
-def equal_macs_student(config: dict, num_classes: int, image_size: int) -> tuple[dict, int, int]:
-    """One branch of the recipe student's layout, every width scaled by one factor so that its MACs come
-    within ``MACS_TOLERANCE`` of the recipe student's: (config, its MACs, the target)."""
-    target = student_macs(config, num_classes, image_size)
-    macs = lambda m: student_macs(_widened(config, m), num_classes, image_size)  # noqa: E731
+def equal_macs_student(config: dict, num_classes: int, image_size: int,
+                       arch: str = "ekd_student") -> tuple[dict, int, int]:
+    """One branch of the recipe student's layout, every width scaled by one factor (the family's
+    ``one_branch_widened``) so that its MACs come within ``MACS_TOLERANCE`` of the recipe student's:
+    (config, its MACs, the target)."""
+    _widened = get_student(arch).one_branch_widened
+    if _widened is None:
+        raise UserError(f"compare: a {arch} student has no one-branch form of equal MACs (its family gives no "
+                        "one_branch_widened)")
+    target = student_macs(config, num_classes, image_size, arch)
+    macs = lambda m: student_macs(_widened(config, m), num_classes, image_size, arch)  # noqa: E731
     lo, hi = 1.0, 1.0
     while macs(hi) < target:  # one branch of N at the same widths has about 1/N of the branches' MACs
         lo, hi = hi, hi * 2
@@ -35,7 +35,7 @@ def equal_macs_student(config: dict, num_classes: int, image_size: int) -> tuple
     for _ in range(40):  # bisection on the width factor
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if macs(mid) < target else (lo, mid)
-    best = min({_widened(config, m)["trunk_width"]: m for m in (lo, hi)}.values(), key=lambda m: abs(macs(m) - target))
+    best = min((lo, hi), key=lambda m: abs(macs(m) - target))
     cfg, got = _widened(config, best), macs(best)
     if abs(got - target) > MACS_TOLERANCE * target:
         raise UserError(f"compare: the closest one-branch student has {got:,} MACs against {target:,}: more than "

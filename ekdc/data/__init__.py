@@ -10,6 +10,7 @@ and loaded for training.
     augment.py   batch augmentation and sample order          config.py  ``data:`` in a recipe
     imageset.py  in memory / streamed by position             ordered.py streamed in order
     loading.py   ``load_data``: the splits a run trains and evaluates on
+    fingerprint.py  what a run's data was when it started (``--resume`` refuses data that changed)
 
 Importing the package registers the built-in data sets.
 """

@@ -3,11 +3,12 @@ memory or streamed (``data.loader``), with the normalisation."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import torch
 
-from ..contract import usable_cores
+from ..cores import usable_cores
 from .decode import center_crop
 from .imageset import ImageSet, MemoryImages, StreamedImages
 from .ordered import OrderedImages, chunks_in_order
@@ -30,10 +31,22 @@ class DataSplits:
     loader: str = "memory"  # what ``data.loader: auto`` chose
     skipped_files: int = 0  # unreadable files left out (data.skip_bad_files)
     problems: list = dataclasses.field(default_factory=list)  # what the folder scans left out (``folder.Problem``)
+    index: Optional[SplitIndex] = None  # which images form the splits (``--resume`` checks them: ``fingerprint.py``)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def read_problems(self) -> dict:
+        """What reading splits in order has skipped so far (``data.skip_bad_files``): samples that could not
+        be used and shards shorter than their ``shards.json`` says, for metrics.json; empty for splits
+        with random access (their unreadable files are left out before training: ``skipped_files``)."""
+        sources = [s.source for s in (self.train, self.val) if getattr(getattr(s, "source", None), "ordered", False)]
+        if not sources:
+            return {}
+        reports = [src.report() for src in sources]
+        return {"skipped_samples": sum(r.get("skipped_samples", 0) for r in reports),
+                "short_shards": sorted({s for r in reports for s in r.get("short_shards", [])})}
 
     @property
     def train_y(self) -> torch.Tensor:
@@ -55,6 +68,11 @@ class DataSplits:
         if not isinstance(self.val, MemoryImages):
             raise ValueError("the validation split is streamed: iterate data.val.batches(...)")
         return self.val.images
+
+
+def streams(cfg, index: SplitIndex) -> bool:
+    """Whether ``load_data`` streams this data (``data.loader``, and ``auto``'s choice)."""
+    return _stream_chosen(cfg, index)
 
 
 def _stream_chosen(cfg, index: SplitIndex) -> bool:
@@ -131,6 +149,6 @@ def load_data(cfg) -> DataSplits:
     return DataSplits(train=train, val=val, classes=list(index.classes), mean=mean, std=std,
                       image_size=cfg.image_size, loader="stream" if stream else "memory",
                       skipped_files=sum(s.skipped for s in sources.values()),
-                      problems=[p for s in sources.values() for p in getattr(s, "problems", [])])
+                      problems=[p for s in sources.values() for p in getattr(s, "problems", [])], index=index)
 
 

@@ -77,7 +77,7 @@ class _ShardChunks(IterableDataset):
         chunk = []
         for s in samples:
             if s[3]:
-                yield None, None, None, s[3]
+                yield None, None, None, s[3], self.source.drain()
                 return
             chunk.append(s)
             if len(chunk) == CHUNK:
@@ -85,12 +85,16 @@ class _ShardChunks(IterableDataset):
                 chunk = []
         if chunk:
             yield self._collate(chunk)
+        notes = self.source.drain()  # what the last shards skipped (data.skip_bad_files), for the main process
+        if notes:
+            yield None, None, None, "", notes
 
     def _collate(self, chunk):
         keys = [k for k, *_ in chunk]
         side = canonical_size(self.size, self.view) if self.canonical else self.size
         params = keyed_augment_params(keys, self.aug, self.seed, self.epoch, side)
-        return torch.stack([x for _, x, _, _ in chunk]), torch.tensor([y for _, _, y, _ in chunk]), params, ""
+        return (torch.stack([x for _, x, _, _ in chunk]), torch.tensor([y for _, _, y, _ in chunk]), params, "",
+                self.source.drain())
 
 
 class OrderedImages(ImageSet):
@@ -122,9 +126,13 @@ class OrderedImages(ImageSet):
     def _batches(self, stream: _ShardChunks, workers: int, batch_size: int, keep_last: bool) -> Iterator:
         """The workers' chunks, in the DataLoader's (round-robin, deterministic) order, as batches."""
         xs, ys, ps, n = [], [], [], 0
-        for x, y, params, error in DataLoader(stream, batch_size=None, num_workers=workers):
+        for x, y, params, error, notes in DataLoader(stream, batch_size=None, num_workers=workers):
+            if notes:  # what a worker skipped (data.skip_bad_files): counted here, in the main process
+                self.source.absorb(notes)
             if error:  # one line naming the sample or shard, not the worker's traceback
                 raise UserError(error)
+            if x is None:
+                continue
             xs.append(x), ys.append(y), ps.append(params)
             n += len(y)
             while n >= batch_size:

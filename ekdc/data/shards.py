@@ -10,13 +10,24 @@ its own shards, through the ``webdataset`` library (local paths, brace notation,
 A sample is what the library groups by key: an image (``.jpg``, ``.jpeg``, ``.png``, ``.webp``, ...) and
 its label (``.cls``: the class index as text, or ``.json``: ``{"label": index}`` or ``{"class": name}``).
 ``ekdc data shard FOLDER OUT`` writes an image folder as such shards, with ``classes.txt`` and
-``shards.json`` (the samples each shard holds, so that a split's length is known without reading it).
+``shards.json`` (the samples and bytes each shard holds, so that a split's length is known without
+reading it, and a shard cut short or written again is noticed).
+
+What the reader checks: ``data.classes`` against the ``classes.txt`` beside the shards (the labels are
+indices into it); a shard that the ``shards.json`` beside it does not list (shards of two writes mixed);
+each shard's size and sample count against ``shards.json``; each sample's label and, with
+``data.skip_bad_files``, its image. A problem stops the run in one line, or (``skip_bad_files``) the
+sample or what is left of the shard is skipped and counted (``metrics.json``: ``skipped_samples``,
+``short_shards``).
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -25,6 +36,7 @@ import numpy as np
 
 from .. import _io
 from ..errors import UserError
+from .decode import check_image
 from .folder import scan_folder
 from .registry import Sources, register_dataset
 from .sources import OrderedSource
@@ -32,6 +44,7 @@ from .sources import OrderedSource
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 SHARDS_INDEX = "shards.json"
 CLASSES_FILE = "classes.txt"
+WRITING_MARK = ".ekdc-shard-writing"  # present while ``write_shards`` writes into a folder (removed when done)
 
 
 def _wds():
@@ -57,18 +70,54 @@ def _local(url: str) -> Optional[Path]:
     return None if url.startswith(("pipe:", "http:", "https:", "gs:", "s3:")) else Path(url.removeprefix("file:"))
 
 
-def read_classes(cfg_classes: Optional[list[str]], shards: list[str], what: str) -> list[str]:
-    """``data.classes``, else a classes.txt beside the first shard (one name a line)."""
-    if cfg_classes:
-        return list(cfg_classes)
-    first = _local(shards[0])
-    path = first.parent / CLASSES_FILE if first is not None else None
-    if path is None or not path.is_file():
-        raise UserError(f"{what}: give data.classes: [...] or put a {CLASSES_FILE} beside the shards ({path or shards[0]})")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+def _names_in(path: Path) -> list[str]:
+    try:
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     if not names or len(set(names)) != len(names):
         raise UserError(f"{path}: expected distinct class names, one a line")
     return names
+
+
+def _classes_files(shards: list[str]) -> list[Path]:
+    """The classes.txt beside each local shard's folder (those that exist), in the shards' order."""
+    seen: dict[Path, None] = {}
+    for s in shards:
+        p = _local(s)
+        if p is not None and (p.parent / CLASSES_FILE).is_file():
+            seen.setdefault(p.parent / CLASSES_FILE)
+    return list(seen)
+
+
+def read_classes(cfg_classes: Optional[list[str]], shards: list[str], what: str) -> list[str]:
+    """``data.classes``, else a classes.txt beside the first shard (one name a line). Where both exist they
+    must agree: the shards' labels are indices into their classes.txt, and another order would train
+    with classes swapped. Shards in several folders must have one classes.txt between them."""
+    files = {f: _names_in(f) for f in _classes_files(shards)}
+    if cfg_classes:
+        for path, names in files.items():
+            _same_classes(list(cfg_classes), names, "data.classes", path)
+        return list(cfg_classes)
+    first = _local(shards[0])
+    path = first.parent / CLASSES_FILE if first is not None else None
+    if path is None or path not in files:
+        raise UserError(f"{what}: give data.classes: [...] or put a {CLASSES_FILE} beside the shards ({path or shards[0]})")
+    for other, names in files.items():
+        _same_classes(files[path], names, str(path), other)
+    return files[path]
+
+
+def _same_classes(given: list[str], names: list[str], what: str, path: Path) -> None:
+    if given == names:
+        return
+    if sorted(given) == sorted(names):
+        k = next(i for i, (a, b) in enumerate(zip(given, names)) if a != b)
+        raise UserError(f"{what} lists the classes in another order than {path} (label {k} is '{names[k]}' there, "
+                        f"'{given[k]}' here): the shards' labels are indices into {path}; give them in its order "
+                        f"({', '.join(names)}), or leave data.classes out")
+    raise UserError(f"{what} ({', '.join(given)}) are not the classes of {path} ({', '.join(names)}): the shards' "
+                    f"labels are indices into {path}")
 
 
 def _label(sample: dict, classes: list[str], where: str) -> int:
@@ -97,16 +146,24 @@ def _label(sample: dict, classes: list[str], where: str) -> int:
 
 
 class ShardSource(OrderedSource):
-    """WebDataset shards as an ``OrderedSource``: samples in each shard's order, keyed by ``__key__``."""
+    """WebDataset shards as an ``OrderedSource``: samples in each shard's order, keyed by ``__key__``.
 
-    def __init__(self, shards: list[str], classes: list[str], what: str):
-        self.shards, self.classes, self.what = list(shards), list(classes), what
+    Each local shard is checked against the ``shards.json`` beside it (listed, its size, its sample count);
+    with ``skip_bad`` a sample that cannot be used (no image, no label, an image ekdc cannot decode) and
+    the missing end of a short shard are skipped and noted (``skips``) instead of stopping the run."""
+
+    def __init__(self, shards: list[str], classes: list[str], what: str, skip_bad: bool = False):
+        self.shards, self.classes, self.what, self.skip_bad = list(shards), list(classes), what, bool(skip_bad)
         self._n: Optional[int] = None
+        self._index = _shard_index(self.shards, what)  # shard -> (samples, bytes or None), local shards listed
+        self.skips: dict[tuple[str, str, str], str] = {}  # (kind, shard, key) -> what was wrong; the report
+        self._pending: list[dict] = []  # the same, not yet sent from a worker process to the main one
 
     def __len__(self) -> int:
         """From the shards' shards.json where it lists them all; else counted, reading every shard once."""
         if self._n is None:
-            self._n = _indexed_count(self.shards)
+            counts = [self._index.get(s, (None, None))[0] for s in self.shards]
+            self._n = sum(counts) if all(c is not None for c in counts) else None
             if self._n is None:
                 self._n = sum(1 for s in self.shards for _ in self._samples(s))
         return self._n
@@ -118,29 +175,111 @@ class ShardSource(OrderedSource):
         except Exception as err:  # noqa: BLE001 - gopen and tarfile raise several types for one bad shard
             raise UserError(f"{self.what}: cannot read shard {shard} ({(str(err).splitlines() or ['?'])[0][:160]})") from None
 
+    def note(self, kind: str, shard: str, key: str, detail: str) -> None:
+        """A sample or shard skipped (``skip_bad``): kept for the report, and for the main process."""
+        if (kind, shard, key) not in self.skips:
+            self.skips[(kind, shard, key)] = detail
+            self._pending.append({"kind": kind, "shard": shard, "key": key, "detail": detail})
+
+    def drain(self) -> list[dict]:
+        """The notes made since the last call (a worker process sends them with its next chunk)."""
+        out, self._pending = self._pending, []
+        return out
+
+    def absorb(self, notes: list[dict]) -> None:
+        for n in notes:
+            self.skips.setdefault((n["kind"], n["shard"], n["key"]), n["detail"])
+
+    def report(self) -> dict:
+        """What was skipped, for metrics.json."""
+        bad = [(s, k, d) for (kind, s, k), d in self.skips.items() if kind == "bad_sample"]
+        short = sorted({s for (kind, s, _) in self.skips if kind == "short_shard"})
+        return {"skipped_samples": len(bad), "short_shards": short,
+                "first_skipped": (f"{bad[0][0]}: sample {bad[0][1]}: {bad[0][2]}" if bad else None)}
+
+    def _short(self, shard: str, detail: str) -> None:
+        msg = f"{self.what}: shard {shard} {detail}"
+        if not self.skip_bad:
+            raise UserError(f"{msg}; write the shards again, or set data.skip_bad_files: true to train on what it "
+                            "holds (counted in metrics.json)")
+        self.note("short_shard", shard, "", detail)
+
     def read(self, shard: str):
-        for s in self._samples(shard):
-            ext = next((e for e in IMAGE_EXTS if e in s), None)
-            where = f"{shard}: sample {s.get('__key__')}"
-            if ext is None:
-                raise UserError(f"{where}: no image ({', '.join('.' + e for e in IMAGE_EXTS)})")
-            yield s["__key__"], io.BytesIO(s[ext]), _label(s, self.classes, where)
+        expected, size = self._index.get(shard, (None, None))
+        local = _local(shard)
+        if size is not None and local is not None:
+            try:
+                actual = local.stat().st_size
+            except OSError:
+                actual = None  # reading it says why
+            if actual is not None and actual != size:
+                self._short(shard, f"is {actual:,} bytes, {SHARDS_INDEX} says {size:,} (cut short, or written again "
+                                   "since?)")
+        n, samples = 0, self._samples(shard)
+        while True:
+            try:
+                s = next(samples)
+            except StopIteration:
+                break
+            except UserError as err:  # the tar itself ends in the middle of a member
+                if not self.skip_bad:
+                    raise
+                self.note("short_shard", shard, "", f"unreadable after {n} samples ({err})")
+                return
+            n += 1
+            key = str(s.get("__key__"))
+            where = f"{shard}: sample {key}"
+            try:
+                ext = next((e for e in IMAGE_EXTS if e in s), None)
+                if ext is None:
+                    raise UserError(f"{where}: no image ({', '.join('.' + e for e in IMAGE_EXTS)})")
+                y = _label(s, self.classes, where)
+                if self.skip_bad:  # decoded here, as the folder loader's skip_bad_files does: training never meets it
+                    check_image(io.BytesIO(s[ext]), name=f"{shard}:{key}", full=True)
+            except UserError as err:
+                if not self.skip_bad:
+                    raise
+                self.note("bad_sample", shard, key, str(err))
+                continue
+            yield key, io.BytesIO(s[ext]), y
+        if expected is not None and n != expected:
+            self._short(shard, f"holds {n:,} samples, {SHARDS_INDEX} lists {expected:,} (cut short, or written again "
+                               "since?)")
 
 
-def _indexed_count(shards: list[str]) -> Optional[int]:
-    """The total from shards.json files beside local shards, when they list every shard."""
-    counts: dict[str, int] = {}
-    for folder in {p.parent for p in (_local(s) for s in shards) if p is not None}:
-        index = folder / SHARDS_INDEX
-        if index.is_file():
-            counts.update({str(folder / k): v for k, v in json.loads(index.read_text()).get("samples", {}).items()})
-    total = 0
+def _shard_index(shards: list[str], what: str) -> dict[str, tuple[int, Optional[int]]]:
+    """Each local shard's (samples, bytes) from the shards.json beside it. A shard in a folder whose
+    shards.json does not list it, or a folder an 'ekdc data shard' is still writing, is one line."""
+    out: dict[str, tuple[int, Optional[int]]] = {}
+    folders: dict[Path, Optional[dict]] = {}
     for s in shards:
         p = _local(s)
-        if p is None or str(p) not in counts:
-            return None
-        total += counts[str(p)]
-    return total
+        if p is None:
+            continue
+        if p.parent not in folders:
+            index = p.parent / SHARDS_INDEX
+            if (p.parent / WRITING_MARK).exists():
+                raise UserError(f"{what}: {p.parent} holds an unfinished 'ekdc data shard' write; run it again")
+            folders[p.parent] = _read_index(index) if index.is_file() else None
+        meta = folders[p.parent]
+        if meta is None:
+            continue
+        samples, sizes = meta.get("samples") or {}, meta.get("bytes") or {}
+        if p.name not in samples:
+            raise UserError(f"{what}: {s} is not listed in {p.parent / SHARDS_INDEX}, which lists {len(samples)} other "
+                            "shards: shards of two writes are mixed in that folder; write them again into an empty one")
+        out[s] = (int(samples[p.name]), int(sizes[p.name]) if p.name in sizes else None)
+    return out
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("samples"), dict):
+        raise UserError(f"{path}: not a {SHARDS_INDEX} that 'ekdc data shard' wrote (no samples mapping)")
+    return meta
 
 
 @register_dataset("webdataset")
@@ -153,25 +292,147 @@ def webdataset(cfg) -> Sources:
     train = expand(cfg.urls, "data.urls")
     val = expand(cfg.val_urls, "data.val_urls")
     classes = read_classes(cfg.classes, train, "data.urls")
-    return Sources(ShardSource(train, classes, "data.urls"), ShardSource(val, classes, "data.val_urls"))
+    for path in _classes_files(val):  # the validation shards' labels must index the same classes
+        _same_classes(classes, _names_in(path), "the training shards' classes", path)
+    skip = cfg.skip_bad_files
+    return Sources(ShardSource(train, classes, "data.urls", skip), ShardSource(val, classes, "data.val_urls", skip))
 
 
 # --------------------------------------------------------------------------------------------------
 # writing shards
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+# what a shard folder written by ``write_shards`` holds, beside its shards (and temporary files of a write)
+_OWN_FILES = (SHARDS_INDEX, CLASSES_FILE, WRITING_MARK)
+
+
+def _prepare_out(folder: Path, out: Path, prefix: str, overwrite: bool) -> list[Path]:
+    """Refuse an OUT inside FOLDER, and an OUT that holds anything but a shard set this command wrote (or
+    one it left unfinished); return the files of such a set, which are removed before the new one is
+    written (with ``overwrite``; an unfinished write's always), so that OUT never mixes two writes."""
+    f_real, o_real = Path(os.path.realpath(folder)), Path(os.path.realpath(out))
+    if _inside(o_real, f_real):
+        raise UserError(f"OUT {out} is inside FOLDER {folder}: the shards would be read as a class of it the next "
+                        "time it is scanned; write them outside the folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT {out} is a file, not a folder")
+    if not out.is_dir():
+        return []
+    entries = sorted(out.iterdir())
+    if not entries:
+        return []
+    shard_name = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar")
+    unfinished = (out / WRITING_MARK).exists()
+    listed: set[str] = set()
+    if (out / SHARDS_INDEX).is_file() and not unfinished:
+        listed = set(_read_index(out / SHARDS_INDEX)["samples"])
+
+    def ours(p: Path) -> bool:
+        if p.name in _OWN_FILES or p.name in listed:
+            return p.is_file()
+        if unfinished and (shard_name.fullmatch(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp"))):
+            return p.is_file()
+        return False
+
+    foreign = [p for p in entries if not ours(p)]
+    if foreign:
+        raise UserError(f"OUT {out} holds files that are not shards 'ekdc data shard' wrote ({foreign[0].name}"
+                        f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): give an empty or new folder")
+    if not unfinished and not overwrite:
+        raise UserError(f"OUT {out} already holds {len(listed)} shards of an earlier write; pass --overwrite to "
+                        "replace them, or give an empty or new folder")
+    return entries
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _packable(scan, progress) -> tuple[list[int], list[dict], dict[int, str]]:
+    """The scanned files training could use, checked as ``data.skip_bad_files`` checks them (each one
+    decoded); files with the same bytes in two classes (a hard link, a copy) are left out of both, since
+    their label is one or the other. Returns (kept indices, what was left out, each kept file's digest)."""
+    left_out = [{"path": p.path, "why": f"{p.kind}: {p.detail}"} for p in scan.problems]
+    digests: dict[int, str] = {}
+    task = progress.add_task("checking images", total=len(scan.files)) if progress else None
+    for i, f in enumerate(scan.files):
+        try:
+            data = Path(f).read_bytes()
+        except OSError as err:
+            left_out.append({"path": f, "why": f"unreadable: {err.strerror or err}"})
+            continue
+        try:
+            check_image(io.BytesIO(data), name=f, full=True)
+        except UserError as err:
+            left_out.append({"path": f, "why": f"unreadable: {err}"})
+            continue
+        digests[i] = _digest(data)
+        if task is not None and i % 64 == 0:
+            progress.update(task, completed=i)
+    if task is not None:
+        progress.remove_task(task)
+    by_digest: dict[str, list[int]] = collections.defaultdict(list)
+    for i, d in digests.items():
+        by_digest[d].append(i)
+    for group in by_digest.values():
+        classes = sorted({scan.classes[int(scan.labels[i])] for i in group})
+        if len(classes) > 1:
+            for i in group:
+                others = [scan.files[j] for j in group if scan.labels[j] != scan.labels[i]]
+                left_out.append({"path": scan.files[i], "why": f"in_two_classes: the same bytes as {others[0]} "
+                                                              f"(classes {', '.join(classes)}): its label is unsure"})
+                digests.pop(i)
+    return sorted(digests), left_out, digests
+
+
+def left_out_summary(left_out: list[dict], where: str) -> list[str]:
+    """One line per kind of file left out (the kind is the start of each entry's ``why``)."""
+    by_kind: dict[str, list[dict]] = collections.defaultdict(list)
+    for e in left_out:
+        by_kind[e["why"].split(":", 1)[0]].append(e)
+    return [f"left out {len(es)} {kind} (first: {es[0]['path']}: {es[0]['why'].split(': ', 1)[-1]}); {where} lists "
+            "them all" for kind, es in by_kind.items()]
+
+
 def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000, seed: int = 0,
-                 prefix: str = "shard", progress=None) -> dict:
+                 prefix: str = "shard", progress=None, overwrite: bool = False) -> dict:
     """An image folder (``root/<class>/<image>``, scanned as training scans it) as tar shards of
     ``shard_size`` samples in a seeded random order (so that a shard holds every class), each sample the
-    image's own bytes and its ``.cls``; then ``classes.txt`` and ``shards.json``. Each shard is written
-    to a temporary name and renamed: a killed run leaves whole shards only."""
+    image's own bytes and its ``.cls``; then ``classes.txt`` and ``shards.json``.
+
+    Only what training could use is packed: the folder scan's files, each decoded as
+    ``data.skip_bad_files`` decodes it; files the scan or the decode leaves out, and files with the same
+    bytes in two classes, are listed in ``shards.json`` (``left_out``) and returned. OUT must not be inside
+    FOLDER, and must be empty, new, or hold a shard set this function wrote (replaced with ``overwrite``;
+    an unfinished one always): it never mixes two writes. Each shard is written to a temporary name and
+    renamed, and a mark file says a write is under way until ``shards.json`` is written."""
     if shard_size < 1:
         raise UserError(f"--shard-size {shard_size}: must be at least 1")
-    scan = scan_folder(Path(folder), "FOLDER")
+    folder, out = Path(folder), Path(out)
+    scan = scan_folder(folder, "FOLDER")
+    old = _prepare_out(folder, out, prefix, overwrite)
+    keep, left_out, digests = _packable(scan, progress)
+    used = sorted({int(scan.labels[i]) for i in keep})
+    if not keep:
+        raise UserError(f"FOLDER {folder}: no image can be packed ({len(left_out)} files left out; 'ekdc data check "
+                        f"{folder}' says why)")
+    for k, c in enumerate(scan.classes):
+        if k not in used:
+            left_out.append({"path": str(folder / c), "why": "empty_class: holds no image that can be packed: not a class"})
+    remap = {old_label: new for new, old_label in enumerate(used)}
+    classes = [scan.classes[k] for k in used]
     out = _io.ensure_writable_dir(out)
-    order = np.random.default_rng(seed).permutation(len(scan.files))
+    _io.write_text(out / WRITING_MARK, "an 'ekdc data shard' write is under way (or was killed): run it again\n")
+    for p in old:
+        if p.name != WRITING_MARK:
+            p.unlink(missing_ok=True)
+    order = np.asarray(keep)[np.random.default_rng(seed).permutation(len(keep))]
     samples: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     n_shards = -(-len(order) // shard_size)
     task = progress.add_task("writing shards", total=n_shards) if progress else None
     for k in range(n_shards):
@@ -180,17 +441,23 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: 
         with _io.atomic_path(out / name) as tmp, tarfile.open(tmp, "w") as tf:
             for i in pick:
                 src = scan.files[i]
+                data = Path(src).read_bytes()
+                if _digest(data) != digests[int(i)]:
+                    raise UserError(f"FOLDER {folder}: {src} changed while it was being sharded; run it again")
                 key = f"{k:06d}_{int(i):08d}"
-                for ext, data in ((Path(src).suffix.lower().lstrip(".") or "jpg", Path(src).read_bytes()),
-                                  ("cls", str(int(scan.labels[i])).encode())):
+                for ext, blob in ((Path(src).suffix.lower().lstrip(".") or "jpg", data),
+                                  ("cls", str(remap[int(scan.labels[i])]).encode())):
                     info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
+                    info.size = len(blob)
+                    tf.addfile(info, io.BytesIO(blob))
         samples[name] = len(pick)
+        sizes[name] = (out / name).stat().st_size
         if task is not None:
             progress.update(task, advance=1)
-    _io.write_text(out / CLASSES_FILE, "\n".join(scan.classes) + "\n")
-    _io.write_json(out / SHARDS_INDEX, {"samples": samples, "classes": scan.classes, "seed": seed,
-                                        "source": str(Path(folder).resolve())})
-    return {"out": str(out), "shards": n_shards, "samples": len(order), "classes": len(scan.classes),
-            "pattern": f"{out}/{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar"}
+    _io.write_text(out / CLASSES_FILE, "\n".join(classes) + "\n")
+    _io.write_json(out / SHARDS_INDEX, {"samples": samples, "bytes": sizes, "classes": classes, "seed": seed,
+                                        "source": str(folder.resolve()), "left_out": left_out})
+    (out / WRITING_MARK).unlink(missing_ok=True)
+    return {"out": str(out), "shards": n_shards, "samples": len(order), "classes": len(classes),
+            "pattern": f"{out}/{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar", "left_out": left_out,
+            "replaced": sum(1 for p in old if p.suffix == ".tar")}

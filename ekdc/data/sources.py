@@ -58,6 +58,18 @@ class OrderedSource(ImageSource):
     def read(self, shard: str) -> Iterator[tuple[str, Union[str, IO[bytes]], int]]:
         raise NotImplementedError  # pragma: no cover
 
+    def drain(self) -> list[dict]:
+        """Samples or shards skipped (``data.skip_bad_files``) since the last call, as plain dicts: a worker
+        process sends them to the main process, which ``absorb``s them (none by default)."""
+        return []
+
+    def absorb(self, notes: list[dict]) -> None:
+        """Take what a worker process's copy of this source skipped (see ``drain``)."""
+
+    def report(self) -> dict:
+        """What reading skipped so far, for metrics.json (nothing by default)."""
+        return {}
+
     def identity(self, positions: Optional[np.ndarray] = None) -> Iterator[bytes]:
         """Each shard's name, size and modification time (where it is a file)."""
         for s in self.shards:

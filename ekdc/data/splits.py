@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .decode import center_crop
-from .ordered import read_in_order
+from .decode import canonical_size, center_crop
+from .ordered import chunks_in_order, read_in_order
 from .registry import get_dataset
 from .sources import ImageSource, IndexedSource
 
@@ -96,6 +96,52 @@ class SplitIndex:
         if self.part(split).source.ordered:
             return np.arange(n)
         return np.random.default_rng(seed).choice(total, n, replace=False)
+
+
+class SplitImages:
+    """A split's images (evaluation's view, uint8 ``[n,3,S,S]``), decoded a slice at a time as a caller
+    reads them (``images[i:j]``, ``len(images)``): what export's parity and accuracy take for data that is
+    streamed, instead of the whole split decoded at once. A source read in order is read on from where
+    the last slice ended (slices in order, as a pass over the split takes them), and again from its start
+    for a slice before that."""
+
+    def __init__(self, index: SplitIndex, split: str, positions: Optional[np.ndarray] = None):
+        self.index, self.split = index, split
+        self.source = index.part(split).source
+        self.positions = None if positions is None else np.asarray(positions, dtype=np.int64)
+        self.n = index.size(split) if positions is None else len(self.positions)
+        self._reader, self._at, self._buf = None, 0, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def labels(self) -> np.ndarray:
+        """The labels, in order (read without decoding the images)."""
+        if self.source.ordered:
+            ys = [int(y) for s in self.source.shards for _, _, y in self.source.read(s)]
+            return np.asarray(ys[: self.n], dtype=np.int64)
+        part = self.index.part(self.split)
+        pos = part.positions if self.positions is None else part.positions[self.positions]
+        return np.asarray(part.source.labels)[pos]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("SplitImages takes slices images[i:j]")
+        i, j, _ = key.indices(self.n)
+        if not self.source.ordered:
+            pos = np.arange(i, j) if self.positions is None else self.positions[i:j]
+            return self.index.take(self.split, pos)[0]
+        size, view = self.index.cfg.image_size, self.index.cfg.view
+        if self._reader is None or i < self._at:
+            self._reader, self._at = chunks_in_order(self.source, self.n, size, view), 0
+            c = canonical_size(size, view)
+            self._buf = torch.empty(0, 3, c, c, dtype=torch.uint8)
+        while self._at + len(self._buf) < j:
+            x, _ = next(self._reader)
+            self._buf = torch.cat([self._buf, x])
+        out = self._buf[i - self._at : j - self._at]
+        self._buf, self._at = self._buf[j - self._at :], j
+        return center_crop(out, size).contiguous()
 
 
 def index_splits(cfg) -> SplitIndex:

@@ -4,9 +4,12 @@
     teachers.onnx       the teacher ensemble as one graph (the reference bench compares against)
     manifest.json       files, sizes, parity figures, fold choice with its timings
 
-One ``export_*`` function per format (``@exporter(name)``); each returns its manifest entry through
-``_checked``, which opens the written file, runs it on the validation images and compares it with what it
-must equal.
+Export is explicit steps: one ``export_*`` function per format (``@exporter(name)``), called as
+``step(ctx, source)`` with the read-only ``ExportContext`` and the ``Built`` result of the format it builds
+from (``ekdc.formats``' ``builds_from``: fp16 and int8 from the fp32 fold, the TensorRT plan from the fp16
+file), returning its own ``Built``: the file, its manifest entry (through ``_checked``, which opens the
+written file, runs it on the validation images and compares it with what it must equal), its logits.
+The teacher ensemble is a step of its own. No step changes what another reads.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from ..contract import (
     top1,
 )
 from ..data import eval_preprocess, index_splits
+from ..data.loading import streams
+from ..data.splits import SplitImages
 from ..errors import UserError
 from ..formats import export_formats, get_format, with_prerequisites
 from ..models import EKDStudent
@@ -39,7 +44,7 @@ from ..run import RunDir, open_finished_run
 from ..teachers import DataInfo
 from ..tracking import log_export
 from .compose import compose_teachers
-from .fold import LAYOUTS, fold
+from .fold import LAYOUTS, fold, fold_layouts
 from .onnx import (
     DeployModel,
     TeacherEnsemble,
@@ -62,9 +67,10 @@ FP32_PARITY_TOLERANCE = 1e-3  # relative to the logits' scale; observed about 1e
 FP16_AGREEMENT_WARNING = 0.995
 
 
-@dataclasses.dataclass
-class _Job:
-    """What every export_* step reads: the run, its student, the images to check against, the output."""
+@dataclasses.dataclass(frozen=True)
+class ExportContext:
+    """What every export step reads, and none changes: the run, its student, the images to check
+    against, where files are staged."""
 
     run: RunDir
     recipe_name: str
@@ -81,7 +87,6 @@ class _Job:
     say: Callable[[str], None]
     preprocess: dict  # how a raw photo becomes the input (the ONNX metadata says it)
     fold_mode: str = "auto"
-    fp32: Optional["_Fp32"] = None  # set by the fp32 export, which every other format starts from
     recipe: object = None  # the run's recipe (QAD fine-tunes on its training split)
     teachers: list = dataclasses.field(default_factory=list)  # the run's teachers (loaded when needed)
     qad: Optional[QADSettings] = None  # int8 by quantization-aware distillation instead of post-training
@@ -98,7 +103,7 @@ class _Job:
         return DeployModel(fold(self.student, layout), self.mean, self.std, half=half).eval()
 
 
-def _checked(job: _Job, path: Path, kind: str, precision: str, reference: np.ndarray, vs: str,
+def _checked(job: ExportContext, path: Path, kind: str, precision: str, reference: np.ndarray, vs: str,
              fp32_acc: Optional[float] = None) -> tuple[dict, np.ndarray]:
     """Open the written file, run it on the validation images, compare with ``reference``: the file's
     manifest entry, and its logits for the next comparison."""
@@ -116,11 +121,24 @@ def _checked(job: _Job, path: Path, kind: str, precision: str, reference: np.nda
 # --------------------------------------------------------------------------------------------------
 # one function per format
 
-EXPORTERS: dict[str, Callable[[_Job], dict]] = {}
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """What one step made: its staged file, its manifest entry, and what a step built from it reads."""
+
+    path: Path
+    entry: dict
+    logits: Optional[np.ndarray] = None  # on the validation images: the next step's reference
+    layout: Optional[str] = None  # the student's fold layout in the file
+    candidates: dict = dataclasses.field(default_factory=dict)  # fp32: each layout's file (int8 quantises each)
+    fold: dict = dataclasses.field(default_factory=dict)  # the fold choice and its timings (the manifest's "fold")
+
+
+EXPORTERS: dict[str, Callable[[ExportContext, Optional[Built]], Built]] = {}
 
 
 def exporter(name: str):
-    """Register ``fn(job) -> manifest entry`` as the export of the format ``name`` (a row of the table)."""
+    """Register ``fn(ctx, source) -> Built`` as the export of the format ``name`` (a row of the table);
+    ``source`` is what the format it builds from made (None for fp32)."""
     get_format(name)
 
     def deco(fn):
@@ -130,20 +148,11 @@ def exporter(name: str):
     return deco
 
 
-@dataclasses.dataclass
-class _Fp32:
-    entry: dict
-    logits: np.ndarray
-    layout: str
-    candidates: dict[str, Path]  # every layout's fp32 file (int8 quantises each)
-    fold: dict
-
-
 @exporter("fp32")
-def export_student_fp32(job: _Job) -> dict:
+def export_student_fp32(job: ExportContext, source: None = None) -> Built:
     """Fold in each candidate layout, keep the fastest (``auto``), check it against the trained student."""
     fold_mode = job.fold_mode
-    layouts = ["grouped", "separate"] if fold_mode == "auto" else [fold_mode]
+    layouts = fold_layouts(job.student) if fold_mode == "auto" else [fold_mode]
     paths = {}
     for layout in layouts:
         job.say(f"  folding ({layout}) and exporting fp32 ...")
@@ -160,15 +169,16 @@ def export_student_fp32(job: _Job) -> dict:
         raise RuntimeError(f"the folded student ({choice}) does not match the trained student: max relative "
                            f"|Δlogit| {entry['parity']['max_rel_diff']:.1e} > {FP32_PARITY_TOLERANCE:.0e}; nothing was "
                            f"written to {job.out}. This is a bug in ekdc: please report it with the run folder")
-    _copy_into_place(paths[choice], job.staged("student.onnx"))
+    path = job.staged("student.onnx")
+    _copy_into_place(paths[choice], path)
     entry["file"] = "student.onnx"
-    job.fp32 = _Fp32(entry, logits, choice, paths, info)
-    return entry
+    return Built(path, entry, logits, choice, paths, info)
 
 
-def export_teachers(job: _Job, teachers: list) -> dict:
+def export_teachers(job: ExportContext) -> Built:
     """The ensemble as one graph; ONNX teachers are composed into it (``compose.py``). Compared with the
     teachers run one by one (ONNX teachers through ONNX Runtime)."""
+    teachers = job.teachers
     job.say("  exporting the teacher ensemble ...")
     path = job.staged("teachers.onnx")
     meta = job.meta("teachers", "fp32", **{META_TEACHERS: ",".join(t.name for t in teachers)})
@@ -185,40 +195,40 @@ def export_teachers(job: _Job, teachers: list) -> dict:
         with _io.atomic_path(path) as tmp:
             save_checked(compose_teachers(part, from_onnx, len(teachers), job.size), tmp, meta)
     reference = run_torch(TeacherEnsemble(teachers).eval(), job.val_x)
-    return _checked(job, path, "teachers", "fp32", reference, "PyTorch")[0]
+    entry, logits = _checked(job, path, "teachers", "fp32", reference, "PyTorch")
+    return Built(path, entry, logits)
 
 
 @exporter("fp16")
-def export_fp16(job: _Job) -> dict:
-    fp32 = job.fp32
+def export_fp16(job: ExportContext, fp32: Built) -> Built:
     job.say("  exporting fp16 ...")
     path = export_onnx(job.deploy(fp32.layout, half=True), job.staged("student.fp16.onnx"), job.size,
                        job.meta("student", "fp16", **{META_FOLD: fp32.layout}))
-    entry, _ = _checked(job, path, "student", "fp16", fp32.logits, "fp32", fp32.entry["accuracy"])
+    entry, logits = _checked(job, path, "student", "fp16", fp32.logits, "fp32", fp32.entry["accuracy"])
     if entry["parity"]["argmax_agreement"] < FP16_AGREEMENT_WARNING:
         job.say(f"[yellow]  warning: fp16 agrees with fp32 on only {entry['parity']['argmax_agreement']:.2%} of images[/yellow]")
-    return entry
+    return Built(path, entry, logits, fp32.layout)
 
 
 @exporter("int8")
-def export_int8(job: _Job) -> dict:
+def export_int8(job: ExportContext, fp32: Built) -> Built:
     """Post-training (ONNX Runtime, static QDQ) by default; with ``job.qad``, quantization-aware
     distillation (ModelOpt) of the layout fastest in int8."""
-    fp32 = job.fp32
     calib = as_float_images(job.calib_x)
     job.say(f"  quantising int8 (static QDQ, per-channel, QUInt8 activations, {len(job.calib_x)} calibration images) ...")
     ptq = {"method": "ptq", "tool": "onnxruntime", "calibration_images": int(len(job.calib_x))}
     q_paths = {layout: quantize_int8(path, job.tmp / f"{layout}.int8.onnx", calib,
                                      job.meta("student", "int8", **{META_FOLD: layout, META_QUANTIZATION: json.dumps(ptq)}))
                for layout, path in fp32.candidates.items()}
+    fold: dict = {}
     if len(q_paths) > 1:
         job.say("  timing int8 fold candidates (batch 1 and 64) ...")
-        fp32.fold["int8_timings_ms"] = time_sessions(q_paths, job.size)
-        fp32.fold["int8_choice"] = pick_fastest(fp32.fold["int8_timings_ms"])
+        fold["int8_timings_ms"] = time_sessions(q_paths, job.size)
+        fold["int8_choice"] = pick_fastest(fold["int8_timings_ms"])
     else:
-        fp32.fold["int8_choice"] = next(iter(q_paths))
+        fold["int8_choice"] = next(iter(q_paths))
     path = job.staged("student.int8.onnx")
-    layout = fp32.fold["int8_choice"]
+    layout = fold["int8_choice"]
     if job.qad is None:
         _copy_into_place(q_paths[layout], path)
         info = ptq
@@ -230,17 +240,18 @@ def export_int8(job: _Job) -> dict:
                                              path, job.size, meta({"method": "qad"}), job.say)
         info["calibration_images"] = int(len(job.calib_x))
         set_file_metadata(path, meta(info))
-    entry = _checked(job, path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])[0]
+    entry, logits = _checked(job, path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])
     entry["quantization"] = info
-    return entry
+    return Built(path, entry, logits, layout, fold=fold)
 
 
 @exporter("trt")
-def export_tensorrt(job: _Job) -> dict:
-    job.say("  building the TensorRT engine from the fp16 file ...")
-    plan = build_engine(job.staged("student.fp16.onnx"), job.staged("student.plan"), job.size)
-    return {"file": plan.name, "kind": "student", "precision": "fp16", "size_mb": _size_mb(plan), "parity": None,
-            "parity_summary": "engine (bench it with --provider tensorrt)", "accuracy": None}
+def export_tensorrt(job: ExportContext, fp16: Built) -> Built:
+    job.say(f"  building the TensorRT engine from {fp16.path.name} ...")
+    plan = build_engine(fp16.path, job.staged("student.plan"), job.size)
+    return Built(plan, {"file": plan.name, "kind": "student", "precision": "fp16", "size_mb": _size_mb(plan),
+                        "parity": None, "parity_summary": "engine (bench it with --provider tensorrt)", "accuracy": None},
+                 layout=fp16.layout)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,15 +303,22 @@ def _load_teachers(run: RunDir, recipe, ck: dict, hint: str) -> list:
 
 def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
     """Only the images export uses are decoded: the validation images (or a seeded subset) and a seeded
-    sample of training images for int8 calibration."""
+    sample of training images for int8 calibration. Data the run streamed (``data.loader``) is streamed
+    here too: the validation images are decoded a batch at a time, each time a model is run on them,
+    never held whole (nor kept a second time in the decode memo)."""
     index = index_splits(recipe.data)
     if list(index.classes) != classes:
         raise UserError(f"the data of the run's recipe has classes {index.classes[:5]}..., the student {classes[:5]}...")
     n_val = index.size("val")
     pick = index.sample("val", parity_images, 0) if 0 < parity_images < n_val else None
-    val_x, val_y = index.take("val", pick)
+    if streams(recipe.data, index):
+        val_x = SplitImages(index, "val", pick)
+        val_y = val_x.labels()
+    else:
+        val_x, val_y = index.take("val", pick)
+        val_y = val_y.numpy()
     calib_x, _ = index.take("train", index.sample("train", calib_images, 1))
-    return val_x, val_y.numpy(), calib_x
+    return val_x, val_y, calib_x
 
 
 def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fold_mode: str = "auto",
@@ -330,17 +348,15 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fol
     say(f"[bold]ekdc export[/bold] {run.path} -> {out}")
     val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
     with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir, _io.writes_into(out):
-        job = _Job(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out, Path(tmpdir),
-                   val_x, val_y, calib_x, say, eval_preprocess(recipe.data), fold_mode, recipe=recipe,
-                   teachers=teacher_models, qad=qad)
-        files = []
-        for name in names:
-            files.append({**EXPORTERS[name](job), "format": name, "checked": get_format(name).checked})
-            if name == "fp32" and teachers:  # the reference, right after the student it is compared with
-                files.append(export_teachers(job, teacher_models))
+        job = ExportContext(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out,
+                            Path(tmpdir), val_x, val_y, calib_x, say, eval_preprocess(recipe.data), fold_mode,
+                            recipe=recipe, teachers=teacher_models, qad=qad)
+        built = run_steps(job, names, teachers)
+        files = [b.entry for b in built.values()]
+        fold_info = {**built["fp32"].fold, **(built["int8"].fold if "int8" in built else {})}
         manifest = {
             "out": str(out), "run_dir": str(run.path.resolve()), "recipe": recipe.name, "classes": classes,
-            "input_size": job.size, "mean": job.mean, "std": job.std, "fold": job.fp32.fold,
+            "input_size": job.size, "mean": job.mean, "std": job.std, "fold": fold_info,
             "parity_images": int(len(val_x)), "calibration_images": int(len(calib_x)), "files": files,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -349,7 +365,20 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fol
     return manifest
 
 
-def _publish(job: _Job, manifest: dict) -> None:
+def run_steps(job: ExportContext, names: list[str], teachers: bool) -> dict[str, Built]:
+    """Each format's step, in table order, given what the format it builds from made; the teacher ensemble
+    right after the fp32 student it is the reference of. Keyed by format (and "teachers")."""
+    built: dict[str, Built] = {}
+    for name in names:
+        fmt = get_format(name)
+        b = EXPORTERS[name](job, built[fmt.builds_from] if fmt.builds_from else None)
+        built[name] = dataclasses.replace(b, entry={**b.entry, "format": name, "checked": fmt.checked})
+        if name == "fp32" and teachers:
+            built["teachers"] = export_teachers(job)
+    return built
+
+
+def _publish(job: ExportContext, manifest: dict) -> None:
     """Move the finished, checked files into the output folder, then the manifest; remove the files an
     earlier export into the same folder wrote that this one did not (its manifest names them), so the
     folder never mixes two runs. An export that fails before this point changes nothing there."""

@@ -1,18 +1,9 @@
-"""Fold a trained EKD student into one deploy-time module that computes the same function.
+"""Fold a trained student into one deploy-time module that computes the same function.
 
-- BatchNorm is folded into the preceding convolution (eval statistics).
-- The branches' first convolutions all read the trunk's output: dense ones become one convolution with
-  N times the output channels (and so do first-block projection shortcuts); a grouped or depthwise one
-  (an inverted-residual block with expansion 1) runs as one grouped convolution over N copies of the
-  input, since stacking its filters would make each group read the wrong channels.
-- Any block that describes itself with a ``FoldSpec`` (the basic residual block, the inverted
-  residual) folds; the stem's convolutions fold in place.
-- Later convolutions are either merged into grouped convolutions (``groups x N``, layout
-  ``grouped``) or kept as N separate convolutions (layout ``separate``). Which is faster depends on
-  backend, batch and precision, so ``ekdc export --fold auto`` measures it.
-- The N linear heads and the mean collapse into one Linear: weights ``[W_1 .. W_N] / N``, bias the
-  mean of the biases. (This is why the student averages logits: probabilities would not fold.)
-- Training-only parts (feature adapters) are dropped.
+Each student family owns its fold (``student.fold(layout)``, RepVGG's way: the training-time form and
+the deploy-time form, converted exactly): the EKD student's is ``ekdc.models.student_fold``, FastNet's
+``ekdc.models.fastnet_student``. A family says which layouts it folds to (``fold_layouts``); ``none``, the
+trained student as it is (eval mode, training-only adapters dropped), works for every family.
 
 The tests check equivalence the RepVGG way (random BatchNorm statistics, ``eval()``, compare), and
 ``ekdc export`` compares every folded file with the trained student before writing it.
@@ -22,181 +13,38 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..models import EKDStudent
+from ..errors import UserError
+from ..models.folding import fuse_conv_bn, merge_convs  # noqa: F401  (the helpers a family's fold uses)
 
 Layout = Literal["grouped", "separate", "none"]
 LAYOUTS = ("grouped", "separate", "none")
 
 
-@torch.no_grad()
-def fuse_conv_bn(conv_bn: nn.Sequential) -> nn.Conv2d:
-    """``Conv2d`` (no bias) + ``BatchNorm2d`` in eval mode -> one ``Conv2d`` with a bias."""
-    conv, bn = conv_bn[0], conv_bn[1]
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    # every attribute of the convolution carries over: only its weight and bias change
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode)
-    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
-    return fused
+def fold_layouts(student: nn.Module) -> list[str]:
+    """The layouts ``student`` folds to (``--fold auto`` times each and keeps the fastest)."""
+    return list(getattr(student, "fold_layouts", ()))
 
 
-@torch.no_grad()
-def merge_convs(convs: list[nn.Conv2d], shared_input: bool) -> nn.Conv2d:
-    """N convolutions of the same shape as one. ``shared_input``: they all read the same tensor, so
-    their filters are stacked (N x out channels); that is only right for dense convolutions. Otherwise
-    branch i reads channel slice i of a stacked tensor: a grouped convolution with N times the groups."""
-    c = convs[0]
-    if shared_input and c.groups != 1 and len(convs) > 1:
-        raise ValueError("a grouped convolution reading a shared input cannot stack its filters: repeat the input")
-    if len(convs) == 1:
-        return c
-    n = len(convs)
-    groups = c.groups if shared_input else c.groups * n
-    in_ch = c.in_channels if shared_input else c.in_channels * n
-    merged = nn.Conv2d(in_ch, c.out_channels * n, c.kernel_size, c.stride, c.padding, dilation=c.dilation, groups=groups,
-                       bias=True, padding_mode=c.padding_mode)
-    merged.weight.copy_(torch.cat([k.weight for k in convs], 0))
-    merged.bias.copy_(torch.cat([k.bias for k in convs], 0))
-    return merged
-
-
-_ACTS = {None: lambda x: x, "relu": F.relu, "relu6": F.relu6}
-
-
-def _stack_shared(convs: list[nn.Conv2d]) -> tuple[nn.Conv2d, bool]:
-    """N convolutions reading the same tensor as one; returns (conv, whether its input must be repeated N
-    times first). Dense filters stack (N x out channels). A grouped or depthwise convolution cannot stack
-    (each group would read the wrong input channels): it runs as a grouped convolution over N copies."""
-    if convs[0].groups == 1:
-        return merge_convs(convs, shared_input=True), False
-    return merge_convs(convs, shared_input=False), True
-
-
-class _MultiBlock(nn.Module):
-    """Block j of all N branches at once, BatchNorm folded, for any block with a ``fold_spec``.
-
-    ``shared``: every branch reads the same input (the trunk's output). Layout ``grouped`` carries the N
-    branches as one channel-stacked tensor; ``separate`` carries a list of N tensors.
-    """
-
-    def __init__(self, blocks: list[nn.Module], layout: Layout, shared: bool):
-        super().__init__()
-        specs = [b.fold_spec() for b in blocks]
-        self.n, self.layout, self.shared = len(blocks), layout, shared
-        self.acts = specs[0].acts
-        self.post_act = specs[0].post_act
-        self.residual = specs[0].shortcut if isinstance(specs[0].shortcut, str) or specs[0].shortcut is None else "conv"
-        per_conv = [[fuse_conv_bn(s.convs[j]) for s in specs] for j in range(len(self.acts))]
-        short = [fuse_conv_bn(s.shortcut) for s in specs] if self.residual == "conv" else None
-        self.repeat_input = False
-        if layout == "grouped" or shared:
-            # a shared input makes the first convolutions (and a projection shortcut) one in both layouts
-            first, self.repeat_input = _stack_shared(per_conv[0]) if shared else (merge_convs(per_conv[0], False), False)
-            self.first = first
-            self.shortcut = None
-            if short is not None:
-                self.shortcut, self.repeat_short = _stack_shared(short) if shared else (merge_convs(short, False), False)
-        else:
-            self.first = nn.ModuleList(per_conv[0])
-            self.shortcut = nn.ModuleList(short) if short else None
-        rest = per_conv[1:]
-        if layout == "grouped":
-            self.rest = nn.ModuleList(merge_convs(c, False) for c in rest)
-        else:
-            self.rest = nn.ModuleList(nn.ModuleList(c) for c in rest)
-        self.out_channels = per_conv[-1][0].out_channels
-
-    def _first_grouped(self, x: torch.Tensor) -> torch.Tensor:
-        return self.first(x.repeat(1, self.n, 1, 1) if self.repeat_input else x)
-
-    def forward(self, x):
-        if self.layout == "grouped":
-            h = _ACTS[self.acts[0]](self._first_grouped(x))
-            for conv, act in zip(self.rest, self.acts[1:]):
-                h = _ACTS[act](conv(h))
-            return _ACTS[self.post_act](h + self._shortcut_grouped(x)) if self.residual else h
-        # separate: a list of N tensors out
-        if self.shared:
-            hs = list(torch.split(_ACTS[self.acts[0]](self._first_grouped(x)), self.first.out_channels // self.n, dim=1))
-        else:
-            hs = [_ACTS[self.acts[0]](c(xi)) for c, xi in zip(self.first, x)]
-        for convs, act in zip(self.rest, self.acts[1:]):
-            hs = [_ACTS[act](c(h)) for c, h in zip(convs, hs)]
-        if not self.residual:
-            return hs
-        return [_ACTS[self.post_act](h + s) for h, s in zip(hs, self._shortcut_separate(x))]
-
-    def _shortcut_grouped(self, x: torch.Tensor) -> torch.Tensor:
-        if self.residual == "conv":
-            return self.shortcut(x.repeat(1, self.n, 1, 1) if self.shared and self.repeat_short else x)
-        return x.repeat(1, self.n, 1, 1) if (self.shared and self.n > 1) else x
-
-    def _shortcut_separate(self, x) -> list[torch.Tensor]:
-        if self.residual == "conv":
-            if self.shared:
-                s = self.shortcut(x.repeat(1, self.n, 1, 1) if self.repeat_short else x)
-                return list(torch.split(s, self.out_channels, dim=1))
-            return [c(xi) for c, xi in zip(self.shortcut, x)]
-        return [x] * self.n if self.shared else list(x)
-
-
-class FoldedStudent(nn.Module):
-    """The deploy-time student: trunk, all branches as one graph, one Linear computing the mean logits."""
-
-    def __init__(self, student: EKDStudent, layout: Layout):
-        super().__init__()
-        if layout not in ("grouped", "separate"):
-            raise ValueError(f"layout must be grouped or separate, got {layout!r}")
-        self.layout = layout
-        self.num_branches = student.num_branches
-        self.stem = nn.Sequential(*[m for c in student.stem_convs() for m in (fuse_conv_bn(c), nn.ReLU())])
-        self.trunk = nn.Sequential(*[_MultiBlock([b], "grouped", shared=False) for b in student.trunk])
-        depth = len(student.branches[0])
-        self.branches = nn.ModuleList(
-            _MultiBlock([br[j] for br in student.branches], layout, shared=(j == 0)) for j in range(depth)
-        )
-        n = student.num_branches
-        head = nn.Linear(student.num_features * n, student.num_classes)
-        with torch.no_grad():
-            head.weight.copy_(torch.cat([h.weight for h in student.heads], 1) / n)
-            head.bias.copy_(torch.stack([h.bias for h in student.heads]).mean(0))
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.trunk(self.stem(x))
-        for blk in self.branches:
-            h = blk(h)
-        if self.layout == "grouped":
-            f = F.adaptive_avg_pool2d(h, 1).flatten(1)  # channel order = branch order: [f_1 .. f_N]
-        else:
-            f = torch.cat([F.adaptive_avg_pool2d(hi, 1).flatten(1) for hi in h], 1)
-        return self.head(f)
-
-
-def _plain_student(student: EKDStudent) -> EKDStudent:
+def _plain_student(student: nn.Module) -> nn.Module:
     """The trained student as is (eval mode), training-only adapters dropped: layout ``none``."""
     s = copy.deepcopy(student)
     s.adapters = None
     return s.eval()
 
 
-def fold(student: EKDStudent, layout: Layout = "grouped") -> nn.Module:
-    """A module computing ``student(x)`` (the mean of branch logits) in eval mode, in one graph.
-
-    ``grouped`` and ``separate`` fold BatchNorm, the first branch convolutions and the heads;
-    ``none`` returns the student unchanged but for dropped adapters.
-    """
+def fold(student: nn.Module, layout: Layout = "grouped") -> nn.Module:
+    """A module computing ``student(x)`` (the mean of branch logits) in eval mode, in one graph; ``none``
+    returns the student unchanged but for dropped adapters."""
     if layout == "none":
         return _plain_student(student)
+    if layout not in fold_layouts(student):
+        raise UserError(f"--fold {layout}: a {getattr(student, 'arch', type(student).__name__)} student folds to "
+                        f"{', '.join(fold_layouts(student) + ['none'])}")
     was = student.training
     student.eval()
     try:
-        return FoldedStudent(student, layout).eval()
+        return student.fold(layout).eval()
     finally:
         student.train(was)

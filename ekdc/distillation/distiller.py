@@ -30,7 +30,12 @@ class Distiller(nn.Module):
             student.set_adapters([t.num_features for t in teachers])
 
     def param_groups(self) -> list[dict]:
-        """The student's parameters, the training-only adapters included; teachers never train."""
+        """The student's parameters, the training-only adapters included; teachers never train. A student
+        that knows its own rates (``param_groups()``: FastNet's shifts) gives its groups, adapters added."""
+        if hasattr(self.student, "param_groups"):
+            own = self.student.param_groups()
+            seen = {id(p) for g in own for p in g["params"]}
+            return own + [{"params": [p for p in self.student.parameters() if p.requires_grad and id(p) not in seen]}]
         return param_groups(self.student)
 
     def teacher_targets(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:

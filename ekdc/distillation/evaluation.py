@@ -1,4 +1,4 @@
-"""The run's validation metrics (``metrics.json``, DESIGN.md's contract): the student, each branch,
+"""The run's validation metrics (``metrics.json``, ekdc/contract.py's run contract): the student, each branch,
 each teacher and their ensemble, on the validation split, in fp32."""
 from __future__ import annotations
 
@@ -51,11 +51,12 @@ def evaluate_teachers(data: DataSplits, teachers: list[Teacher], rt: Runtime) ->
 
 
 def evaluate(recipe: Recipe, data: DataSplits, student: EKDStudent, teachers: list[Teacher], rt: Runtime) -> dict:
-    """metrics.json (DESIGN.md's contract), but for ``seconds``, which the caller adds."""
+    """metrics.json (ekdc/contract.py's run contract), but for ``seconds``, which the caller adds."""
     branch_logits = predict(_StudentBranches(student, data.mean, data.std, rt), data.val, rt)  # [V,N,C]
     y = data.val_y
     return {
         "student": {
+            "arch": getattr(student, "arch", "ekd_student"),
             "ensemble_acc": top1(branch_logits.mean(1), y),
             "branch_acc": [top1(branch_logits[:, i], y) for i in range(branch_logits.shape[1])],
             # the deployed student's parameters: training-only adapters excluded

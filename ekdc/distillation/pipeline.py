@@ -4,13 +4,18 @@ folder's lock throughout; what can be checked before the teachers train is check
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from .. import _io
+from ..plugins import write_used
 from ..data import load_data
 from ..data.check import scan_summary
+from ..data.fingerprint import record_or_check
 from ..recipe import Recipe, dump_recipe
+from ..recipe.inert import check_recipe
 from ..tracking import check_available as check_tracking
 from ..tracking import open_tracker
 from ..run import RunDir, open_training_run
@@ -31,10 +36,13 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
     ``teachers_only`` stops after the teachers: they are saved (``teachers/<name>.pt``, loadable with
     ``weights:``) and scored on the validation split (``teachers/metrics.json``); ``--resume`` without it
     goes on to the student."""
+    check_recipe(recipe)  # a setting that changes nothing is refused before anything runs
     rt = setup_runtime(recipe.device, recipe.precision, recipe.channels_last)
     check_tracking(recipe.tracking)  # a tracker without its library: one line, before anything runs
-    run, lock = _open_run(recipe, out, resume, runs_root, rt)
+    keep_dir = out is not None and Path(out).is_dir()  # a folder the user made: emptied, never removed
+    run, lock = _open_run(recipe, out, resume, runs_root, rt, keep_dir)
     tracker = None
+    planned = False  # a budget nothing met is resumed with a new student.latency_ms: its run folder stays
     try:
         seed_everything(recipe.seed)
         if console is not None and rt.is_main:
@@ -42,39 +50,81 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
                           f"{', channels_last' if rt.channels_last else ''}{f', {rt.world} processes' if rt.world > 1 else ''})")
         data = load_data(recipe.data)
         say = (lambda text: console.print(text, soft_wrap=True)) if console is not None else (lambda text: None)
+        notes: list[str] = []
+        rt.on_main(lambda: notes.append(record_or_check(run.path, data.index, resume)))  # --resume: the same data
         tracker = open_tracker(recipe.tracking, run.path, recipe.model_dump(mode="json"), rt.is_main, say)
         with Reporter(run, rt, console, progress, tracker) as rep:
-            config = _before_training(recipe, data, rt, run, rep, teachers_only)
+            for note in filter(None, notes):
+                rep.say(note)
+            _before_training(recipe, data, rt, run, rep, teachers_only)
+            planned = not teachers_only and recipe.student.latency_ms is not None
+            config = None if teachers_only else planned_student_config(recipe, data, rt, run, rep)
             teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
             if teachers_only:
                 scores = {**evaluate_teachers(data, teachers, rt), "seconds": round(teacher_s, 2),
-                          "train_images": len(data.train), "val_images": len(data.val)}
+                          "train_images": len(data.train), "val_images": len(data.val), **data.read_problems()}
+                _say_skipped(data, rep)
                 rt.on_main(lambda: _io.write_json(run.teacher_metrics_path, scores))
                 rt.barrier()
                 return run
             student, student_s, student_info = student_stage(recipe, data, teachers, rt, run, rep, config)
             metrics = {**evaluate(recipe, data, student, teachers, rt), **student_info,
-                       "seconds": round(teacher_s + student_s, 2), **plan_metrics(run)}
+                       "seconds": round(teacher_s + student_s, 2), **plan_metrics(run), **data.read_problems()}
+            _say_skipped(data, rep)
             _finish(run, rt, rep, metrics)
             tracker.final(metrics)
         rt.barrier()
     except _io.WriteError as err:
+        if not resume and not planned and not _holds_progress(run):
+            raise _io.WriteError(f"{err}; nothing had been trained yet, so {run.path} is removed: free space, then "
+                                 "run it again") from None
         raise _io.WriteError(f"{err}; the last good checkpoint in {run.path} is intact: free space, then continue "
                              "with 'ekdc distill RECIPE --resume'") from None
     finally:
+        failed = sys.exc_info()[0]
         if tracker is not None:
-            failed = sys.exc_info()[0]
             tracker.close("FINISHED" if failed is None else "KILLED" if issubclass(failed, KeyboardInterrupt)
                           else "FAILED")
-        if lock is not None:
+        if failed is not None and not resume and not planned and lock is not None and not _holds_progress(run):
+            _remove_new_run(run, lock, keep_dir)
+        elif lock is not None:
             lock.release()
     return run
 
 
-def _before_training(recipe: Recipe, data, rt: Runtime, run: RunDir, rep: Reporter, teachers_only: bool):
-    """Everything a run can know before the teachers train, checked first: what the folder scan left out,
-    whether the cache can be used, and the student (planned now for ``student.latency_ms``, so that a
-    budget nothing meets fails in minutes, not after the teachers). Returns the student's config."""
+def _holds_progress(run: RunDir) -> bool:
+    """Whether a run folder holds anything a --resume would go on from: a teacher, a stage checkpoint, the
+    student, a plan (a new student.latency_ms resumes with it), a teacher-output cache."""
+    p = run.path
+    return (any((p / "teachers").glob("*.pt")) or any(run.ckpt_dir.glob("*.pt")) or run.student_path.exists()
+            or run.plan_path.exists() or any((p / "teacher_cache").glob("*")))
+
+
+def _remove_new_run(run: RunDir, lock, keep_dir: bool) -> None:
+    """A new run that failed before anything worth resuming (its data, a teacher file, the first epoch):
+    its folder goes, so that no empty numbered run is left behind (an --out folder that was there before
+    stays, emptied)."""
+    with contextlib.suppress(OSError):
+        for p in run.path.iterdir():
+            if p != run.lock_path:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    lock.release()
+    if not keep_dir:
+        with contextlib.suppress(OSError):
+            os.rmdir(run.path)
+
+
+def _say_skipped(data, rep: Reporter) -> None:
+    skipped = data.read_problems()
+    if skipped.get("skipped_samples") or skipped.get("short_shards"):
+        rep.say(f"[yellow]warning:[/yellow] data.skip_bad_files: {skipped['skipped_samples']} samples skipped, "
+                f"{len(skipped['short_shards'])} shards shorter than their shards.json says (metrics.json lists them)")
+
+
+def _before_training(recipe: Recipe, data, rt: Runtime, run: RunDir, rep: Reporter, teachers_only: bool) -> None:
+    """Everything a run can know before the teachers train, checked first: what the folder scan left out
+    and whether the cache can be used. (The student is planned next, for ``student.latency_ms``, so that a
+    budget nothing meets fails in minutes, not after the teachers.)"""
     for line in scan_summary(data.problems, "data"):  # the cheap part of 'ekdc data check'
         rep.say(f"[yellow]warning:[/yellow] {line}")
     cache = recipe.distill.teacher_cache
@@ -85,7 +135,6 @@ def _before_training(recipe: Recipe, data, rt: Runtime, run: RunDir, rep: Report
     rep.say(f"data: {recipe.data.dataset}, {len(data.train)} training / {len(data.val)} validation images, "
             f"{data.num_classes} classes, {data.image_size}px, {data.loader} loader"
             + (f"; {skipped} unreadable files left out (data.skip_bad_files)" if skipped else ""))
-    return None if teachers_only else planned_student_config(recipe, data, rt, run, rep)
 
 
 def _finish(run: RunDir, rt: Runtime, rep: Reporter, metrics: dict) -> None:
@@ -99,7 +148,7 @@ def _finish(run: RunDir, rt: Runtime, rep: Reporter, metrics: dict) -> None:
     rt.on_main(write)
 
 
-def _open_run(recipe: Recipe, out, resume: bool, runs_root, rt: Runtime):
+def _open_run(recipe: Recipe, out, resume: bool, runs_root, rt: Runtime, keep_dir: bool = True):
     """Rank 0 resolves and locks the run folder and writes its recipe; the other ranks learn its path."""
     run, lock = RunDir(Path(".")), None
     if rt.is_main:
@@ -112,6 +161,7 @@ def _open_run(recipe: Recipe, out, resume: bool, runs_root, rt: Runtime):
         run.repair_log()
         if not run.recipe_path.exists():
             _io.write_text(run.recipe_path, dump_recipe(recipe))
+            write_used(recipe, run.path)  # the plugins the recipe names: export can say which is missing
         if recipe.distill.teacher_cache.views:
             cache_root(recipe.distill.teacher_cache, run.path)
 
@@ -119,7 +169,10 @@ def _open_run(recipe: Recipe, out, resume: bool, runs_root, rt: Runtime):
         rt.on_main(prepare_folder)
     except BaseException:
         if lock is not None:
-            lock.release()
+            if resume:
+                lock.release()
+            else:  # a new folder half-prepared (a full disk, say): nothing of it is left
+                _remove_new_run(run, lock, keep_dir)
         raise
     return run, lock
 

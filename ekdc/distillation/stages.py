@@ -72,6 +72,8 @@ def _obtain_teacher(ti: int, tcfg: TeacherConfig, recipe: Recipe, data: DataSpli
     torch.manual_seed(recipe.seed + 101 * (ti + 1))
     t = trainable_teacher(tcfg, ti, info)
     model = rt.prepare(t.model)
+    if hasattr(model, "init_from_data") and not tcfg.weights and not tcfg.pretrained:
+        model.init_from_data(_init_sample(data, t.pre, rt))  # a stage checkpoint, if any, overwrites it
     task = SupervisedClassifier(t.pre.to(rt.device), tcfg.train.label_smoothing)
     stage = Stage(stage_name, model, task.forward_train, teacher_param_groups(t, tcfg), tcfg.train, recipe.seed + ti + 1)
     secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)
@@ -83,6 +85,19 @@ def _obtain_teacher(ti: int, tcfg: TeacherConfig, recipe: Recipe, data: DataSpli
 
     rt.on_main(save)
     return Teacher(model, t.pre, name=tcfg.name, arch=tcfg.arch, source=parse_arch(tcfg.arch)[0], head=t.head), secs
+
+
+def _init_sample(data: DataSplits, pre, rt: Runtime, n: int = 5000) -> torch.Tensor:
+    """The first ``n`` training images as a model takes them (its size and normalisation, unaugmented):
+    what a data-dependent first layer (``FastNet``'s whitening) is set from."""
+    seen, parts = 0, []
+    with torch.no_grad():
+        for x, _ in data.train.in_order(256):
+            parts.append(pre(rt.to_pixels(x)).float().cpu())
+            seen += len(x)
+            if seen >= n:
+                break
+    return torch.cat(parts)[:n]
 
 
 def _save_teacher(path: Path, model: nn.Module, tcfg: TeacherConfig, pre, classes: list[str], seconds: float) -> None:
@@ -99,7 +114,7 @@ def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt:
     """The trained student (``config``: its ``create_model`` keys, the recipe's or planned), its training
     seconds, and what metrics.json records of how it was trained."""
     torch.manual_seed(recipe.seed)
-    student = create_model("ekd_student", num_classes=data.num_classes, **config)
+    student = create_model(recipe.student.arch, num_classes=data.num_classes, **config)
     d = recipe.distill
     distiller = Distiller(student, teachers, Objective.from_recipe(recipe))
     rt.prepare(student)
@@ -109,6 +124,9 @@ def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt:
         rep.say(f"[dim]student: already trained in this run, loaded {run.student_path}[/dim]")
         return student, float(ck.get("seconds", 0.0)), {"teacher_cache": ck.get("teacher_cache")}
     stage_name = f"student-{recipe.mode}"
+    if hasattr(student, "init_from_data"):  # a data-dependent first layer (FastNet's whitening)
+        norm = lambda px: rt.normalize(px, torch.tensor(data.mean, device=rt.device), torch.tensor(data.std, device=rt.device))  # noqa: E731
+        student.init_from_data(_init_sample(data, norm, rt))
     stage = Stage(stage_name, student, distiller.forward_train, distiller.param_groups(), d, recipe.seed)
     cache_info = _use_teacher_cache(recipe, data, distiller, stage, rt, run, rep)
     secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)

@@ -27,6 +27,7 @@ from ..data import Augment, DataSplits, augment
 from ..errors import UserError
 from ..recipe import Schedule
 from ..run import RunDir
+from .ema import WeightEMA
 from .runtime import Runtime
 
 
@@ -65,8 +66,10 @@ def param_groups(model: nn.Module, lr_scale: float = 1.0) -> list[dict]:
 
 
 def make_optimizer(groups: list[dict], s: Schedule) -> torch.optim.Optimizer:
-    """Each group trains at ``s.lr`` times its ``lr_scale``; groups without parameters are left out."""
-    groups = [{"params": g["params"], "lr": s.lr * g.get("lr_scale", 1.0)} for g in groups if g["params"]]
+    """Each group trains at ``s.lr`` times its ``lr_scale`` and ``s.weight_decay`` times its ``wd_scale``;
+    groups without parameters are left out."""
+    groups = [{"params": g["params"], "lr": s.lr * g.get("lr_scale", 1.0),
+               "weight_decay": s.weight_decay * g.get("wd_scale", 1.0)} for g in groups if g["params"]]
     if s.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
                                nesterov=s.nesterov and s.momentum > 0)
@@ -75,7 +78,7 @@ def make_optimizer(groups: list[dict], s: Schedule) -> torch.optim.Optimizer:
 
 def make_scheduler(opt: torch.optim.Optimizer, s: Schedule, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     total = max(1, s.epochs * steps_per_epoch)
-    warm = s.warmup_epochs * steps_per_epoch
+    warm = round(s.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warm:
@@ -83,6 +86,8 @@ def make_scheduler(opt: torch.optim.Optimizer, s: Schedule, steps_per_epoch: int
         frac = (step - warm) / max(1, total - warm)
         if s.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        if s.schedule == "linear":
+            return max(0.0, 1.0 - frac)
         if s.schedule == "step":
             return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
         return 1.0
@@ -182,6 +187,8 @@ class _Optimisation(NamedTuple):
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    ema: Optional[WeightEMA]  # with schedule.ema_decay: the averaged weights the stage hands on
+    model: nn.Module  # the weights the EMA follows (not a DDP wrapper)
 
     def step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -189,6 +196,8 @@ class _Optimisation(NamedTuple):
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
 
 
 def _run_epoch(stage: Stage, net: nn.Module, optim: _Optimisation, data: DataSplits, aug: Optional[Augment],
@@ -236,10 +245,11 @@ def train_stage(stage: Stage, data: DataSplits, aug: Optional[Augment], rt: Runt
     opt = make_optimizer(stage.groups, s)
     # drop_last keeps BatchNorm away from 1-image batches
     optim = _Optimisation(opt, make_scheduler(opt, s, max(1, per_rank // bs)),
-                          torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16))
+                          torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16),
+                          WeightEMA(stage.model, s.ema_decay) if s.ema_decay > 0 else None, stage.model)
     ckpt_path = run.stage_ckpt(stage.name)
     restored = checkpoint.load_stage(ckpt_path, model=stage.model, optimizer=optim.opt, scheduler=optim.sched,
-                                     scaler=optim.scaler)
+                                     scaler=optim.scaler, ema=optim.ema)
     start_epoch, seconds = restored or (0, 0.0)
     if restored:
         rep.say(f"[dim]resumed {stage.name} after epoch {start_epoch}/{s.epochs}[/dim]")
@@ -257,7 +267,8 @@ def train_stage(stage: Stage, data: DataSplits, aug: Optional[Augment], rt: Runt
         def save_then_log(epoch=epoch, seconds=seconds, record=record):
             # checkpoint first, then log: a logged epoch is always a saved one
             checkpoint.save_stage(ckpt_path, stage=stage.name, model=stage.model, optimizer=optim.opt,
-                                  scheduler=optim.sched, scaler=optim.scaler, epoch=epoch + 1, seconds=seconds)
+                                  scheduler=optim.sched, scaler=optim.scaler, ema=optim.ema, epoch=epoch + 1,
+                                  seconds=seconds)
             run.append_log(record)
 
         rt.on_main(save_then_log)
@@ -268,4 +279,6 @@ def train_stage(stage: Stage, data: DataSplits, aug: Optional[Augment], rt: Runt
         rep.say(f"{stage.name:<22} epoch {epoch + 1:>3}/{s.epochs}  {info}")
     if rep.progress and task is not None:
         rep.progress.remove_task(task)
+    if optim.ema is not None:  # from here on (evaluation, saving, folding, export) the stage's weights are the average
+        optim.ema.copy_to(stage.model)
     return seconds

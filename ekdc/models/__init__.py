@@ -1,6 +1,16 @@
 """Model registry and families. Importing this package registers every model."""
-from . import resnet_cifar, student, tv_small, vgg, wrn  # noqa: F401  (registration side effects)
-from ._registry import check_model_name, create_model, list_models, register_model
+from . import fastnet, fastnet_student, resnet_cifar, student, tv_small, vgg, wrn  # noqa: F401  (registration side effects)
+from ._registry import (
+    FoldableStudent,
+    StudentFamily,
+    check_model_name,
+    create_model,
+    get_student,
+    list_models,
+    list_students,
+    register_model,
+    register_student,
+)
 from .layers import FeatureClassifier
 from .profile import count_macs, count_params
 from .student import BranchOutputs, EKDStudent
@@ -9,10 +19,15 @@ __all__ = [
     "BranchOutputs",
     "EKDStudent",
     "FeatureClassifier",
+    "FoldableStudent",
+    "StudentFamily",
     "check_model_name",
     "count_macs",
     "count_params",
     "create_model",
+    "get_student",
+    "list_students",
+    "register_student",
     "list_models",
     "register_model",
 ]

@@ -1,8 +1,15 @@
-"""The model registry: ``@register_model`` on a factory, ``create_model(name, num_classes=..., **kw)``."""
+"""The model registries: ``@register_model`` on a factory, ``create_model(name, num_classes=..., **kw)``;
+and the students (``@register_student``, ``student.arch`` in a recipe), which are models too.
+
+A student family is a factory ``(num_classes, num_branches, **settings) -> nn.Module`` whose module keeps
+the student protocol (``FoldableStudent``); ``settings`` is the pydantic model of its own ``student:``
+keys (None for ``ekd_student``, whose keys are the recipe schema's ``StudentConfig`` fields).
+"""
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from typing import Callable
+from typing import Callable, Optional, Protocol
 
 import torch.nn as nn
 
@@ -12,8 +19,64 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    if fn.__name__ in _MODELS and _MODELS[fn.__name__] is not fn:
+        raise ValueError(f"a model named '{fn.__name__}' is registered already: give the factory another name")
     _MODELS[fn.__name__] = fn
     return fn
+
+
+class FoldableStudent(Protocol):
+    """What distill, evaluation, export and compare need of a student."""
+
+    config: dict  # its factory's keyword arguments (num_branches included): saved, and rebuilt from
+    num_branches: int
+    num_classes: int
+    num_features: int  # each branch's pooled feature size (feature matching's adapters read it)
+    adapters: Optional[nn.ModuleList]  # training-only: dropped from checkpoints and folds
+    fold_layouts: tuple[str, ...]  # the layouts ``fold`` takes (``ekdc export --fold``)
+
+    def __call__(self, x, return_branches: bool = False): ...  # mean logits, or BranchOutputs
+    def set_adapters(self, teacher_dims: list[int]) -> None: ...
+    def fold(self, layout: str) -> nn.Module: ...  # one eval-mode graph computing the mean logits
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentFamily:
+    name: str
+    build: Callable[..., nn.Module]
+    settings: Optional[type]  # pydantic model of its student: keys (None: StudentConfig's own, ekd_student)
+    # (config, factor) -> a one-branch config of the same layout, every width scaled by factor: how
+    # ``ekdc compare`` finds the one-branch student of equal MACs (None: the family has no such row)
+    one_branch_widened: Optional[Callable[[dict, float], dict]] = None
+
+
+_STUDENTS: dict[str, StudentFamily] = {}
+
+
+def register_student(fn: Optional[Callable[..., nn.Module]] = None, *, settings: Optional[type] = None,
+                     one_branch_widened: Optional[Callable[[dict, float], dict]] = None):
+    """``@register_student`` or ``@register_student(settings=Model, one_branch_widened=fn)`` on a student
+    factory ``(num_classes, num_branches, **settings) -> module``."""
+
+    def add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if f.__name__ in _STUDENTS and _STUDENTS[f.__name__].build is not f:
+            raise ValueError(f"a student named '{f.__name__}' is registered already: give the factory another name")
+        _STUDENTS[f.__name__] = StudentFamily(f.__name__, f, settings, one_branch_widened)
+        return register_model(f)
+
+    return add(fn) if fn is not None else add
+
+
+def list_students() -> list[str]:
+    return sorted(_STUDENTS)
+
+
+def get_student(name: str) -> StudentFamily:
+    if name not in _STUDENTS:
+        close = difflib.get_close_matches(name, list(_STUDENTS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"unknown student '{name}' ({hint}students: {', '.join(list_students())})")
+    return _STUDENTS[name]
 
 
 def list_models() -> list[str]:

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import register_model
+from ._registry import register_student
 from .layers import BasicBlock, InvertedResidual, conv_bn, init_weights
+from .student_fold import FoldedStudent
 
 STEMS = ("cifar", "imagenet")
 BLOCKS = ("basic", "inverted_residual")
@@ -23,6 +24,8 @@ class BranchOutputs(NamedTuple):
 
 
 class EKDStudent(nn.Module):
+    fold_layouts = ("grouped", "separate")
+
     def __init__(
         self,
         num_classes: int,
@@ -88,6 +91,10 @@ class EKDStudent(nn.Module):
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(F.relu(self.stem(x)))
 
+    def fold(self, layout: str = "grouped") -> nn.Module:
+        """The deploy-time form: one graph, BatchNorm folded, the branches merged (``student_fold``)."""
+        return FoldedStudent(self, layout)
+
     def forward(self, x: torch.Tensor, return_branches: bool = False):
         h = self.forward_trunk(x)
         feats = [F.adaptive_avg_pool2d(b(h), 1).flatten(1) for b in self.branches]
@@ -98,6 +105,13 @@ class EKDStudent(nn.Module):
         return BranchOutputs(logits, torch.stack(feats), adapted)
 
 
-@register_model
+def one_branch_widened(config: dict, m: float) -> dict:
+    """One branch of ``config``'s layout, the trunk and every branch width scaled by ``m``."""
+    w = lambda x: max(1, int(round(x * m)))  # noqa: E731
+    return {**config, "num_branches": 1, "trunk_width": w(config["trunk_width"]),
+            "branch_widths": [w(x) for x in config["branch_widths"]]}
+
+
+@register_student(one_branch_widened=one_branch_widened)
 def ekd_student(num_classes: int = 10, **kwargs) -> EKDStudent:
     return EKDStudent(num_classes, **kwargs)

@@ -20,8 +20,8 @@ from ..contract import (
     META_INPUT_SIZE,
     META_KIND,
     META_PRECISION,
-    usable_cores,
 )
+from ..cores import usable_cores
 from ..data import index_splits
 from ..deploy.fold import fold
 from ..deploy.onnx import DeployModel, export_onnx
@@ -140,6 +140,9 @@ def plan_student(recipe: Recipe, latency_ms: float, *, batch: int = 1, provider:
     with the most MACs whose p50 latency at ``batch`` is at most ``latency_ms``. Raises ``NoStudentFits``
     (a UserError holding the plan) when none is fast enough."""
     _check_args(latency_ms, batch, provider, threads, precision, repeats)
+    if recipe.student.arch != "ekd_student":
+        raise UserError(f"ekdc plan searches ekd_student layouts; the recipe's student is a {recipe.student.arch} "
+                        "(give its widths yourself, or student.arch: ekd_student)")
     check_ort_provider(provider)  # before minutes of exporting
     configs = candidate_configs(recipe, candidates)
     size = recipe.data.image_size

@@ -11,8 +11,9 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import UserError
+from ..plugins import failure_hint, load_plugins
 from .messages import first_error, known_keys, schema_at
-from .schema import PLANNED_KEYS, Recipe, StudentConfig
+from .schema import EKD_STUDENT_KEYS, PLANNED_KEYS, Recipe, StudentConfig
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -135,10 +136,12 @@ def _fix_urls(urls, base: Path):
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+    load_plugins()  # the names installed plugins add (students, terms, data sets, models) are known first
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise UserError(first_error(err, where)) from None
+        message = first_error(err, where)
+        raise UserError(message + (failure_hint() if "unknown" in message else "")) from None
 
 
 def student_from_dict(raw: Any, where: str) -> StudentConfig:
@@ -155,6 +158,7 @@ def student_from_dict(raw: Any, where: str) -> StudentConfig:
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Read, override (``--set key.path=value``) and validate a recipe."""
     path = Path(path)
+    load_plugins()
     raw = apply_overrides(_read_yaml(path), overrides)
     recipe = recipe_from_dict(raw, where=str(path))
     _resolve_paths(recipe, path.resolve().parent)
@@ -165,4 +169,6 @@ def dump_recipe(recipe: Recipe) -> str:
     raw = recipe.model_dump(mode="json")
     if recipe.student.latency_ms is not None:  # the planner's keys hold defaults: written out, they would clash
         raw["student"] = {k: v for k, v in raw["student"].items() if k not in PLANNED_KEYS}
+    if recipe.student.arch != "ekd_student":  # ekd_student's keys are not this family's
+        raw["student"] = {k: v for k, v in raw["student"].items() if k not in EKD_STUDENT_KEYS}
     return yaml.safe_dump(raw, sort_keys=False)

@@ -44,6 +44,8 @@ def schema_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
         ext = getattr(cls, "extensions", None)
         if field is None and ext is not None and part in ext():
             cls = ext()[part]
+            if cls is None:  # a key that holds plain values (a student family's setting)
+                return None
             continue
         if field is None:
             return cls

@@ -19,12 +19,14 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import InitErrorDetails
 
 from ..data.config import MAX_SEED, DataConfig, rgb_triple
 from ..losses import MODES, get_term, list_terms, term_settings, terms_of_mode
+from ..models import get_student, list_students
 from ..teachers.torch_models import check_arch
 
 # a file or folder name: no path separators, and not "." or ".." (which would point outside runs/)
@@ -46,9 +48,14 @@ class Schedule(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = True
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "step", "constant"] = Field(
+        "cosine", description="the learning rate after the warm-up: cosine or linear decay to 0 (warm-up + linear is "
+                              "the triangular one-cycle schedule of fast CIFAR training), steps of 0.1 at 1/2 and 3/4, "
+                              "or constant")
+    warmup_epochs: float = Field(0, ge=0, description="linear warm-up from 0; a fraction of an epoch is fine")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="evaluate, save and export an exponential moving average of "
+                                                          "the weights with this decay per step (0: the last step's)")
 
 
 _ONNX_ONLY = ("channel_order", "layout", "outputs")
@@ -146,10 +153,16 @@ class TeacherConfig(_Strict):
 
 # what ``student.latency_ms`` leaves to the planner (``ekdc plan``): giving any of them beside it is an error
 PLANNED_KEYS = ("trunk_width", "trunk_blocks", "branch_widths", "branch_blocks", "block", "expand_ratio")
+EKD_STUDENT_KEYS = (*PLANNED_KEYS, "stem")  # StudentConfig's fields that are ekd_student's settings
 
 
 class StudentConfig(_Strict):
-    arch: Literal["ekd_student"] = "ekd_student"
+    """The student: ``arch`` names a registered student family (``ekdc.models.list_students()``).
+    ``ekd_student``'s keys are the fields below; another family's keys are its own settings model's
+    (``@register_student(settings=...)``), and the fields of ``ekd_student`` do not apply to it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # a family's own keys, checked below
+    arch: str = Field("ekd_student", description="the student family (ekdc.models.list_students())")
     latency_ms: Optional[float] = Field(
         None, gt=0, allow_inf_nan=False, description="plan the student for this p50 latency (ms, batch 1, fp32, ONNX Runtime CPU, all usable "
                                 "cores) on this machine before training, instead of giving its widths and depths")
@@ -163,12 +176,47 @@ class StudentConfig(_Strict):
     block: Literal["basic", "inverted_residual"] = Field("basic", description="basic residual, or MobileNetV2's")
     expand_ratio: int = Field(6, ge=1, description="inverted_residual: the expansion of its 1x1 convolution")
 
+    @classmethod
+    def extensions(cls) -> dict[str, None]:
+        """Keys beyond the fields: every registered family's own settings."""
+        return {k: None for name in list_students() if get_student(name).settings is not None
+                for k in get_student(name).settings.model_fields}
+
+    @field_validator("arch")
+    @classmethod
+    def _known_student(cls, v):
+        if v not in list_students():
+            close = difflib.get_close_matches(v, list_students(), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown student '{v}' ({hint}students: {', '.join(list_students())})")
+        return v
+
     @field_validator("branch_widths")
     @classmethod
     def _positive(cls, v):
         if any(w < 1 for w in v):
             raise ValueError("every width must be >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _family_keys(self):
+        family = get_student(self.arch)
+        extra = self.__pydantic_extra__ or {}
+        if family.settings is None:
+            if extra:
+                raise ValidationError.from_exception_data(
+                    "StudentConfig", [InitErrorDetails(type="extra_forbidden", loc=(k,), input=v) for k, v in extra.items()])
+            return self
+        own = [k for k in EKD_STUDENT_KEYS if k in self.model_fields_set]
+        if own:
+            raise ValueError(f"{own[0]} is a key of ekd_student, not of {self.arch} (its keys: num_branches, "
+                             f"{', '.join(family.settings.model_fields)})")
+        if self.latency_ms is not None:
+            raise ValueError(f"latency_ms plans ekd_student students; give {self.arch}'s own keys instead")
+        settings = family.settings.model_validate(dict(extra))
+        extra.clear()
+        extra.update(settings.model_dump())
+        return self
 
     @model_validator(mode="after")
     def _planned_or_given(self):
@@ -179,9 +227,19 @@ class StudentConfig(_Strict):
                                  f"{', '.join(given)} (or latency_ms)")
         return self
 
+    @model_serializer(mode="wrap")
+    def _own_keys_only(self, handler):
+        # another family's dump leaves ekd_student's keys out: loaded again, they would be refused
+        out = handler(self)
+        if self.arch != "ekd_student" and isinstance(out, dict):
+            out = {k: v for k, v in out.items() if k not in EKD_STUDENT_KEYS}
+        return out
+
     def model_kwargs(self) -> dict:
-        """The arguments of ``create_model("ekd_student", num_classes=..., **kwargs)``."""
-        return self.model_dump(exclude={"arch", "latency_ms"})
+        """The arguments of ``create_model(arch, num_classes=..., **kwargs)``."""
+        if get_student(self.arch).settings is not None:
+            return {"num_branches": self.num_branches, **(self.__pydantic_extra__ or {})}
+        return self.model_dump(include=set(EKD_STUDENT_KEYS) | {"num_branches"})
 
 
 class TeacherCacheConfig(_Strict):
@@ -281,7 +339,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.student.stem is None:  # a 3x3 stride-1 stem suits small images; photos want stride 4
+        if self.student.stem is None and self.student.arch == "ekd_student":  # 3x3 stride 1 suits small images; photos want stride 4
             self.student.stem = "cifar" if self.data.image_size <= IMAGENET_STEM_FROM_PX else "imagenet"
         self._check_branches()
         self._name_teachers()

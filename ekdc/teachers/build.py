@@ -191,6 +191,8 @@ def trainable_teacher(tcfg, i: int, data: DataInfo) -> TorchTeacherModel:
 def teacher_param_groups(t: TorchTeacherModel, tcfg) -> list[dict]:
     """The head at the teacher's learning rate; a backbone that starts from trained weights at
     ``backbone_lr_scale`` of it, or frozen (``freeze_backbone``: a linear probe)."""
+    if not t.from_weights and not tcfg.freeze_backbone and hasattr(t.model, "param_groups"):
+        return t.model.param_groups()  # a model trained from scratch that knows its own rates (FastNet)
     head = {id(p) for p in t.head.parameters()}
     backbone = [p for p in t.model.parameters() if id(p) not in head]
     if tcfg.freeze_backbone:

@@ -18,7 +18,6 @@ import torch.nn as nn
 from ..contract import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
 
-SOURCES = ("registry", "torchvision", "timm")
 PREFIXES = {"torchvision": "torchvision:", "timm": "timm:"}
 DOWNLOAD_TIMEOUT_S = 60  # a download that stalls must end, not hang the run
 

@@ -1,0 +1,103 @@
+"""What a run's data was when it started: its classes and, for each split, every file's path, label, size
+and modification time (image folders), every shard's size and modification time (shards), or a digest
+of the images (data sets held as tensors). ``ekdc distill`` records it in the run folder (``data.json``)
+and ``--resume`` compares: a run never goes on with images that moved between the splits, or changed,
+after its teachers trained on them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from .. import _io
+from ..errors import UserError
+from .sources import FileSource
+
+FINGERPRINT_FILE = "data.json"
+SPLITS = (("train", "training"), ("val", "validation"))
+
+
+def _stat(path: str) -> tuple[Optional[int], Optional[int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
+def _part(part) -> dict:
+    src = part.source
+    if isinstance(src, FileSource):
+        positions = range(len(src.files)) if part.positions is None else part.positions
+        files = [[os.path.abspath(src.files[i]), int(src.labels[i]), *_stat(src.files[i])] for i in positions]
+        return {"files": files}
+    if getattr(src, "ordered", False):
+        return {"shards": [[str(s), *_stat(str(s))] for s in src.shards]}
+    h = hashlib.sha256()
+    for block in src.identity(part.positions):
+        h.update(block)
+    labels = part.labels
+    if labels is not None:
+        h.update(labels.astype("int64").tobytes())
+    return {"images": len(part), "digest": h.hexdigest()}
+
+
+def fingerprint(index) -> dict:
+    """The fingerprint of a ``SplitIndex``'s splits (plain JSON data)."""
+    return {"classes": list(index.classes), "splits": {name: _part(index.part(name)) for name, _ in SPLITS}}
+
+
+def _listed_change(old: list, new: list, what: str, noun: str) -> str:
+    before = {e[0]: e[1:] for e in old}
+    now = {e[0]: e[1:] for e in new}
+    changed = [p for p in now if p in before and before[p] != now[p]]
+    added = [p for p in now if p not in before]
+    gone = [p for p in before if p not in now]
+    parts = []
+    if changed:
+        parts.append(f"{len(changed)} changed (first: {changed[0]})")
+    if added:
+        parts.append(f"{len(added)} now in it (first: {added[0]})")
+    if gone:
+        parts.append(f"{len(gone)} no longer in it (first: {gone[0]})")
+    return f"the {what} split's {noun}: " + ", ".join(parts) + f", of {len(before)}"
+
+
+def difference(saved: dict, now: dict) -> Optional[str]:
+    """What differs between two fingerprints, in words, or None."""
+    if saved.get("classes") != now["classes"]:
+        return f"the classes are {', '.join(now['classes'])}, were {', '.join(saved.get('classes') or [])}"
+    for name, what in SPLITS:
+        a, b = (saved.get("splits") or {}).get(name), now["splits"][name]
+        if a == b:
+            continue
+        if a and "files" in a and "files" in b:
+            return _listed_change(a["files"], b["files"], what, "images")
+        if a and "shards" in a and "shards" in b:
+            return _listed_change(a["shards"], b["shards"], what, "shards")
+        return f"the {what} split's images differ"
+    return None
+
+
+def record_or_check(run_path: Path, index, resume: bool) -> Optional[str]:
+    """A new run records its data's fingerprint; a resumed one compares it with what it recorded, and a
+    difference is one line naming it. Returns a note to say (a run that recorded none: recorded now)."""
+    path = Path(run_path) / FINGERPRINT_FILE
+    now = fingerprint(index)
+    if resume and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+        diff = difference(saved, now)
+        if diff is not None:
+            raise UserError(f"--resume: the data is not what {run_path} started with ({diff}): its teachers or "
+                            "student may have trained on images that are now elsewhere; start a new run, or put the "
+                            f"data back (if the images are the same, remove {path} to accept them as they are)")
+        return None
+    _io.write_text(path, json.dumps(now, separators=(",", ":")) + "\n")
+    return f"data: no {FINGERPRINT_FILE} in {run_path} (a run from before it was recorded); recorded it now" \
+        if resume else None

@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""ekdc's headline: how much of the teachers' accuracy the student keeps, at what cost, on full CIFAR-10.
+
+    python experiments/headline.py                  # train what is missing (resumable), then report
+    python experiments/headline.py --report-only    # rebuild the pages from finished runs
+
+Trains the rows of ``recipes/cifar10-strong.yaml`` through ``ekdc compare`` (the recipe's student, and the
+same student with ``ce`` at the same schedule; one seed) into runs/headline/, exports the recipe's student
+in fp32 and int8 with the teacher ensemble beside it, benches every file (``ekdc bench``: 3 interleaved
+rounds at batch 1 and 64, accuracy on the validation split), and writes:
+
+- docs/HEADLINE.md and docs/headline.json: the table, with the command, machine and CPU time;
+- docs/headline.png: accuracy against batch-64 throughput;
+- the README's headline table (between its ``<!-- headline -->`` markers);
+- docs/evidence/: each exported fp32 student (full-<row>.onnx), the ensemble as teachers.onnx with fp16
+  weights (float32 inputs and outputs), and the full-data rows of evidence.json. Every accuracy written is
+  the exported file's own on the validation split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ekdc import bench, export, load_recipe  # noqa: E402
+from ekdc.compare import compare  # noqa: E402  (the function: ekdc.compare is also its package)
+
+RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
+OUT = ROOT / "runs" / "headline"
+DOCS = ROOT / "docs"
+README_MARKERS = ("<!-- headline -->", "<!-- /headline -->")
+
+
+def weights_to_fp16(src: Path, dst: Path) -> None:
+    """An ONNX graph whose float initializers are stored in fp16, each cast back to float32 where it is
+    used: half the file, float32 inputs, outputs and arithmetic."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    casts, inits = [], []
+    for init in g.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.size > 16:
+            inits.append(numpy_helper.from_array(arr.astype(np.float16), init.name + "_fp16"))
+            casts.append(helper.make_node("Cast", [init.name + "_fp16"], [init.name], to=onnx.TensorProto.FLOAT))
+        else:
+            inits.append(init)
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(casts + nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def train(args) -> dict:
+    recipe = load_recipe(RECIPE, args.set)
+    t0 = time.perf_counter()
+    report = compare(recipe, rows=args.rows, seeds=[0], out=OUT, report_only=args.report_only, progress=False)
+    deploy = OUT / "deploy"
+    if not (deploy / "manifest.json").is_file():
+        export(OUT / "recipe" / "s0", deploy, int8=True, teachers=True)
+    return {"compare": report, "seconds_this_call": time.perf_counter() - t0}
+
+
+def cpu_hours() -> float:
+    """Training seconds of the teachers (weights/cifar10/teachers.json) and of every cell here, the
+    teacher-output cache's build included."""
+    teachers = json.loads((ROOT / "weights" / "cifar10" / "teachers.json").read_text())
+    secs = sum(t["train_seconds"] for t in teachers["teachers"])
+    for path in OUT.glob("*/s*/metrics.json"):
+        m = json.loads(path.read_text())
+        secs += float(m.get("seconds", 0)) + float((m.get("teacher_cache") or {}).get("build_seconds") or 0)
+    return secs / 3600
+
+
+def main() -> None:
+    global OUT, DOCS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="recipe,ce")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--set", action="append", default=[], help="a recipe override (a dry run: data.per_class=20)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the pages go (README only with docs/)")
+    args = ap.parse_args()
+    OUT, DOCS = args.out.resolve(), args.docs.resolve()
+    DOCS.mkdir(parents=True, exist_ok=True)
+    train(args)
+    deploy = OUT / "deploy"
+    rows = [r for r in args.rows.split(",")]
+    files = {"student fp32": deploy / "student.onnx", "student int8": deploy / "student.int8.onnx"}
+    for row in rows:
+        if row != "recipe":
+            files[f"{row} student fp32"] = OUT / row / "s0" / "export" / "student.onnx"
+    files["teacher ensemble"] = deploy / "teachers.onnx"
+    files = {k: v for k, v in files.items() if v.is_file()}
+    rep = bench(list(files.values()), against=deploy / "teachers.onnx", batches=[1, 64], repeats=3, data=OUT / "recipe" / "s0",
+                json_path=OUT / "bench.json")
+    models = dict(zip(files, rep["models"]))
+    teachers = json.loads((ROOT / "weights" / "cifar10" / "teachers.json").read_text())
+    ens = models["teacher ensemble"]
+    table = []
+    for label, m in models.items():
+        table.append({
+            "model": label, "file": files[label].name, "accuracy": m["accuracy"], "macs": m["macs"],
+            "file_mb": m["file_mb"], "p50_ms_b1": m["latency_ms"]["1"]["p50"], "img_s_b64": m["throughput"]["64"],
+            "speedup_b1": ens["latency_ms"]["1"]["p50"] / m["latency_ms"]["1"]["p50"],
+            "speedup_b64": m["throughput"]["64"] / ens["throughput"]["64"],
+            "gap_points": 100 * (m["accuracy"] - ens["accuracy"]),
+        })
+    record = {"recipe": "recipes/cifar10-strong.yaml", "command": "python experiments/headline.py",
+              "teachers": [{k: t[k] for k in ("name", "arch", "val_acc", "macs")} for t in teachers["teachers"]],
+              "teacher_ensemble_acc": ens["accuracy"], "rows": table, "machine": rep["machine"],
+              "threads": rep["settings"]["threads"], "cpu_hours": round(cpu_hours(), 2),
+              "train_images": teachers["train_images"], "val_images": teachers["val_images"]}
+    (DOCS / "headline.json").write_text(json.dumps(record, indent=2) + "\n")
+    md = _markdown(record)
+    (DOCS / "HEADLINE.md").write_text(md)
+    if DOCS == ROOT / "docs":
+        _readme(record)
+    _plot(record, DOCS / "headline.png")
+    _evidence(record, files, rows)
+    print(md)
+
+
+def _table_lines(record: dict) -> list[str]:
+    lines = ["| model | val acc | vs ensemble | MACs | file MB | batch 1 p50 ms | speedup b1 | batch 64 img/s | speedup b64 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in record["rows"]:
+        lines.append(f"| {r['model']} | {100 * r['accuracy']:.2f}% | {r['gap_points']:+.2f} | {r['macs'] / 1e6:.1f}M | "
+                     f"{r['file_mb']:.1f} | {r['p50_ms_b1']:.2f} | {r['speedup_b1']:.2f}x | {r['img_s_b64']:,.0f} | "
+                     f"{r['speedup_b64']:.2f}x |")
+    return lines
+
+
+def _markdown(record: dict) -> str:
+    t = ", ".join(f"{x['arch']} {100 * x['val_acc']:.2f}%" for x in record["teachers"])
+    return "\n".join([
+        "# Headline: how much of the teachers' accuracy the student keeps",
+        "",
+        f"Full CIFAR-10: {record['train_images']:,} training JPEGs, scored on the fixed {record['val_images']:,}-image "
+        f"validation split. Teachers (ekdc's pretrained weights, weights/cifar10/): {t}. Every accuracy is the "
+        "exported ONNX file's own; latency and throughput from `ekdc bench` (ONNX Runtime CPU, 3 interleaved "
+        f"rounds) on {record['machine']}, {record['threads']} threads.",
+        "",
+        *_table_lines(record),
+        "",
+        f"    {record['command']}      # CPU time of every training behind it: {record['cpu_hours']} h",
+        "",
+    ])
+
+
+def _readme(record: dict) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        return
+    block = "\n".join([start, *_table_lines(record), "", "![accuracy against throughput](docs/headline.png)", end])
+    a, b = text.index(start), text.index(end) + len(end)
+    readme.write_text(text[:a] + block + text[b:])
+
+
+def _plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in record["rows"]:
+        ax.scatter(r["img_s_b64"], 100 * r["accuracy"], s=20 + r["macs"] / 4e6)
+        ax.annotate(f"{r['model']}\n{r['macs'] / 1e6:.0f}M MACs", (r["img_s_b64"], 100 * r["accuracy"]), fontsize=8,
+                    xytext=(5, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("throughput at batch 64 (images/s, ONNX Runtime CPU)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("CIFAR-10: the student against the teacher ensemble")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _evidence(record: dict, files: dict, rows: list[str]) -> None:
+    ev = DOCS / "evidence"
+    ev.mkdir(exist_ok=True)
+    path = ev / "evidence.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"files": []}
+    data["files"] = [f for f in data["files"] if f.get("per_class") is not None]  # the full-data rows anew
+    by_label = {r["model"]: r for r in record["rows"]}
+    for row in rows:
+        label = "student fp32" if row == "recipe" else f"{row} student fp32"
+        if label not in by_label:
+            continue
+        name = f"full-{row}.onnx"
+        shutil.copyfile(files[label], ev / name)
+        r = by_label[label]
+        data["files"].append({"row": row, "onnx": name, "train_images": record["train_images"], "per_class": None,
+                              "seed": 0, "macs": r["macs"], "val_acc": r["accuracy"], "latency_ms": r["p50_ms_b1"]})
+    weights_to_fp16(files["teacher ensemble"], ev / "teachers.onnx")
+    ens = next(r for r in record["rows"] if r["model"] == "teacher ensemble")
+    check = bench([ev / "teachers.onnx"], batches=[1], repeats=1, data=OUT / "recipe" / "s0")["models"][0]["accuracy"]
+    data["teachers"] = {"val_acc": check, "val_acc_fp32_weights": ens["accuracy"], "macs": ens["macs"],
+                        "train_images": record["train_images"], "onnx": "teachers.onnx"}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Ship a teachers-only run's teachers as ekdc's pretrained weights: each teacher's checkpoint with its
+weights in fp16 (half the bytes; a teacher loads them into fp32), and teachers.json with what each scores.
+
+    python experiments/ship_teachers.py runs/strong-teachers weights/cifar10
+
+Every accuracy in teachers.json is the shipped fp16 file's own, scored again here on the run's validation
+split (the same split the run scored its fp32 weights on; both figures are written). Teachers that the run
+has not finished yet are left out, so the script can be run after each one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ekdc import _io  # noqa: E402
+from ekdc.checkpoint import load_teacher  # noqa: E402
+from ekdc.contract import top1  # noqa: E402
+from ekdc.data import load_data  # noqa: E402
+from ekdc.distillation.evaluation import predict  # noqa: E402
+from ekdc.distillation.runtime import setup_runtime  # noqa: E402
+from ekdc.distillation.stages import data_info  # noqa: E402
+from ekdc.models import count_macs, count_params  # noqa: E402
+from ekdc.recipe import load_recipe  # noqa: E402
+from ekdc.teachers import teacher_from_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args()
+    recipe = load_recipe(args.run / "recipe.yaml")
+    data = load_data(recipe.data)
+    rt = setup_runtime("cpu", "fp32", False)
+    log = [json.loads(line) for line in (args.run / "log.jsonl").read_text().splitlines() if line.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    shipped, logits = [], []
+    for i, tcfg in enumerate(recipe.teachers):
+        src = args.run / "teachers" / f"{tcfg.name}.pt"
+        if not src.exists():
+            print(f"{tcfg.name}: not finished yet, left out")
+            continue
+        ck = _io.load_checkpoint(src, "teacher checkpoint")
+        half = {**ck, "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}}
+        dst = args.out / f"{tcfg.name}.pt"
+        _io.save_checkpoint(half, dst)
+        model, ck2 = load_teacher(dst, tcfg.arch)
+        teacher = teacher_from_checkpoint(ck2, model, tcfg, data_info(data), i)
+        out = predict(teacher, data.val, rt)
+        logits.append(out)
+        epochs = [r for r in log if r.get("stage") == f"teacher-{tcfg.name}"]
+        shipped.append({
+            "name": tcfg.name, "arch": tcfg.arch, "file": dst.name, "bytes": dst.stat().st_size,
+            "val_acc": top1(out, data.val_y), "params": count_params(model), "macs": count_macs(model, data.image_size),
+            "train": tcfg.train.model_dump() if tcfg.train else None, "train_seconds": round(float(ck.get("seconds", 0.0)), 1),
+            "epochs_logged": len(epochs), "last_train_acc": epochs[-1]["train_acc"] if epochs else None,
+        })
+        print(f"{tcfg.name}: {shipped[-1]['val_acc']:.4f} on {len(data.val)} validation images, {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
+    record = {
+        "recipe": str(args.run / "recipe.yaml"), "data_root": recipe.data.root, "train_images": len(data.train),
+        "val_images": len(data.val), "split": {"val_per_class": recipe.data.val_per_class, "split_seed": recipe.data.split_seed},
+        "teachers": shipped,
+        "ensemble_val_acc": top1(torch.stack(logits).mean(0), data.val_y) if logits else None,
+        "ensemble_macs": sum(t["macs"] for t in shipped),
+        "train_hours": round(sum(t["train_seconds"] for t in shipped) / 3600, 2),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+    (args.out / "teachers.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"ensemble of {len(shipped)}: {record['ensemble_val_acc']}")
+
+
+if __name__ == "__main__":
+    main()
