@@ -5,7 +5,8 @@ weights in fp16 (half the bytes; a teacher loads them into fp32), and teachers.j
     python experiments/ship_teachers.py runs/strong-teachers weights/cifar10
 
 Every accuracy in teachers.json is the shipped fp16 file's own, scored again here on the run's validation
-split (the same split the run scored its fp32 weights on; both figures are written). Teachers that the run
+split, one forward pass (val_acc) and with flip test-time augmentation (val_acc_flip_tta: the mean of the
+image's and its mirror's logits, what ``tta: flip`` in a recipe uses). Teachers that the run
 has not finished yet are left out, so the script can be run after each one.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main() -> None:
     rt = setup_runtime("cpu", "fp32", False)
     log = [json.loads(line) for line in (args.run / "log.jsonl").read_text().splitlines() if line.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
-    shipped, logits = [], []
+    shipped, logits, logits_flip = [], [], []
     for i, tcfg in enumerate(recipe.teachers):
         src = args.run / "teachers" / f"{tcfg.name}.pt"
         if not src.exists():
@@ -52,28 +53,31 @@ def main() -> None:
         dst = args.out / f"{tcfg.name}.pt"
         _io.save_checkpoint(half, dst)
         model, ck2 = load_teacher(dst, tcfg.arch)
-        teacher = teacher_from_checkpoint(ck2, model, tcfg, data_info(data), i)
-        out = predict(teacher, data.val, rt)
+        teacher = teacher_from_checkpoint(ck2, model, tcfg.model_copy(update={"tta": "none"}), data_info(data), i)
+        flipped = teacher_from_checkpoint(ck2, model, tcfg.model_copy(update={"tta": "flip"}), data_info(data), i)
+        out, out_flip = predict(teacher, data.val, rt), predict(flipped, data.val, rt)
         logits.append(out)
+        logits_flip.append(out_flip)
         epochs = [r for r in log if r.get("stage") == f"teacher-{tcfg.name}"]
         shipped.append({
             "name": tcfg.name, "arch": tcfg.arch, "file": dst.name, "bytes": dst.stat().st_size,
-            "val_acc": top1(out, data.val_y), "params": count_params(model), "macs": count_macs(model, data.image_size),
+            "val_acc": top1(out, data.val_y), "val_acc_flip_tta": top1(out_flip, data.val_y), "params": count_params(model), "macs": count_macs(model, data.image_size),
             "train": tcfg.train.model_dump() if tcfg.train else None, "train_seconds": round(float(ck.get("seconds", 0.0)), 1),
             "epochs_logged": len(epochs), "last_train_acc": epochs[-1]["train_acc"] if epochs else None,
         })
-        print(f"{tcfg.name}: {shipped[-1]['val_acc']:.4f} on {len(data.val)} validation images, {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
+        print(f"{tcfg.name}: {shipped[-1]['val_acc']:.4f} ({shipped[-1]['val_acc_flip_tta']:.4f} with flip TTA) on {len(data.val)} validation images, {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
     record = {
         "recipe": str(args.run / "recipe.yaml"), "data_root": recipe.data.root, "train_images": len(data.train),
         "val_images": len(data.val), "split": {"val_per_class": recipe.data.val_per_class, "split_seed": recipe.data.split_seed},
         "teachers": shipped,
         "ensemble_val_acc": top1(torch.stack(logits).mean(0), data.val_y) if logits else None,
+        "ensemble_val_acc_flip_tta": top1(torch.stack(logits_flip).mean(0), data.val_y) if logits else None,
         "ensemble_macs": sum(t["macs"] for t in shipped),
         "train_hours": round(sum(t["train_seconds"] for t in shipped) / 3600, 2),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     (args.out / "teachers.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"ensemble of {len(shipped)}: {record['ensemble_val_acc']}")
+    print(f"ensemble of {len(shipped)}: {record['ensemble_val_acc']} ({record['ensemble_val_acc_flip_tta']} with flip TTA)")
 
 
 if __name__ == "__main__":

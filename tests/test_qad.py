@@ -62,13 +62,45 @@ def test_qad_file_runs_passes_the_contract_and_reports_its_own_accuracy(tiny_run
     assert entry["parity"]["argmax_agreement"] == pytest.approx(float((fp32.argmax(1) == logits.argmax(1)).mean()))
 
 
+def _int8_weights(path) -> list[np.ndarray]:
+    from onnx import numpy_helper
+
+    return [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+
+
+def _optimized_ops(path, tmp_path) -> set[str]:
+    """The op types ONNX Runtime's CPU provider runs after its graph optimisations (its saved optimized graph)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+
+
 def test_qad_is_never_ptq_in_disguise(tiny_run, qad_export, tmp_path):
-    out, _ = qad_export
+    out, manifest = qad_export
     ptq = export(tiny_run, tmp_path / "ptq", int8=True, calib_images=32, fold_mode="grouped", teachers=False)
     assert next(f for f in ptq["files"] if f["file"] == "student.int8.onnx")["quantization"]["method"] == "ptq"
-    # ModelOpt quantises activations symmetrically to int8 (what TensorRT takes); ONNX Runtime's PTQ here to uint8
-    assert _zero_point_types(out / "student.int8.onnx") == {onnx.TensorProto.INT8}
-    assert onnx.TensorProto.UINT8 in _zero_point_types(tmp_path / "ptq" / "student.int8.onnx")
+    # both files in ONNX Runtime's form, but QAD's weights are its fine-tuned ones, not the fp32 student's
+    qad_w, ptq_w = _int8_weights(out / "student.int8.onnx"), _int8_weights(tmp_path / "ptq" / "student.int8.onnx")
+    assert len(qad_w) == len(ptq_w) > 0 and any((a != b).any() for a, b in zip(qad_w, ptq_w))
+    # ModelOpt's own file (for TensorRT) quantises activations symmetrically to int8; ONNX Runtime's to uint8
+    assert _zero_point_types(out / "student.int8.tensorrt.onnx") == {onnx.TensorProto.INT8}
+    assert onnx.TensorProto.UINT8 in _zero_point_types(out / "student.int8.onnx")
+    forms = {f["file"]: f["quantization"]["form"].split(":")[0] for f in manifest["files"] if "quantization" in f}
+    assert forms == {"student.int8.onnx": "onnxruntime-qdq", "student.int8.tensorrt.onnx": "tensorrt-qdq"}
+
+
+def test_the_qad_file_runs_as_int8_on_onnx_runtime(qad_export, tmp_path):
+    """ONNX Runtime fuses the QAD file's convolutions into QLinearConv (int8 kernels), not float Conv between
+    Q/DQ pairs as it runs ModelOpt's file."""
+    out, _ = qad_export
+    ops = _optimized_ops(out / "student.int8.onnx", tmp_path)
+    assert "QLinearConv" in ops and "Conv" not in ops and "FusedConv" not in ops
+    assert "QLinearConv" not in _optimized_ops(out / "student.int8.tensorrt.onnx", tmp_path)
 
 
 def test_qad_labels_only_and_refusals(tiny_run, tmp_path, monkeypatch):

@@ -123,3 +123,39 @@ def test_a_fastnet_teacher_is_whitened_from_the_data_and_saved(tmp_path):
     assert ck["state_dict"]["whiten.weight"].abs().sum() > 0
     acc = json.loads((tmp_path / "run" / "teachers" / "metrics.json").read_text())["teachers"][0]["acc"]
     assert acc > 0.5  # 4 synthetic classes: it learned
+
+
+def test_a_flip_tta_teacher_averages_both_views_everywhere_it_is_used(tmp_path):
+    from ekdc.teachers import teacher_stats
+    from ekdc.teachers.base import Teacher
+    from ekdc.teachers.base import Preprocess
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=4).eval()
+    pre = Preprocess(16, [0.5] * 3, [0.25] * 3)
+    plain = Teacher(model, pre, name="t", arch="resnet8", source="registry", head=model.fc)
+    tta = Teacher(model, pre, name="t", arch="resnet8", source="registry", head=model.fc, tta="flip")
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(tta(x), 0.5 * (plain(x) + plain(x.flip(-1))), atol=1e-6)
+        _, f = tta.forward_with_features(x)
+        _, f1 = plain.forward_with_features(x)
+        _, f2 = plain.forward_with_features(x.flip(-1))
+    assert torch.allclose(f, 0.5 * (f1 + f2), atol=1e-6)
+    assert teacher_stats(tta)[1] == 2 * teacher_stats(plain)[1]
+    assert tta.fingerprint() != plain.fingerprint()  # a cache of the plain teacher is not this one's
+    # trained, scored and exported with it: export checks teachers.onnx against the PyTorch ensemble
+    recipe = write_recipe(tmp_path / "r.yaml", teachers=[{"arch": "resnet8", "tta": "flip", "train": {
+        "epochs": 1, "batch_size": 32}}], student={"num_branches": 1, "trunk_width": 8, "branch_widths": [8, 16]},
+        mode="avg_kd", distill={"epochs": 1, "batch_size": 32})
+    assert run_cli("distill", recipe, "--out", tmp_path / "run", "-q").returncode == 0
+    res = run_cli("export", tmp_path / "run", "--out", tmp_path / "export")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["teachers"][0]["macs"] == 2 * create_model_macs("resnet8")
+
+
+def create_model_macs(arch: str) -> int:
+    from ekdc.models import count_macs
+
+    return count_macs(create_model(arch, num_classes=4), 16)

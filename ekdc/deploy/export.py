@@ -63,6 +63,10 @@ from .quantize import quantize_int8
 from .tensorrt import build_engine, check_tensorrt_available
 
 FOLD_MODES = ("auto", *LAYOUTS)
+# which QDQ form an int8 file holds (the manifest's quantization.form)
+INT8_FORMS = {"ort": "onnxruntime-qdq: int8 per-channel weights, uint8 activations, Q after each op (QLinearConv on CPU)",
+              "tensorrt": "tensorrt-qdq: ModelOpt's explicit quantization, int8 symmetric, Q/DQ on op inputs only "
+                          "(build a TensorRT engine from it; ONNX Runtime runs its convolutions in float)"}
 FP32_PARITY_TOLERANCE = 1e-3  # relative to the logits' scale; observed about 1e-6 on ONNX Runtime CPU
 FP16_AGREEMENT_WARNING = 0.995
 
@@ -131,6 +135,7 @@ class Built:
     layout: Optional[str] = None  # the student's fold layout in the file
     candidates: dict = dataclasses.field(default_factory=dict)  # fp32: each layout's file (int8 quantises each)
     fold: dict = dataclasses.field(default_factory=dict)  # the fold choice and its timings (the manifest's "fold")
+    also: tuple = ()  # further files the step made (QAD: ModelOpt's TensorRT-style QDQ), each a Built
 
 
 EXPORTERS: dict[str, Callable[[ExportContext, Optional[Built]], Built]] = {}
@@ -229,20 +234,31 @@ def export_int8(job: ExportContext, fp32: Built) -> Built:
         fold["int8_choice"] = next(iter(q_paths))
     path = job.staged("student.int8.onnx")
     layout = fold["int8_choice"]
+    also: tuple = ()
     if job.qad is None:
         _copy_into_place(q_paths[layout], path)
-        info = ptq
+        info = {**ptq, "form": INT8_FORMS["ort"]}
     else:
         job.say(f"  quantization-aware distillation ({layout} fold, NVIDIA ModelOpt, {job.qad.epochs} epochs"
                 f"{' against the teachers' if job.qad.teachers else ', labels only'}) ...")
         meta = lambda i: job.meta("student", "int8", **{META_FOLD: layout, META_QUANTIZATION: json.dumps(i)})  # noqa: E731
-        _, info = quantization_aware_distill(job.deploy(layout), job.recipe, job.teachers, job.calib_x, job.qad,
-                                             path, job.size, meta({"method": "qad"}), job.say)
+        trt_path = job.staged("student.int8.tensorrt.onnx")
+        _, learned, info = quantization_aware_distill(job.deploy(layout), job.recipe, job.teachers, job.calib_x,
+                                                      job.qad, trt_path, job.size, meta({"method": "qad"}), job.say)
         info["calibration_images"] = int(len(job.calib_x))
-        set_file_metadata(path, meta(info))
+        trt_info = {**info, "form": INT8_FORMS["tensorrt"]}
+        set_file_metadata(trt_path, meta(trt_info))
+        # QAD's weights in ONNX Runtime's own form: re-quantised on the same per-channel int8 grid they were
+        # fine-tuned for, activations calibrated as PTQ's are, a Q after every conv (QLinearConv on CPU)
+        learned_fp32 = export_onnx(learned, job.tmp / "qad-learned.onnx", job.size, {})
+        info = {**info, "form": INT8_FORMS["ort"], "weights": "QAD's, re-quantised by onnxruntime (static QDQ)"}
+        quantize_int8(learned_fp32, path, calib, meta(info))
+        trt_entry, _ = _checked(job, trt_path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])
+        trt_entry["quantization"] = trt_info
+        also = (Built(trt_path, {**trt_entry, "format": "int8", "checked": get_format("int8").checked}),)
     entry, logits = _checked(job, path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])
     entry["quantization"] = info
-    return Built(path, entry, logits, layout, fold=fold)
+    return Built(path, entry, logits, layout, fold=fold, also=also)
 
 
 @exporter("trt")
@@ -373,6 +389,8 @@ def run_steps(job: ExportContext, names: list[str], teachers: bool) -> dict[str,
         fmt = get_format(name)
         b = EXPORTERS[name](job, built[fmt.builds_from] if fmt.builds_from else None)
         built[name] = dataclasses.replace(b, entry={**b.entry, "format": name, "checked": fmt.checked})
+        for i, extra in enumerate(b.also):
+            built[f"{name}.{i}"] = extra
         if name == "fp32" and teachers:
             built["teachers"] = export_teachers(job)
     return built

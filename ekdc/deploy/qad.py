@@ -1,7 +1,14 @@
 """Quantization-aware distillation (QAD): the folded student, fake-quantised with NVIDIA ModelOpt (int8
 per-channel weights, per-tensor activations, calibrated on training images), fine-tuned for a few
 epochs against the teacher ensemble's averaged logits (KL at the run's temperature, plus the label
-loss), then exported as QDQ ONNX: the explicit quantization TensorRT builds from and ONNX Runtime runs.
+loss). Two files come of it:
+
+- ONNX Runtime's own QDQ form (``student.int8.onnx``): QAD's fine-tuned weights, quantised by ONNX
+  Runtime's static quantiser (int8 per-channel weights behind DequantizeLinear, uint8 activations, a Q on
+  every conv's output), which its CPU provider fuses into QLinearConv and runs as int8. ModelOpt's own
+  QDQ has no Q on op outputs, so ONNX Runtime runs its convolutions in float between Q/DQ pairs: slower
+  than fp32 (docs/INT8.md).
+- ModelOpt's QDQ (``student.int8.tensorrt.onnx``): the explicit quantization TensorRT builds from.
 
 Fold first, quantize second: the folded graph has one output (the averaging is inside), so the
 per-branch terms of training no longer apply and the target is the teachers' mean. The teachers run
@@ -150,11 +157,25 @@ def export_qdq(model: nn.Module, path: Path, input_size: int, metadata: dict[str
     return Path(path)
 
 
+def learned_weights(deploy: DeployModel, quantized: nn.Module) -> DeployModel:
+    """``deploy`` with the weights QAD fine-tuned, its quantizers left out: what ONNX Runtime's quantiser
+    re-quantises (the same int8 per-channel weight grid the fine-tuning trained them for)."""
+    plain = copy.deepcopy(deploy).float().eval()
+    learned = quantized.state_dict()
+    missing = [k for k in plain.state_dict() if k not in learned]
+    if missing:
+        raise RuntimeError(f"QAD's model has no '{missing[0]}': ModelOpt renamed a weight. This is a bug in ekdc or an "
+                           "unsupported ModelOpt version: please report it")
+    plain.load_state_dict({k: learned[k].detach().cpu() for k in plain.state_dict()})
+    return plain
+
+
 def quantization_aware_distill(deploy: DeployModel, recipe, teachers: list, calib_x: torch.Tensor, s: QADSettings,
                                path: Path, input_size: int, metadata: dict[str, str],
-                               say: Callable[[str], None]) -> tuple[Path, dict]:
+                               say: Callable[[str], None]) -> tuple[Path, DeployModel, dict]:
     """Fake-quantise ``deploy`` (a copy: the fp32 graph is kept), fine-tune it against ``teachers`` (or the
-    labels alone), export it; returns the file and what the manifest records of it."""
+    labels alone), export ModelOpt's QDQ to ``path``; returns that file, the fine-tuned weights as a float
+    deploy graph (for ONNX Runtime's quantiser), and what the manifest records of the fine-tuning."""
     mtq = modelopt_quantization()
     torch.manual_seed(s.seed)
     dev = _device(recipe)
@@ -165,4 +186,4 @@ def quantization_aware_distill(deploy: DeployModel, recipe, teachers: list, cali
     info.update(method="qad" if ensemble is not None else "qat_labels", tool="nvidia-modelopt",
                 config="INT8_DEFAULT_CFG: int8 per-channel weights, per-tensor activations", seed=s.seed,
                 teachers=(len(teachers) if ensemble is not None else 0))
-    return export_qdq(model, path, input_size, metadata), info
+    return export_qdq(model, path, input_size, metadata), learned_weights(deploy, model), info

@@ -84,7 +84,8 @@ def _obtain_teacher(ti: int, tcfg: TeacherConfig, recipe: Recipe, data: DataSpli
         run.stage_ckpt(stage_name).unlink(missing_ok=True)
 
     rt.on_main(save)
-    return Teacher(model, t.pre, name=tcfg.name, arch=tcfg.arch, source=parse_arch(tcfg.arch)[0], head=t.head), secs
+    return Teacher(model, t.pre, name=tcfg.name, arch=tcfg.arch, source=parse_arch(tcfg.arch)[0], head=t.head,
+                   tta=tcfg.tta), secs
 
 
 def _init_sample(data: DataSplits, pre, rt: Runtime, n: int = 5000) -> torch.Tensor:

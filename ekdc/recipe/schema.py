@@ -80,6 +80,9 @@ class TeacherConfig(_Strict):
     channel_order: Literal["rgb", "bgr"] = "rgb"
     layout: Literal["nchw", "nhwc"] = "nchw"
     outputs: Literal["logits", "probabilities"] = "logits"
+    tta: Literal["none", "flip"] = Field("none", description="test-time augmentation of the teacher as used (scored, "
+                                     "cached, distilled from, exported): flip averages the logits of the image and "
+                                     "its mirror image, at twice the MACs")
     train: Optional[Schedule] = Field(None, description="fine-tune or train here; default: registry models "
                                                         "without weights train, everything else is used as it is")
     freeze_backbone: bool = Field(False, description="train the head only (a linear probe)")
@@ -120,6 +123,8 @@ class TeacherConfig(_Strict):
             raise ValueError("give exactly one of arch: (registry, torchvision:NAME, timm:NAME) and onnx: (a file)")
         given = self.model_fields_set
         if self.onnx is not None:
+            if self.tta != "none":
+                raise ValueError("tta: applies to PyTorch teachers (an onnx: teacher runs as its graph is)")
             for key in ("weights", "pretrained", "train", "freeze_backbone"):
                 if key in given and getattr(self, key) not in (None, False):
                     raise ValueError(f"{key}: does not apply to an onnx: teacher (it is used as it is: no weights to "

@@ -22,9 +22,10 @@ __all__ = ["DataInfo", "Preprocess", "Teacher", "check_arch", "frozen_teacher", 
 
 
 def teacher_stats(t: Teacher) -> tuple[int, int]:
-    """(parameters, MACs per image at the teacher's own input size); an ONNX teacher's are counted from
-    its graph, as ``ekdc bench`` counts them."""
+    """(parameters, MACs per image at the teacher's own input size, both passes of flip TTA); an ONNX
+    teacher's are counted from its graph, as ``ekdc bench`` counts them."""
+    passes = 2 if t.tta == "flip" else 1
     if t.source == "onnx":
         params, macs, _ = count_params_macs(onnx.load(str(t.model.info.path)))
-        return params, macs
-    return count_params(t.model), count_macs(t.model, t.input_size)
+        return params, passes * macs
+    return count_params(t.model), passes * count_macs(t.model, t.input_size)

@@ -42,9 +42,11 @@ class Teacher(nn.Module):
     the model gives probabilities) picked and ordered as the data's classes by ``class_index``."""
 
     def __init__(self, model: nn.Module, pre: Preprocess, *, name: str, arch: str, source: str,
-                 class_index: Optional[list[int]] = None, probabilities: bool = False, head: Optional[nn.Linear] = None):
+                 class_index: Optional[list[int]] = None, probabilities: bool = False, head: Optional[nn.Linear] = None,
+                 tta: str = "none"):
         super().__init__()
         self.model, self.pre = model.eval(), pre
+        self.tta = tta  # "flip": the logits of the image and its mirror image, averaged
         self.name, self.arch, self.source = name, arch, source
         self.probabilities = probabilities
         self.head = head  # the final Linear, whose input is the pooled features (None: no features)
@@ -73,6 +75,7 @@ class Teacher(nn.Module):
         h = hashlib.sha256(json.dumps({
             "arch": self.arch, "source": self.source, "pre": self.pre.spec(), "bgr": self.pre.bgr,
             "nhwc": self.pre.nhwc, "class_index": self.class_index.tolist(), "probabilities": self.probabilities,
+            **({"tta": self.tta} if self.tta != "none" else {}),
         }, sort_keys=True).encode())
         file_hash = getattr(self.model, "content_hash", None)
         if file_hash is not None:
@@ -86,11 +89,17 @@ class Teacher(nn.Module):
         # frozen means eval-mode BatchNorm too, whatever mode a containing module is put in
         return super().train(False)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _once(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(self.pre(pixels))
         if self.probabilities:
             out = out.float().clamp_min(1e-12).log()
         return out.index_select(1, self.class_index) if self.class_index.numel() else out
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self._once(pixels)
+        if self.tta == "flip":
+            out = 0.5 * (out + self._once(pixels.flip(-1)))
+        return out
 
     def forward_with_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the pooled features: the input of the final Linear (a pre-hook serves every family)."""
@@ -100,4 +109,6 @@ class Teacher(nn.Module):
             logits = self(pixels)
         finally:
             hook.remove()
-        return logits, seen[-1].flatten(1)
+        # with flip TTA the head ran twice: its features are the mean of the two, as its logits are
+        feats = torch.stack(seen).mean(0) if self.tta == "flip" else seen[-1]
+        return logits, feats.flatten(1)

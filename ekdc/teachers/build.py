@@ -169,7 +169,7 @@ def onnx_teacher(tcfg, i: int, data: DataInfo) -> Teacher:
     idx = class_index(tcfg.classes, k, data, f"teachers.{i}") if tcfg.classes else None
     pre = Preprocess(size, tcfg.mean or IMAGENET_MEAN, tcfg.std or IMAGENET_STD, bgr=tcfg.channel_order == "bgr",
                      nhwc=tcfg.layout == "nhwc")
-    return Teacher(model, pre, name=tcfg.name, arch=f"onnx:{info.path.name}", source="onnx", class_index=idx,
+    return Teacher(model, pre, name=tcfg.name, arch=f"onnx:{info.path.name}", source="onnx", class_index=idx, tta=tcfg.tta,
                    probabilities=tcfg.outputs == "probabilities")
 
 
@@ -178,7 +178,7 @@ def frozen_teacher(tcfg, i: int, data: DataInfo) -> Teacher:
     if tcfg.onnx:
         return onnx_teacher(tcfg, i, data)
     t = torch_teacher_model(tcfg, i, data, trainable=False)
-    return Teacher(t.model, t.pre, name=tcfg.name, arch=tcfg.arch, source=parse_arch(tcfg.arch)[0],
+    return Teacher(t.model, t.pre, name=tcfg.name, arch=tcfg.arch, source=parse_arch(tcfg.arch)[0], tta=tcfg.tta,
                    class_index=t.class_index, head=t.head)
 
 
@@ -208,5 +208,5 @@ def teacher_from_checkpoint(ck: dict, model: nn.Module, tcfg, data: DataInfo, i:
     source, _ = parse_arch(ck.get("arch", tcfg.arch))
     idx = class_index(list(ck["classes"]), len(ck["classes"]), data, f"teachers.{i}") if ck.get("classes") else None
     pre = Preprocess(int(ck.get("input_size", data.image_size)), list(ck.get("mean", data.mean)), list(ck.get("std", data.std)))
-    return Teacher(model, pre, name=tcfg.name, arch=tcfg.arch, source=source, class_index=idx,
+    return Teacher(model, pre, name=tcfg.name, arch=tcfg.arch, source=source, class_index=idx, tta=tcfg.tta,
                    head=final_linear(model, source))
