@@ -5,7 +5,7 @@ CIFAR teacher, fp32 against bf16 autocast, channels_last, timed in the same proc
     python experiments/cpu_precision.py            # resnet20 and wrn_16_2, batch 128, 5 rounds
 
 Prints each precision's median step time and the ratio bf16 / fp32, with the CPU's bf16 features.
-``precision: auto`` takes bf16 wherever oneDNN supports it (ekdc/distillation/runtime.py), which is not
+``precision: auto`` takes bf16 wherever oneDNN supports it (ekdc/training/runtime.py), which is not
 always the faster choice: where this prints a ratio above 1, set ``precision: fp32``.
 """
 from __future__ import annotations

@@ -19,8 +19,8 @@ import torch
 
 from ekdc import load_recipe
 from ekdc.losses import Objective
-from ekdc.distillation.runtime import setup_runtime
-from ekdc.distillation.trainer import make_optimizer, param_groups
+from ekdc.training.runtime import setup_runtime
+from ekdc.training.trainer import make_optimizer, param_groups
 from ekdc.models import create_model
 
 

@@ -25,7 +25,7 @@ from ekdc.checkpoint import load_teacher  # noqa: E402
 from ekdc.contract import top1  # noqa: E402
 from ekdc.data import load_data  # noqa: E402
 from ekdc.distillation.evaluation import predict  # noqa: E402
-from ekdc.distillation.runtime import setup_runtime  # noqa: E402
+from ekdc.training.runtime import setup_runtime  # noqa: E402
 from ekdc.distillation.stages import data_info  # noqa: E402
 from ekdc.models import count_macs, count_params  # noqa: E402
 from ekdc.recipe import load_recipe  # noqa: E402

@@ -25,9 +25,9 @@ from ekdc.data import load_data
 from ekdc.distillation.distiller import Distiller
 from ekdc.distillation.stages import data_info
 from ekdc.losses import Objective
-from ekdc.distillation.runtime import setup_runtime
+from ekdc.training.runtime import setup_runtime
 from ekdc.distillation.teacher_cache import open_teacher_cache
-from ekdc.distillation.trainer import Reporter, Stage, train_stage
+from ekdc.training.trainer import Reporter, Stage, train_stage
 from ekdc.models import create_model
 from ekdc.run import RunDir
 from ekdc.teachers import Teacher, trainable_teacher

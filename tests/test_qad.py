@@ -115,3 +115,53 @@ def test_qad_labels_only_and_refusals(tiny_run, tmp_path, monkeypatch):
         export(tiny_run, tmp_path / "y", int8=True, qad=QADSettings(epochs=1))
     assert not (tmp_path / "y" / "student.onnx").exists()  # refused before anything was written
     assert np.isfinite(q["lr"])
+
+
+def test_qad_trains_with_the_runs_objective_dkd_included(tmp_path):
+    """A ``loss: dkd`` run's QAD is DKD against the teachers' mean (the folded graph's one output), trained
+    by the one training loop: its epochs are in the run's log."""
+    from ekdc import distill
+    from ekdc.recipe import recipe_from_dict
+    from ekdc.training.qad_stage import folded_objective
+
+    from conftest import tiny_recipe
+
+    raw = tiny_recipe(mode="ekd")
+    raw["distill"] = {**raw["distill"], "kd": {"loss": "dkd", "alpha": 1.0, "beta": 4.0}, "weights": {"feat": 1.0}}
+    recipe = recipe_from_dict(raw)
+    obj = folded_objective(recipe, epochs=1, teachers=True)
+    kd = next(s for t, _, s in obj.active if t.name == "kd")
+    assert obj.mode == "avg_kd" and (kd.loss, kd.beta) == ("dkd", 4.0) and "feat" not in obj.weights
+    run = distill(recipe, tmp_path / "run", progress=False)
+    m = export(run.path, tmp_path / "out", int8=True, qad=QADSettings(epochs=1), calib_images=16,
+               fold_mode="grouped", teachers=False)
+    q = next(f for f in m["files"] if f["file"] == "student.int8.onnx")["quantization"]
+    assert q["kd_loss"] == "dkd" and q["objective"]["mode"] == "avg_kd"
+    log = [json.loads(line) for line in run.log_path.read_text().splitlines()]
+    qad = [r for r in log if str(r.get("stage", "")).startswith("qad-")]
+    assert [r["epoch"] for r in qad] == [1] and qad[0]["loss_kd"] > 0
+    assert not list(run.ckpt_dir.glob("qad-*.pt"))  # a finished QAD leaves no stage checkpoint
+
+
+@pytest.mark.slow
+def test_qad_resumes_after_kill_9(tiny_run, tmp_path):
+    import shutil
+    import subprocess
+    import time
+
+    run = tmp_path / "run"  # a copy: the QAD stage writes into the run folder it exports
+    shutil.copytree(tiny_run, run)
+    ckpts = RunDir(run).ckpt_dir
+    cmd = [sys.executable, "-m", "ekdc", "export", str(run), "--out", str(tmp_path / "out"), "--int8", "--qad",
+           "--qad-epochs", "3", "--no-teachers", "--calib", "16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpts.glob("qad-*.pt")) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no clean-up at all
+    proc.wait()
+    assert list(ckpts.glob("qad-*.pt")), "QAD wrote no stage checkpoint before the kill"
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "resumed qad-" in res.stdout
+    assert not list(ckpts.glob("qad-*.pt")) and (tmp_path / "out" / "student.int8.onnx").is_file()

@@ -20,7 +20,7 @@ from ekdc import distill, load_recipe
 from ekdc.data import augment, load_data
 from ekdc.distillation import teacher_cache as tc
 from ekdc.distillation.distiller import Distiller
-from ekdc.distillation.runtime import setup_runtime
+from ekdc.training.runtime import setup_runtime
 from ekdc.errors import UserError
 from ekdc.recipe import apply_overrides, recipe_from_dict
 from ekdc.run import RunDir

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from ekdc.data import load_data
-from ekdc.distillation.runtime import setup_runtime
-from ekdc.distillation.trainer import Losses, Reporter, Stage, make_optimizer, param_groups, train_stage
+from ekdc.training.runtime import setup_runtime
+from ekdc.training.trainer import Losses, Reporter, Stage, make_optimizer, param_groups, train_stage
 from ekdc.recipe import DataConfig, Schedule
 from ekdc.run import RunDir
 

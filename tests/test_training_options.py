@@ -7,8 +7,8 @@ import torch
 
 from conftest import run_cli, write_recipe
 from ekdc.data import load_data
-from ekdc.distillation.runtime import setup_runtime
-from ekdc.distillation.trainer import Losses, Reporter, Stage, make_optimizer, make_scheduler, param_groups, train_stage
+from ekdc.training.runtime import setup_runtime
+from ekdc.training.trainer import Losses, Reporter, Stage, make_optimizer, make_scheduler, param_groups, train_stage
 from ekdc.models import create_model
 from ekdc.recipe import DataConfig, Schedule
 from ekdc.run import RunDir

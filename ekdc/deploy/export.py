@@ -244,7 +244,8 @@ def export_int8(job: ExportContext, fp32: Built) -> Built:
         meta = lambda i: job.meta("student", "int8", **{META_FOLD: layout, META_QUANTIZATION: json.dumps(i)})  # noqa: E731
         trt_path = job.staged("student.int8.tensorrt.onnx")
         _, learned, info = quantization_aware_distill(job.deploy(layout), job.recipe, job.teachers, job.calib_x,
-                                                      job.qad, trt_path, job.size, meta({"method": "qad"}), job.say)
+                                                      job.qad, trt_path, job.size, meta({"method": "qad"}), job.say,
+                                                      job.run)
         info["calibration_images"] = int(len(job.calib_x))
         trt_info = {**info, "form": INT8_FORMS["tensorrt"]}
         set_file_metadata(trt_path, meta(trt_info))

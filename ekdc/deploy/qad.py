@@ -13,7 +13,8 @@ loss). Two files come of it:
 Fold first, quantize second: the folded graph has one output (the averaging is inside), so the
 per-branch terms of training no longer apply and the target is the teachers' mean. The teachers run
 live (on the run's device where it is there). With ``teachers=False`` the fine-tuning sees the labels
-only (quantization-aware training, no teachers).
+only (quantization-aware training, no teachers). The training itself is a stage of the one training loop
+(``ekdc.training.qad_stage``: the run's objective on the folded graph, checkpointed and resumable).
 ModelOpt is an optional extra: ``pip install 'ekdc[qad]'``.
 """
 from __future__ import annotations
@@ -21,9 +22,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import io
 import math
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,10 +36,10 @@ import torch.nn.functional as F
 
 from .. import _io
 from ..contract import INPUT_NAME, OUTPUT_NAME
-from ..data import augment, load_data
+from ..training.qad_stage import qad_stage
 from ..errors import UserError
-from ..losses import kd_kl
-from .onnx import DeployModel, TeacherEnsemble, save_checked
+from ..run import RunDir
+from .onnx import DeployModel, save_checked
 
 EXTRA = "pip install 'ekdc[qad]'"
 
@@ -89,54 +90,6 @@ def _calibrate(model: nn.Module, calib_x: torch.Tensor, mtq, dev: torch.device) 
         return mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop)
 
 
-def _targets(teachers: Optional[nn.Module], pixels: torch.Tensor) -> Optional[torch.Tensor]:
-    if teachers is None:
-        return None
-    with torch.inference_mode():
-        return teachers(pixels).float().clone()
-
-
-def _fine_tune(model: nn.Module, recipe, teachers: Optional[nn.Module], s: QADSettings,
-               say: Callable[[str], None], dev: torch.device) -> dict:
-    """A few epochs of the fake-quantised deploy graph on the training split: CE with the labels, plus
-    T² KL to the teachers' mean. Returns what the manifest records of it."""
-    data = load_data(recipe.data)
-    aug = recipe.data.augment_config
-    d = recipe.distill
-    bs = min(s.batch_size or d.batch_size, len(data.train))
-    lr = s.lr if s.lr is not None else d.lr / 50
-    steps = s.epochs * (len(data.train) // bs)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps)))))
-    t0, losses = time.perf_counter(), []
-    model.train()
-    for epoch in range(s.epochs):
-        seen, total = 0, 0.0
-        for chunk in data.train.epoch(aug, s.seed + 7_777, epoch, bs):
-            x = chunk.images.to(dev)
-            if chunk.aug_params is not None:
-                x = augment(x, chunk.aug_params.to(dev), aug, data.image_size)
-            pixels = x.float() / 255
-            logits = model(pixels)
-            loss = F.cross_entropy(logits.float(), chunk.labels.to(dev))
-            t_logits = _targets(teachers, pixels)
-            if t_logits is not None:
-                loss = loss + kd_kl(logits, t_logits, d.temperature)
-            if not torch.isfinite(loss):
-                raise UserError(f"QAD diverged in epoch {epoch + 1} (loss {loss.item()}): lower --qad-lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen, total = seen + len(x), total + loss.item() * len(x)
-        losses.append(round(total / max(1, seen), 5))
-        say(f"  QAD epoch {epoch + 1}/{s.epochs}: loss {losses[-1]:.4f}, {seen / (time.perf_counter() - t0):.0f} images/s")
-    model.eval()
-    return {"epochs": s.epochs, "lr": lr, "batch_size": bs, "loss_per_epoch": losses, "device": str(dev),
-            "kd_loss": "kl" if teachers is not None else None, "temperature": d.temperature if teachers is not None else None,
-            "seconds": round(time.perf_counter() - t0, 2)}
-
-
 def export_qdq(model: nn.Module, path: Path, input_size: int, metadata: dict[str, str]) -> Path:
     """The fake-quantised model as QDQ ONNX (ModelOpt's quantizers export as QuantizeLinear /
     DequantizeLinear through the TorchScript exporter), under ekdc's contract; written atomically."""
@@ -157,6 +110,14 @@ def export_qdq(model: nn.Module, path: Path, input_size: int, metadata: dict[str
     return Path(path)
 
 
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def learned_weights(deploy: DeployModel, quantized: nn.Module) -> DeployModel:
     """``deploy`` with the weights QAD fine-tuned, its quantizers left out: what ONNX Runtime's quantiser
     re-quantises (the same int8 per-channel weight grid the fine-tuning trained them for)."""
@@ -172,7 +133,7 @@ def learned_weights(deploy: DeployModel, quantized: nn.Module) -> DeployModel:
 
 def quantization_aware_distill(deploy: DeployModel, recipe, teachers: list, calib_x: torch.Tensor, s: QADSettings,
                                path: Path, input_size: int, metadata: dict[str, str],
-                               say: Callable[[str], None]) -> tuple[Path, DeployModel, dict]:
+                               say: Callable[[str], None], run: RunDir) -> tuple[Path, DeployModel, dict]:
     """Fake-quantise ``deploy`` (a copy: the fp32 graph is kept), fine-tune it against ``teachers`` (or the
     labels alone), export ModelOpt's QDQ to ``path``; returns that file, the fine-tuned weights as a float
     deploy graph (for ONNX Runtime's quantiser), and what the manifest records of the fine-tuning."""
@@ -180,10 +141,15 @@ def quantization_aware_distill(deploy: DeployModel, recipe, teachers: list, cali
     torch.manual_seed(s.seed)
     dev = _device(recipe)
     model = _calibrate(copy.deepcopy(deploy).float().to(dev), calib_x, mtq, dev)
-    ensemble = TeacherEnsemble(teachers).eval().to(dev) if s.teachers and teachers else None
-    info = _fine_tune(model, recipe, ensemble, s, say, dev)
-    model = model.cpu()
-    info.update(method="qad" if ensemble is not None else "qat_labels", tool="nvidia-modelopt",
+    use_teachers = bool(s.teachers and teachers)
+    d = recipe.distill
+    lr = s.lr if s.lr is not None else d.lr / 50  # fine-tuning, not training
+    bs = s.batch_size or d.batch_size
+    key = {"epochs": s.epochs, "lr": lr, "batch_size": bs, "seed": s.seed, "teachers": use_teachers,
+           "calibration_images": int(len(calib_x)), "student": _weights_digest(deploy)}
+    info = qad_stage(model, recipe, teachers if use_teachers else None, run, epochs=s.epochs, lr=lr, batch_size=bs,
+                     seed=s.seed, key=key, say=say)
+    info.update(method="qad" if use_teachers else "qat_labels", tool="nvidia-modelopt",
                 config="INT8_DEFAULT_CFG: int8 per-channel weights, per-tensor activations", seed=s.seed,
-                teachers=(len(teachers) if ensemble is not None else 0))
+                teachers=(len(teachers) if use_teachers else 0))
     return export_qdq(model, path, input_size, metadata), learned_weights(deploy, model), info

@@ -1,5 +1,5 @@
 from .distiller import Distiller, SupervisedClassifier
 from .pipeline import distill, predict
-from .trainer import TrainingDiverged
+from ..training.trainer import TrainingDiverged
 
 __all__ = ["Distiller", "SupervisedClassifier", "TrainingDiverged", "distill", "predict"]

@@ -13,7 +13,7 @@ from ..losses import Objective
 from ..models import EKDStudent
 from ..teachers import Teacher
 from .teacher_cache import TeacherCache
-from .trainer import Batch, Losses, param_groups
+from ..training.trainer import Batch, Losses, param_groups
 
 
 class Distiller(nn.Module):

@@ -10,7 +10,7 @@ from ..data import DataSplits, ImageSet
 from ..models import EKDStudent, count_macs, count_params
 from ..recipe import Recipe
 from ..teachers import Teacher, teacher_stats
-from .runtime import Runtime
+from ..training.runtime import Runtime
 
 
 @torch.no_grad()

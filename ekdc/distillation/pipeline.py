@@ -21,10 +21,10 @@ from ..tracking import open_tracker
 from ..run import RunDir, open_training_run
 from .evaluation import evaluate, evaluate_teachers, predict
 from .planning import plan_metrics, planned_student_config
-from .runtime import Runtime, seed_everything, setup_runtime
+from ..training.runtime import Runtime, seed_everything, setup_runtime
 from .stages import student_stage, teacher_stage
 from .teacher_cache import cache_root, check_cacheable, check_room
-from .trainer import Reporter
+from ..training.trainer import Reporter
 
 __all__ = ["distill", "predict"]
 

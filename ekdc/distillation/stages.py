@@ -26,9 +26,9 @@ from ..teachers import (
     trainable_teacher,
 )
 from .distiller import Distiller, SupervisedClassifier
-from .runtime import Runtime
+from ..training.runtime import Runtime
 from .teacher_cache import open_teacher_cache
-from .trainer import Reporter, Stage, train_stage
+from ..training.trainer import Reporter, Stage, train_stage
 
 # --------------------------------------------------------------------------------------------------
 # the teachers

@@ -41,7 +41,7 @@ from ..data import DataSplits, augment, augment_params, canonical_size
 from ..errors import UserError
 from ..recipe import Augment, TeacherCacheConfig
 from ..teachers import Teacher
-from .runtime import Runtime
+from ..training.runtime import Runtime
 
 FORMAT = 1
 CHUNK = 256  # images decoded once and run through the teachers in all K views; the unit of resume

@@ -19,16 +19,11 @@ The tests check equivalence the RepVGG way (random BatchNorm statistics, ``eval(
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .folding import _stack_shared, fuse_conv_bn, merge_convs
-
-if TYPE_CHECKING:
-    from .student import EKDStudent
 
 _ACTS = {None: lambda x: x, "relu": F.relu, "relu6": F.relu6}
 
@@ -104,7 +99,7 @@ class _MultiBlock(nn.Module):
 class FoldedStudent(nn.Module):
     """The deploy-time student: trunk, all branches as one graph, one Linear computing the mean logits."""
 
-    def __init__(self, student: "EKDStudent", layout: str):
+    def __init__(self, student: nn.Module, layout: str):  # an EKDStudent (student.py imports this module)
         super().__init__()
         if layout not in ("grouped", "separate"):
             raise ValueError(f"layout must be grouped or separate, got {layout!r}")

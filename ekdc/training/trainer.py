@@ -139,7 +139,8 @@ def check_finite(loss: torch.Tensor, stage: str, epoch: int, run: RunDir) -> Non
     if not torch.isfinite(loss):
         # --resume would retrace the same steps into the same NaN (the recipe must not change on resume),
         # so the way on is a new run; teachers this run finished need not be trained again
-        lr_key = "distill.lr" if stage.startswith("student-") else "teachers.N.train.lr"
+        lr_key = ("distill.lr" if stage.startswith("student-") else "--qad-lr" if stage.startswith("qad-")
+                  else "teachers.N.train.lr")
         reuse = (f"; teachers finished in {run.path / 'teachers'} load with --set teachers.N.checkpoint=PATH"
                  if any((run.path / "teachers").glob("*.pt")) else "")
         raise TrainingDiverged(
