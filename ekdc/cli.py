@@ -336,7 +336,8 @@ def data_shard(
     image in two classes) is left out and listed in OUT/shards.json."""
     from rich.progress import Progress
 
-    from .data.shards import SHARDS_INDEX, left_out_summary, write_shards
+    from .data.shard_writer import left_out_summary, write_shards
+    from .data.shards import SHARDS_INDEX
 
     with Progress(console=console, transient=True) as progress:
         r = write_shards(folder, out, shard_size=shard_size, seed=seed, progress=progress, overwrite=overwrite)

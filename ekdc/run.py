@@ -196,7 +196,9 @@ STUDENT_STAGE_KEYS = ("student.", "distill.", "mode")
 
 
 def _check_resumed_recipe(run: RunDir, recipe) -> None:
-    from .recipe.inert import effective  # settings that change nothing (ekdc.recipe.inert) make no difference
+    from .recipe.inert import (
+        effective,  # settings that change nothing (ekdc.recipe.inert) make no difference
+    )
 
     saved, given = run.recipe().model_dump(mode="json"), recipe.model_dump(mode="json")
     diffs = [d for d in all_differences(effective(saved), effective(given))

@@ -56,7 +56,9 @@ class _TensorBoard:
     name = "tensorboard"
 
     def __init__(self, run_path: Path, recipe_raw: dict):
-        from torch.utils.tensorboard import SummaryWriter  # optional extra: imported only where asked for
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # optional extra: imported only where asked for
+        )
 
         self.writer = SummaryWriter(log_dir=str(run_path / "tb"))
         self.writer.add_text("recipe", "```\n" + json.dumps(recipe_raw, indent=1) + "\n```", 0)
@@ -75,7 +77,9 @@ class _MLflow:
 
     def __init__(self, run_path: Path, recipe_raw: dict, experiment: Optional[str], resume_id: Optional[str],
                  resume_uri: Optional[str] = None):
-        from mlflow.entities import Param  # optional extra: imported only where asked for
+        from mlflow.entities import (
+            Param,  # optional extra: imported only where asked for
+        )
         from mlflow.tracking import MlflowClient
 
         # a server that is down: MLflow's client otherwise retries for minutes before it gives up

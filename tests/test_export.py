@@ -178,8 +178,9 @@ def test_infer_example_bad_inputs_one_line_exit_2(tiny_export, tmp_path):
 def test_export_refuses_a_fold_that_does_not_match(tiny_run, tmp_path, monkeypatch):
     """A wrong fold must never reach student.onnx: export compares it with the trained student first."""
     from ekdc.deploy import export as export_mod
+    from ekdc.deploy import steps
 
-    real_fold = export_mod.fold
+    real_fold = steps.fold
 
     def broken_fold(student, layout):
         folded = real_fold(student, layout)
@@ -188,7 +189,7 @@ def test_export_refuses_a_fold_that_does_not_match(tiny_run, tmp_path, monkeypat
             last.bias.add_(torch.linspace(0, 5, last.bias.numel()))  # e.g. heads' biases summed, not averaged
         return folded
 
-    monkeypatch.setattr(export_mod, "fold", broken_fold)
+    monkeypatch.setattr(steps, "fold", broken_fold)
     with pytest.raises(RuntimeError, match="does not match the trained student"):
         export_mod.export(tiny_run, tmp_path / "out", fold_mode="grouped", parity_images=16)
     assert not (tmp_path / "out" / "student.onnx").exists()

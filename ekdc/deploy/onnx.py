@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .. import _io
-from ..contract import INPUT_NAME, OUTPUT_NAME, ort_session
+from ..contract import INPUT_NAME, OUTPUT_NAME
 
 
 class DeployModel(nn.Module):
@@ -126,27 +124,6 @@ def parity(reference: np.ndarray, logits: np.ndarray) -> dict:
     scale = float(np.abs(reference).max()) or 1.0
     agree = float((reference.argmax(1) == logits.argmax(1)).mean())
     return {"max_abs_diff": diff, "max_rel_diff": diff / scale, "argmax_agreement": agree, "images": int(len(logits))}
-
-
-def time_sessions(paths: dict[str, Path], input_size: int, batches: tuple[int, ...] = (1, 64), rounds: int = 5,
-                  min_runs: int = 5, threads: int | None = None) -> dict[str, dict[str, float]]:
-    """Median latency (ms) of each model at each batch, measured interleaved (round r times every
-    model) so machine drift favours none."""
-    sessions = {name: ort_session(p, threads=threads) for name, p in paths.items()}
-    rng = np.random.default_rng(0)
-    inputs = {b: rng.random((b, 3, input_size, input_size), dtype=np.float32) for b in batches}
-    samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in paths}
-    for s in sessions.values():  # warm-up
-        for b in batches:
-            s.run([OUTPUT_NAME], {INPUT_NAME: inputs[b]})
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            for b in batches:
-                for _ in range(min_runs):
-                    t0 = time.perf_counter()
-                    s.run([OUTPUT_NAME], {INPUT_NAME: inputs[b]})
-                    samples[name][b].append((time.perf_counter() - t0) * 1e3)
-    return {n: {str(b): round(statistics.median(v), 4) for b, v in per.items()} for n, per in samples.items()}
 
 
 def pick_fastest(timings: dict[str, dict[str, float]]) -> str:

@@ -32,13 +32,12 @@ from typing import Callable, Optional
 import onnx
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import _io
 from ..contract import INPUT_NAME, OUTPUT_NAME
-from ..training.qad_stage import qad_stage
 from ..errors import UserError
 from ..run import RunDir
+from ..training.qad_stage import qad_stage
 from .onnx import DeployModel, save_checked
 
 EXTRA = "pip install 'ekdc[qad]'"

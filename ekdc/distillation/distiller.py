@@ -12,8 +12,8 @@ from ..errors import UserError
 from ..losses import Objective
 from ..models import EKDStudent
 from ..teachers import Teacher
-from .teacher_cache import TeacherCache
 from ..training.trainer import Batch, Losses, param_groups
+from .teacher_cache import TeacherCache
 
 
 class Distiller(nn.Module):

@@ -10,21 +10,21 @@ import sys
 from pathlib import Path
 
 from .. import _io
-from ..plugins import write_used
 from ..data import load_data
 from ..data.check import scan_summary
 from ..data.fingerprint import record_or_check
+from ..plugins import write_used
 from ..recipe import Recipe, dump_recipe
 from ..recipe.inert import check_recipe
+from ..run import RunDir, open_training_run
 from ..tracking import check_available as check_tracking
 from ..tracking import open_tracker
-from ..run import RunDir, open_training_run
+from ..training.runtime import Runtime, seed_everything, setup_runtime
+from ..training.trainer import Reporter
 from .evaluation import evaluate, evaluate_teachers, predict
 from .planning import plan_metrics, planned_student_config
-from ..training.runtime import Runtime, seed_everything, setup_runtime
 from .stages import student_stage, teacher_stage
 from .teacher_cache import cache_root, check_cacheable, check_room
-from ..training.trainer import Reporter
 
 __all__ = ["distill", "predict"]
 
@@ -61,11 +61,7 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
             config = None if teachers_only else planned_student_config(recipe, data, rt, run, rep)
             teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
             if teachers_only:
-                scores = {**evaluate_teachers(data, teachers, rt), "seconds": round(teacher_s, 2),
-                          "train_images": len(data.train), "val_images": len(data.val), **data.read_problems()}
-                _say_skipped(data, rep)
-                rt.on_main(lambda: _io.write_json(run.teacher_metrics_path, scores))
-                rt.barrier()
+                _teachers_only_scores(data, teachers, teacher_s, rt, run, rep)
                 return run
             student, student_s, student_info = student_stage(recipe, data, teachers, rt, run, rep, config)
             metrics = {**evaluate(recipe, data, student, teachers, rt), **student_info,
@@ -90,6 +86,15 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
         elif lock is not None:
             lock.release()
     return run
+
+
+def _teachers_only_scores(data, teachers, seconds: float, rt, run: RunDir, rep) -> None:
+    """teachers/metrics.json of a ``--teachers-only`` run: each teacher's and the ensemble's validation scores."""
+    scores = {**evaluate_teachers(data, teachers, rt), "seconds": round(seconds, 2), "train_images": len(data.train),
+              "val_images": len(data.val), **data.read_problems()}
+    _say_skipped(data, rep)
+    rt.on_main(lambda: _io.write_json(run.teacher_metrics_path, scores))
+    rt.barrier()
 
 
 def _holds_progress(run: RunDir) -> bool:

@@ -25,10 +25,10 @@ from ..teachers import (
     teacher_param_groups,
     trainable_teacher,
 )
-from .distiller import Distiller, SupervisedClassifier
 from ..training.runtime import Runtime
-from .teacher_cache import open_teacher_cache
 from ..training.trainer import Reporter, Stage, train_stage
+from .distiller import Distiller, SupervisedClassifier
+from .teacher_cache import open_teacher_cache
 
 # --------------------------------------------------------------------------------------------------
 # the teachers
