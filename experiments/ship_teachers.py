@@ -3,6 +3,7 @@
 weights in fp16 (half the bytes; a teacher loads them into fp32), and teachers.json with what each scores.
 
     python experiments/ship_teachers.py runs/strong-teachers weights/cifar10
+    python experiments/ship_teachers.py runs/older-teachers runs/strong-teachers weights/cifar10   # later runs win
 
 Every accuracy in teachers.json is the shipped fp16 file's own, scored again here on the run's validation
 split, one forward pass (val_acc) and with flip test-time augmentation (val_acc_flip_tta: the mean of the
@@ -34,20 +35,28 @@ from ekdc.teachers import teacher_from_checkpoint  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
-    ap.add_argument("out", type=Path)
+    ap.add_argument("paths", type=Path, nargs="+", help="RUN [RUN ...] OUT: teachers-only runs (of one data split), "
+                                                         "then the folder to ship into")
     args = ap.parse_args()
-    recipe = load_recipe(args.run / "recipe.yaml")
+    *runs, out = args.paths
+    args.out = out
+    found: dict[str, tuple[Path, object, int]] = {}  # teacher name -> (run, its config, index); later runs win
+    for run in runs:
+        recipe = load_recipe(run / "recipe.yaml")
+        for i, tcfg in enumerate(recipe.teachers):
+            if (run / "teachers" / f"{tcfg.name}.pt").exists():
+                found[tcfg.name] = (run, tcfg, i)
+            else:
+                print(f"{run}: {tcfg.name} not finished yet, left out")
     data = load_data(recipe.data)
     rt = setup_runtime("cpu", "fp32", False)
-    log = [json.loads(line) for line in (args.run / "log.jsonl").read_text().splitlines() if line.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     shipped, logits, logits_flip = [], [], []
-    for i, tcfg in enumerate(recipe.teachers):
-        src = args.run / "teachers" / f"{tcfg.name}.pt"
-        if not src.exists():
-            print(f"{tcfg.name}: not finished yet, left out")
-            continue
+    for name, (run, tcfg, i) in found.items():
+        if load_recipe(run / "recipe.yaml").data != recipe.data:
+            raise SystemExit(f"{run}: trained on other data than {runs[-1]}: its teachers cannot be scored together")
+        src = run / "teachers" / f"{tcfg.name}.pt"
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
         ck = _io.load_checkpoint(src, "teacher checkpoint")
         half = {**ck, "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}}
         dst = args.out / f"{tcfg.name}.pt"
@@ -60,14 +69,14 @@ def main() -> None:
         logits_flip.append(out_flip)
         epochs = [r for r in log if r.get("stage") == f"teacher-{tcfg.name}"]
         shipped.append({
-            "name": tcfg.name, "arch": tcfg.arch, "file": dst.name, "bytes": dst.stat().st_size,
+            "name": tcfg.name, "arch": tcfg.arch, "run": str(run), "file": dst.name, "bytes": dst.stat().st_size,
             "val_acc": top1(out, data.val_y), "val_acc_flip_tta": top1(out_flip, data.val_y), "params": count_params(model), "macs": count_macs(model, data.image_size),
             "train": tcfg.train.model_dump() if tcfg.train else None, "train_seconds": round(float(ck.get("seconds", 0.0)), 1),
             "epochs_logged": len(epochs), "last_train_acc": epochs[-1]["train_acc"] if epochs else None,
         })
         print(f"{tcfg.name}: {shipped[-1]['val_acc']:.4f} ({shipped[-1]['val_acc_flip_tta']:.4f} with flip TTA) on {len(data.val)} validation images, {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
     record = {
-        "recipe": str(args.run / "recipe.yaml"), "data_root": recipe.data.root, "train_images": len(data.train),
+        "runs": [str(r) for r in runs], "data_root": recipe.data.root, "train_images": len(data.train),
         "val_images": len(data.val), "split": {"val_per_class": recipe.data.val_per_class, "split_seed": recipe.data.split_seed},
         "teachers": shipped,
         "ensemble_val_acc": top1(torch.stack(logits).mean(0), data.val_y) if logits else None,

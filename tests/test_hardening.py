@@ -109,4 +109,5 @@ def test_torchrun_two_cpu_processes(tmp_path):
     # only rank 0 writes: one log line per epoch, not two
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r.get("stage") == "student-ekd"] == [1, 2]
-    assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", "metrics.json", "recipe.yaml", "student.pt", "teachers"]
+    assert sorted(p.name for p in run.iterdir()) == ["data.json", "log.jsonl", "metrics.json", "recipe.yaml", "student.pt",
+                                                     "teachers"]

@@ -153,7 +153,7 @@ def test_qad_resumes_after_kill_9(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run)
     ckpts = RunDir(run).ckpt_dir
     cmd = [sys.executable, "-m", "ekdc", "export", str(run), "--out", str(tmp_path / "out"), "--int8", "--qad",
-           "--qad-epochs", "3", "--no-teachers", "--calib", "16"]
+           "--qad-epochs", "3", "--no-teachers", "--calib", "16", "--fold", "grouped"]  # one layout: the same stage
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list(ckpts.glob("qad-*.pt")) and proc.poll() is None:

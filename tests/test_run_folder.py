@@ -139,7 +139,9 @@ def test_full_disk_under_torchrun_stops_every_rank(tmp_path):
 def test_ctrl_c_ends_in_one_line_and_resume_continues(tmp_path):
     from tests.test_hardening import RESUME_RECIPE, _student_epochs
 
-    recipe = write_recipe(tmp_path / "r.yaml", **RESUME_RECIPE)
+    # 30 short student epochs: a margin for the signal on a loaded machine (with 6, a test process that waited
+    # for a core a second too long once sent it after the run had finished)
+    recipe = write_recipe(tmp_path / "r.yaml", **{**RESUME_RECIPE, "distill": {**RESUME_RECIPE["distill"], "epochs": 30}})
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "ekdc", "distill", str(recipe), "--out", str(run), "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,

@@ -104,3 +104,9 @@ def test_a_fastnet_recipe_survives_its_own_dump():
     assert again.student.model_kwargs() == r.student.model_kwargs() == {"num_branches": 2, "widths": [16, 32],
                                                                          "trunk_stages": 1}
     assert "trunk_width" not in again.model_dump()["student"]
+
+
+def test_a_fastnet_student_is_named_in_tables():
+    from ekdc.plan import short_config
+
+    assert short_config({"num_branches": 3, "widths": [64, 80, 80], "trunk_stages": 1}) == "widths [64,80,80], trunk_stages 1"

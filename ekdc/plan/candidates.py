@@ -3,6 +3,7 @@ the recipe's stem and branch count."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -53,9 +54,13 @@ class Candidate:
 
 
 def short_config(cfg: dict) -> str:
-    """``trunk 16 / branches [16,32,64] basic``; blocks per stage as ``x2`` where more than one."""
+    """``trunk 16 / branches [16,32,64] basic``; blocks per stage as ``x2`` where more than one. Another
+    family's config is shown as its keys: ``widths [64,80,80], trunk_stages 1``."""
     def blocks(n: int) -> str:
         return f"x{n}" if n != 1 else ""
+
+    if "trunk_width" not in cfg:
+        return ", ".join(f"{k} {json.dumps(v).replace(' ', '')}" for k, v in cfg.items() if k != "num_branches")
 
     kind = cfg["block"] if cfg["block"] == "basic" else f"{cfg['block']} e{cfg['expand_ratio']}"
     widths = ",".join(map(str, cfg["branch_widths"]))
