@@ -71,11 +71,16 @@ def list_students() -> list[str]:
     return sorted(_STUDENTS)
 
 
+def unknown_student(name: str) -> str:
+    """The one-line message for a student name no family has (the schema and ``get_student`` say the same)."""
+    close = difflib.get_close_matches(name, list(_STUDENTS), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown student '{name}' ({hint}students: {', '.join(list_students())})"
+
+
 def get_student(name: str) -> StudentFamily:
     if name not in _STUDENTS:
-        close = difflib.get_close_matches(name, list(_STUDENTS), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise UserError(f"unknown student '{name}' ({hint}students: {', '.join(list_students())})")
+        raise UserError(unknown_student(name))
     return _STUDENTS[name]
 
 

@@ -27,6 +27,7 @@ from pydantic_core import InitErrorDetails
 from ..data.config import MAX_SEED, DataConfig, rgb_triple
 from ..losses import MODES, get_term, list_terms, term_settings, terms_of_mode
 from ..models import get_student, list_students
+from ..models._registry import unknown_student
 from ..teachers.torch_models import check_arch
 
 # a file or folder name: no path separators, and not "." or ".." (which would point outside runs/)
@@ -191,9 +192,7 @@ class StudentConfig(_Strict):
     @classmethod
     def _known_student(cls, v):
         if v not in list_students():
-            close = difflib.get_close_matches(v, list_students(), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"unknown student '{v}' ({hint}students: {', '.join(list_students())})")
+            raise ValueError(unknown_student(v))
         return v
 
     @field_validator("branch_widths")
