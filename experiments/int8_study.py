@@ -4,11 +4,12 @@
 student, 3 seeds for the trained rows; accuracy, agreement with fp32, and batch 1 / 64 latency in one bench
 run.
 
-    python experiments/int8_study.py [--run runs/evidence/n500/avg_kd/s0] [--epochs 2] [--seeds 0,1,2]
+    python experiments/int8_study.py --run runs/headline/recipe/s0 [--epochs 2] [--seeds 0] [--methods ptq,qad]
     python experiments/int8_study.py --report-only
 
-Writes docs/INT8.md and docs/int8/ (seed 0's files and int8.json). The student is the evidence study's
-3-branch avg_kd student at 500 images a class (docs/EVIDENCE.md), trained from strong teachers.
+Writes docs/INT8.md and docs/int8/ (seed 0's files and int8.json). The student is any finished run's
+(the headline's full-data student by default: experiments/headline.py trains it); the page describes it
+from the run's own recipe.yaml and metrics.json.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def run(args) -> dict:
     results["rows"].append({"method": "ptq", "seed": None, "val_acc": ptq["accuracy"],
                             "agreement": ptq["parity"]["argmax_agreement"], "file": str(base / "student.int8.onnx"),
                             "fold": m["fold"].get("int8_choice")})
-    for method in ("qad", "qat_labels"):
+    for method in (m for m in args.methods if m != "ptq"):
         for seed in args.seeds:
             folder = out / f"{method}-s{seed}"
             if not (folder / "manifest.json").is_file():
@@ -95,6 +96,18 @@ def _mean_std(xs):
     return f"{100 * m:.2f}" + (f" ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
 
 
+def describe_student(run: Path) -> str:
+    """The student in words, from its run's own files."""
+    import yaml
+
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    student = recipe.get("student") or {}
+    shape = ", ".join(f"{k} {v}" for k, v in student.items() if k != "arch")
+    return (f"the student of `{run}`: `{student.get('arch', 'ekd_student')}` ({shape}), mode `{recipe.get('mode')}`, "
+            f"{metrics['train_images']:,} training images, {metrics['student']['macs'] / 1e6:.1f}M MACs")
+
+
 def write(results: dict, times: dict, args) -> None:
     docs = Path(args.docs)
     (docs / "int8").mkdir(parents=True, exist_ok=True)
@@ -102,19 +115,21 @@ def write(results: dict, times: dict, args) -> None:
     fp32 = rows[0]
     t_fp32 = times[fp32["file"]]["p50_ms"]
     lines = ["# int8: post-training against quantization-aware distillation", "",
-             f"Written by `python experiments/int8_study.py --run {args.run} --epochs {args.epochs}` from finished "
-             "exports (`--report-only` rebuilds it). Machine: this 2-core CPU; ONNX Runtime CPU for every file.", "",
-             "The student: the evidence study's 3-branch `avg_kd` student at 500 images a class, seed 0 "
-             "([EVIDENCE.md](EVIDENCE.md)), folded. Accuracy: the files' own, on the 5,000-image validation split; "
-             "agreement: the share of validation images where the int8 file's top class is the fp32 file's. "
-             f"QAD: NVIDIA ModelOpt's INT8_DEFAULT_CFG (int8 per-channel weights, per-tensor activations, "
-             f"calibrated on 256 training images), {args.epochs} epochs of fine-tuning of the folded graph against "
-             "the teachers' averaged logits (KL at the run's temperature, plus the labels); `qat_labels`: the same "
-             "without the teachers. PTQ: ONNX Runtime static QDQ, per-channel, QUInt8 activations.", "",
+             f"Written by `python experiments/int8_study.py --run {args.run} --epochs {args.epochs} --seeds "
+             f"{','.join(map(str, args.seeds))} --methods {','.join(args.methods)}` from finished exports "
+             "(`--report-only` rebuilds it). Machine: this 2-core CPU; ONNX Runtime CPU for every file.", "",
+             f"The student: {describe_student(Path(args.run))}, folded. Accuracy: the files' own, on the validation "
+             "split; agreement: the share of validation images where the int8 file's top class is the fp32 file's. "
+             f"QAD: {args.epochs} epochs of the run's own objective (its teachers and loss) on the folded graph with "
+             "NVIDIA ModelOpt's int8 fake quantisation (per-channel weights, per-tensor activations), a stage of "
+             "ekdc's one training loop; its weights and ranges written in ONNX Runtime's QDQ form "
+             "(`student.int8.onnx`: `QLinearConv` on CPU), ModelOpt's TensorRT-style file beside it. "
+             "`qat_labels`: the same without the teachers. PTQ: ONNX Runtime static QDQ, per-channel int8 weights, "
+             "uint8 activations.", "",
              "| method | seeds | val acc % | vs fp32, points | agreement with fp32 % | p50 ms @1 | p50 ms @64 | "
              "speedup @1 | speedup @64 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = []
-    for method in ("fp32", *METHODS):
+    for method in ("fp32", *args.methods):
         rs = [r for r in rows if r["method"] == method]
         if not rs:
             continue
@@ -130,9 +145,9 @@ def write(results: dict, times: dict, args) -> None:
               "the fold layout of the int8 files is the one fastest in int8 (export times both).", ""]
     prof = args.profile
     if prof:
-        lines += ["ONNX Runtime's profiler, batch 64, share of node time by operator:", ""]
-        for name, ops in prof.items():
-            lines.append(f"- {name}: " + ", ".join(f"{op} {pct:.0f}%" for op, pct in ops))
+        lines += ["ONNX Runtime's profiler, share of node time by operator:", ""]
+        for (name, batch), ops in prof.items():
+            lines.append(f"- {name}, batch {batch}: " + ", ".join(f"{op} {pct:.0f}%" for op, pct in ops))
         lines.append("")
     lines += ["<!-- reading -->", "## Reading", "", *(args.reading or ["(written by hand once the figures are in)"]), ""]
     (docs / "INT8.md").write_text("\n".join(lines))
@@ -148,15 +163,19 @@ def write(results: dict, times: dict, args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/evidence/n500/avg_kd/s0")
+    ap.add_argument("--run", default="runs/headline/recipe/s0")
     ap.add_argument("--out", default="runs/int8_study")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS), help="of " + ", ".join(METHODS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not args.methods or set(args.methods) - set(METHODS):
+        ap.error(f"--methods {','.join(args.methods)}: each must be one of {', '.join(METHODS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -167,7 +186,7 @@ def main(argv=None) -> None:
         results_path.write_text(json.dumps(results, indent=1))
         times = timing(results, args)
         (out / "times.json").write_text(json.dumps(times, indent=1))
-    args.profile = {r["method"]: profile(r["file"]) for r in results["rows"]
+    args.profile = {(r["method"], b): profile(r["file"], batch=b) for r in results["rows"] for b in (1, 64)
                     if r["seed"] in (None, args.seeds[0]) and r["method"] in ("fp32", "ptq", "qad")}
     page = Path(args.docs) / "INT8.md"
     text = page.read_text() if page.is_file() else ""

@@ -316,6 +316,30 @@ def test_resume_refuses_data_that_changed_naming_it(tmp_path):
     assert "--resume: the data is not what" in line
 
 
+def test_resume_goes_by_content_not_by_modification_time(tmp_path):
+    """A copied data set (new mtimes, same bytes) resumes; two same-sized images swapped under their names
+    (rename keeps mtimes, so only their content tells) do not."""
+    from PIL import Image
+
+    root = _folder(tmp_path / "img", per_class=5)
+    Image.new("RGB", (12, 12), (250, 10, 10)).save(root / "cat" / "x.bmp")
+    Image.new("RGB", (12, 12), (10, 10, 250)).save(root / "dog" / "y.bmp")
+    recipe = _folder_recipe(tmp_path, root)
+    run = tmp_path / "run"
+    assert run_cli("distill", recipe, "--out", run, "--teachers-only", "-q").returncode == 0
+    for f in root.rglob("*.*"):
+        os.utime(f, (1_000_000_000, 1_000_000_000))  # what a copy without -p does
+    res = run_cli("distill", recipe, "--out", run, "--teachers-only", "--resume", "-q")
+    assert res.returncode == 0, res.stderr
+    mtimes = {e[0]: e[3] for e in json.loads((run / "data.json").read_text())["splits"]["train"]["files"]}
+    assert set(mtimes.values()) == {1_000_000_000 * 10**9}  # the record follows the copy
+    a, b = root / "cat" / "x.bmp", root / "dog" / "y.bmp"
+    assert a.stat().st_size == b.stat().st_size
+    a.rename(tmp_path / "tmp.bmp"), b.rename(a), (tmp_path / "tmp.bmp").rename(b)
+    line = _one_line_exit_2(run_cli("distill", recipe, "--out", run, "--teachers-only", "--resume", "-q"))
+    assert "--resume: the data is not what" in line and ("x.bmp" in line or "y.bmp" in line)
+
+
 def test_a_run_that_fails_on_its_data_leaves_no_folder(tmp_path):
     root = _folder(tmp_path / "img", per_class=3)
     (root / "cat" / "empty.png").write_bytes(b"")

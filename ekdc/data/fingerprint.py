@@ -1,6 +1,8 @@
-"""What a run's data was when it started: its classes and, for each split, every file's path, label, size
-and modification time (image folders), every shard's size and modification time (shards), or a digest
-of the images (data sets held as tensors). ``ekdc distill`` records it in the run folder (``data.json``)
+"""What a run's data was when it started: its classes and, for each split, every file's path, label, size,
+modification time and content digest (image folders), every shard's size and modification time (shards),
+or a digest of the images (data sets held as tensors). A file counts as unchanged when its label, size
+and either its modification time or its content are: a data set copied to another disk or machine (new
+modification times, same bytes) resumes, a file rewritten in place or swapped with another does not. ``ekdc distill`` records it in the run folder (``data.json``)
 and ``--resume`` compares: a run never goes on with images that moved between the splits, or changed,
 after its teachers trained on them.
 """
@@ -28,11 +30,32 @@ def _stat(path: str) -> tuple[Optional[int], Optional[int]]:
     return st.st_size, st.st_mtime_ns
 
 
+def _digest(path: str) -> Optional[str]:
+    """A short content hash of one image file (blake2b, 8 bytes): files are small, and the loader reads
+    every one of them anyway, so this costs about a second per 50,000 files."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.blake2b(f.read(), digest_size=8).hexdigest()
+    except OSError:
+        return None
+
+
+def _same_file(before: list, now: list) -> bool:
+    """[label, size, mtime(, digest)] entries: the same label and size, and the same mtime or content (an
+    entry recorded before digests were has only its mtime to go by)."""
+    if before[:2] != now[:2]:
+        return False
+    if len(before) > 3 and len(now) > 3 and before[3] is not None:
+        return before[3] == now[3]
+    return before[2] == now[2]
+
+
 def _part(part) -> dict:
     src = part.source
     if isinstance(src, FileSource):
         positions = range(len(src.files)) if part.positions is None else part.positions
-        files = [[os.path.abspath(src.files[i]), int(src.labels[i]), *_stat(src.files[i])] for i in positions]
+        files = [[os.path.abspath(src.files[i]), int(src.labels[i]), *_stat(src.files[i]), _digest(src.files[i])]
+                 for i in positions]
         return {"files": files}
     if getattr(src, "ordered", False):
         return {"shards": [[str(s), *_stat(str(s))] for s in src.shards]}
@@ -50,10 +73,11 @@ def fingerprint(index) -> dict:
     return {"classes": list(index.classes), "splits": {name: _part(index.part(name)) for name, _ in SPLITS}}
 
 
-def _listed_change(old: list, new: list, what: str, noun: str) -> str:
+def _listed_change(old: list, new: list, what: str, noun: str) -> Optional[str]:
     before = {e[0]: e[1:] for e in old}
     now = {e[0]: e[1:] for e in new}
-    changed = [p for p in now if p in before and before[p] != now[p]]
+    same = _same_file if noun == "images" else (lambda a, b: a == b)
+    changed = [p for p in now if p in before and not same(before[p], now[p])]
     added = [p for p in now if p not in before]
     gone = [p for p in before if p not in now]
     parts = []
@@ -63,6 +87,8 @@ def _listed_change(old: list, new: list, what: str, noun: str) -> str:
         parts.append(f"{len(added)} now in it (first: {added[0]})")
     if gone:
         parts.append(f"{len(gone)} no longer in it (first: {gone[0]})")
+    if not parts:
+        return None
     return f"the {what} split's {noun}: " + ", ".join(parts) + f", of {len(before)}"
 
 
@@ -75,10 +101,13 @@ def difference(saved: dict, now: dict) -> Optional[str]:
         if a == b:
             continue
         if a and "files" in a and "files" in b:
-            return _listed_change(a["files"], b["files"], what, "images")
-        if a and "shards" in a and "shards" in b:
-            return _listed_change(a["shards"], b["shards"], what, "shards")
-        return f"the {what} split's images differ"
+            change = _listed_change(a["files"], b["files"], what, "images")
+        elif a and "shards" in a and "shards" in b:
+            change = _listed_change(a["shards"], b["shards"], what, "shards")
+        else:
+            change = f"the {what} split's images differ"
+        if change:
+            return change
     return None
 
 
@@ -97,6 +126,8 @@ def record_or_check(run_path: Path, index, resume: bool) -> Optional[str]:
             raise UserError(f"--resume: the data is not what {run_path} started with ({diff}): its teachers or "
                             "student may have trained on images that are now elsewhere; start a new run, or put the "
                             f"data back (if the images are the same, remove {path} to accept them as they are)")
+        if saved != now:  # the same images with new modification times (a copy): the record follows them
+            _io.write_text(path, json.dumps(now, separators=(",", ":")) + "\n")
         return None
     _io.write_text(path, json.dumps(now, separators=(",", ":")) + "\n")
     return f"data: no {FINGERPRINT_FILE} in {run_path} (a run from before it was recorded); recorded it now" \
