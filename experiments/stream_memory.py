@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Peak memory and throughput of the two loaders on one training epoch at 128 px.
+"""Peak memory and throughput of the two loaders over a whole distill at 128 px.
 
-    python experiments/stream_memory.py [--sizes 500,2000,6000,8000] [--image-size 128] [--out runs/stream_memory]
+    python experiments/stream_memory.py [--sizes 500,6000] [--image-size 128] [--loaders stream,memory]
 
-For each training-set size, one epoch of `ekdc distill` (mode ce: the student alone, so the loader and
-the training step are what is measured; one teacher loaded as it is, only for the evaluation) with
+For each training-set size, a whole `ekdc distill` (every stage: two resnet8 teachers trained one epoch
+each, then the student one epoch against them in avg_kd, its evaluation and save) with
 `data.loader: stream` and with `memory`, on the shared CIFAR-10 JPEGs resized to the image size. The
 peak resident memory of the whole process tree (the main process and its decoding workers) is sampled
 every 50 ms from /proc (proportional set sizes: shared pages count once); the largest single process's
@@ -69,13 +69,14 @@ def _run_measured(cmd: list[str]) -> tuple[float, float, float]:
     return peak, usage.ru_maxrss / 1024, time.time() - t0
 
 
-def _recipe(out: Path, size: int, image_size: int, teacher: Path) -> Path:
+def _recipe(out: Path, size: int, image_size: int) -> Path:
     import yaml
 
-    r = {"name": "stream-memory", "seed": 0, "mode": "ce",
+    teacher = {"arch": "resnet8", "train": {"epochs": 1, "batch_size": 64, "lr": 0.05}}
+    r = {"name": "stream-memory", "seed": 0, "mode": "avg_kd",
          "data": {"dataset": "imagefolder", "root": str(DATA), "image_size": image_size, "per_class": size // 10,
                   "val_per_class": 50, "augment": {"crop_padding": 16, "hflip": True}},
-         "teachers": [{"arch": "resnet8", "weights": str(teacher)}],
+         "teachers": [teacher, dict(teacher)],
          "student": {"trunk_width": 16, "trunk_blocks": 1, "branch_widths": [16, 32, 64], "branch_blocks": 1,
                      "stem": "imagenet", "block": "inverted_residual", "expand_ratio": 4, "num_branches": 1},
          "distill": {"epochs": 1, "batch_size": 64, "lr": 0.05}}
@@ -95,23 +96,19 @@ def _loader_only(recipe: Path) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="500,2000,6000,8000")
+    ap.add_argument("--sizes", default="500,6000")
+    ap.add_argument("--loaders", default="stream,memory")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--out", default="runs/stream_memory")
     args = ap.parse_args(argv)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    import torch
-
-    from ekdc.models import create_model
-
-    teacher = out / "resnet8.pt"
-    torch.save(create_model("resnet8", num_classes=10).state_dict(), teacher)
+    loaders = [x for x in args.loaders.split(",") if x]
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        recipe = _recipe(out, size, args.image_size, teacher)
+        recipe = _recipe(out, size, args.image_size)
         row = {"size": size, "loader_only_ips": _loader_only(recipe)}
-        for loader in ("stream", "memory"):
+        for loader in loaders:
             run = out / f"n{size}-{loader}"
             cmd = [sys.executable, "-m", "ekdc", "distill", str(recipe), "--out", str(run), "-q",
                    "--set", f"data.loader={loader}"]
@@ -121,21 +118,24 @@ def main(argv=None) -> None:
                 shutil.rmtree(run)
             peak, largest, wall = _run_measured(cmd)
             log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"stage"' in line]
-            row[loader] = {"peak_mib": peak, "largest_mib": largest, "wall_s": wall, "train_ips": log[-1]["images_per_s"]}
+            student = [e for e in log if e["stage"].startswith("student")]
+            row[loader] = {"peak_mib": peak, "largest_mib": largest, "wall_s": wall,
+                           "train_ips": student[-1]["images_per_s"]}
             print(size, loader, row[loader], flush=True)
         rows.append(row)
-    lines = ["# Streaming: peak memory and throughput of one training epoch", "",
+    lines = ["# Streaming: peak memory and throughput of a whole distill", "",
              "Written by `" + shlex.join(["python", "experiments/stream_memory.py", *(argv if argv is not None else sys.argv[1:])])
              + "` on this machine (2 CPU cores).", "",
-             f"The shared CIFAR-10 JPEGs resized to {args.image_size} px; one epoch of the student alone (mode ce; "
-             "imagenet stem, inverted-residual blocks), batch 64; peak resident memory of the whole process tree "
+             f"The shared CIFAR-10 JPEGs resized to {args.image_size} px; a whole `ekdc distill`: two resnet8 teachers "
+             "trained one epoch each, then the student (imagenet stem, inverted-residual blocks) one epoch against "
+             "them in avg_kd, batch 64, with the evaluations and saves between; peak resident memory of the whole process tree "
              "(main process and decoding workers; proportional set size, so the pages forked workers share with the "
              "main process count once), sampled every 50 ms.", "",
-             "| training images | loader | tree peak PSS MiB | largest process peak RSS MiB | training images/s | wall s "
+             "| training images | loader | tree peak PSS MiB | largest process peak RSS MiB | student images/s | wall s "
              "| stream loader alone, images/s |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        for loader in ("stream", "memory"):
+        for loader in loaders:
             m = r[loader]
             extra = f"{r['loader_only_ips']:.0f}" if loader == "stream" else ""
             lines.append(f"| {r['size']:,} | {loader} | {m['peak_mib']:.0f} | {m['largest_mib']:.0f} | "
