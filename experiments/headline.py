@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -34,6 +35,7 @@ RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
 OUT = ROOT / "runs" / "headline"
 DOCS = ROOT / "docs"
 README_MARKERS = ("<!-- headline -->", "<!-- /headline -->")
+READING = "<!-- reading -->"  # HEADLINE.md below this line is kept as it is by a rebuild
 
 
 def weights_to_fp16(src: Path, dst: Path) -> None:
@@ -135,15 +137,18 @@ def main() -> None:
             "speedup_b64": m["throughput"]["64"] / ens["throughput"]["64"],
             "gap_points": 100 * (m["accuracy"] - ens["accuracy"]),
         })
-    record = {"recipe": "recipes/cifar10-strong.yaml", "command": "python experiments/headline.py",
+    record = {"recipe": "recipes/cifar10-strong.yaml", "command": shlex.join(["python", "experiments/headline.py", *sys.argv[1:]]),
               "teachers": [{k: t[k] for k in ("name", "arch", "val_acc", "macs")} for t in teachers["teachers"]],
               "teacher_ensemble_acc": ens["accuracy"], "rows": table, "machine": rep["machine"],
               "threads": rep["settings"]["threads"], "cpu_hours": round(cpu_hours(), 2),
               "train_images": student_run["train_images"], "val_images": student_run["val_images"],
               "teacher_train_images": teachers["train_images"]}
     (DOCS / "headline.json").write_text(json.dumps(record, indent=2) + "\n")
+    page = DOCS / "HEADLINE.md"
+    reading = page.read_text().split(READING, 1)[1] if page.is_file() and READING in page.read_text() else \
+        "\n## Reading\n\n(written by hand once the figures are in; `--report-only` keeps it)\n"
     md = _markdown(record)
-    (DOCS / "HEADLINE.md").write_text(md)
+    page.write_text(md + "\n" + READING + reading)
     if DOCS == ROOT / "docs":
         _readme(record)
     _plot(record, DOCS / "headline.png")
@@ -233,13 +238,24 @@ def _evidence(record: dict, files: dict, rows: list[str]) -> None:
         name = f"full-{row.replace(' ', '-')}.onnx"
         shutil.copyfile(files[label], ev / name)
         r = by_label[label]
-        data["files"].append({"row": row, "onnx": name, "train_images": record["train_images"], "per_class": None,
-                              "seed": 0, "macs": r["macs"], "val_acc": r["accuracy"], "latency_ms": r["p50_ms_b1"]})
+        run = OUT / "three-branch" / row.split(" ", 1)[1] if row.startswith("3-branch ") else OUT / row
+        metrics = json.loads((run / "s0" / "metrics.json").read_text())
+        data["files"].append({"row": row, "onnx": name, "mode": metrics["mode"],
+                              "num_branches": len(metrics["student"]["branch_acc"]), "train_images": record["train_images"],
+                              "per_class": None, "seed": 0, "macs": r["macs"], "val_acc": r["accuracy"],
+                              "latency_ms": r["p50_ms_b1"], "teachers": "teachers"})
     weights_to_fp16(files["teacher ensemble"], ev / "teachers.onnx")
     ens = next(r for r in record["rows"] if r["model"] == "teacher ensemble")
     check = bench([ev / "teachers.onnx"], batches=[1], repeats=1, data=OUT / "recipe" / "s0")["models"][0]["accuracy"]
-    data["teachers"] = {"val_acc": check, "val_acc_fp32_weights": ens["accuracy"], "macs": ens["macs"],
-                        "train_images": record["teacher_train_images"], "onnx": "teachers.onnx"}
+    teachers = {"val_acc": check, "val_acc_fp32_weights": ens["accuracy"], "macs": ens["macs"],
+                "train_images": record["teacher_train_images"], "onnx": "teachers.onnx"}
+    earlier = data.get("teachers")
+    if earlier and (earlier.get("macs"), earlier.get("val_acc")) != (teachers["macs"], teachers["val_acc"]):
+        # the limited-data rows kept here were distilled from another ensemble: say which, keep it on record
+        data["earlier_teachers"] = earlier
+        for f in data["files"]:
+            f.setdefault("teachers", "earlier_teachers")
+    data["teachers"] = teachers
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 

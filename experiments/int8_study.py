@@ -103,7 +103,7 @@ def describe_student(run: Path) -> str:
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     student = recipe.get("student") or {}
-    shape = ", ".join(f"{k} {v}" for k, v in student.items() if k != "arch")
+    shape = ", ".join(f"{k} {v}" for k, v in student.items() if k != "arch" and v is not None)
     return (f"the student of `{run}`: `{student.get('arch', 'ekd_student')}` ({shape}), mode `{recipe.get('mode')}`, "
             f"{metrics['train_images']:,} training images, {metrics['student']['macs'] / 1e6:.1f}M MACs")
 

@@ -31,8 +31,8 @@ def _stat(path: str) -> tuple[Optional[int], Optional[int]]:
 
 
 def _digest(path: str) -> Optional[str]:
-    """A short content hash of one image file (blake2b, 8 bytes): files are small, and the loader reads
-    every one of them anyway, so this costs about a second per 50,000 files."""
+    """A short content hash of one image file (blake2b, 8 bytes): image files are small and the loader
+    reads every one of them anyway; the 50,000 CIFAR-10 JPEGs take a few seconds (5.0 s on 2 busy cores)."""
     try:
         with open(path, "rb") as f:
             return hashlib.blake2b(f.read(), digest_size=8).hexdigest()
