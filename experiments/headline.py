@@ -145,7 +145,8 @@ def main() -> None:
               "teacher_train_images": teachers["train_images"]}
     (DOCS / "headline.json").write_text(json.dumps(record, indent=2) + "\n")
     page = DOCS / "HEADLINE.md"
-    reading = page.read_text().split(READING, 1)[1] if page.is_file() and READING in page.read_text() else \
+    kept = page.read_text() if page.is_file() else ""
+    reading = kept.split(READING, 1)[1] if READING in kept else \
         "\n## Reading\n\n(written by hand once the figures are in; `--report-only` keeps it)\n"
     md = _markdown(record)
     page.write_text(md + "\n" + READING + reading)

@@ -2,8 +2,8 @@
 modification time and content digest (image folders), every shard's size and modification time (shards),
 or a digest of the images (data sets held as tensors). A file counts as unchanged when its label, size
 and either its modification time or its content are: a data set copied to another disk or machine (new
-modification times, same bytes) resumes, a file rewritten in place or swapped with another does not. ``ekdc distill`` records it in the run folder (``data.json``)
-and ``--resume`` compares: a run never goes on with images that moved between the splits, or changed,
+modification times, same bytes) resumes, a file rewritten in place or swapped with another does not.
+``ekdc distill`` records it in the run folder (``data.json``) and ``--resume`` compares: a run never goes on with images that moved between the splits, or changed,
 after its teachers trained on them.
 """
 from __future__ import annotations
@@ -126,9 +126,11 @@ def record_or_check(run_path: Path, index, resume: bool) -> Optional[str]:
             raise UserError(f"--resume: the data is not what {run_path} started with ({diff}): its teachers or "
                             "student may have trained on images that are now elsewhere; start a new run, or put the "
                             f"data back (if the images are the same, remove {path} to accept them as they are)")
-        if saved != now:  # the same images with new modification times (a copy): the record follows them
-            _io.write_text(path, json.dumps(now, separators=(",", ":")) + "\n")
-        return None
+        if saved == now:
+            return None
+        note = None  # the same images with new modification times (a copy): the record follows them
+    else:
+        note = f"data: no {FINGERPRINT_FILE} in {run_path} (a run from before it was recorded); recorded it now" \
+            if resume else None
     _io.write_text(path, json.dumps(now, separators=(",", ":")) + "\n")
-    return f"data: no {FINGERPRINT_FILE} in {run_path} (a run from before it was recorded); recorded it now" \
-        if resume else None
+    return note
