@@ -31,6 +31,9 @@ sys.path.insert(0, str(ROOT))
 from ekdc import bench, export, load_recipe  # noqa: E402
 from ekdc.compare import compare  # noqa: E402  (the function: ekdc.compare is also its package)
 
+sys.path.insert(0, str(ROOT / "experiments"))
+from evidence_files import FULL, teacher_files, update_evidence  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
 OUT = ROOT / "runs" / "headline"
 DOCS = ROOT / "docs"
@@ -228,10 +231,8 @@ def _plot(record: dict, path: Path) -> None:
 def _evidence(record: dict, files: dict, rows: list[str]) -> None:
     ev = DOCS / "evidence"
     ev.mkdir(exist_ok=True)
-    path = ev / "evidence.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"files": []}
-    data["files"] = [f for f in data["files"] if f.get("per_class") is not None]  # the full-data rows anew
     by_label = {r["model"]: r for r in record["rows"]}
+    entries = []
     for row in rows:
         label = "student fp32" if row == "recipe" else f"{row} student fp32"
         if label not in by_label:
@@ -239,25 +240,19 @@ def _evidence(record: dict, files: dict, rows: list[str]) -> None:
         name = f"full-{row.replace(' ', '-')}.onnx"
         shutil.copyfile(files[label], ev / name)
         r = by_label[label]
-        run = OUT / "three-branch" / row.split(" ", 1)[1] if row.startswith("3-branch ") else OUT / row
+        grid = OUT / "three-branch" if row.startswith("3-branch ") else OUT
+        run = grid / row.split(" ", 1)[1] if row.startswith("3-branch ") else grid / row
         metrics = json.loads((run / "s0" / "metrics.json").read_text())
-        data["files"].append({"row": row, "onnx": name, "mode": metrics["mode"],
-                              "num_branches": len(metrics["student"]["branch_acc"]), "train_images": record["train_images"],
-                              "per_class": None, "seed": 0, "macs": r["macs"], "val_acc": r["accuracy"],
-                              "latency_ms": r["p50_ms_b1"], "teachers": "teachers"})
+        entries.append({"row": row, "onnx": name, "mode": metrics["mode"],
+                        "num_branches": len(metrics["student"]["branch_acc"]), "train_images": record["train_images"],
+                        "per_class": None, "seed": 0, "macs": r["macs"], "val_acc": r["accuracy"],
+                        "latency_ms": r["p50_ms_b1"], "teacher_files": teacher_files(grid)})
     weights_to_fp16(files["teacher ensemble"], ev / "teachers.onnx")
     ens = next(r for r in record["rows"] if r["model"] == "teacher ensemble")
     check = bench([ev / "teachers.onnx"], batches=[1], repeats=1, data=OUT / "recipe" / "s0")["models"][0]["accuracy"]
     teachers = {"val_acc": check, "val_acc_fp32_weights": ens["accuracy"], "macs": ens["macs"],
-                "train_images": record["teacher_train_images"], "onnx": "teachers.onnx"}
-    earlier = data.get("teachers")
-    if earlier and (earlier.get("macs"), earlier.get("val_acc")) != (teachers["macs"], teachers["val_acc"]):
-        # the limited-data rows kept here were distilled from another ensemble: say which, keep it on record
-        data["earlier_teachers"] = earlier
-        for f in data["files"]:
-            f.setdefault("teachers", "earlier_teachers")
-    data["teachers"] = teachers
-    path.write_text(json.dumps(data, indent=2) + "\n")
+                "train_images": record["teacher_train_images"], "onnx": "teachers.onnx", "files": teacher_files(OUT)}
+    update_evidence(ev, FULL, entries, teachers)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,27 @@ def test_cli_compare_refuses_a_bad_row_before_training(tmp_path):
     assert not (tmp_path / "g2" / "teachers").exists()  # refused before the teachers train
 
 
+def test_a_dkd_row_takes_dkds_warm_up(tmp_path):
+    """+dkd ramps the KD term up over 1/12 of the epochs (DKD's 20 of 240) unless the recipe gives its own
+    ramp; a KL row keeps the recipe's; a ramp of one epoch or less is left out (it changes nothing)."""
+    from ekdc.compare.rows import row_recipe
+    from ekdc.recipe import recipe_from_dict
+
+    raw = load_recipe(write_recipe(tmp_path / "r.yaml", **TINY)).model_dump(mode="json")
+
+    def kd(row: str, epochs: int, warmup=None) -> dict:
+        r = {**raw, "distill": {**raw["distill"], "epochs": epochs}}
+        if warmup is not None:
+            r["distill"]["kd"] = {**r["distill"]["kd"], "warmup_epochs": warmup}
+        cell = recipe_from_dict(row_recipe(r, parse_row(row), None))
+        return cell.distill.term_settings()["kd"].model_dump()
+
+    assert kd("avg_kd+dkd", 48)["warmup_epochs"] == 4 and kd("avg_kd+dkd", 48)["loss"] == "dkd"
+    assert kd("avg_kd", 48)["warmup_epochs"] == 0
+    assert kd("avg_kd+dkd", 48, warmup=7)["warmup_epochs"] == 7 and kd("avg_kd", 48, warmup=7)["warmup_epochs"] == 7
+    assert kd("avg_kd+dkd", 12)["warmup_epochs"] == 0  # 1 epoch of 12: full weight from the start either way
+
+
 def test_a_planned_row_is_one_branch_within_the_recipe_students_latency(tmp_path, monkeypatch):
     import ekdc.plan.candidates as candidates_mod
 
@@ -94,7 +115,7 @@ def test_a_planned_row_is_one_branch_within_the_recipe_students_latency(tmp_path
     # intra-op thread (gdb: mkldnn_convolution_backward_weights), as pytest -n workers run
     small = {"trunk_width": 8, "trunk_blocks": 1, "branch_widths": [8, 8], "branch_blocks": 1, "block": "basic"}
     huge = {"trunk_width": 64, "trunk_blocks": 2, "branch_widths": [64, 128], "branch_blocks": 2, "block": "basic"}
-    monkeypatch.setattr(candidates_mod, "default_candidates", lambda: [small, huge])
+    monkeypatch.setattr(candidates_mod, "default_candidates", lambda *_: [small, huge])
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **TINY))
     report = compare(recipe, "recipe,planned:avg_kd", [0], tmp_path / "g", progress=False)
     students = json.loads((tmp_path / "g" / "students.json").read_text())
@@ -106,3 +127,23 @@ def test_a_planned_row_is_one_branch_within_the_recipe_students_latency(tmp_path
     other = load_recipe(write_recipe(tmp_path / "o.yaml", **{**TINY, "distill": {**TINY["distill"], "epochs": 2}}))
     with pytest.raises(UserError, match="was trained from another recipe .*distill.epochs"):
         compare(other, "recipe", [0], tmp_path / "g", progress=False)
+
+
+def test_a_planned_row_of_a_fastnet_recipe_keeps_its_stages(tmp_path, monkeypatch):
+    """The equal-latency student of a FastNet recipe is planned in its family, among candidates with as many
+    stages as the recipe's student (a 3-stage candidate offered beside them is never timed)."""
+    import yaml
+
+    import ekdc.plan.candidates as candidates_mod
+
+    offered = [{"widths": [8, 8]}, {"widths": [128, 256]}, {"widths": [8, 8, 8]}]
+    monkeypatch.setattr(candidates_mod, "default_candidates", lambda *_: offered)
+    path = write_recipe(tmp_path / "r.yaml", **TINY)
+    raw = yaml.safe_load(path.read_text())
+    raw["student"] = {"arch": "fastnet_student", "widths": [32, 64], "num_branches": 2}  # [8,8] is far faster
+    path.write_text(yaml.safe_dump(raw))
+    report = compare(load_recipe(path), "planned:avg_kd", [0], tmp_path / "g", progress=False)
+    students = json.loads((tmp_path / "g" / "students.json").read_text())
+    assert students["planned"] == {"num_branches": 1, "widths": [8, 8], "trunk_stages": 1}  # the 128/256 is slower
+    (row,) = report["rows"]
+    assert row["num_branches"] == 1 and set(row["acc"]) == {"0"}

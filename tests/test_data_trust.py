@@ -152,7 +152,7 @@ def test_an_impossible_budget_fails_before_the_teachers_and_resumes_with_a_new_o
     # widths of 8, not 4: torch 2.14's oneDNN convolution backward double-frees on 4-channel convolutions with one
     # intra-op thread (gdb: mkldnn_convolution_backward_weights), as pytest -n workers run
     small = {"trunk_width": 8, "trunk_blocks": 1, "branch_widths": [8, 8], "branch_blocks": 1, "block": "basic"}
-    monkeypatch.setattr(candidates_mod, "default_candidates", lambda: [small])
+    monkeypatch.setattr(candidates_mod, "default_candidates", lambda *_: [small])
     raw = tiny_recipe(teachers=[{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}])
     raw["student"] = {"latency_ms": 0.0001}
     path = tmp_path / "r.yaml"

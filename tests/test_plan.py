@@ -161,7 +161,7 @@ def test_distill_plans_once_and_resume_reuses_the_plan(tmp_path, monkeypatch):
         calls.append(args[1])
         return real(*args, **{**kwargs, "repeats": 1})
 
-    monkeypatch.setattr(candidates_mod, "default_candidates", lambda: [SMALL, MEDIUM])
+    monkeypatch.setattr(candidates_mod, "default_candidates", lambda *_: [SMALL, MEDIUM])
     monkeypatch.setattr(planning, "plan_student", counting)
     raw = tiny_recipe(**ONE_TEACHER)
     raw["student"] = {"latency_ms": 1000.0}
@@ -215,3 +215,67 @@ def test_int8_plan(tmp_path):
     assert plan.precision == "int8" and "int8" in plan.target and c.chosen and list(c.layout_p50_ms) == ["grouped"]
     with pytest.raises(UserError, match="--precision 'fp16'"):
         plan_student(recipe, 1.0, candidates=[MEDIUM], precision="fp16")
+
+
+FASTNET = {"arch": "fastnet_student", "widths": [8, 16], "trunk_stages": 1, "num_branches": 2}
+
+
+def _fastnet_recipe(path: Path) -> Path:
+    raw = tiny_recipe()
+    raw["student"] = FASTNET
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_fastnet_student_is_planned_in_its_own_family(tmp_path):
+    """ekdc plan searches the recipe student's family: a FastNet student's grid keeps its stages and
+    trunk, scales its widths in multiples of 8; the plan writes a recipe of that family."""
+    from ekdc.models.fastnet_student import plan_grid
+
+    recipe = load_recipe(_fastnet_recipe(tmp_path / "fast.yaml"))
+    grid = default_candidates(recipe.student)
+    assert grid == plan_grid(recipe.student.model_kwargs()) and {"widths": [8, 16]} in grid
+    assert all(len(c["widths"]) == 2 and all(w % 8 == 0 for w in c["widths"]) for c in grid)
+    assert len(grid) == len({json.dumps(c) for c in grid}) >= 5  # rounding duplicates dropped
+    small, large = {"widths": [8, 8]}, {"widths": [32, 64]}
+    plan = plan_student(recipe, 1e4, candidates=[small, large], repeats=1)
+    assert plan.arch == "fastnet_student" and plan.chosen.config["widths"] == [32, 64]
+    assert all(c.config["trunk_stages"] == 1 and c.config["num_branches"] == 2 for c in plan.candidates)
+    assert all(list(c.layout_p50_ms) == ["grouped"] for c in plan.candidates)  # the family folds one way
+    assert plan.candidates[1].macs > plan.candidates[0].macs
+    planned = planned_recipe(recipe, plan)
+    assert planned.student.arch == "fastnet_student" and planned.student.model_kwargs() == plan.chosen.config
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(planned))) == planned
+    lines = set_lines(recipe, plan)
+    assert lines == ["--set 'student.widths=[32,64]'"]  # the kept trunk_stages is the recipe's: not repeated
+    overrides = [shlex.split(line)[1] for line in lines]
+    assert recipe_from_dict(apply_overrides(recipe.model_dump(mode="json"), overrides)) == planned
+    # a candidate of another family, or with ekd_student's keys, is refused in one line naming it
+    with pytest.raises(UserError, match=r"candidates\.0: arch is ekd_student but the recipe's student is a fastnet"):
+        plan_student(recipe, 1.0, candidates=[{"arch": "ekd_student"}])
+    with pytest.raises(UserError, match=r"candidates\.1: trunk_width is a key of ekd_student"):
+        plan_student(recipe, 1.0, candidates=[small, {"trunk_width": 8}])
+
+
+def test_same_stages_keeps_the_recipe_students_depth():
+    from ekdc.plan import same_stages
+    from ekdc.recipe import StudentConfig
+
+    two = same_stages(StudentConfig(branch_widths=[16, 32]))
+    three = same_stages(StudentConfig(branch_widths=[16, 32, 64]))
+    assert two and three and {len(c["branch_widths"]) for c in two} == {2}
+    assert {len(c["branch_widths"]) for c in three} == {3} and len(two) + len(three) == len(default_candidates())
+    fast = StudentConfig(arch="fastnet_student", widths=[64, 72, 80], num_branches=3)
+    assert all(len(c["widths"]) == 3 for c in same_stages(fast))
+
+
+def test_plan_cli_on_a_fastnet_recipe(tmp_path):
+    recipe = _fastnet_recipe(tmp_path / "fast.yaml")
+    cands = _candidates_file(tmp_path / "c.yaml", {"widths": [8, 8]}, {"widths": [16, 16]})
+    res = run_cli("plan", recipe, "--latency", "1000", "--candidates", cands, "--repeats", "1")
+    assert res.returncode == 0, res.stderr
+    assert "--set 'student.widths=[16,16]'" in res.stdout
+    bad = _candidates_file(tmp_path / "bad.yaml", {"branch_widths": [8, 8]})
+    res = run_cli("plan", recipe, "--latency", "1000", "--candidates", bad, "--repeats", "1")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "candidates.0: branch_widths is a key of ekd_student" in lines[0]

@@ -113,3 +113,41 @@ def test_limited_data_study_runs_each_size_as_one_compare_grid(tmp_path, monkeyp
     assert calls[0][0].teachers[1].train is not None  # trained by the grid itself
     t = calls[1][0].teachers[1]
     assert t.weights == str((tmp_path / "t" / "resnet8_1.pt").resolve()) and t.train is None
+
+
+def test_evidence_json_has_one_writer_that_tags_each_row_by_its_teacher_files(tmp_path):
+    """headline.py (full-data rows and the ensemble) and evidence_study.py (limited-data rows) write
+    evidence.json through one function: each replaces its own rows, and a row is tagged "teachers" only when
+    its grid's teacher files are the ensemble's."""
+    ev = _load("evidence_files")
+    old, new = {"a": "1", "b": "2"}, {"a": "1", "b": "3"}
+    full = lambda acc, files: {"row": "recipe", "per_class": None, "val_acc": acc, "teacher_files": files}  # noqa: E731
+    limited = lambda row, files: {"row": row, "per_class": 500, "val_acc": 0.5, "teacher_files": files}  # noqa: E731
+    ev.update_evidence(tmp_path, ev.FULL, [full(0.88, old)], {"val_acc": 0.90, "macs": 5, "files": old})
+    data = ev.update_evidence(tmp_path, ev.LIMITED, [limited("ce", old), limited("avg_kd", None)])
+    assert [(f["row"], f["teachers"]) for f in data["files"]] == [("recipe", "teachers"), ("ce", "teachers"),
+                                                                 ("avg_kd", "earlier_teachers")]
+    assert all("teacher_files" not in f for f in data["files"])
+    # new teachers shipped: the full rows are written anew, the limited rows kept are now the earlier ensemble's
+    data = ev.update_evidence(tmp_path, ev.FULL, [full(0.89, new)], {"val_acc": 0.91, "macs": 5, "files": new})
+    assert data["earlier_teachers"]["val_acc"] == 0.90 and data["teachers"]["val_acc"] == 0.91
+    assert [(f["row"], f["teachers"]) for f in data["files"]] == [("ce", "earlier_teachers"),
+                                                                 ("avg_kd", "earlier_teachers"), ("recipe", "teachers")]
+    # the grid again on the new teachers: no row is of the earlier ensemble any more, nor is it kept
+    data = ev.update_evidence(tmp_path, ev.LIMITED, [limited("ce", new)])
+    assert "earlier_teachers" not in data and [f["teachers"] for f in data["files"]] == ["teachers", "teachers"]
+    assert json.loads((tmp_path / "evidence.json").read_text()) == data
+
+
+def test_evidence_study_schedule_and_convergence_verdict():
+    study = _load("evidence_study")
+    r = study.grid_recipe(48, [])
+    base = study.load_recipe(study.RECIPE)
+    assert (r.data.per_class, r.student.num_branches, r.student.model_kwargs()["widths"]) == (500, 3, [64, 72, 80])
+    assert r.distill.epochs == 48 and r.distill.warmup_epochs == pytest.approx(base.distill.warmup_epochs * 3)
+    row = lambda acc: {"rows": [{"row": "avg_kd", "acc": {"0": acc}}]}  # noqa: E731
+    lines, conv = study._convergence(row(0.800), row(0.804), 48)
+    assert conv["gain_points"] == pytest.approx(0.4) and "converged: twice the epochs gain less than 0.5" in lines[-1]
+    lines, conv = study._convergence(row(0.800), row(0.806), 48)
+    assert "**not converged**" in lines[-1]
+    assert study._convergence(row(0.8), {"rows": []}, 48)[1] == {}

@@ -394,3 +394,31 @@ def test_export_streams_the_validation_images_of_streamed_data(tmp_path, shard_s
         assert torch.equal(val_x[0:2], ref_x[:2])  # from the start again
     eager, _, _ = _images(load_recipe(_folder_recipe(tmp_path, root), ["data.loader=memory"]), ["cat", "dog"], 0, 4)
     assert isinstance(eager, torch.Tensor)
+
+
+def test_a_grid_refuses_a_teacher_file_replaced_under_its_name(tmp_path):
+    """New teacher weights shipped under the same file name: the recipe's text is unchanged, but the finished
+    cells were distilled from the old file. compare (and --report-only) refuses instead of mixing them."""
+    from ekdc.compare import compare
+    from ekdc.models import create_model
+
+    weights = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("resnet8", num_classes=4).state_dict(), weights)
+    teachers = [{"arch": "resnet8", "weights": str(weights)}, {"arch": "resnet8", "weights": str(weights), "name": "b"}]
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **{**TINY_AVG, "teachers": teachers}))
+    out = tmp_path / "g"
+    compare(recipe, "recipe", [0], out, progress=False)
+    held = json.loads((out / "teacher_files.json").read_text())
+    assert set(held) == {"resnet8", "b"} and held["b"]["path"] == str(weights)
+    compare(recipe, "recipe", [0], out, progress=False, report_only=True)  # the same files: reported
+    torch.manual_seed(1)
+    torch.save(create_model("resnet8", num_classes=4).state_dict(), weights)  # new weights, same name
+    for report_only in (False, True):
+        with pytest.raises(UserError, match=r"teacher.pt \(teacher resnet8\) is not the file this grid's cells were "
+                                             r"distilled from"):
+            compare(recipe, "recipe", [0], out, progress=False, report_only=report_only)
+    before = (out / "compare.json").read_text()
+    res = run_cli("compare", tmp_path / "r.yaml", "--rows", "recipe", "--seeds", "0", "--out", out, "--report-only")
+    assert "teacher_files.json holds its earlier sha256" in _one_line_exit_2(res)
+    assert (out / "compare.json").read_text() == before  # the report of the old cells is left as it was

@@ -5,6 +5,8 @@ a run folder, so the grid resumes where it stopped.
 
     OUT/teachers/          the teachers, trained once (``distill --teachers-only``), loaded by every cell
     OUT/students.json      the one-branch students (equal MACs, planned) and the recipe student's latency
+    OUT/teacher_files.json each teacher file the recipe names (weights:, onnx:) and its sha256: a grid is
+                           never continued or reported with a file that changed under the same name
     OUT/<row>/s<seed>/     each cell's run folder; its export/ holds the fp32 ONNX student
     OUT/latency.json       each row's exported student timed at batch 1, all rows in one bench run
     OUT/compare.json       the report (``report.py``)
@@ -22,7 +24,7 @@ from ..data import index_splits
 from ..deploy.export import export
 from ..distillation import distill
 from ..errors import UserError
-from ..plan import short_config
+from ..plan import plan_space, short_config
 from ..recipe import Recipe, recipe_from_dict
 from ..recipe.inert import check_recipe, effective
 from ..run import RunDir, all_differences
@@ -71,6 +73,28 @@ def _teachers(recipe: Recipe, out: Path, console, progress: bool) -> dict:
     return _teacher_files(recipe, out)
 
 
+def _teacher_sources(recipe: Recipe) -> dict[str, str]:
+    """The file each teacher is read from (weights:, its old name checkpoint:, onnx:), by teacher name."""
+    return {t.name: str(p) for t in recipe.teachers for p in [t.weights or t.checkpoint or t.onnx] if p}
+
+
+def _same_teacher_files(recipe: Recipe, out: Path, record: bool) -> None:
+    """The teacher files hold what they held when the grid's first cell was distilled from them (recorded
+    then, in teacher_files.json): a recipe names its teachers' files by path, and a file replaced under the
+    same name (new weights shipped) would otherwise mix cells of two sets of teachers in one report."""
+    path = out / "teacher_files.json"
+    now = {name: {"path": p, "sha256": _io.file_sha256(p)} for name, p in _teacher_sources(recipe).items()}
+    if path.is_file():
+        held = json.loads(path.read_text())
+        for name, was in held.items():
+            if name in now and now[name]["sha256"] != was.get("sha256"):
+                raise UserError(f"compare: {now[name]['path']} (teacher {name}) is not the file this grid's cells were "
+                                f"distilled from ({path} holds its earlier sha256): give another --out, or remove "
+                                f"{out} to distil again from the new file")
+    elif record and now:
+        _io.write_json(path, now)
+
+
 # what a teachers run depends on (a grid whose recipe changed elsewhere reuses its teachers)
 TEACHER_KEYS = ("seed", "device", "precision", "channels_last", "data.", "teachers.")
 
@@ -103,9 +127,7 @@ def _students(recipe: Recipe, rows: list[Row], out: Path, say, console) -> dict:
         found.update(plain=cfg, plain_macs=macs)
         say(f"compare: the plain student {short_config(cfg)} has {macs:,} MACs against the recipe student's {target:,}")
     if any(r.student == "planned" for r in rows) and "planned" not in found:
-        if arch != "ekd_student":
-            raise UserError(f"compare: the planned row needs 'ekdc plan', which plans ekd_student students; a {arch} "
-                            "recipe takes the rows recipe, ce, plain:<row>")
+        plan_space(arch)  # one line, before any timing, for a family ekdc plan cannot search
         found["recipe_p50_ms"] = recipe_latency_ms(recipe, base, n, say)
         found["planned"] = planned_student(recipe, found["recipe_p50_ms"], n, console)
     _io.write_json(path, found)
@@ -239,6 +261,7 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
     _check_rows(recipe, parsed, seeds, out)  # before OUT is made: a refused grid leaves nothing behind
     _io.ensure_writable_dir(out)
     say = _say(console)
+    _same_teacher_files(recipe, out, record=not report_only)
     if report_only:
         students = json.loads((out / "students.json").read_text()) if (out / "students.json").is_file() else {}
         _check_finished(recipe, parsed, seeds, out, students)

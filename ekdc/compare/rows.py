@@ -3,7 +3,8 @@
 A row is ``[STUDENT:]BASE[+MOD...]``:
 
     BASE     recipe (the recipe's own mode and KD loss), ce, avg_kd, ekd
-    MOD      dkd (decoupled KD), conf (confidence-weighted teachers, avg_kd), feat (feature matching,
+    MOD      dkd (decoupled KD, with its warm-up: the KD term ramps up over 1/12 of the epochs, DKD's 20 of
+             240, unless the recipe gives distill.kd.warmup_epochs), conf (confidence-weighted teachers, avg_kd), feat (feature matching,
              ekd), k<K> (the teachers' outputs read from a cache of K views an image)
     STUDENT  plain: one branch, widened to the recipe student's MACs (within 5%)
              planned: one branch, the most MACs within the recipe student's measured p50 latency
@@ -23,6 +24,9 @@ from ..losses import get_term, list_terms, terms_of_mode
 
 BASES = ("recipe", "ce", "avg_kd", "ekd")
 STUDENTS = ("recipe", "plain", "planned")
+# DKD (Zhao et al., CVPR 2022) ramps its loss up over its first 20 of 240 epochs: its NCKD term, weighted by
+# beta = 8, is large at the start and destabilises training without the ramp. A +dkd row keeps that fraction.
+DKD_WARMUP_FRACTION = 20 / 240
 DEFAULT_ROWS = ("recipe", "ce", "plain:recipe")
 
 
@@ -111,6 +115,9 @@ def row_recipe(raw: dict, row: Row, student: Optional[dict]) -> dict:
         kd.update(loss="kl", teachers="mean")
     if row.dkd:
         kd["loss"] = "dkd"
+        warmup = round(raw["distill"]["epochs"] * DKD_WARMUP_FRACTION)
+        if not kd.get("warmup_epochs") and warmup >= 2:  # a ramp of 1 epoch is full weight from the start
+            kd["warmup_epochs"] = warmup
     if row.confidence:
         kd["teachers"] = "confidence"
     if kd.get("loss", "kl") == "kl":  # alpha and beta weigh DKD's two parts: with KL, their defaults

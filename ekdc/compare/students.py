@@ -6,7 +6,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..models import count_macs, create_model, get_student
-from ..plan import plan_student, short_config
+from ..plan import plan_student, same_stages, short_config
 from ..recipe import Recipe, recipe_from_dict
 
 MACS_TOLERANCE = 0.05  # the plain student's MACs are within 5% of the recipe student's
@@ -51,9 +51,12 @@ def recipe_latency_ms(recipe: Recipe, config: dict, num_classes: int, say: Calla
 
 
 def planned_student(recipe: Recipe, budget_ms: float, num_classes: int, console) -> dict:
-    """The one-branch student ``ekdc plan`` chooses for ``budget_ms``."""
+    """The one-branch student ``ekdc plan`` chooses for ``budget_ms`` among its family's candidates with as many
+    stages as the recipe's student: the two differ in widths and branches, not in depth."""
     raw = recipe.model_dump(mode="json")
     raw["student"] = {k: v for k, v in raw["student"].items() if k not in ("latency_ms",)} | {"num_branches": 1}
     raw["mode"] = "avg_kd" if raw["mode"] == "ekd" else raw["mode"]  # what the one branch trains with is the row's
     one = recipe_from_dict(raw, where="compare: the one-branch recipe")
-    return dict(plan_student(one, budget_ms, num_classes=num_classes, console=console).chosen.config)
+    candidates = same_stages(recipe.student)
+    return dict(plan_student(one, budget_ms, candidates=candidates, num_classes=num_classes,
+                             console=console).chosen.config)

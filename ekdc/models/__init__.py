@@ -2,6 +2,7 @@
 from . import fastnet, fastnet_student, resnet_cifar, student, tv_small, vgg, wrn  # noqa: F401  (registration side effects)
 from ._registry import (
     FoldableStudent,
+    PlanSpace,
     StudentFamily,
     check_model_name,
     create_model,
@@ -20,6 +21,7 @@ __all__ = [
     "EKDStudent",
     "FeatureClassifier",
     "FoldableStudent",
+    "PlanSpace",
     "StudentFamily",
     "check_model_name",
     "count_macs",

@@ -41,6 +41,19 @@ class FoldableStudent(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class PlanSpace:
+    """How ``ekdc plan`` searches a student family for a latency budget."""
+
+    # (the recipe student's factory keywords) -> the default candidates, each a mapping of the family's own
+    # keys (what a ``--candidates`` file would hold); keys a candidate leaves out come from ``kept`` or defaults
+    grid: Callable[[dict], list[dict]]
+    # a config's number of resolution stages: ``ekdc compare`` plans its equal-latency student among the
+    # candidates of the recipe student's depth, so that the two differ in width and branches only
+    stages: Callable[[dict], int]
+    kept: tuple[str, ...] = ()  # keys a candidate takes from the recipe's student when it does not give them
+
+
+@dataclasses.dataclass(frozen=True)
 class StudentFamily:
     name: str
     build: Callable[..., nn.Module]
@@ -48,20 +61,22 @@ class StudentFamily:
     # (config, factor) -> a one-branch config of the same layout, every width scaled by factor: how
     # ``ekdc compare`` finds the one-branch student of equal MACs (None: the family has no such row)
     one_branch_widened: Optional[Callable[[dict, float], dict]] = None
+    plan: Optional[PlanSpace] = None  # None: ``ekdc plan`` cannot search this family
 
 
 _STUDENTS: dict[str, StudentFamily] = {}
 
 
 def register_student(fn: Optional[Callable[..., nn.Module]] = None, *, settings: Optional[type] = None,
-                     one_branch_widened: Optional[Callable[[dict, float], dict]] = None):
-    """``@register_student`` or ``@register_student(settings=Model, one_branch_widened=fn)`` on a student
-    factory ``(num_classes, num_branches, **settings) -> module``."""
+                     one_branch_widened: Optional[Callable[[dict, float], dict]] = None,
+                     plan: Optional[PlanSpace] = None):
+    """``@register_student`` or ``@register_student(settings=Model, one_branch_widened=fn, plan=PlanSpace(...))``
+    on a student factory ``(num_classes, num_branches, **settings) -> module``."""
 
     def add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if f.__name__ in _STUDENTS and _STUDENTS[f.__name__].build is not f:
             raise ValueError(f"a student named '{f.__name__}' is registered already: give the factory another name")
-        _STUDENTS[f.__name__] = StudentFamily(f.__name__, f, settings, one_branch_widened)
+        _STUDENTS[f.__name__] = StudentFamily(f.__name__, f, settings, one_branch_widened, plan)
         return register_model(f)
 
     return add(fn) if fn is not None else add

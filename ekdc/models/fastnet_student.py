@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._registry import register_student
+from ._registry import PlanSpace, register_student
 from .fastnet import LOGIT_SCALE, Whitening, _Stage, fast_param_groups, make_stages
 from .folding import fuse_conv_bn, merge_convs
 from .student import BranchOutputs
@@ -126,6 +126,22 @@ def one_branch_widened(config: dict, m: float) -> dict:
     return {**config, "num_branches": 1, "widths": [max(8, 8 * round(w * m / 8)) for w in config["widths"]]}
 
 
-@register_student(settings=FastNetStudentSettings, one_branch_widened=one_branch_widened)
+# ``ekdc plan``'s grid for a FastNet student: the recipe's own stages, every width scaled by one factor and
+# kept a multiple of 8, from half to three times the given widths
+PLAN_WIDTH_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+
+
+def plan_grid(config: dict) -> list[dict]:
+    """The recipe student's layout at each width factor (duplicates after rounding dropped)."""
+    grid: list[dict] = []
+    for m in PLAN_WIDTH_MULTIPLIERS:
+        cand = {"widths": [max(8, 8 * round(w * m / 8)) for w in config["widths"]]}
+        if cand not in grid:
+            grid.append(cand)
+    return grid
+
+
+@register_student(settings=FastNetStudentSettings, one_branch_widened=one_branch_widened,
+                  plan=PlanSpace(grid=plan_grid, stages=lambda c: len(c["widths"]), kept=("trunk_stages",)))
 def fastnet_student(num_classes: int = 10, **kwargs) -> FastNetStudent:
     return FastNetStudent(num_classes, **kwargs)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import register_student
+from ._registry import PlanSpace, register_student
 from .layers import BasicBlock, InvertedResidual, conv_bn, init_weights
 from .student_fold import FoldedStudent
 
@@ -112,6 +112,36 @@ def one_branch_widened(config: dict, m: float) -> dict:
             "branch_widths": [w(x) for x in config["branch_widths"]]}
 
 
-@register_student(one_branch_widened=one_branch_widened)
+# ``ekdc plan``'s default grid: widths as multiples of a base (trunk 16, stage i 16 * 2**i), 2 or 3 branch
+# stages, 1 or 2 blocks per stage (trunk included); basic blocks over the whole grid, inverted residuals at
+# two widths. The grid does not depend on the recipe's student: a budget may call for another depth.
+PLAN_WIDTH_MULTIPLIERS = (0.5, 0.75, 1.0, 1.5, 2.0)
+PLAN_BASE_WIDTH = 16
+PLAN_STAGE_COUNTS = (2, 3)
+PLAN_DEPTHS = (1, 2)
+PLAN_INVERTED_RESIDUAL_MULTIPLIERS = (1.0, 2.0)
+PLAN_WIDTH_STEP = 4  # widths are rounded to a multiple of this: kernels like channel counts in 4s and 8s
+
+
+def _plan_width(base: int, multiplier: float) -> int:
+    return max(PLAN_WIDTH_STEP, int(round(base * multiplier / PLAN_WIDTH_STEP)) * PLAN_WIDTH_STEP)
+
+
+def _plan_config(multiplier: float, stages: int, depth: int, block: str) -> dict:
+    return {"trunk_width": _plan_width(PLAN_BASE_WIDTH, multiplier), "trunk_blocks": depth,
+            "branch_widths": [_plan_width(PLAN_BASE_WIDTH * 2**i, multiplier) for i in range(stages)],
+            "branch_blocks": depth, "block": block}
+
+
+def plan_grid(config: Optional[dict] = None) -> list[dict]:
+    """The default grid (24 students): the planned keys of each; the stem and branch count are the recipe's."""
+    grid = [_plan_config(m, s, d, "basic") for s in PLAN_STAGE_COUNTS for d in PLAN_DEPTHS for m in PLAN_WIDTH_MULTIPLIERS]
+    grid += [_plan_config(m, s, 1, "inverted_residual") for s in PLAN_STAGE_COUNTS
+             for m in PLAN_INVERTED_RESIDUAL_MULTIPLIERS]
+    return grid
+
+
+@register_student(one_branch_widened=one_branch_widened,
+                  plan=PlanSpace(grid=plan_grid, stages=lambda c: len(c["branch_widths"]), kept=("stem",)))
 def ekd_student(num_classes: int = 10, **kwargs) -> EKDStudent:
     return EKDStudent(num_classes, **kwargs)

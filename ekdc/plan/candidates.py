@@ -1,5 +1,5 @@
-"""The students a plan times: the default grid, or a user's list (``--candidates``), each completed with
-the recipe's stem and branch count."""
+"""The students a plan times: the recipe student's family's grid (``PlanSpace.grid``), or a user's list
+(``--candidates``), each completed with the recipe's family, branch count and the keys the family keeps."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,25 +11,16 @@ import yaml
 
 from .._io import existing_file
 from ..errors import UserError
-from ..models import count_macs, count_params, create_model
+from ..models import PlanSpace, count_macs, count_params, create_model, get_student
 from ..recipe import Recipe, StudentConfig, student_from_dict
-
-# the default grid: widths as multiples of a base (trunk 16, stage i 16 * 2**i), 2 or 3 branch stages, 1 or
-# 2 blocks per stage (trunk included); basic blocks over the whole grid, inverted residuals at two widths
-WIDTH_MULTIPLIERS = (0.5, 0.75, 1.0, 1.5, 2.0)
-BASE_WIDTH = 16
-STAGE_COUNTS = (2, 3)
-DEPTHS = (1, 2)
-INVERTED_RESIDUAL_MULTIPLIERS = (1.0, 2.0)
-WIDTH_STEP = 4  # widths are rounded to a multiple of this: kernels like channel counts in 4s and 8s
 
 CandidateSpec = Union[dict, StudentConfig]
 
 
 @dataclasses.dataclass
 class Candidate:
-    """One student timed: its config (``create_model("ekd_student", **config)``'s keys), its size and its
-    latency in the fastest fold layout."""
+    """One student timed: its config (``create_model(arch, **config)``'s keys, its family the recipe's), its
+    size and its latency in the fastest fold layout."""
 
     index: int
     config: dict[str, Any]
@@ -68,31 +59,39 @@ def short_config(cfg: dict) -> str:
     return f"trunk {trunk} / branches {branches} {kind}"
 
 
-def _width(base: int, multiplier: float) -> int:
-    return max(WIDTH_STEP, int(round(base * multiplier / WIDTH_STEP)) * WIDTH_STEP)
+def plan_space(arch: str) -> PlanSpace:
+    """The family's search space; one line when ``ekdc plan`` has none for it."""
+    space = get_student(arch).plan
+    if space is None:
+        raise UserError(f"ekdc plan has no search space for a {arch} student (its family registers no PlanSpace): "
+                        "give its widths yourself")
+    return space
 
 
-def _grid_config(multiplier: float, stages: int, depth: int, block: str) -> dict:
-    return {"trunk_width": _width(BASE_WIDTH, multiplier), "trunk_blocks": depth,
-            "branch_widths": [_width(BASE_WIDTH * 2**i, multiplier) for i in range(stages)], "branch_blocks": depth,
-            "block": block}
+def default_candidates(student: Optional[StudentConfig] = None) -> list[dict]:
+    """The grid of the student's family for that student (default: ``ekd_student``'s)."""
+    student = student if student is not None else StudentConfig()
+    return plan_space(student.arch).grid(student.model_kwargs())
 
 
-def default_candidates() -> list[dict]:
-    """The default grid (24 students): the planned keys of each, the rest comes from the recipe."""
-    grid = [_grid_config(m, s, d, "basic") for s in STAGE_COUNTS for d in DEPTHS for m in WIDTH_MULTIPLIERS]
-    grid += [_grid_config(m, s, 1, "inverted_residual") for s in STAGE_COUNTS for m in INVERTED_RESIDUAL_MULTIPLIERS]
-    return grid
+def same_stages(student: StudentConfig) -> list[dict]:
+    """The family's grid, less the candidates whose number of stages differs from the student's."""
+    space, own = plan_space(student.arch), student.model_kwargs()
+    base = {k: own[k] for k in space.kept}
+    return [c for c in default_candidates(student) if space.stages({**base, **c}) == space.stages(own)]
 
 
 def candidate_configs(recipe: Recipe, candidates: Optional[Sequence[CandidateSpec]] = None,
                       where: str = "candidates") -> list[dict]:
-    """Each candidate as ``create_model`` keys: its own planned keys, the recipe's stem and branch count.
-    Duplicates are dropped."""
-    specs = default_candidates() if candidates is None else list(candidates)
+    """Each candidate as ``create_model`` keys: its own keys, then the recipe's branch count and the keys its
+    family keeps (``PlanSpace.kept``: ekd_student's stem). Duplicates are dropped."""
+    arch = recipe.student.arch
+    space = plan_space(arch)
+    specs = default_candidates(recipe.student) if candidates is None else list(candidates)
     if not specs:
         raise UserError(f"{where}: no candidate student to plan with")
-    base = {"stem": recipe.student.stem, "num_branches": recipe.student.num_branches}
+    own = recipe.student.model_kwargs()
+    base = {"num_branches": recipe.student.num_branches, **{k: own[k] for k in space.kept}}
     out: list[dict] = []
     for i, spec in enumerate(specs):
         given = spec.model_dump(exclude_unset=True) if isinstance(spec, StudentConfig) else spec
@@ -101,7 +100,10 @@ def candidate_configs(recipe: Recipe, candidates: Optional[Sequence[CandidateSpe
         if isinstance(given, dict) and given.get("num_branches") not in (None, base["num_branches"]):
             raise UserError(f"{where}.{i}: num_branches is {given['num_branches']} but the recipe's student has "
                             f"{base['num_branches']} (student.num_branches: the planner keeps the branch count)")
-        raw = {**base, **given} if isinstance(given, dict) else given
+        if isinstance(given, dict) and given.get("arch", arch) != arch:
+            raise UserError(f"{where}.{i}: arch is {given['arch']} but the recipe's student is a {arch} (the planner "
+                            "keeps the family: plan with a recipe of that student)")
+        raw = {**base, **given, "arch": arch} if isinstance(given, dict) else given
         cfg = student_from_dict(raw, f"{where}.{i}").model_kwargs()
         if cfg not in out:
             out.append(cfg)
@@ -109,8 +111,8 @@ def candidate_configs(recipe: Recipe, candidates: Optional[Sequence[CandidateSpe
 
 
 def read_candidates(path: Union[str, Path]) -> list[dict]:
-    """``--candidates FILE``: a YAML list of ``student:`` mappings (the planned keys; stem and the branch
-    count come from the recipe)."""
+    """``--candidates FILE``: a YAML list of ``student:`` mappings (the planned keys; the family, branch
+    count and kept keys come from the recipe, which checks each: ``candidate_configs``)."""
     path = existing_file(path, "--candidates", "a YAML file")
     try:
         raw = yaml.safe_load(path.read_text())
@@ -120,16 +122,17 @@ def read_candidates(path: Union[str, Path]) -> list[dict]:
         raise UserError(f"--candidates {path}: expected a YAML list of student mappings "
                         "(- {trunk_width: 16, branch_widths: [16, 32]})")
     for i, item in enumerate(raw):
-        student_from_dict(item, f"{path}: candidates.{i}")  # each named by the file, before anything is built
+        if not isinstance(item, dict):
+            raise UserError(f"{path}: candidates.{i}: expected a mapping of student keys, got {type(item).__name__}")
     return raw
 
 
-def build_candidate(cfg: dict, num_classes: int, image_size: int):
+def build_candidate(arch: str, cfg: dict, num_classes: int, image_size: int):
     """The candidate with random weights (eval mode), its MACs and its deployed parameter count."""
-    student = create_model("ekd_student", num_classes=num_classes, **cfg).eval()
+    student = create_model(arch, num_classes=num_classes, **cfg).eval()
     return student, count_macs(student, image_size), count_params(student)
 
 
-def layouts(cfg: dict) -> tuple[str, ...]:
-    # one branch folds to the same graph either way
-    return ("grouped", "separate") if cfg["num_branches"] > 1 else ("grouped",)
+def layouts(student) -> tuple[str, ...]:
+    """The fold layouts to time: the family's (``fold_layouts``); one branch folds to one graph either way."""
+    return tuple(student.fold_layouts) if student.num_branches > 1 else ("grouped",)

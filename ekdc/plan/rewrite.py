@@ -5,14 +5,15 @@ import shlex
 
 import yaml
 
-from ..recipe import PLANNED_KEYS, Recipe, dump_recipe, recipe_from_dict
+from ..recipe import Recipe, dump_recipe, recipe_from_dict
+from .candidates import plan_space
 from .search import Plan
 
 
 def planned_recipe(recipe: Recipe, plan: Plan) -> Recipe:
     """The recipe with its ``student:`` block replaced by the chosen config (validated again)."""
     raw = recipe.model_dump(mode="json")
-    raw["student"] = {"arch": "ekd_student", **plan.chosen.config}
+    raw["student"] = {"arch": plan.arch, **plan.chosen.config}
     return recipe_from_dict(raw, where="planned recipe")
 
 
@@ -28,11 +29,11 @@ def planned_yaml(recipe: Recipe, plan: Plan) -> str:
 def set_lines(recipe: Recipe, plan: Plan) -> list[str]:
     """The ``--set`` arguments that give the recipe the chosen student (shell-quoted)."""
     items = ["student.latency_ms=null"] if recipe.student.latency_ms is not None else []
-    keys = list(PLANNED_KEYS)
-    if plan.chosen.config.get("stem") != recipe.student.stem:  # a candidate may name its own stem
-        keys.append("stem")
-    for key in keys:
-        value = plan.chosen.config[key]
+    own = recipe.student.model_kwargs()
+    kept = plan_space(plan.arch).kept  # the recipe's own unless a candidate named another (an ekd_student stem)
+    chosen = plan.chosen.config
+    for key in [k for k in chosen if k != "num_branches" and (k not in kept or chosen[k] != own.get(k))]:
+        value = chosen[key]
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip().replace(", ", ",")
         items.append(f"student.{key}={text}")
     return [f"--set {shlex.quote(item)}" for item in items]

@@ -62,6 +62,7 @@ class Plan:
     settings: dict[str, Any]
     seconds: float
     created: str
+    arch: str = "ekd_student"  # the candidates' family: the recipe student's
 
     @property
     def target(self) -> str:
@@ -136,15 +137,12 @@ def plan_student(recipe: Recipe, latency_ms: float, *, batch: int = 1, provider:
                  threads: Optional[int] = None, precision: str = "fp32",
                  candidates: Optional[Sequence[CandidateSpec]] = None, repeats: int = REPEATS,
                  num_classes: Optional[int] = None, console: Optional["Console"] = None) -> Plan:
-    """Time every candidate student (default: ``default_candidates()``) on this machine and choose the one
-    with the most MACs whose p50 latency at ``batch`` is at most ``latency_ms``. Raises ``NoStudentFits``
+    """Time every candidate student (default: the family's grid, ``default_candidates``) on this machine and
+    choose the one with the most MACs whose p50 latency at ``batch`` is at most ``latency_ms``. Raises ``NoStudentFits``
     (a UserError holding the plan) when none is fast enough."""
     _check_args(latency_ms, batch, provider, threads, precision, repeats)
-    if recipe.student.arch != "ekd_student":
-        raise UserError(f"ekdc plan searches ekd_student layouts; the recipe's student is a {recipe.student.arch} "
-                        "(give its widths yourself, or student.arch: ekd_student)")
+    configs = candidate_configs(recipe, candidates)  # one line for a family ekdc plan cannot search
     check_ort_provider(provider)  # before minutes of exporting
-    configs = candidate_configs(recipe, candidates)
     size = recipe.data.image_size
     num_classes = int(num_classes or _class_count(recipe))
     threads = int(threads or usable_cores())
@@ -154,14 +152,14 @@ def plan_student(recipe: Recipe, latency_ms: float, *, batch: int = 1, provider:
     files: dict[str, tuple[Candidate, str]] = {}  # file name -> (candidate, layout)
     with tempfile.TemporaryDirectory(prefix="ekdc-plan-") as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights, but the same ones every time; the caller's RNG is left as it was
-        n_files = sum(len(layouts(c)) for c in configs)
+        built = [build_candidate(recipe.student.arch, c, num_classes, size) for c in configs]
+        n_files = sum(len(layouts(student)) for student, _, _ in built)
         say(f"planning for p50 <= {latency_ms:g} ms at {_target(batch, provider, threads, precision)}: {len(configs)} "
             f"candidate students, {n_files} files to export ({size}px, {num_classes} classes)")
-        for i, cfg in enumerate(configs):
-            student, macs, params = build_candidate(cfg, num_classes, size)
+        for i, (cfg, (student, macs, params)) in enumerate(zip(configs, built)):
             cand = Candidate(index=i, config=cfg, macs=macs, params=params)
             rows.append(cand)
-            for layout in layouts(cfg):
+            for layout in layouts(student):
                 path = _export_files(student, layout, size, precision, Path(tmp), f"c{i:02d}-{layout}")
                 files[path.name] = (cand, layout)
             say(f"  exported {i + 1}/{len(configs)}: {cand.short}")
@@ -181,7 +179,7 @@ def plan_student(recipe: Recipe, latency_ms: float, *, batch: int = 1, provider:
                 settings={"warmup": WARMUP, "duration_s": DURATION_S, "repeats": repeats,
                           "timing": "ekdc bench's worker, host clock; p50 = median over rounds of each round's p50"},
                 seconds=round(time.perf_counter() - t0, 1),
-                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), arch=recipe.student.arch)
     if chosen is None:
         raise NoStudentFits(plan)
     return plan

@@ -7,7 +7,6 @@ ONNX teacher is a ``Teacher`` like any other, frozen and without features.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,7 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from .._io import existing_file
+from .._io import existing_file, file_sha256
 from ..contract import ort_session
 from ..errors import UserError
 from ..onnx_graph import classifier_io, load_onnx
@@ -88,12 +87,7 @@ class OnnxModel(nn.Module):
 
     def content_hash(self) -> str:
         """sha256 of the file's bytes (what a teacher-output cache is keyed by)."""
-
-        h = hashlib.sha256()
-        with open(self.info.path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        return file_sha256(self.info.path)
 
     def __getstate__(self):
         state = self.__dict__.copy()
