@@ -2,9 +2,9 @@
 """The same student from an image folder and from WebDataset shards of it: single-process, and under a
 two-node torchrun (two processes on this machine as two nodes, rendezvous on 127.0.0.1).
 
-    python experiments/shards_vs_folder.py [--recipe recipes/cifar10-strong.yaml] [--epochs 10] [--mode ce]
+    python experiments/shards_vs_folder.py [--recipe recipes/cifar10-strong.yaml] [--per-class 500] [--epochs 10] [--mode ce]
 
-The recipe's split (500 images a class, the fixed validation split) is copied into train/ and val/
+The recipe's split at --per-class images a class (and the fixed validation split) is copied into train/ and val/
 folders, which `ekdc data shard` writes as shards; three runs then train the recipe's student from the
 strong teachers (live: a split read in order has no teacher-output cache; or, with --mode ce, the student
 alone, the teachers only scored) for --epochs epochs, seed 0:
@@ -72,6 +72,7 @@ def _free_port() -> int:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "cifar10-strong.yaml"))
+    ap.add_argument("--per-class", type=int, default=500, help="training images a class taken from the recipe's split")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--mode", default=None, help="the recipe's mode unless given (ce: the student alone, faster)")
     ap.add_argument("--out", default="runs/shards_vs_folder")
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, [f"data.per_class={args.per_class}"])
     base = recipe.model_dump(mode="json")
     mode = args.mode or recipe.mode
     _copy_split(recipe, out / "folder")
@@ -114,11 +115,12 @@ def main(argv=None) -> None:
         rows.append(f"| {name} | {m['world_size']} | {m['train_images']:,} | {100 * m['student']['ensemble_acc']:.2f} | "
                     f"{100 * m['teacher_ensemble_acc']:.2f} | {m['seconds']:.0f} |")
     page = ["# The same student from a folder and from WebDataset shards", "",
-            f"Written by `python experiments/shards_vs_folder.py --epochs {args.epochs} --mode {mode}` on this machine "
-            "(2 CPU cores).",
-            "", f"Recipe: `{Path(args.recipe).name}`'s split (500 images a class, the fixed 5,000-image validation split) "
-            "copied into folders, then `ekdc data shard ... --shard-size 500` (10 training shards, 10 validation "
-            f"shards); its student trained in mode `{mode}` (teachers live where the mode uses them) for {args.epochs} "
+            f"Written by `python experiments/shards_vs_folder.py --per-class {args.per_class} --epochs {args.epochs} "
+            f"--mode {mode}` on this machine (2 CPU cores).",
+            "", f"Recipe: `{Path(args.recipe).name}`'s split ({args.per_class} images a class, the fixed 5,000-image "
+            "validation split) "
+            f"copied into folders, then `ekdc data shard ... --shard-size 500` ({len(shard_data['urls'])} training "
+            f"shards, {len(shard_data['val_urls'])} validation shards); its student trained in mode `{mode}` (teachers live where the mode uses them) for {args.epochs} "
             "epochs, seed 0. The "
             "folder is read at random by position, the shards in order (shard order shuffled each epoch, a shuffle "
             "buffer, augmentation drawn per sample key), so the batches differ: the accuracies agree within seed noise "
