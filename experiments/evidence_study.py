@@ -140,7 +140,7 @@ def _teachers_lines(report: dict) -> list[str]:
     macs = sum(t["macs"] for t in shipped["teachers"])
     lines.append(f"| **ensemble** | **{pct(ens) if ens is not None else '–'}** | {macs / 1e6:.1f}M |")
     return lines + ["", f"ekdc's pretrained teachers (weights/cifar10/, trained on all {shipped['train_images']:,} "
-                        "training images outside the validation split; docs/TEACHERS.md): the students see 5,000 of "
+                        "training images outside the validation split; weights/cifar10/teachers.json): the students see 5,000 of "
                         "those images, the teachers saw all of them, as in the paper's setting."]
 
 

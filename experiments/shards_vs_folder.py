@@ -83,35 +83,35 @@ def main(argv=None) -> None:
     recipe = load_recipe(args.recipe, [f"data.per_class={args.per_class}"])
     base = recipe.model_dump(mode="json")
     mode = args.mode or recipe.mode
-    _copy_split(recipe, out / "folder")
+    _copy_split(recipe, out / "images")  # the runs go to out/run-<data>: apart from the images they read
     py = [sys.executable, "-m", "ekdc"]
     for split in ("train", "val"):
         if not (out / "shards" / split / "shards.json").is_file():
-            _run([*py, "data", "shard", str(out / "folder" / split), str(out / "shards" / split), "--shard-size", "500"], log)
-    folder = _recipe(base, {"dataset": "imagefolder", "root": str(out / "folder" / "train"),
-                            "val_root": str(out / "folder" / "val")}, out / "folder.yaml", args.epochs, mode)
+            _run([*py, "data", "shard", str(out / "images" / split), str(out / "shards" / split), "--shard-size", "500"], log)
+    folder = _recipe(base, {"dataset": "imagefolder", "root": str(out / "images" / "train"),
+                            "val_root": str(out / "images" / "val")}, out / "folder.yaml", args.epochs, mode)
     shard_data = {"dataset": "webdataset", "urls": sorted(str(p) for p in (out / "shards" / "train").glob("*.tar")),
                   "val_urls": sorted(str(p) for p in (out / "shards" / "val").glob("*.tar")), "loader": "stream",
                   "workers": 1}
     shards = _recipe(base, shard_data, out / "shards.yaml", args.epochs, mode)
     seconds = {}
     for name, r in (("folder", folder), ("shards", shards)):
-        if not (out / name / "metrics.json").is_file():
-            seconds[name] = _run([*py, "distill", str(r), "--out", str(out / name), "-q"], log)
-    if not (out / "two-nodes" / "metrics.json").is_file():
+        if not (out / f"run-{name}" / "metrics.json").is_file():
+            seconds[name] = _run([*py, "distill", str(r), "--out", str(out / f"run-{name}"), "-q"], log)
+    if not (out / "run-two-nodes" / "metrics.json").is_file():
         torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
         port, env = _free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         t0 = time.time()
         nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(k),
                                    "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "ekdc", "distill",
-                                   str(shards), "--out", str(out / "two-nodes"), "-q"],
+                                   str(shards), "--out", str(out / "run-two-nodes"), "-q"],
                                   cwd=ROOT, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT) for k in (0, 1)]
         if any(n.wait() for n in nodes):
             sys.exit(f"shards_vs_folder: the two-node run failed; see {log}")
         seconds["two-nodes"] = time.time() - t0
     rows = []
     for name in ("folder", "shards", "two-nodes"):
-        m = json.loads((out / name / "metrics.json").read_text())
+        m = json.loads((out / f"run-{name}" / "metrics.json").read_text())
         rows.append(f"| {name} | {m['world_size']} | {m['train_images']:,} | {100 * m['student']['ensemble_acc']:.2f} | "
                     f"{100 * m['teacher_ensemble_acc']:.2f} | {m['seconds']:.0f} |")
     page = ["# The same student from a folder and from WebDataset shards", "",
