@@ -109,5 +109,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
     # only rank 0 writes: one log line per epoch, not two
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r.get("stage") == "student-ekd"] == [1, 2]
+    # batch_size is the global batch: 2 processes of 8 images take the steps one process of 16 takes
+    # (120 training images: 7 full batches an epoch), not 2 x 16 in half the steps
+    student = [r for r in log if r.get("stage") == "student-ekd"]
+    assert m["train_images"] == 120 and all((r["steps"], r["images"]) == (7, 112) for r in student), student
     assert sorted(p.name for p in run.iterdir()) == ["data.json", "log.jsonl", "metrics.json", "recipe.yaml", "student.pt",
                                                      "teachers"]

@@ -43,7 +43,8 @@ class Schedule(_Strict):
     """How one network is trained: used by each teacher and by the student."""
 
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="images a step, over all processes: under torchrun each of N "
+                                                  "processes takes batch_size / N (rounded up)")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -173,10 +173,12 @@ class _EpochTotals:
     loss: float = 0.0
     correct: float = 0.0
     seen: int = 0
+    steps: int = 0
     terms: dict = dataclasses.field(default_factory=dict)
 
     def add(self, losses: Losses, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = len(labels)
+        self.steps += 1
         self.loss += float(losses.total.detach()) * n
         self.correct += float((logits.detach().argmax(-1) == labels).sum())
         self.seen += n
@@ -232,8 +234,14 @@ def _epoch_record(stage: Stage, epoch: int, totals: _EpochTotals, lr: float, sec
     return {
         "stage": stage.name, "epoch": epoch + 1, "epochs": stage.schedule.epochs, "loss": round(reduced[0], 5),
         "train_acc": round(reduced[1], 5), "lr": lr, "images_per_s": round(totals.seen * rt.world / seconds, 1),
+        "steps": totals.steps, "images": totals.seen * rt.world,  # optimizer steps, and images over all processes
         "seconds": round(seconds, 2), **{f"loss_{k}": round(v, 5) for k, v in zip(keys, reduced[2:])},
     }
+
+
+def rank_batch(batch_size: int, world: int) -> int:
+    """One process's share of the global batch (rounded up: every process takes the same count)."""
+    return max(1, -(-batch_size // world))
 
 
 def train_stage(stage: Stage, data: DataSplits, aug: Optional[Augment], rt: Runtime, run: RunDir,
@@ -242,7 +250,9 @@ def train_stage(stage: Stage, data: DataSplits, aug: Optional[Augment], rt: Runt
     exists. Returns the stage's training seconds (accumulated across resumes)."""
     s = stage.schedule
     per_rank = -(-len(data.train) // rt.world)
-    bs = min(s.batch_size, per_rank)
+    # batch_size is the global batch: each of N processes takes 1/N of it, so that a recipe trains the same
+    # schedule (steps an epoch, images a step, the learning rate those were tuned for) on 1 process or N
+    bs = min(rank_batch(s.batch_size, rt.world), per_rank)
     opt = make_optimizer(stage.groups, s)
     # drop_last keeps BatchNorm away from 1-image batches
     optim = _Optimisation(opt, make_scheduler(opt, s, max(1, per_rank // bs)),
