@@ -9,6 +9,7 @@ which case does not, and exits 1 if any.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shlex
@@ -89,6 +90,16 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
                    check=True, capture_output=True)
     shutil.copytree(d / "sh", d / "sh_short")
     os.truncate(d / "sh_short" / "shard-000001.tar", 3000)
+    # a recipe of FastNet students, and a grid whose teacher file was replaced after its cells were distilled
+    fast = yaml.safe_load(ok.read_text()) | {"student": {"arch": "fastnet_student", "widths": [8, 16]}}
+    (d / "fast.yaml").write_text(yaml.safe_dump(fast, sort_keys=False))
+    from_files = yaml.safe_load(ok.read_text()) | {"teachers": [
+        {"arch": "resnet8", "weights": f"{run}/teachers/resnet8.pt"},
+        {"arch": "resnet8", "weights": f"{run}/teachers/resnet8_1.pt", "name": "second"}]}
+    (d / "from_files.yaml").write_text(yaml.safe_dump(from_files, sort_keys=False))
+    (d / "c5").mkdir()
+    (d / "c5" / "teacher_files.json").write_text(json.dumps({
+        "resnet8": {"path": f"{run}/teachers/resnet8.pt", "sha256": "0" * 64}}))
     shards = ["--set", "data.dataset=webdataset", "--set", f"data.urls={d}/sh/shard-000000.tar",
               "--set", f"data.val_urls={d}/sh/shard-000001.tar", "--set", "data.image_size=8"]
     return [  # (what, arguments); the "busy" run is locked by another process, "disk full" runs under a file-size limit
@@ -138,6 +149,8 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("plan: no student meets the budget", ["plan", str(ok), "--latency", "0.0001", "--candidates",
                                                str(d / "candidates.yaml"), "--repeats", "1"]),
         ("plan: --out is the recipe itself", ["plan", str(ok), "--latency", "1", "--out", str(ok)]),
+        ("plan: a candidate of another student family", ["plan", str(d / "fast.yaml"), "--latency", "1", "--candidates",
+                                                         str(d / "candidates.yaml")]),
         ("export: the teachers it trained are missing", ["export", str(d / "moved"), "--out", str(d / "e3")]),
         ("export: no run found", ["export", "--runs", str(d / "no_runs")]),
         ("export: run without a student", ["export", str(d / "nostudent")]),
@@ -184,6 +197,8 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
                                                                        "distill.kd.beta=0"]),
         ("compare: a modifier that changes nothing", ["compare", str(ok), "--rows", "recipe,recipe+k0", "--out",
                                                       str(d / "c2")]),
+        ("compare: a teacher file replaced since the grid's cells were distilled from it",
+         ["compare", str(d / "from_files.yaml"), "--rows", "recipe", "--out", str(d / "c5")]),
         ("compare: two rows that train the same", ["compare", str(ok), "--rows", "ekd,recipe", "--out", str(d / "c3")]),
         ("compare: a row that changes nothing in its mode", ["compare", str(ok), "--set", "mode=avg_kd", "--rows",
                                                              "recipe,recipe+feat", "--out", str(d / "c4")]),
