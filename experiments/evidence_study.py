@@ -84,8 +84,9 @@ def _rows_table(report: dict) -> list[str]:
              "PyTorch acc % |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for e in report["rows"]:
         lat = "–" if e["latency_ms"] is None else f"{e['latency_ms']:.3f}"
+        macs = f"{e['macs'] / 1e6:.1f}M" if e["macs"] else "–"
         lines.append(f"| `{e['row']}` | {e['mode'] or '–'} | {e['kd_loss'] or '–'} | {e['num_branches'] or '–'} | "
-                     f"{e['student'] or '–'} | {(e['macs'] or 0) / 1e6:.1f}M | {lat} | {len(e['acc'])} | "
+                     f"{e['student'] or '–'} | {macs} | {lat} | {len(e['acc'])} | "
                      f"{pct_mean_std(list(e['acc'].values()))} | {pct_mean_std(list(e['torch_acc'].values()))} |")
     return lines
 
@@ -152,7 +153,8 @@ def write_page(report: dict, check: dict, args) -> None:
     pair_lines, pairs = _pairs_table(report)
     write_compare_plot(report, docs / f"evidence-{PER_CLASS}.png")
     cmd = shlex.join(["python", "experiments/evidence_study.py", *([f"--epochs={args.epochs}"] if args.epochs != EPOCHS else []),
-                      *([f"--seeds={','.join(map(str, args.seeds))}"] if args.seeds != [0, 1, 2] else [])])
+                      *([f"--seeds={','.join(map(str, args.seeds))}"] if args.seeds != [0, 1, 2] else []),
+                      *[f"--set={s}" for s in args.set]])
     d = recipe.distill
     lines = ["# Evidence: does the multi-branch EKD student earn its place on limited data?", "",
              f"Written by `{cmd}` from finished runs (`--report-only` rebuilds it); every cell is a run of "
