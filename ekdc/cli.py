@@ -177,7 +177,7 @@ def plan(
     _check_plan_outputs(recipe, out=out, plot=plot, json=json_path)
     try:
         result = plan_student(r, budget, batch=batch, provider=provider, threads=threads, precision=precision,
-                              candidates=read_candidates(candidates) if candidates else None, repeats=repeats,
+                              candidates=read_candidates(candidates, r) if candidates else None, repeats=repeats,
                               console=console)
     except NoStudentFits as err:  # the measurements still show which budget is within reach
         _show_plan(err.plan, plot, json_path)

@@ -110,9 +110,10 @@ def candidate_configs(recipe: Recipe, candidates: Optional[Sequence[CandidateSpe
     return out
 
 
-def read_candidates(path: Union[str, Path]) -> list[dict]:
+def read_candidates(path: Union[str, Path], recipe: Optional[Recipe] = None) -> list[dict]:
     """``--candidates FILE``: a YAML list of ``student:`` mappings (the planned keys; the family, branch
-    count and kept keys come from the recipe, which checks each: ``candidate_configs``)."""
+    count and kept keys come from the recipe). With ``recipe``, each is checked against it here, and a
+    wrong one is named by the file."""
     path = existing_file(path, "--candidates", "a YAML file")
     try:
         raw = yaml.safe_load(path.read_text())
@@ -124,6 +125,8 @@ def read_candidates(path: Union[str, Path]) -> list[dict]:
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise UserError(f"{path}: candidates.{i}: expected a mapping of student keys, got {type(item).__name__}")
+    if recipe is not None:
+        candidate_configs(recipe, raw, where=f"{path}: candidates")
     return raw
 
 
