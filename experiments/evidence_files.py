@@ -4,7 +4,8 @@ experiments/headline.py owns the full-data rows and the ``teachers`` entry (it m
 experiments/evidence_study.py owns the limited-data rows. Each replaces its own rows and leaves the other's.
 A row says which ensemble it was distilled from: ``"teachers"`` when the teacher files its grid recorded
 (``ekdc compare``'s teacher_files.json: each file's sha256) are the ``teachers`` entry's, else
-``"earlier_teachers"`` (the ensemble kept on record under that key).
+``"unrecorded_teachers"``; rows kept from an earlier ensemble name the key it is kept under
+(``earlier_teachers``, ...).
 """
 from __future__ import annotations
 
@@ -28,27 +29,32 @@ def _kind(row: dict) -> str:
 def update_evidence(folder: Path, kind: str, rows: list[dict], teachers: Optional[dict] = None) -> dict:
     """Replace the ``kind`` rows of ``folder``/evidence.json by ``rows`` (each with ``teacher_files``, its
     grid's, which tags it and is then dropped); ``teachers`` (with its own ``files``) replaces the ensemble's
-    entry."""
+    entry. An ensemble that rows kept here still name moves to a key of its own (``earlier_teachers``, then
+    ``earlier_teachers_2``, ...); one that no row names any more is dropped."""
     path = folder / "evidence.json"
     data = json.loads(path.read_text()) if path.is_file() else {"files": []}
-    if teachers is not None:
-        earlier = data.get("teachers")
-        if earlier and earlier.get("files") != teachers["files"]:
-            data["earlier_teachers"] = earlier  # rows kept from before were distilled from it: keep it on record
-            for f in data["files"]:
-                if f.get("teachers") == "teachers":
-                    f["teachers"] = "earlier_teachers"
-        data["teachers"] = teachers
     kept = [f for f in data["files"] if _kind(f) != kind]
+    earlier = data.get("teachers")
+    if teachers is not None and earlier and earlier.get("files") != teachers.get("files"):
+        if any(f.get("teachers") == "teachers" for f in kept):
+            key = next(k for k in ("earlier_teachers", *(f"earlier_teachers_{i}" for i in range(2, 100)))
+                       if k not in data)
+            data[key] = earlier
+            for f in kept:
+                if f.get("teachers") == "teachers":
+                    f["teachers"] = key
+    if teachers is not None:
+        data["teachers"] = teachers
     current = (data.get("teachers") or {}).get("files")
     new = []
     for row in rows:
         row = dict(row)
         files = row.pop("teacher_files", None)
-        row["teachers"] = "teachers" if files and files == current else "earlier_teachers"
+        row["teachers"] = "teachers" if files and files == current else "unrecorded_teachers"
         new.append(row)
     data["files"] = kept + new
-    if not any(f.get("teachers") == "earlier_teachers" for f in data["files"]):
-        data.pop("earlier_teachers", None)
+    named = {f.get("teachers") for f in data["files"]}
+    for key in [k for k in data if k.startswith("earlier_teachers") and k not in named]:
+        del data[key]
     path.write_text(json.dumps(data, indent=2) + "\n")
     return data

@@ -117,25 +117,38 @@ def test_limited_data_study_runs_each_size_as_one_compare_grid(tmp_path, monkeyp
 
 def test_evidence_json_has_one_writer_that_tags_each_row_by_its_teacher_files(tmp_path):
     """headline.py (full-data rows and the ensemble) and evidence_study.py (limited-data rows) write
-    evidence.json through one function: each replaces its own rows, and a row is tagged "teachers" only when
-    its grid's teacher files are the ensemble's."""
+    evidence.json through one function: each replaces its own rows; a row is tagged "teachers" only when its
+    grid's teacher files are the ensemble's, and every ensemble a kept row names stays on record."""
     ev = _load("evidence_files")
-    old, new = {"a": "1", "b": "2"}, {"a": "1", "b": "3"}
-    full = lambda acc, files: {"row": "recipe", "per_class": None, "val_acc": acc, "teacher_files": files}  # noqa: E731
-    limited = lambda row, files: {"row": row, "per_class": 500, "val_acc": 0.5, "teacher_files": files}  # noqa: E731
-    ev.update_evidence(tmp_path, ev.FULL, [full(0.88, old)], {"val_acc": 0.90, "macs": 5, "files": old})
-    data = ev.update_evidence(tmp_path, ev.LIMITED, [limited("ce", old), limited("avg_kd", None)])
+    v1, v2, v3 = {"a": "1"}, {"a": "2"}, {"a": "3"}
+    full = lambda files: {"row": "recipe", "per_class": None, "teacher_files": files}  # noqa: E731
+    limited = lambda row, files: {"row": row, "per_class": 500, "teacher_files": files}  # noqa: E731
+    ev.update_evidence(tmp_path, ev.FULL, [full(v1)], {"val_acc": 0.80, "files": v1})
+    data = ev.update_evidence(tmp_path, ev.LIMITED, [limited("ce", v1), limited("avg_kd", None)])
     assert [(f["row"], f["teachers"]) for f in data["files"]] == [("recipe", "teachers"), ("ce", "teachers"),
-                                                                 ("avg_kd", "earlier_teachers")]
+                                                                 ("avg_kd", "unrecorded_teachers")]
     assert all("teacher_files" not in f for f in data["files"])
-    # new teachers shipped: the full rows are written anew, the limited rows kept are now the earlier ensemble's
-    data = ev.update_evidence(tmp_path, ev.FULL, [full(0.89, new)], {"val_acc": 0.91, "macs": 5, "files": new})
-    assert data["earlier_teachers"]["val_acc"] == 0.90 and data["teachers"]["val_acc"] == 0.91
-    assert [(f["row"], f["teachers"]) for f in data["files"]] == [("ce", "earlier_teachers"),
-                                                                 ("avg_kd", "earlier_teachers"), ("recipe", "teachers")]
-    # the grid again on the new teachers: no row is of the earlier ensemble any more, nor is it kept
-    data = ev.update_evidence(tmp_path, ev.LIMITED, [limited("ce", new)])
+    # new teachers: the full rows anew; the limited rows kept name the first ensemble, kept on record
+    data = ev.update_evidence(tmp_path, ev.FULL, [full(v2)], {"val_acc": 0.90, "files": v2})
+    assert data["earlier_teachers"]["val_acc"] == 0.80 and data["teachers"]["val_acc"] == 0.90
+    assert [(f["row"], f["teachers"]) for f in data["files"]] == [
+        ("ce", "earlier_teachers"), ("avg_kd", "unrecorded_teachers"), ("recipe", "teachers")]
+    # teachers again: the second ensemble is named by no kept row (the full rows are written anew): not kept,
+    # and the first stays where the limited rows find it
+    data = ev.update_evidence(tmp_path, ev.FULL, [full(v3)], {"val_acc": 0.91, "files": v3})
+    assert data["earlier_teachers"]["val_acc"] == 0.80 and "earlier_teachers_2" not in data
+    # the grid again on the current teachers: the first ensemble is named by no row any more, and goes
+    data = ev.update_evidence(tmp_path, ev.LIMITED, [limited("ce", v3)])
     assert "earlier_teachers" not in data and [f["teachers"] for f in data["files"]] == ["teachers", "teachers"]
+    # two generations named at once: each under a key of its own
+    data = ev.update_evidence(tmp_path, ev.FULL, [], {"val_acc": 0.95, "files": {"a": "4"}})
+    data = ev.update_evidence(tmp_path, ev.FULL, [full({"a": "5"})], {"val_acc": 0.96, "files": {"a": "5"}})
+    assert [(f["row"], f["teachers"]) for f in data["files"]] == [("ce", "earlier_teachers"), ("recipe", "teachers")]
+    # that ensemble replaced while its row is still named: it takes the next key, the first stays
+    ev.update_evidence(tmp_path, ev.FULL, [full({"a": "5"})], {"val_acc": 0.96, "files": {"a": "5"}})
+    data = ev.update_evidence(tmp_path, ev.LIMITED, [limited("avg_kd", {"a": "6"})], {"val_acc": 0.97, "files": {"a": "6"}})
+    assert [(f["row"], f["teachers"]) for f in data["files"]] == [("recipe", "earlier_teachers_2"), ("avg_kd", "teachers")]
+    assert data["earlier_teachers_2"]["val_acc"] == 0.96 and "earlier_teachers" not in data  # 0.91: named by none
     assert json.loads((tmp_path / "evidence.json").read_text()) == data
 
 
