@@ -49,7 +49,7 @@ def _full_disk() -> None:
 def _hold_lock(run: Path) -> subprocess.Popen:
     """Another process that holds the run folder's lock, as a training process does."""
     code = ("import sys, time; from ekdc.run import RunDir, RunLock; lock = RunLock(RunDir(sys.argv[1])).acquire(); "
-            "print(flush=True); time.sleep(600)")
+            "print(flush=True); time.sleep(86400)")  # held until killed: a slow machine takes minutes to reach the case
     proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     proc.stdout.readline()
     return proc
