@@ -141,7 +141,8 @@ def _teachers_lines(report: dict) -> list[str]:
     macs = sum(t["macs"] for t in shipped["teachers"])
     lines.append(f"| **ensemble** | **{pct(ens) if ens is not None else '–'}** | {macs / 1e6:.1f}M |")
     return lines + ["", f"ekdc's pretrained teachers (weights/cifar10/, trained on all {shipped['train_images']:,} "
-                        "training images outside the validation split; weights/cifar10/teachers.json): the students see 5,000 of "
+                        "training images outside the validation split; weights/cifar10/teachers.json): the students "
+                        "see 5,000 of "
                         "those images, the teachers saw all of them, as in the paper's setting."]
 
 
@@ -152,7 +153,8 @@ def write_page(report: dict, check: dict, args) -> None:
     conv_lines, conv = _convergence(report, check, args.epochs)
     pair_lines, pairs = _pairs_table(report)
     write_compare_plot(report, docs / f"evidence-{PER_CLASS}.png")
-    cmd = shlex.join(["python", "experiments/evidence_study.py", *([f"--epochs={args.epochs}"] if args.epochs != EPOCHS else []),
+    cmd = shlex.join(["python", "experiments/evidence_study.py",
+                      *([f"--epochs={args.epochs}"] if args.epochs != EPOCHS else []),
                       *([f"--seeds={','.join(map(str, args.seeds))}"] if args.seeds != [0, 1, 2] else []),
                       *[f"--set={s}" for s in args.set]])
     d = recipe.distill

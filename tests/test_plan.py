@@ -278,4 +278,5 @@ def test_plan_cli_on_a_fastnet_recipe(tmp_path):
     bad = _candidates_file(tmp_path / "bad.yaml", {"branch_widths": [8, 8]})
     res = run_cli("plan", recipe, "--latency", "1000", "--candidates", bad, "--repeats", "1")
     lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and f"{bad}: candidates.0: branch_widths is a key of ekd_student" in lines[0]
+    assert res.returncode == 2 and len(lines) == 1
+    assert f"{bad}: candidates.0: branch_widths is a key of ekd_student" in lines[0]

@@ -146,8 +146,10 @@ def test_evidence_json_has_one_writer_that_tags_each_row_by_its_teacher_files(tm
     assert [(f["row"], f["teachers"]) for f in data["files"]] == [("ce", "earlier_teachers"), ("recipe", "teachers")]
     # that ensemble replaced while its row is still named: it takes the next key, the first stays
     ev.update_evidence(tmp_path, ev.FULL, [full({"a": "5"})], {"val_acc": 0.96, "files": {"a": "5"}})
-    data = ev.update_evidence(tmp_path, ev.LIMITED, [limited("avg_kd", {"a": "6"})], {"val_acc": 0.97, "files": {"a": "6"}})
-    assert [(f["row"], f["teachers"]) for f in data["files"]] == [("recipe", "earlier_teachers_2"), ("avg_kd", "teachers")]
+    data = ev.update_evidence(tmp_path, ev.LIMITED, [limited("avg_kd", {"a": "6"})],
+                              {"val_acc": 0.97, "files": {"a": "6"}})
+    assert [(f["row"], f["teachers"]) for f in data["files"]] == [("recipe", "earlier_teachers_2"),
+                                                                 ("avg_kd", "teachers")]
     assert data["earlier_teachers_2"]["val_acc"] == 0.96 and "earlier_teachers" not in data  # 0.91: named by none
     assert json.loads((tmp_path / "evidence.json").read_text()) == data
 

@@ -4,8 +4,9 @@ A row is ``[STUDENT:]BASE[+MOD...]``:
 
     BASE     recipe (the recipe's own mode and KD loss), ce, avg_kd, ekd
     MOD      dkd (decoupled KD, with its warm-up: the KD term ramps up over 1/12 of the epochs, DKD's 20 of
-             240, unless the recipe gives distill.kd.warmup_epochs), conf (confidence-weighted teachers, avg_kd), feat (feature matching,
-             ekd), k<K> (the teachers' outputs read from a cache of K views an image)
+             240, unless the recipe gives distill.kd.warmup_epochs), conf (confidence-weighted teachers,
+             avg_kd), feat (feature matching, ekd), k<K> (the teachers' outputs read from a cache of K views
+             an image)
     STUDENT  plain: one branch, widened to the recipe student's MACs (within 5%)
              planned: one branch, the most MACs within the recipe student's measured p50 latency
              (none: the recipe's own student); a one-branch row of an ekd recipe trains with avg_kd,

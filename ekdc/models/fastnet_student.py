@@ -120,14 +120,19 @@ class FoldedFastNetStudent(nn.Module):
         return self.head(torch.amax(h, dim=(2, 3)))
 
 
+def scaled_widths(widths: list[int], m: float) -> list[int]:
+    """Every width scaled by ``m`` and kept a multiple of 8 (odd widths run slowly on SIMD units, which would
+    bias a latency comparison)."""
+    return [max(8, 8 * round(w * m / 8)) for w in widths]
+
+
 def one_branch_widened(config: dict, m: float) -> dict:
-    """One branch of ``config``'s layout, every width scaled by ``m`` and kept a multiple of 8 (odd widths
-    run slowly on SIMD units, which would bias a latency comparison)."""
-    return {**config, "num_branches": 1, "widths": [max(8, 8 * round(w * m / 8)) for w in config["widths"]]}
+    """One branch of ``config``'s layout, every width scaled by ``m`` (``scaled_widths``)."""
+    return {**config, "num_branches": 1, "widths": scaled_widths(config["widths"], m)}
 
 
-# ``ekdc plan``'s grid for a FastNet student: the recipe's own stages, every width scaled by one factor and
-# kept a multiple of 8, from half to three times the given widths
+# ``ekdc plan``'s grid for a FastNet student: the recipe's own stages, every width scaled by one factor
+# (``scaled_widths``), from half to three times the given widths
 PLAN_WIDTH_MULTIPLIERS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 
 
@@ -135,7 +140,7 @@ def plan_grid(config: dict) -> list[dict]:
     """The recipe student's layout at each width factor (duplicates after rounding dropped)."""
     grid: list[dict] = []
     for m in PLAN_WIDTH_MULTIPLIERS:
-        cand = {"widths": [max(8, 8 * round(w * m / 8)) for w in config["widths"]]}
+        cand = {"widths": scaled_widths(config["widths"], m)}
         if cand not in grid:
             grid.append(cand)
     return grid

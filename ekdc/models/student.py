@@ -135,7 +135,8 @@ def _plan_config(multiplier: float, stages: int, depth: int, block: str) -> dict
 
 def plan_grid(config: Optional[dict] = None) -> list[dict]:
     """The default grid (24 students): the planned keys of each; the stem and branch count are the recipe's."""
-    grid = [_plan_config(m, s, d, "basic") for s in PLAN_STAGE_COUNTS for d in PLAN_DEPTHS for m in PLAN_WIDTH_MULTIPLIERS]
+    grid = [_plan_config(m, s, d, "basic") for s in PLAN_STAGE_COUNTS for d in PLAN_DEPTHS
+            for m in PLAN_WIDTH_MULTIPLIERS]
     grid += [_plan_config(m, s, 1, "inverted_residual") for s in PLAN_STAGE_COUNTS
              for m in PLAN_INVERTED_RESIDUAL_MULTIPLIERS]
     return grid

@@ -138,8 +138,8 @@ def plan_student(recipe: Recipe, latency_ms: float, *, batch: int = 1, provider:
                  candidates: Optional[Sequence[CandidateSpec]] = None, repeats: int = REPEATS,
                  num_classes: Optional[int] = None, console: Optional["Console"] = None) -> Plan:
     """Time every candidate student (default: the family's grid, ``default_candidates``) on this machine and
-    choose the one with the most MACs whose p50 latency at ``batch`` is at most ``latency_ms``. Raises ``NoStudentFits``
-    (a UserError holding the plan) when none is fast enough."""
+    choose the one with the most MACs whose p50 latency at ``batch`` is at most ``latency_ms``. Raises
+    ``NoStudentFits`` (a UserError holding the plan) when none is fast enough."""
     _check_args(latency_ms, batch, provider, threads, precision, repeats)
     configs = candidate_configs(recipe, candidates)  # one line for a family ekdc plan cannot search
     check_ort_provider(provider)  # before minutes of exporting
