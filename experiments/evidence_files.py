@@ -11,13 +11,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
+
+SHIPPED_TEACHERS = Path(__file__).resolve().parents[1] / "weights" / "cifar10" / "teachers.json"
 
 
 def teacher_files(grid: Path) -> Optional[dict]:
     """{teacher name: sha256} of the files a grid's cells were distilled from (None: not recorded)."""
     path = grid / "teacher_files.json"
     return {k: v["sha256"] for k, v in json.loads(path.read_text()).items()} if path.is_file() else None
+
+
+def cpu_hours(metrics: Iterable[Path]) -> float:
+    """Hours of training behind a page, on the machine that ran it: the shipped teachers'
+    (weights/cifar10/teachers.json), every cell's (its metrics.json), and each teacher-output cache's build
+    once, however many cells read it."""
+    teachers = json.loads(SHIPPED_TEACHERS.read_text())
+    secs = sum(t["train_seconds"] for t in teachers["teachers"])
+    builds = {}
+    for path in metrics:
+        m = json.loads(Path(path).read_text())
+        secs += float(m.get("seconds", 0))
+        cache = m.get("teacher_cache") or {}
+        builds[cache.get("path")] = float(cache.get("build_seconds") or 0)
+    return (secs + sum(builds.values())) / 3600
+
 
 FULL, LIMITED = "full", "limited"
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from ekdc import load_recipe  # noqa: E402
 from ekdc.compare import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
 from ekdc.compare.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
-from evidence_files import LIMITED, teacher_files, update_evidence  # noqa: E402
+from evidence_files import LIMITED, cpu_hours, teacher_files, update_evidence  # noqa: E402
 from headline import THREE_BRANCH  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
@@ -159,9 +159,12 @@ def write_page(report: dict, check: dict, args) -> None:
                       *([f"--seeds={','.join(map(str, args.seeds))}"] if args.seeds != [0, 1, 2] else []),
                       *[f"--set={s}" for s in args.set]])
     d = recipe.distill
+    hours = cpu_hours([*Path(report["out"]).glob("*/s*/metrics.json"), *Path(check["out"]).glob("*/s*/metrics.json")])
     lines = ["# Evidence: does the multi-branch EKD student earn its place on limited data?", "",
              f"Written by `{cmd}` from finished runs (`--report-only` rebuilds it); every cell is a run of "
-             f"`ekdc compare` (runs/evidence/n{PER_CLASS}/). Machine: {report.get('machine', 'this CPU')}.", "",
+             f"`ekdc compare` (runs/evidence/n{PER_CLASS}/). Machine: {report.get('machine', 'this CPU')}. Training "
+             f"time behind it on that machine: {hours:.2f} h (the teachers', every cell's, the convergence check's and "
+             "the teacher-output cache's build).", "",
              f"Recipe: `recipes/cifar10-strong.yaml` with `data.per_class={PER_CLASS}` ({PER_CLASS * 10:,} training "
              "images, the same for every cell), the 3-branch student under test ("
              + ", ".join(f"`{o}`" for o in THREE_BRANCH) + f"), {d.epochs} epochs of batch {d.batch_size} "

@@ -32,7 +32,7 @@ from ekdc import bench, export, load_recipe  # noqa: E402
 from ekdc.compare import compare  # noqa: E402  (the function: ekdc.compare is also its package)
 
 sys.path.insert(0, str(ROOT / "experiments"))
-from evidence_files import FULL, teacher_files, update_evidence  # noqa: E402
+from evidence_files import FULL, cpu_hours, teacher_files, update_evidence  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
 OUT = ROOT / "runs" / "headline"
@@ -87,20 +87,6 @@ def train(args) -> dict:
     return {"compare": report, "seconds_this_call": time.perf_counter() - t0}
 
 
-def cpu_hours() -> float:
-    """Training seconds of the teachers (weights/cifar10/teachers.json) and of every cell here, the
-    teacher-output cache's build included."""
-    teachers = json.loads((ROOT / "weights" / "cifar10" / "teachers.json").read_text())
-    secs = sum(t["train_seconds"] for t in teachers["teachers"])
-    builds = {}  # each teacher-output cache counted once, however many cells read it
-    for path in [*OUT.glob("*/s*/metrics.json"), *OUT.glob("three-branch/*/s*/metrics.json")]:
-        m = json.loads(path.read_text())
-        secs += float(m.get("seconds", 0))
-        cache = m.get("teacher_cache") or {}
-        builds[cache.get("path")] = float(cache.get("build_seconds") or 0)
-    return (secs + sum(builds.values())) / 3600
-
-
 def main() -> None:
     global OUT, DOCS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -140,10 +126,11 @@ def main() -> None:
             "speedup_b64": m["throughput"]["64"] / ens["throughput"]["64"],
             "gap_points": 100 * (m["accuracy"] - ens["accuracy"]),
         })
+    cells = [*OUT.glob("*/s*/metrics.json"), *OUT.glob("three-branch/*/s*/metrics.json")]
     record = {"recipe": "recipes/cifar10-strong.yaml", "command": shlex.join(["python", "experiments/headline.py", *sys.argv[1:]]),
               "teachers": [{k: t[k] for k in ("name", "arch", "val_acc", "macs")} for t in teachers["teachers"]],
               "teacher_ensemble_acc": ens["accuracy"], "rows": table, "machine": rep["machine"],
-              "threads": rep["settings"]["threads"], "cpu_hours": round(cpu_hours(), 2),
+              "threads": rep["settings"]["threads"], "cpu_hours": round(cpu_hours(cells), 2),
               "train_images": student_run["train_images"], "val_images": student_run["val_images"],
               "teacher_train_images": teachers["train_images"]}
     (DOCS / "headline.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -166,3 +166,18 @@ def test_evidence_study_schedule_and_convergence_verdict():
     lines, conv = study._convergence(row(0.800), row(0.806), 48)
     assert "**not converged**" in lines[-1]
     assert study._convergence(row(0.8), {"rows": []}, 48)[1] == {}
+
+
+def test_cpu_hours_counts_each_teacher_cache_build_once(tmp_path, monkeypatch):
+    """The training time a page states: the shipped teachers', every cell's, and a cache that several cells
+    read built once."""
+    ev = _load("evidence_files")
+    shipped = tmp_path / "teachers.json"
+    shipped.write_text(json.dumps({"teachers": [{"train_seconds": 1800}, {"train_seconds": 1800}]}))
+    monkeypatch.setattr(ev, "SHIPPED_TEACHERS", shipped)
+    cells = []
+    for k, cache in enumerate(["/c/a", "/c/a", "/c/b"]):
+        cells.append(tmp_path / f"m{k}.json")
+        cells[-1].write_text(json.dumps({"seconds": 360, "teacher_cache": {"path": cache, "build_seconds": 720}}))
+    assert ev.cpu_hours(cells) == pytest.approx((3600 + 3 * 360 + 2 * 720) / 3600)
+    assert ev.cpu_hours([]) == pytest.approx(1.0)
