@@ -2,8 +2,8 @@
 validation split), mean ± std, the gap to the first row paired by seed, MACs and measured latency; as
 JSON, a Rich table and a plot.
 
-    {"rows": [{"row", "mode", "kd_loss", "num_branches", "student", "macs", "latency_ms",
-               "acc": {"SEED": value}, "mean", "std", ...}], "reference", "seeds", ...}
+    {"rows": [{"row", "mode", "kd_loss", "num_branches", "student", "macs", "latency_ms", "latency_ms_b64",
+               "img_s_b64", "acc": {"SEED": value}, "mean", "std", ...}], "reference", "seeds", ...}
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _cell(cell: Path) -> Optional[dict]:
             "seconds": metrics["seconds"], "train_images": metrics["train_images"], "val_images": metrics["val_images"]}
 
 
-def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latency: dict[str, float]) -> dict:
+def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latency: dict) -> dict:
     cells = {s: _cell(out / row.slug / f"s{s}") for s in seeds}
     done = {s: c for s, c in cells.items() if c is not None}
     recipe_path = out / row.slug / f"s{seeds[0]}" / "recipe.yaml"
@@ -57,7 +57,9 @@ def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latenc
         "num_branches": student["num_branches"] if student else None,
         "student": short_config(student) if student else None, "config": student,
         "macs": first["macs"] if first else None, "params": first["params"] if first else None,
-        "latency_ms": latency.get(row.slug), "acc": acc, "mean": mean, "std": std,
+        **{key: latency.get(src, {}).get(row.slug)
+           for key, src in (("latency_ms", "p50_ms"), ("latency_ms_b64", "p50_ms_b64"), ("img_s_b64", "img_s_b64"))},
+        "acc": acc, "mean": mean, "std": std,
         "torch_acc": {str(s): c["torch_acc"] for s, c in done.items()},
         "seconds": {str(s): c["seconds"] for s, c in done.items()},
         "teacher_ensemble_acc": first["teacher_ensemble_acc"] if first else None,
@@ -68,8 +70,9 @@ def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latenc
 
 def build_report(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Path, students: dict,
                  latency: dict) -> dict:
-    """``latency``: latency.json's content (each row's p50 and the machine it was timed on)."""
-    entries = [_row_entry(r, seeds, out, students, latency.get("p50_ms", {})) for r in rows]
+    """``latency``: latency.json's content (each row's p50 at batch 1 and 64, its images/s at 64, and the
+    machine it was timed on)."""
+    entries = [_row_entry(r, seeds, out, students, latency) for r in rows]
     for e in entries:
         e["gap"] = paired_gap(e["acc"], entries[0]["acc"]) if e is not entries[0] else None
     return {"recipe": recipe.name, "out": str(out), "seeds": list(seeds), "reference": entries[0]["row"],
@@ -77,6 +80,7 @@ def build_report(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Pat
             "machine": (latency.get("machine") or {}).get("cpu"), "latency_threads": latency.get("threads"),
             "units": {"acc": "fraction of the validation split, the exported fp32 ONNX student's own",
                       "latency_ms": "p50 at batch 1, ONNX Runtime CPU, bench's worker, all usable cores",
+                      "latency_ms_b64": "p50 of a batch of 64, the same way", "img_s_b64": "images/s at batch 64",
                       "gap": "row - reference, paired by seed: mean, std, and in how many seeds the row is ahead"}}
 
 
@@ -89,7 +93,8 @@ def _pct(x: Optional[float], signed: bool = False) -> str:
 def compare_table(report: dict) -> Table:
     t = Table(title=f"ekdc compare: {report['recipe']} ({len(report['seeds'])} seeds; accuracy of the exported student)")
     for col, just in (("row", "left"), ("mode", "left"), ("KD loss", "left"), ("student", "left"), ("MACs", "right"),
-                      ("p50 ms", "right"), ("acc % mean ± std (n)", "right"), (f"vs {report['reference']}", "right"),
+                      ("p50 ms b1", "right"), ("img/s b64", "right"), ("acc % mean ± std (n)", "right"),
+                      (f"vs {report['reference']}", "right"),
                       ("ahead", "right")):
         t.add_column(col, justify=just)
     for e in report["rows"]:
@@ -99,8 +104,9 @@ def compare_table(report: dict) -> Table:
         gap = f"{_pct(g['mean'], True)} ± {_pct(g['std'])}" if g and g["seeds"] else ""
         ahead = f"{g['ahead']}/{g['seeds']}" if g and g["seeds"] else ""
         lat = "-" if e["latency_ms"] is None else f"{e['latency_ms']:.3f}"
-        t.add_row(e["row"], e["mode"] or "-", e["kd_loss"] or "-", e["student"] or "-", count_text(e["macs"]), lat, acc,
-                  gap, ahead)
+        rate = "-" if e.get("img_s_b64") is None else f"{e['img_s_b64']:,.0f}"
+        t.add_row(e["row"], e["mode"] or "-", e["kd_loss"] or "-", e["student"] or "-", count_text(e["macs"]), lat,
+                  rate, acc, gap, ahead)
     t.caption = ("gap: row - reference in points, paired by seed, mean ± std; a gap smaller than the seeds' spread "
                  "is not evidence either way")
     return t
