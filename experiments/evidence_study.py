@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from ekdc import load_recipe  # noqa: E402
+from ekdc.benchmark.machine import cpu_model  # noqa: E402
 from ekdc.compare import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
 from ekdc.compare.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
 from evidence_files import LIMITED, cpu_hours, teacher_files, update_evidence  # noqa: E402
@@ -81,11 +83,13 @@ def run(args) -> tuple[dict, dict]:
 
 
 def _rows_table(report: dict) -> list[str]:
-    lines = ["| row | mode | KD loss | branches | student | MACs | p50 ms (batch 1) | p50 ms (batch 64) | img/s (batch 64) "
-             "| n | acc % (exported ONNX) | PyTorch acc % |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | mode | KD loss | branches | student | MACs | p50 ms (batch 1) | p50 ms (batch 64) | "
+             "img/s (batch 64) | n | acc % (exported ONNX) | PyTorch acc % |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     num = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
     for e in report["rows"]:
-        speed = f"{num(e['latency_ms'], '.3f')} | {num(e.get('latency_ms_b64'), '.2f')} | {num(e.get('img_s_b64'), ',.0f')}"
+        speed = " | ".join([num(e["latency_ms"], ".3f"), num(e.get("latency_ms_b64"), ".2f"),
+                            num(e.get("img_s_b64"), ",.0f")])
         macs = f"{e['macs'] / 1e6:.1f}M" if e["macs"] else "–"
         lines.append(f"| `{e['row']}` | {e['mode'] or '–'} | {e['kd_loss'] or '–'} | {e['num_branches'] or '–'} | "
                      f"{e['student'] or '–'} | {macs} | {speed} | {len(e['acc'])} | "
@@ -163,9 +167,9 @@ def write_page(report: dict, check: dict, args) -> None:
     hours = cpu_hours([*Path(report["out"]).glob("*/s*/metrics.json"), *Path(check["out"]).glob("*/s*/metrics.json")])
     lines = ["# Evidence: does the multi-branch EKD student earn its place on limited data?", "",
              f"Written by `{cmd}` from finished runs (`--report-only` rebuilds it); every cell is a run of "
-             f"`ekdc compare` (runs/evidence/n{PER_CLASS}/). Machine: {report.get('machine', 'this CPU')}. Training "
-             f"time behind it on that machine: {hours:.2f} h (the teachers', every cell's, the convergence check's and "
-             "the teacher-output cache's build).", "",
+             f"`ekdc compare` (runs/evidence/n{PER_CLASS}/). Machine: {report.get('machine') or cpu_model()}, "
+             f"{os.cpu_count()} cores. Training time behind it on that machine: {hours:.2f} h (the teachers', every "
+             "cell's, the convergence check's and the teacher-output cache's build).", "",
              f"Recipe: `recipes/cifar10-strong.yaml` with `data.per_class={PER_CLASS}` ({PER_CLASS * 10:,} training "
              "images, the same for every cell), the 3-branch student under test ("
              + ", ".join(f"`{o}`" for o in THREE_BRANCH) + f"), {d.epochs} epochs of batch {d.batch_size} "
@@ -199,7 +203,8 @@ def _artifacts(report: dict, folder: Path) -> None:
         rows.append({"row": e["row"], "onnx": name, "mode": e["mode"], "kd_loss": e["kd_loss"], "student": e["student"],
                      "num_branches": e["num_branches"], "per_class": PER_CLASS, "train_images": PER_CLASS * 10,
                      "seed": 0, "macs": e["macs"], "params": e["params"], "val_acc": e["acc"]["0"],
-                     "latency_ms": e["latency_ms"], "latency_ms_b64": e.get("latency_ms_b64"), "img_s_b64": e.get("img_s_b64"),
+                     "latency_ms": e["latency_ms"], "latency_ms_b64": e.get("latency_ms_b64"),
+                     "img_s_b64": e.get("img_s_b64"),
                      "teacher_files": teacher_files(out)})
     update_evidence(folder, LIMITED, rows)
 
