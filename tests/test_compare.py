@@ -8,6 +8,7 @@ import pytest
 
 from ekdc import UserError, load_recipe
 from ekdc.compare import compare, parse_row, parse_rows
+from ekdc.compare.grid import LATENCY_ROUNDS
 from ekdc.compare.students import equal_macs_student, student_macs
 
 from conftest import run_cli, write_recipe
@@ -52,6 +53,7 @@ def test_compare_grid_report_and_resume(tmp_path, monkeypatch):
     for e in rows.values():
         assert set(e["acc"]) == {"0", "1"} and e["missing_seeds"] == [] and e["latency_ms"] > 0
         assert e["latency_ms_b64"] > e["latency_ms"] and e["img_s_b64"] > 0  # a batch of 64 takes longer than one image
+        assert len(e["latency_rounds_ms"]) == LATENCY_ROUNDS and min(e["latency_rounds_ms"]) > 0
         for seed, acc in e["acc"].items():  # the exported file's own accuracy
             manifest = json.loads((out / e["row"].replace(":", "-").replace("+", "-") / f"s{seed}" / "export" /
                                    "manifest.json").read_text())
@@ -67,10 +69,11 @@ def test_compare_grid_report_and_resume(tmp_path, monkeypatch):
     # resume: finished cells are not trained again; a lost export is made again
     (out / "ce" / "s1" / "export" / "manifest.json").unlink()
     stamp = (out / "ce" / "s1" / "student.pt").stat().st_mtime_ns
-    timed = json.loads((out / "latency.json").read_text())  # as a grid timed before batch 64 was: timed again
-    (out / "latency.json").write_text(json.dumps({k: v for k, v in timed.items() if "b64" not in k}))
+    timed = json.loads((out / "latency.json").read_text())  # as a grid timed with 3 rounds, before batch 64: again
+    (out / "latency.json").write_text(json.dumps({k: v for k, v in timed.items() if "b64" not in k} | {"rounds": 3}))
     again = compare(recipe, "recipe,ce,plain:avg_kd+dkd", [0, 1], "grid", progress=False)
     assert all(e["img_s_b64"] > 0 for e in again["rows"])
+    assert json.loads((out / "latency.json").read_text())["rounds"] == LATENCY_ROUNDS
     assert (out / "ce" / "s1" / "student.pt").stat().st_mtime_ns == stamp
     assert again["rows"][1]["acc"] == report["rows"][1]["acc"]
     # the report alone, from the finished cells; and a row not run shows as missing, not as zero
