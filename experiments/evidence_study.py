@@ -184,7 +184,8 @@ def write_page(report: dict, check: dict, args) -> None:
              "## Convergence", "", *conv_lines, "",
              f"## {PER_CLASS} images a class", "", *_rows_table(report), "", "Paired by seed:", "", *pair_lines, "",
              f"![accuracy by row]({f'evidence-{PER_CLASS}.png'})", "",
-             "<!-- reading -->", "## Reading", "", *(args.reading or ["(written once the grid is complete)"]), ""]
+             "<!-- reading -->", "## Reading", "",
+             *(_kept_reading(docs / "EVIDENCE.md") or ["(written once the grid is complete)"]), ""]
     (docs / "EVIDENCE.md").write_text("\n".join(lines))
     (docs / "evidence" / "pairs.json").write_text(json.dumps({"pairs": pairs, "convergence": conv}, indent=1) + "\n")
     _artifacts(report, docs / "evidence")
@@ -223,7 +224,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.console = None
-    args.reading = _kept_reading(Path(args.docs) / "EVIDENCE.md")
     report, check = run(args)
     write_page(report, check, args)
     from rich.console import Console
@@ -232,11 +232,16 @@ def main(argv=None) -> None:
 
 
 def _kept_reading(page: Path):
-    """The reading written by hand below ``<!-- reading -->`` survives a rebuild of the figures."""
+    """The reading written by hand below ``<!-- reading -->`` survives a rebuild of the figures. Read when the
+    page is written, not when the driver starts: a run of hours writes the page after each step, and the
+    reading may be edited meanwhile."""
     if not page.is_file() or "<!-- reading -->" not in page.read_text():
         return None
     tail = page.read_text().split("<!-- reading -->", 1)[1].strip().splitlines()
-    return tail[1:] if tail and tail[0].startswith("## Reading") else tail
+    tail = tail[1:] if tail and tail[0].startswith("## Reading") else tail
+    while tail and not tail[0].strip():  # the page puts its own blank line after the heading
+        tail = tail[1:]
+    return tail
 
 
 if __name__ == "__main__":

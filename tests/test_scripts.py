@@ -159,13 +159,28 @@ def test_evidence_study_schedule_and_convergence_verdict():
     r = study.grid_recipe(48, [])
     base = study.load_recipe(study.RECIPE)
     assert (r.data.per_class, r.student.num_branches, r.student.model_kwargs()["widths"]) == (500, 3, [64, 72, 80])
-    assert r.distill.epochs == 48 and r.distill.warmup_epochs == pytest.approx(base.distill.warmup_epochs * 3)
+    assert r.distill.epochs == 48  # the recipe's warm-up fraction, stretched to the grid's epochs
+    assert r.distill.warmup_epochs == pytest.approx(base.distill.warmup_epochs * 48 / base.distill.epochs)
     row = lambda acc: {"rows": [{"row": "avg_kd", "acc": {"0": acc}}]}  # noqa: E731
     lines, conv = study._convergence(row(0.800), row(0.804), 48)
     assert conv["gain_points"] == pytest.approx(0.4) and "converged: twice the epochs gain less than 0.5" in lines[-1]
     lines, conv = study._convergence(row(0.800), row(0.806), 48)
     assert "**not converged**" in lines[-1]
     assert study._convergence(row(0.8), {"rows": []}, 48)[1] == {}
+
+
+def test_evidence_reading_is_kept_as_written(tmp_path):
+    """The hand-written reading below the marker is read back as written (no blank lines gained per rebuild),
+    and a page without one has none."""
+    study = _load("evidence_study")
+    page = tmp_path / "EVIDENCE.md"
+    page.write_text("# figures\n\n<!-- reading -->\n## Reading\n\n\nThe branches pay.\n\n- at equal MACs\n")
+    kept = study._kept_reading(page)
+    assert kept == ["The branches pay.", "", "- at equal MACs"]
+    page.write_text("\n".join(["# figures", "<!-- reading -->", "## Reading", "", *kept, ""]))
+    assert study._kept_reading(page) == kept
+    page.write_text("# figures\n")
+    assert study._kept_reading(page) is None
 
 
 def test_cpu_hours_counts_each_teacher_cache_build_once(tmp_path, monkeypatch):
