@@ -133,7 +133,7 @@ def _students(recipe: Recipe, rows: list[Row], out: Path, say, console) -> dict:
         say(f"compare: the plain student {short_config(cfg)} has {macs:,} MACs against the recipe student's {target:,}")
     if any(r.student == "planned" for r in rows) and "planned" not in found:
         plan_space(arch)  # one line, before any timing, for a family ekdc plan cannot search
-        found["recipe_p50_ms"] = recipe_latency_ms(recipe, base, n, say)
+        found["recipe_p50_ms"] = recipe_latency_ms(recipe, base, n, say, LATENCY_ROUNDS)
         found["planned"] = planned_student(recipe, found["recipe_p50_ms"], n, console)
     _io.write_json(path, found)
     return found

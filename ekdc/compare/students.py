@@ -43,9 +43,11 @@ def equal_macs_student(config: dict, num_classes: int, image_size: int,
     return cfg, got, target
 
 
-def recipe_latency_ms(recipe: Recipe, config: dict, num_classes: int, say: Callable[[str], None]) -> float:
-    """The recipe student's p50 at batch 1 on this machine, timed as ``ekdc plan`` times a candidate."""
-    plan = plan_student(recipe, float("1e9"), candidates=[config], num_classes=num_classes)
+def recipe_latency_ms(recipe: Recipe, config: dict, num_classes: int, say: Callable[[str], None],
+                      rounds: int) -> float:
+    """The recipe student's p50 at batch 1 on this machine, timed as ``ekdc plan`` times a candidate, over
+    ``rounds`` fresh processes: the equal-latency student is planned for it, so a busy round must not set it."""
+    plan = plan_student(recipe, float("1e9"), candidates=[config], num_classes=num_classes, repeats=rounds)
     say(f"compare: the recipe's student ({short_config(config)}) takes {plan.chosen.p50_ms:.3f} ms at {plan.target}")
     return plan.chosen.p50_ms
 
