@@ -207,8 +207,7 @@ def _artifacts(report: dict, folder: Path) -> None:
                      "num_branches": e["num_branches"], "per_class": PER_CLASS, "train_images": PER_CLASS * 10,
                      "seed": 0, "macs": e["macs"], "params": e["params"], "val_acc": e["acc"]["0"],
                      "latency_ms": e["latency_ms"], "latency_rounds_ms": e.get("latency_rounds_ms"),
-                     "latency_ms_b64": e.get("latency_ms_b64"),
-                     "img_s_b64": e.get("img_s_b64"),
+                     "latency_ms_b64": e.get("latency_ms_b64"), "img_s_b64": e.get("img_s_b64"),
                      "teacher_files": teacher_files(out)})
     update_evidence(folder, LIMITED, rows)
 
@@ -235,9 +234,10 @@ def _kept_reading(page: Path):
     """The reading written by hand below ``<!-- reading -->`` survives a rebuild of the figures. Read when the
     page is written, not when the driver starts: a run of hours writes the page after each step, and the
     reading may be edited meanwhile."""
-    if not page.is_file() or "<!-- reading -->" not in page.read_text():
+    text = page.read_text() if page.is_file() else ""
+    if "<!-- reading -->" not in text:
         return None
-    tail = page.read_text().split("<!-- reading -->", 1)[1].strip().splitlines()
+    tail = text.split("<!-- reading -->", 1)[1].strip().splitlines()
     tail = tail[1:] if tail and tail[0].startswith("## Reading") else tail
     while tail and not tail[0].strip():  # the page puts its own blank line after the heading
         tail = tail[1:]
