@@ -18,20 +18,24 @@ from ekdc import load_recipe
 from ekdc.data import index_splits
 
 
+def copy_split(recipe: str | Path, out: str | Path) -> None:
+    index = index_splits(load_recipe(recipe).data)
+    for split in ("train", "val"):
+        part = index.part(split)
+        for pos in part.positions:
+            src = Path(part.source.files[pos])
+            dst = Path(out) / split / index.classes[int(part.source.labels[pos])] / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        print(f"{split}: {len(part.positions)} images -> {Path(out) / split}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
     ap.add_argument("out")
     args = ap.parse_args()
-    index = index_splits(load_recipe(args.recipe).data)
-    for split in ("train", "val"):
-        part = index.part(split)
-        for pos in part.positions:
-            src = Path(part.source.files[pos])
-            dst = Path(args.out) / split / index.classes[int(part.source.labels[pos])] / src.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-        print(f"{split}: {len(part.positions)} images -> {Path(args.out) / split}")
+    copy_split(args.recipe, args.out)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def main() -> None:
             "val_acc": top1(out, data.val_y), "val_acc_flip_tta": top1(out_flip, data.val_y), "params": count_params(model), "macs": count_macs(model, data.image_size),
             "train": tcfg.train.model_dump() if tcfg.train else None, "train_seconds": round(float(ck.get("seconds", 0.0)), 1),
             "epochs_logged": len(epochs), "last_train_acc": epochs[-1]["train_acc"] if epochs else None,
+            **({"trained_on": (run / "machine.txt").read_text().strip()} if (run / "machine.txt").exists() else {}),
         })
         print(f"{tcfg.name}: {shipped[-1]['val_acc']:.4f} ({shipped[-1]['val_acc_flip_tta']:.4f} with flip TTA) on {len(data.val)} validation images, {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
     record = {

@@ -196,3 +196,94 @@ def test_cpu_hours_counts_each_teacher_cache_build_once(tmp_path, monkeypatch):
         cells[-1].write_text(json.dumps({"seconds": 360, "teacher_cache": {"path": cache, "build_seconds": 720}}))
     assert ev.cpu_hours(cells) == pytest.approx((3600 + 3 * 360 + 2 * 720) / 3600)
     assert ev.cpu_hours([]) == pytest.approx(1.0)
+
+
+def _git_repo(root):
+    import subprocess
+    root.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "t@t"], ["config", "user.name", "t"]):
+        subprocess.run(["git", "-C", str(root), *args], check=True)
+    (root / "small.txt").write_text("kept\n")
+    (root / "d").mkdir()
+    (root / "d" / "big.bin").write_bytes(b"x" * 5000)
+    subprocess.run(["git", "-C", str(root), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(root), "commit", "-q", "-m", "c"], check=True)
+
+
+def test_gpu_teachers_keeps_big_tracked_files_home_and_restores_the_index(tmp_path):
+    """What travels to a device machine is the index's files: the big ones leave it (not the disk) and
+    come back; a second slim before a restore is refused."""
+    gpu = _load("gpu_teachers")
+    repo = tmp_path / "repo"
+    _git_repo(repo)
+    assert gpu.travel_bytes(repo, []) == 5005
+    assert gpu.slim_index(repo, min_bytes=1000) == ["d/big.bin"]
+    assert gpu._git(repo, "ls-files").split() == ["small.txt"]
+    assert (repo / "d" / "big.bin").stat().st_size == 5000
+    assert gpu.travel_bytes(repo, []) == 5  # neither tracked nor untracked-not-ignored
+    with pytest.raises(SystemExit, match="already slimmed"):
+        gpu.slim_index(repo, min_bytes=1000)
+    assert gpu.restore_index(repo) == ["d/big.bin"]
+    assert gpu._git(repo, "ls-files").split() == ["d/big.bin", "small.txt"]
+    assert gpu._git(repo, "status", "--porcelain") == ""
+    assert gpu.EXCLUDE_MARK not in gpu._exclude_file(repo).read_text()
+    assert gpu.restore_index(repo) == []
+
+
+def test_gpu_teachers_plans_the_epochs_that_fit():
+    gpu = _load("gpu_teachers")
+    probe = {"images_per_s": 10000.0, "images": 45000, "overhead_s": 20.0}
+    assert gpu.plan_epochs(probe, 320.0, 10, 120) == 60  # 0.9 x 300 s x 10,000 img/s / 45,000
+    assert gpu.plan_epochs(probe, 320.0, 10, 40) == 40
+    assert gpu.plan_epochs(probe, 15.0, 10, 120) == 0
+
+
+def test_gpu_teachers_run_then_unpack_gives_runs_ship_teachers_scores(tmp_path):
+    """The device-side `run` on a CPU: the probe, the epochs each teacher gets, fp16 weights cut into parts;
+    `unpack` puts them back as runs whose recipes read the data here."""
+    import torch
+    import yaml
+    from PIL import Image
+
+    from ekdc.checkpoint import load_teacher
+
+    gpu = _load("gpu_teachers")
+    folder, split = tmp_path / "made", tmp_path / "split.zip"  # the zip travels, and is unpacked there
+    for part, n in (("train", 12), ("val", 4)):
+        for c, colour in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
+            (folder / part / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), (colour[0] + i, i, colour[2])).save(folder / part / c / f"{i}.png")
+    gpu.zip_folder(folder, split)
+    recipe = tmp_path / "teachers.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "t", "precision": "fp32", "data": {"dataset": "imagefolder", "root": "elsewhere", "image_size": 16},
+        "teachers": [{"arch": "resnet8", "train": {"epochs": 8, "batch_size": 8, "lr": 0.05, "warmup_epochs": 2}},
+                     {"arch": "wrn_16_2", "train": {"epochs": 4, "batch_size": 8, "lr": 0.05}}]}))
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    gpu.main(["run", "--recipe", str(recipe), "--split", str(split), "--runs", str(runs), "--out", str(out),
+              "--budget", "240", "--min-epochs", "1", "--max-epochs", "3"])
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("resnet8", "wrn_16_2"):
+        rec = summary["teachers"][name]
+        assert rec["exit"] == 0 and 1 <= rec["epochs"] <= 3 and 0 <= rec["val_acc"] <= 1, rec
+        assert rec["probe"]["images"] == 24
+    assert summary["teachers"]["resnet8"]["warmup_epochs"] == round(summary["teachers"]["resnet8"]["epochs"] / 4, 2)
+    assert summary["parts"] and all((out / p).stat().st_size <= gpu.PART_BYTES for p in summary["parts"])
+
+    home = tmp_path / "home"
+    gpu.main(["unpack", str(out), "--recipe", str(recipe), "--runs", str(home)])
+    for name in ("resnet8", "wrn_16_2"):
+        run = home / name
+        resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+        assert resolved["data"]["root"] == "elsewhere" and "val_root" not in resolved["data"]
+        assert resolved["teachers"][0]["train"]["epochs"] == summary["teachers"][name]["epochs"]
+        logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        assert len(logged) == summary["teachers"][name]["epochs"]
+        ck_weights = torch.load(run / "teachers" / f"{name}.pt", weights_only=False)["state_dict"]
+        assert all(v.dtype == torch.float16 for v in ck_weights.values() if v.is_floating_point())
+        model, _ = load_teacher(run / "teachers" / f"{name}.pt", name)
+        assert next(model.parameters()).dtype == torch.float32
+        assert (run / "machine.txt").read_text().strip() == summary["machine"]
+    assert sorted(p.name for p in (tmp_path / "split" / "val").rglob("*.png")) == sorted(
+        p.name for p in (folder / "val").rglob("*.png"))
