@@ -21,12 +21,13 @@ trains them all at once, and leaves in $OUT the runs (fp16 weights, logs, resolv
 teachers.tar.NN parts of at most 15 MB and summary.json (the epochs chosen, each teacher's accuracy there).
 Then here:
 
+    python experiments/gpu_teachers.py restore                     # the index as it was, right after the call
     python experiments/gpu_teachers.py unpack /work/.device/...   # the reply's files_at -> runs/gpu-teachers/
-    python experiments/gpu_teachers.py restore                     # the index as it was
     python experiments/ship_teachers.py runs/gpu-teachers/* weights/cifar10-large
 
-`unpack` points each run's recipe back at the recipe's own data, so that ship_teachers.py scores the
-weights here on the same validation split. Until `restore`, do not commit: the index lacks the big files.
+`unpack` checks that the split was copied for the recipe's data: settings and points each run's recipe
+back at them, so that ship_teachers.py scores the weights here on the same validation split. Until
+`restore`, do not commit: the index lacks the big files (restore refuses if HEAD moved).
 """
 from __future__ import annotations
 
@@ -67,35 +68,55 @@ def _exclude_file(repo: Path) -> Path:
     return repo / _git(repo, "rev-parse", "--git-path", "info/exclude").strip()
 
 
+def _saved_index(repo: Path) -> Path:
+    return repo / _git(repo, "rev-parse", "--git-path", "gpu_teachers-index.json").strip()
+
+
+def _head(repo: Path) -> str:
+    return _git(repo, "rev-parse", "--verify", "-q", "HEAD").strip()
+
+
 def slim_index(repo: Path, min_bytes: int = SLIM_FROM) -> list[str]:
     """Take tracked files of ``min_bytes`` or more out of the index (not off the disk) and ignore them, so
-    that they do not travel to the device machine. Returns their paths; ``restore_index`` undoes it."""
-    exclude = _exclude_file(repo)
-    text = exclude.read_text() if exclude.exists() else ""
-    if EXCLUDE_MARK in text:
+    that they do not travel to the device machine. Their index entries (staged content included) and HEAD
+    are saved for ``restore_index``. Returns their paths."""
+    saved, exclude = _saved_index(repo), _exclude_file(repo)
+    if saved.exists():
         raise SystemExit("the index is already slimmed: `python experiments/gpu_teachers.py restore` first")
-    big = [p for p in _git(repo, "ls-files", "-z").split("\0") if p and (repo / p).is_file()
-           and (repo / p).stat().st_size >= min_bytes]
+    entries = [e for e in _git(repo, "ls-files", "-s", "-z").split("\0") if e]  # "mode sha stage\tpath"
+    big = [e for e in entries if (repo / e.split("\t", 1)[1]).is_file()
+           and (repo / e.split("\t", 1)[1]).stat().st_size >= min_bytes]
     if not big:
         return []
+    paths = [e.split("\t", 1)[1] for e in big]
+    saved.write_text(json.dumps({"head": _head(repo), "entries": big}))
+    _git(repo, "rm", "-q", "--cached", "--", *paths)
+    text = exclude.read_text() if exclude.exists() else ""
+    block = "\n".join([EXCLUDE_MARK, *("/" + p for p in paths), EXCLUDE_MARK]) + "\n"
     exclude.parent.mkdir(parents=True, exist_ok=True)
-    block = "\n".join([EXCLUDE_MARK, *("/" + p for p in big), EXCLUDE_MARK]) + "\n"
     exclude.write_text(text + ("" if not text or text.endswith("\n") else "\n") + block)
-    _git(repo, "rm", "-q", "--cached", "--", *big)
-    return big
+    return paths
 
 
 def restore_index(repo: Path) -> list[str]:
-    """Put the files ``slim_index`` took out back into the index, and drop its ignore block."""
-    exclude = _exclude_file(repo)
-    text = exclude.read_text() if exclude.exists() else ""
-    if EXCLUDE_MARK not in text:
+    """Put back the index entries ``slim_index`` took out, as they were, and drop its ignore block. Refused
+    if a commit was made meanwhile (it would have recorded the files as deleted)."""
+    saved, exclude = _saved_index(repo), _exclude_file(repo)
+    if not saved.exists():
         return []
-    head, block, tail = text.split(EXCLUDE_MARK, 2)
-    paths = [line[1:] for line in block.splitlines() if line.startswith("/")]
-    exclude.write_text(head + tail.lstrip("\n"))
-    _git(repo, "reset", "-q", "--", *paths)
-    return paths
+    state = json.loads(saved.read_text())
+    if _head(repo) != state["head"]:
+        raise SystemExit(f"HEAD moved since prepare ({state['head'][:12]} -> {_head(repo)[:12]}): a commit made "
+                         f"meanwhile lacks the big files; undo it (git reset --soft {state['head'][:12]}), then "
+                         "restore again")
+    subprocess.run(["git", "-C", str(repo), "update-index", "-z", "--index-info"], check=True,
+                   input="".join(e + "\0" for e in state["entries"]), text=True)
+    text = exclude.read_text() if exclude.exists() else ""
+    if EXCLUDE_MARK in text:
+        head, _, tail = text.split(EXCLUDE_MARK, 2)
+        exclude.write_text(head + tail.lstrip("\n"))
+    saved.unlink()
+    return [e.split("\t", 1)[1] for e in state["entries"]]
 
 
 def travel_bytes(repo: Path, carry: list[Path]) -> int:
@@ -121,36 +142,43 @@ def download_wheels(dest: Path) -> None:
                         f"{pkg}=={version(pkg)}"], check=True)
 
 
-def zip_folder(folder: Path, archive: Path) -> None:
+SPLIT_INFO = "split.json"  # in the zip: the data: settings of the recipe the split was copied for
+
+
+def zip_folder(folder: Path, archive: Path, info: dict | None = None) -> None:
     """``folder``'s files in a stored zip (JPEGs do not compress), written whole or not at all."""
     tmp = archive.with_name(archive.name + ".part")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+        if info is not None:
+            z.writestr(SPLIT_INFO, json.dumps(info))
         for f in sorted(folder.rglob("*")):
             if f.is_file():
                 z.write(f, f.relative_to(folder).as_posix())
     tmp.replace(archive)
 
 
-def split_folder(split: Path) -> Path:
-    """The ImageFolder split: ``split`` itself, or a zip of one, unpacked beside it (where prepare made it)."""
+def split_folder(split: Path) -> tuple[Path, dict | None]:
+    """The ImageFolder split: ``split`` itself, or a zip of one unpacked afresh beside it; and the data:
+    settings it was copied for, where the zip says."""
     if split.suffix != ".zip":
-        return split
+        return split, None
     folder = split.with_suffix("")
-    if not (folder / "val").is_dir():
-        with zipfile.ZipFile(split) as z:
-            z.extractall(folder)
-    return folder
+    shutil.rmtree(folder, ignore_errors=True)  # a warm machine keeps ignored folders: never an older split
+    with zipfile.ZipFile(split) as z:
+        z.extractall(folder)
+    info = folder / SPLIT_INFO
+    return folder, (json.loads(info.read_text()) if info.exists() else None)
 
 
 def prepare(args) -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
     from copy_split import copy_split
     archive = ROOT / args.split
-    if not archive.exists():
-        folder = archive.with_suffix("")
-        if not (folder / "val").is_dir():
-            copy_split(args.recipe, folder)
-        zip_folder(folder, archive)
+    folder = archive.with_suffix("")
+    shutil.rmtree(folder, ignore_errors=True)  # copied afresh from the recipe each time: never a stale split
+    copy_split(args.recipe, folder)
+    zip_folder(folder, archive, {"data": yaml.safe_load(Path(args.recipe).read_text())["data"]})
+    shutil.rmtree(folder)
     download_wheels(ROOT / WHEELS)
     big = slim_index(ROOT)
     size = travel_bytes(ROOT, [WHEELS, args.split])
@@ -160,19 +188,28 @@ def prepare(args) -> None:
         raise SystemExit(f"{size / 2**20:.1f} MiB would travel, over the device tool's 64 MiB: index restored")
     print(f'device run: command="python3 experiments/gpu_teachers.py run --budget 500", '
           f'carry=["{WHEELS}", "{args.split}"], timeout_s=590\n'
-          "then: python experiments/gpu_teachers.py unpack FILES_AT && python experiments/gpu_teachers.py restore")
+          "right after it: python experiments/gpu_teachers.py restore; then: "
+          "python experiments/gpu_teachers.py unpack FILES_AT")
 
 
 def unpack(args) -> None:
     """$OUT's parts -> runs under ``args.runs``, each recipe pointed back at ``args.recipe``'s data."""
-    parts = sorted(Path(args.files_at).glob("teachers.tar.*"))
-    if not parts:
-        raise SystemExit(f"{args.files_at}: no teachers.tar.NN parts")
+    files_at, runs = Path(args.files_at), Path(args.runs)
+    if not (files_at / "summary.json").exists():
+        raise SystemExit(f"{files_at}: no summary.json (did the run end?)")
+    summary = json.loads((files_at / "summary.json").read_text())
+    missing = [p for p in summary.get("parts", []) if not (files_at / p).exists()]
+    if missing or not summary.get("parts"):
+        raise SystemExit(f"{files_at}: parts {missing or 'none'} missing: see summary.json and the logs there")
     data = yaml.safe_load(Path(args.recipe).read_text())["data"]
-    summary = Path(args.files_at) / "summary.json"
-    machine = json.loads(summary.read_text()).get("machine") if summary.exists() else None
-    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
-        tar.extractall(args.runs, filter="data")
+    if (summary.get("split") or {}).get("data") != data:
+        raise SystemExit(f"the runs trained on a split copied for other data: settings than {args.recipe}'s "
+                         f"(summary.json's split: {summary.get('split')})")
+    machine = summary.get("machine")
+    shutil.rmtree(runs, ignore_errors=True)
+    blob = b"".join((files_at / p).read_bytes() for p in summary["parts"])
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(runs, filter="data")
     for recipe in sorted(Path(args.runs).glob("*/recipe.yaml")):
         raw = yaml.safe_load(recipe.read_text())
         raw["data"] = data
@@ -180,8 +217,8 @@ def unpack(args) -> None:
         if machine:  # ship_teachers.py records where the weights were trained
             (recipe.parent / "machine.txt").write_text(machine + "\n")
         print(f"{recipe.parent}: {', '.join(t.get('name') or t['arch'] for t in raw['teachers'])}")
-    if summary.exists():
-        (Path(args.runs) / "summary.json").write_text(summary.read_text())
+    # beside the runs, not among them: `ship_teachers.py runs/gpu-teachers/*` takes every entry as a run
+    runs.with_name(runs.name + "-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def restore(args) -> None:
@@ -242,8 +279,8 @@ def _wait(procs: dict, deadline: float) -> dict[str, int]:
 def plan_epochs(probe: dict, seconds_left: float, lo: int, hi: int) -> int:
     """As many epochs as fit ``seconds_left`` at the probe's throughput (measured with every teacher
     training at once, so a conservative figure once the first of them ends), after the probe's start-up
-    and scoring time; 90% of it, for the noise."""
-    train_seconds = 0.9 * (seconds_left - probe["overhead_s"])
+    and scoring time; 80% of it: a run still going at the deadline is killed, and lost."""
+    train_seconds = 0.8 * (seconds_left - probe["overhead_s"])
     return max(0, min(hi, int(train_seconds * probe["images_per_s"] / probe["images"]))) if train_seconds > 0 else 0
 
 
@@ -286,25 +323,28 @@ def run(args) -> None:
     # 4 threads a teacher: three processes share the machine's cores for decoding and the CPU side of a step
     env = _install_wheels({**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore",
                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
-    split, runs = split_folder((ROOT / args.split).resolve()), ROOT / args.runs
+    (split, split_info), runs = split_folder((ROOT / args.split).resolve()), ROOT / args.runs
     shutil.rmtree(runs, ignore_errors=True)  # a warm machine keeps ignored folders: no earlier call's runs
     recipes = _teacher_recipes(Path(args.recipe), runs)
     logs = {name: open(out / f"{name}.log", "w") for name in recipes}  # each teacher's output, probe and run
-    summary = {"budget_s": args.budget, "teachers": {}}
-    # 1. the probe: every teacher at once, 2 epochs, its throughput from the last
-    probes = {name: _distill(args.python, path, runs / "probe" / name, split, env, PROBE_EPOCHS, 0.0, logs[name])
-              for name, (path, _) in recipes.items()}
+    summary = {"budget_s": args.budget, "split": split_info, "machine": _machine(), "teachers": {}}
+    # 1. the probe: every teacher at once, 2 epochs (its warm-up the recipe's fraction of them)
+    probes = {name: _distill(args.python, path, runs / "probe" / name, split, env, PROBE_EPOCHS,
+                             round(PROBE_EPOCHS * _warmup_fraction(train), 2), logs[name])
+              for name, (path, train) in recipes.items()}
     t_probe = time.monotonic()
     codes = _wait(probes, start + args.budget / 3)
     for name, code in codes.items():
         epochs = _epochs_log(runs / "probe" / name)
-        if code or len(epochs) < PROBE_EPOCHS:
-            summary["teachers"][name] = {"error": f"probe exit {code}, {len(epochs)} epochs logged"}
+        if not epochs:
+            summary["teachers"][name] = {"error": f"probe exit {code}, no epoch logged: see {name}.log"}
             continue
         wall = time.monotonic() - t_probe  # all ran at once: the last to end bounds each
+        # the mean over its epochs: the first's start-up (cuDNN's search) makes it a conservative figure
         summary["teachers"][name] = {"probe": {
-            "images_per_s": epochs[-1]["images_per_s"], "images": epochs[-1]["images"],
-            "overhead_s": round(wall - sum(e["seconds"] for e in epochs), 1)}}
+            "images_per_s": round(sum(e["images"] for e in epochs) / sum(e["seconds"] for e in epochs), 1),
+            "images": epochs[-1]["images"], "overhead_s": round(wall - sum(e["seconds"] for e in epochs), 1)}}
+    _write_summary(out, summary)
     # 2. the real runs, every teacher at once, each with the epochs that fit
     left = args.budget - (time.monotonic() - start) - PACK_SECONDS
     procs = {}
@@ -316,7 +356,7 @@ def run(args) -> None:
         if epochs < args.min_epochs:
             rec["error"] = f"only {epochs} epochs fit the {left:.0f} s left"
             continue
-        warmup = round(epochs * train.get("warmup_epochs", 0) / train.get("epochs", epochs), 2)
+        warmup = round(epochs * _warmup_fraction(train), 2)
         rec.update(epochs=epochs, warmup_epochs=warmup)
         procs[name] = _distill(args.python, path, runs / name, split, env, epochs, warmup, logs[name])
     codes = _wait(procs, time.monotonic() + left)
@@ -330,11 +370,19 @@ def run(args) -> None:
             finished.append(runs / name)
     summary["parts"] = [p.name for p in pack(finished, out)]
     summary["wall_s"] = round(time.monotonic() - start, 1)
-    summary["machine"] = _machine()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_summary(out, summary)
     print(json.dumps(summary, indent=2))
     for f in logs.values():
         f.close()
+
+
+def _warmup_fraction(train: dict) -> float:
+    return train.get("warmup_epochs", 0) / train.get("epochs", 30)
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    """Written after the probe and at the end: a call cut short still says how far it got."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _machine() -> str:

@@ -230,10 +230,35 @@ def test_gpu_teachers_keeps_big_tracked_files_home_and_restores_the_index(tmp_pa
     assert gpu.restore_index(repo) == []
 
 
+def test_gpu_teachers_restores_staged_content_and_refuses_after_a_commit(tmp_path):
+    """A big file's staged (uncommitted) change comes back staged; a commit between slim and restore, which
+    recorded the big file as deleted, stops the restore with the command that undoes it."""
+    import subprocess
+
+    gpu = _load("gpu_teachers")
+    repo = tmp_path / "repo"
+    _git_repo(repo)
+    (repo / "d" / "big.bin").write_bytes(b"y" * 6000)
+    subprocess.run(["git", "-C", str(repo), "add", "d/big.bin"], check=True)
+    staged = gpu._git(repo, "ls-files", "-s", "d/big.bin")
+    gpu.slim_index(repo, min_bytes=1000)
+    gpu.restore_index(repo)
+    assert gpu._git(repo, "ls-files", "-s", "d/big.bin") == staged
+    assert gpu._git(repo, "status", "--porcelain") == "M  d/big.bin\n"
+
+    gpu.slim_index(repo, min_bytes=1000)
+    subprocess.run(["git", "-C", str(repo), "commit", "-q", "-m", "oops"], check=True)
+    with pytest.raises(SystemExit, match="HEAD moved since prepare"):
+        gpu.restore_index(repo)
+    subprocess.run(["git", "-C", str(repo), "reset", "-q", "--soft", "HEAD~1"], check=True)
+    assert gpu.restore_index(repo) == ["d/big.bin"]
+    assert gpu._git(repo, "ls-files", "-s", "d/big.bin") == staged
+
+
 def test_gpu_teachers_plans_the_epochs_that_fit():
     gpu = _load("gpu_teachers")
     probe = {"images_per_s": 10000.0, "images": 45000, "overhead_s": 20.0}
-    assert gpu.plan_epochs(probe, 320.0, 10, 120) == 60  # 0.9 x 300 s x 10,000 img/s / 45,000
+    assert gpu.plan_epochs(probe, 320.0, 10, 120) == 53  # 0.8 x 300 s x 10,000 img/s / 45,000
     assert gpu.plan_epochs(probe, 320.0, 10, 40) == 40
     assert gpu.plan_epochs(probe, 15.0, 10, 120) == 0
 
@@ -254,10 +279,11 @@ def test_gpu_teachers_run_then_unpack_gives_runs_ship_teachers_scores(tmp_path):
             (folder / part / c).mkdir(parents=True)
             for i in range(n):
                 Image.new("RGB", (16, 16), (colour[0] + i, i, colour[2])).save(folder / part / c / f"{i}.png")
-    gpu.zip_folder(folder, split)
+    data = {"dataset": "imagefolder", "root": "elsewhere", "image_size": 16}
+    gpu.zip_folder(folder, split, {"data": data})
     recipe = tmp_path / "teachers.yaml"
     recipe.write_text(yaml.safe_dump({
-        "name": "t", "precision": "fp32", "data": {"dataset": "imagefolder", "root": "elsewhere", "image_size": 16},
+        "name": "t", "precision": "fp32", "data": data,
         "teachers": [{"arch": "resnet8", "train": {"epochs": 8, "batch_size": 8, "lr": 0.05, "warmup_epochs": 2}},
                      {"arch": "wrn_16_2", "train": {"epochs": 4, "batch_size": 8, "lr": 0.05}}]}))
     out, runs = tmp_path / "out", tmp_path / "runs"
@@ -272,7 +298,13 @@ def test_gpu_teachers_run_then_unpack_gives_runs_ship_teachers_scores(tmp_path):
     assert summary["parts"] and all((out / p).stat().st_size <= gpu.PART_BYTES for p in summary["parts"])
 
     home = tmp_path / "home"
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "data": {**data, "image_size": 32}}))
+    with pytest.raises(SystemExit, match="split copied for other data"):
+        gpu.main(["unpack", str(out), "--recipe", str(other), "--runs", str(home)])
     gpu.main(["unpack", str(out), "--recipe", str(recipe), "--runs", str(home)])
+    assert sorted(p.name for p in home.iterdir()) == ["resnet8", "wrn_16_2"]  # the summary is beside them
+    assert json.loads((tmp_path / "home-summary.json").read_text()) == summary
     for name in ("resnet8", "wrn_16_2"):
         run = home / name
         resolved = yaml.safe_load((run / "recipe.yaml").read_text())
