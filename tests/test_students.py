@@ -40,6 +40,38 @@ def test_fastnet_student_folds_exactly(config):
     assert len(convs) == 1 + 2 * n_stages  # whitening + two per stage: the branches run as one graph
 
 
+@pytest.mark.parametrize("config", [{"num_branches": 3, "widths": [64, 72, 80]}, {"num_branches": 1, "widths": [88, 104, 112]},
+                                    {"num_branches": 2, "widths": [16, 24], "trunk_stages": 0},
+                                    {"num_branches": 3, "widths": [24, 40, 8], "trunk_stages": 2}])
+def test_fastnet_student_padded_fold_is_exact_in_whole_16_channel_blocks(config):
+    """``padded`` widens every stage with zero channels to a multiple of 16 (ONNX Runtime's AVX-512 blocks):
+    the same function, every convolution after the whitening in whole blocks per group."""
+    torch.manual_seed(0)
+    s = create_model("fastnet_student", num_classes=10, **config)
+    s.init_from_data(torch.randn(64, 3, 32, 32))
+    _random_bn(s)
+    s.eval()
+    assert s.fold_layouts == ("grouped", "padded")
+    x = torch.randn(8, 3, 32, 32)
+    folded = fold(s, "padded")
+    assert torch.allclose(folded(x), s(x), atol=1e-5)
+    convs = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)][1:]  # after the whitening
+    assert all(c.out_channels % (16 * c.groups) == 0 for c in convs)
+    assert any(c.out_channels != g.out_channels for c, g in zip(
+        convs, [m for m in fold(s, "grouped").modules() if isinstance(m, torch.nn.Conv2d)][1:]))
+
+
+def test_fastnet_student_offers_padded_only_where_it_is_another_graph():
+    from ekdc.plan.candidates import layouts
+
+    whole = create_model("fastnet_student", num_classes=10, num_branches=3, widths=[64, 80, 80])
+    assert whole.fold_layouts == ("grouped",) and layouts(whole) == ("grouped",)
+    one = create_model("fastnet_student", num_classes=10, widths=[88, 104, 112])
+    assert layouts(one) == ("grouped", "padded")  # plan times a one-branch student padded too
+    ekd = create_model("ekd_student", num_classes=10, num_branches=1)
+    assert layouts(ekd) == ("grouped",)  # one branch: separate is grouped's graph
+
+
 def test_a_recipe_picks_the_family_and_refuses_keys_of_another():
     assert {"ekd_student", "fastnet_student"} <= set(list_students())
     base = {"data": {"dataset": "synthetic", "num_classes": 3, "num_samples": 60, "image_size": 16},
@@ -74,7 +106,9 @@ def test_a_fastnet_student_distils_exports_and_benches(tmp_path):
     assert res.returncode == 0, res.stderr
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     fp32 = next(f for f in manifest["files"] if f["precision"] == "fp32")
-    assert fp32["parity"]["max_rel_diff"] < 1e-4 and manifest["fold"]["choice"] == "grouped"
+    # widths [16, 24]: 24 is not a whole 16-channel block, so auto times the padded fold beside the grouped one
+    assert fp32["parity"]["max_rel_diff"] < 1e-4 and set(manifest["fold"]["timings_ms"]) == {"grouped", "padded"}
+    assert manifest["fold"]["choice"] in ("grouped", "padded")
     # the exported file scores what metrics.json says the trained student scores
     res = run_cli("bench", tmp_path / "export" / "student.onnx", "--data", recipe, "--batch", "1", "--json",
                   tmp_path / "b.json")
@@ -82,7 +116,7 @@ def test_a_fastnet_student_distils_exports_and_benches(tmp_path):
     bench_acc = json.loads((tmp_path / "b.json").read_text())["models"][0]["accuracy"]
     assert bench_acc == pytest.approx(metrics["student"]["ensemble_acc"], abs=1 / metrics["val_images"])
     res = run_cli("export", tmp_path / "run", "--out", tmp_path / "e2", "--fold", "separate")
-    assert res.returncode == 2 and "folds to grouped, none" in res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and "folds to grouped, padded, none" in res.stderr.strip().splitlines()[-1]
 
 
 def test_compare_finds_a_one_branch_fastnet_student_of_equal_macs():

@@ -18,8 +18,10 @@ import torch.nn as nn
 from ..errors import UserError
 from ..models.folding import fuse_conv_bn, merge_convs  # noqa: F401  (the helpers a family's fold uses)
 
-Layout = Literal["grouped", "separate", "none"]
-LAYOUTS = ("grouped", "separate", "none")
+# grouped: branches' later convolutions grouped; separate: N convolutions side by side; padded (FastNet):
+# grouped, every width padded with zeros to a multiple of 16 (ekdc.models.folding.PAD_CHANNELS)
+Layout = Literal["grouped", "separate", "padded", "none"]
+LAYOUTS = ("grouped", "separate", "padded", "none")
 
 
 def fold_layouts(student: nn.Module) -> list[str]:

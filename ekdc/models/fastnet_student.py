@@ -5,7 +5,9 @@ shared trunk, its later stages as N parallel branches, one head each, logits ave
 (``fold``) is one graph: every BatchNorm folded into the convolution before it (across the max-pool,
 which commutes with a positive per-channel scale, and FastNet's BatchNorm scales are fixed at 1), the
 branches' first convolutions stacked into one (they read the same tensor), their later ones grouped
-(``groups = N``), and the N heads with the mean and the logit scale collapsed into one Linear.
+(``groups = N``), and the N heads with the mean and the logit scale collapsed into one Linear. Layout
+``padded`` also widens every stage with zero channels to a multiple of 16 (``folding.PAD_CHANNELS``), which
+keeps ONNX Runtime's grouped convolutions on their fast path; ``ekdc export`` times both and keeps the faster.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._registry import PlanSpace, register_student
 from .fastnet import LOGIT_SCALE, Whitening, _Stage, fast_param_groups, make_stages
-from .folding import fuse_conv_bn, merge_convs
+from .folding import PAD_CHANNELS, fuse_conv_bn, merge_convs, pad_conv, padded
 from .student import BranchOutputs
 
 
@@ -39,7 +41,11 @@ class FastNetStudentSettings(BaseModel):
 
 
 class FastNetStudent(nn.Module):
-    fold_layouts = ("grouped",)
+    @property
+    def fold_layouts(self) -> tuple[str, ...]:
+        """``padded`` where it is another graph: where some width is not a multiple of 16."""
+        widths = self.config["widths"]
+        return ("grouped", "padded") if any(w != padded(w) for w in widths) else ("grouped",)
 
     def __init__(self, num_classes: int, num_branches: int = 1, widths=(64, 128, 128), trunk_stages: int = 1):
         super().__init__()
@@ -80,12 +86,14 @@ class FastNetStudent(nn.Module):
         return BranchOutputs(logits, torch.stack(feats), adapted)
 
     def fold(self, layout: str = "grouped") -> nn.Module:
-        return FoldedFastNetStudent(self)
+        return FoldedFastNetStudent(self, pad_to=PAD_CHANNELS if layout == "padded" else 1)
 
 
-def _fused_stage(stages: list[_Stage], shared: bool) -> nn.Sequential:
+def _fused_stage(stages: list[_Stage], shared: bool, c_in: int, pad_to: int) -> nn.Sequential:
     """Stage j of every branch as one: conv+BN fused (before the pool: exact, as the scale is positive),
-    first convolutions stacked when the branches share their input, grouped otherwise."""
+    each branch's channels padded with zeros to a multiple of ``pad_to`` (its input: ``c_in``, the padded
+    width before it), then the first convolutions stacked when the branches share their input, grouped
+    otherwise."""
     convs = []
     for ci, bi in ((0, 2), (4, 5)):
         fused = []
@@ -93,27 +101,38 @@ def _fused_stage(stages: list[_Stage], shared: bool) -> nn.Sequential:
             bn = st[bi]
             if (bn.weight <= 0).any():  # max-pool commutes with a positive scale only
                 raise ValueError("a FastNet BatchNorm scale is not positive: it cannot fold across the max-pool")
-            fused.append(fuse_conv_bn(nn.Sequential(st[ci], bn)))
+            conv = fuse_conv_bn(nn.Sequential(st[ci], bn))
+            wide = padded(conv.out_channels, pad_to)
+            fused.append(pad_conv(conv, wide, c_in if ci == 0 else wide))
         convs.append(merge_convs(fused, shared_input=shared and ci == 0))
     return nn.Sequential(convs[0], nn.MaxPool2d(2), nn.GELU(), convs[1], nn.GELU())
 
 
 class FoldedFastNetStudent(nn.Module):
-    def __init__(self, student: FastNetStudent):
+    def __init__(self, student: FastNetStudent, pad_to: int = 1):
         super().__init__()
         w = student.whiten
         self.whiten = nn.Conv2d(3, w.out_channels, w.kernel_size, padding=0, bias=True)
         with torch.no_grad():
             self.whiten.weight.copy_(w.weight)
             self.whiten.bias.copy_(w.bias)
-        self.trunk = nn.Sequential(*[_fused_stage([st], shared=False) for st in student.trunk])
-        depth = len(student.branches[0])
-        self.branches = nn.Sequential(*[_fused_stage([br[j] for br in student.branches], shared=(j == 0))
-                                        for j in range(depth)])
-        n = student.num_branches
-        self.head = nn.Linear(student.num_features * n, student.num_classes, bias=False)
-        with torch.no_grad():  # channel order after the grouped stages is branch order: [f_1 .. f_N]
-            self.head.weight.copy_(torch.cat([h.weight for h in student.heads], 1) * (LOGIT_SCALE / n))
+        c_in, trunk = w.out_channels, []  # the whitening's 24 channels are the input: never padded
+        for st in student.trunk:
+            trunk.append(_fused_stage([st], shared=False, c_in=c_in, pad_to=pad_to))
+            c_in = padded(st[0].out_channels, pad_to)
+        self.trunk = nn.Sequential(*trunk)
+        branches = []
+        for j in range(len(student.branches[0])):
+            branches.append(_fused_stage([br[j] for br in student.branches], shared=(j == 0), c_in=c_in, pad_to=pad_to))
+            c_in = padded(student.branches[0][j][0].out_channels, pad_to)
+        self.branches = nn.Sequential(*branches)
+        n, f = student.num_branches, student.num_features
+        self.head = nn.Linear(c_in * n, student.num_classes, bias=False)
+        with torch.no_grad():  # channel order after the grouped stages is branch order: [f_1 .. f_N], each
+            # padded with zero weights for its padded (zero) features
+            weight = self.head.weight.zero_().view(student.num_classes, n, c_in)
+            for i, h in enumerate(student.heads):
+                weight[:, i, :f] = h.weight * (LOGIT_SCALE / n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.branches(self.trunk(F.gelu(self.whiten(x))))

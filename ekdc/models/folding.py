@@ -1,5 +1,6 @@
-"""Folding helpers every student family's ``fold`` uses: BatchNorm into the convolution before it, and N
-branches' convolutions into one (stacked filters for a shared input, a grouped convolution otherwise)."""
+"""Folding helpers every student family's ``fold`` uses: BatchNorm into the convolution before it, N
+branches' convolutions into one (stacked filters for a shared input, a grouped convolution otherwise), and
+channels padded with zeros to whole SIMD blocks."""
 from __future__ import annotations
 
 import torch
@@ -38,6 +39,37 @@ def merge_convs(convs: list[nn.Conv2d], shared_input: bool) -> nn.Conv2d:
     merged.weight.copy_(torch.cat([k.weight for k in convs], 0))
     merged.bias.copy_(torch.cat([k.bias for k in convs], 0))
     return merged
+
+
+# ONNX Runtime's CPU convolutions run fastest in its NCHWc layout, whose blocks are 16 floats on AVX-512 (8 on
+# AVX2). A grouped convolution whose groups are not whole blocks falls back to plain NCHW with reorders around
+# it: a 3-branch FastNet student of widths [64,72,80] ran 1.7-2.3x slower at batch 1 than one of [64,80,80],
+# which has more MACs (`python experiments/padded_widths.py`). Zero channels up to whole blocks fix it.
+PAD_CHANNELS = 16
+
+
+def padded(channels: int, to: int = PAD_CHANNELS) -> int:
+    """``channels`` rounded up to a multiple of ``to``."""
+    return -(-channels // to) * to
+
+
+@torch.no_grad()
+def pad_conv(conv: nn.Conv2d, out_channels: int, in_channels: int) -> nn.Conv2d:
+    """A dense convolution (with a bias) widened with zeros: filters of zeros (bias 0) appended up to
+    ``out_channels``, and zero weights for the input channels appended up to ``in_channels``. On the original
+    channels it computes what ``conv`` does; whatever the appended input channels hold is multiplied by 0,
+    so a chain of padded convolutions computes the unpadded chain's function exactly."""
+    if conv.groups != 1:
+        raise ValueError("pad_conv pads a dense convolution (pad each branch before merging)")
+    if (out_channels, in_channels) == (conv.out_channels, conv.in_channels):
+        return conv
+    wide = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     dilation=conv.dilation, bias=True, padding_mode=conv.padding_mode)
+    wide.weight.zero_()
+    wide.weight[: conv.out_channels, : conv.in_channels] = conv.weight
+    wide.bias.zero_()
+    wide.bias[: conv.out_channels] = conv.bias
+    return wide
 
 
 def _stack_shared(convs: list[nn.Conv2d]) -> tuple[nn.Conv2d, bool]:

@@ -137,5 +137,6 @@ def build_candidate(arch: str, cfg: dict, num_classes: int, image_size: int):
 
 
 def layouts(student) -> tuple[str, ...]:
-    """The fold layouts to time: the family's (``fold_layouts``); one branch folds to one graph either way."""
-    return tuple(student.fold_layouts) if student.num_branches > 1 else ("grouped",)
+    """The fold layouts to time: the family's (``fold_layouts``); for one branch ``separate`` is ``grouped``'s
+    graph (``padded`` is not: it widens the channels)."""
+    return tuple(x for x in student.fold_layouts if student.num_branches > 1 or x != "separate")
