@@ -7,7 +7,8 @@ images a class, distilled from ekdc's pretrained teachers, at a schedule that ha
 
 Every cell is a run of ``ekdc compare`` on ``recipes/cifar10-strong.yaml`` (teachers from weights/cifar10/
 with ``weights:``, their outputs read from a cache of 8 fixed views an image) with ``data.per_class: 500``,
-the headline's 3-branch FastNet student (``THREE_BRANCH``: widths [64,72,80], every width a multiple of 8)
+the headline's 3-branch FastNet student (``THREE_BRANCH``: widths [64,72,80], every width a multiple of 8;
+export pads them to whole 16-channel blocks where that is faster: docs/PADDED-WIDTHS.md)
 and the recipe's schedule stretched to ``--epochs`` (its warm-up the same fraction of them). Rows, 3 seeds:
 
     ce, avg_kd, ekd, avg_kd+dkd      the 3-branch student (+dkd: DKD with its warm-up, compare's rows.py)
@@ -83,9 +84,10 @@ def run(args) -> tuple[dict, dict]:
 
 
 def _rows_table(report: dict) -> list[str]:
-    lines = ["| row | mode | KD loss | branches | student | MACs | p50 ms (batch 1) | rounds' p50 ms (batch 1) | "
-             "p50 ms (batch 64) | img/s (batch 64) | n | acc % (exported ONNX) | PyTorch acc % |",
-             "|---|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| row | mode | KD loss | branches | student | MACs | fold | p50 ms (batch 1) | "
+             "rounds' p50 ms (batch 1) | p50 ms (batch 64) | img/s (batch 64) | n | acc % (exported ONNX) | "
+             "PyTorch acc % |",
+             "|---|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
     num = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
     for e in report["rows"]:
         rounds = e.get("latency_rounds_ms")  # each fresh process's p50: shows a bimodal file as such
@@ -94,7 +96,7 @@ def _rows_table(report: dict) -> list[str]:
                             num(e.get("latency_ms_b64"), ".2f"), num(e.get("img_s_b64"), ",.0f")])
         macs = f"{e['macs'] / 1e6:.1f}M" if e["macs"] else "–"
         lines.append(f"| `{e['row']}` | {e['mode'] or '–'} | {e['kd_loss'] or '–'} | {e['num_branches'] or '–'} | "
-                     f"{e['student'] or '–'} | {macs} | {speed} | {len(e['acc'])} | "
+                     f"{e['student'] or '–'} | {macs} | {e.get('fold') or '–'} | {speed} | {len(e['acc'])} | "
                      f"{pct_mean_std(list(e['acc'].values()))} | {pct_mean_std(list(e['torch_acc'].values()))} |")
     return lines
 

@@ -58,6 +58,8 @@ def test_compare_grid_report_and_resume(tmp_path, monkeypatch):
             manifest = json.loads((out / e["row"].replace(":", "-").replace("+", "-") / f"s{seed}" / "export" /
                                    "manifest.json").read_text())
             assert acc == manifest["files"][0]["accuracy"]
+            if seed == "0":  # the timed file: its fold layout, export's choice, is reported beside its latency
+                assert e["fold"] == manifest["fold"]["choice"] and e["fold"] in ("grouped", "separate", "padded")
     gap = rows["ce"]["gap"]
     assert gap["seeds"] == 2 and gap["mean"] == pytest.approx(
         sum(rows["ce"]["acc"][s] - rows["recipe"]["acc"][s] for s in "01") / 2)

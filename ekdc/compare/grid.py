@@ -233,6 +233,12 @@ def _run_cell(recipe: Recipe, cell: Path, console, progress: bool) -> None:
         export(cell, cell / "export", teachers=False)
 
 
+def _fold_choice(student_onnx: Path) -> Optional[str]:
+    """The fold layout export chose for the file (its manifest beside it)."""
+    manifest = student_onnx.parent / "manifest.json"
+    return (json.loads(manifest.read_text()).get("fold") or {}).get("choice") if manifest.is_file() else None
+
+
 def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict:
     """Each row's exported student (its first seed's: speed does not depend on the weights), timed at batch
     1 and 64 in one bench run, rows interleaved. Kept in latency.json for the files it timed."""
@@ -241,8 +247,9 @@ def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict:
     path = out / "latency.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     stamp = {k: f.stat().st_mtime_ns for k, f in files.items()}
-    # timed again when a file changed, or when it was timed with fewer rounds or batches than today's
-    if files and (known.get("files") != stamp or known.get("rounds") != LATENCY_ROUNDS or "img_s_b64" not in known):
+    # timed again when a file changed, or when it was timed with fewer rounds, batches or facts than today's
+    if files and (known.get("files") != stamp or known.get("rounds") != LATENCY_ROUNDS
+                  or not {"img_s_b64", "fold"} <= set(known)):
         say(f"compare: timing {len(files)} students at batch {LATENCY_BATCH} and {THROUGHPUT_BATCH} (bench's worker, "
             f"{LATENCY_ROUNDS} rounds interleaved)")
         report = time_models(list(files.values()), batches=[LATENCY_BATCH, THROUGHPUT_BATCH], repeats=LATENCY_ROUNDS)
@@ -252,6 +259,7 @@ def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict:
                  "p50_ms_b64": {k: m["latency_ms"][str(THROUGHPUT_BATCH)]["p50"] for k, m in timed.items()},
                  "img_s_b64": {k: m["throughput"][str(THROUGHPUT_BATCH)] for k, m in timed.items()},
                  "rounds_ms": {k: m["round_p50_ms"][str(LATENCY_BATCH)] for k, m in timed.items()},
+                 "fold": {k: _fold_choice(f) for k, f in files.items()},
                  "machine": report["machine"], "threads": report["settings"]["threads"]}
         _io.write_json(path, known)
     return known

@@ -59,7 +59,7 @@ def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latenc
         "macs": first["macs"] if first else None, "params": first["params"] if first else None,
         **{key: latency.get(src, {}).get(row.slug)
            for key, src in (("latency_ms", "p50_ms"), ("latency_ms_b64", "p50_ms_b64"), ("img_s_b64", "img_s_b64"),
-                            ("latency_rounds_ms", "rounds_ms"))},
+                            ("latency_rounds_ms", "rounds_ms"), ("fold", "fold"))},
         "acc": acc, "mean": mean, "std": std,
         "torch_acc": {str(s): c["torch_acc"] for s, c in done.items()},
         "seconds": {str(s): c["seconds"] for s, c in done.items()},
@@ -83,6 +83,7 @@ def build_report(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Pat
                       "latency_ms": "p50 at batch 1, ONNX Runtime CPU, bench's worker, all usable cores",
                       "latency_ms_b64": "p50 of a batch of 64, the same way", "img_s_b64": "images/s at batch 64",
                       "latency_rounds_ms": "each interleaved round's p50 at batch 1 (a fresh process each)",
+                      "fold": "the fold layout of the timed file (export's choice: the faster)",
                       "gap": "row - reference, paired by seed: mean, std, and in how many seeds the row is ahead"}}
 
 
