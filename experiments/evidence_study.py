@@ -210,7 +210,7 @@ def _artifacts(report: dict, folder: Path) -> None:
                      "seed": 0, "macs": e["macs"], "params": e["params"], "val_acc": e["acc"]["0"],
                      "latency_ms": e["latency_ms"], "latency_rounds_ms": e.get("latency_rounds_ms"),
                      "latency_ms_b64": e.get("latency_ms_b64"), "img_s_b64": e.get("img_s_b64"),
-                     "teacher_files": teacher_files(out)})
+                     "fold": e.get("fold"), "teacher_files": teacher_files(out)})
     update_evidence(folder, LIMITED, rows)
 
 
