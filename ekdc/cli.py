@@ -65,7 +65,7 @@ def distill(
 def export(
     run_dir: Optional[Path] = typer.Argument(None, help="Run folder [default: the newest under runs/]."),
     out: Path = typer.Option(Path("export"), "--out", "-o", help="Output folder."),
-    fold: str = typer.Option("auto", "--fold", help="Branch layout: grouped, separate, padded (channels to multiples of 16), none, or auto (timed on ONNX Runtime)."),
+    fold: str = typer.Option("auto", "--fold", help="Branch layout: grouped, separate, padded (FastNet: channels to multiples of 16), none, or auto (timed on ONNX Runtime)."),
     calib: int = typer.Option(256, "--calib", help="Training images used to calibrate int8."),
     parity_images: int = typer.Option(0, "--parity-images", help="Validation images for parity and accuracy [default: all]."),
     runs_root: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest run."),

@@ -98,7 +98,9 @@ def main() -> None:
     spread = {r["name"] + " " + r["layout"]: max(r["b1_rounds"]) / min(r["b1_rounds"]) for r in rows}
     lines += ["", "Slowest round over fastest, batch 1: " + ", ".join(f"{k} {v:.2f}" for k, v in spread.items()) + ".",
               "", "`ekdc export --fold auto` times `grouped` and `padded` and keeps the faster; `ekdc plan` times "
-              "every candidate in both. The fold is exact: export checks the file against the trained student.", ""]
+              "every candidate in both. The fold is exact: export checks the file against the trained student. "
+              "`ekdc bench` counts the padded file's MACs, zeros included (the runtime computes them): a padded "
+              "3-branch [64,72,80] file has the MACs of [64,80,80].", ""]
     Path(args.doc).write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"median batch-1 p50 of all files: {statistics.median(r['b1'] for r in rows):.3f} ms")

@@ -66,6 +66,8 @@ def test_fastnet_student_offers_padded_only_where_it_is_another_graph():
 
     whole = create_model("fastnet_student", num_classes=10, num_branches=3, widths=[64, 80, 80])
     assert whole.fold_layouts == ("grouped",) and layouts(whole) == ("grouped",)
+    x = torch.randn(2, 3, 32, 32)  # not timed, but --fold padded is taken: grouped's graph
+    assert torch.equal(fold(whole.eval(), "padded")(x), fold(whole, "grouped")(x))
     one = create_model("fastnet_student", num_classes=10, widths=[88, 104, 112])
     assert layouts(one) == ("grouped", "padded")  # plan times a one-branch student padded too
     ekd = create_model("ekd_student", num_classes=10, num_branches=1)

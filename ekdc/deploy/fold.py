@@ -25,8 +25,14 @@ LAYOUTS = ("grouped", "separate", "padded", "none")
 
 
 def fold_layouts(student: nn.Module) -> list[str]:
-    """The layouts ``student`` folds to (``--fold auto`` times each and keeps the fastest)."""
+    """The layouts worth timing for ``student`` (``--fold auto`` times each and keeps the fastest)."""
     return list(getattr(student, "fold_layouts", ()))
+
+
+def accepted_layouts(student: nn.Module) -> list[str]:
+    """What ``--fold`` takes for ``student``: its family's ``accepted_layouts`` where it has them (a layout
+    that would give this student the same graph as another is not timed, but is taken), else ``fold_layouts``."""
+    return list(getattr(student, "accepted_layouts", ())) or fold_layouts(student)
 
 
 def _plain_student(student: nn.Module) -> nn.Module:
@@ -41,9 +47,9 @@ def fold(student: nn.Module, layout: Layout = "grouped") -> nn.Module:
     returns the student unchanged but for dropped adapters."""
     if layout == "none":
         return _plain_student(student)
-    if layout not in fold_layouts(student):
+    if layout not in accepted_layouts(student):
         raise UserError(f"--fold {layout}: a {getattr(student, 'arch', type(student).__name__)} student folds to "
-                        f"{', '.join(fold_layouts(student) + ['none'])}")
+                        f"{', '.join(accepted_layouts(student) + ['none'])}")
     was = student.training
     student.eval()
     try:

@@ -41,6 +41,8 @@ class FastNetStudentSettings(BaseModel):
 
 
 class FastNetStudent(nn.Module):
+    accepted_layouts = ("grouped", "padded")  # --fold takes both; padded is grouped's graph for whole blocks
+
     @property
     def fold_layouts(self) -> tuple[str, ...]:
         """``padded`` where it is another graph: where some width is not a multiple of 16."""
