@@ -47,7 +47,8 @@ def _nchwc_convs(path: Path) -> tuple[int, int]:
     opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
     opts.log_severity_level = 3
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    kinds = collections.Counter(n.domain for n in onnx.load(opts.optimized_model_filepath).graph.node if n.op_type == "Conv")
+    nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    kinds = collections.Counter(n.domain for n in nodes if n.op_type == "Conv")
     return kinds["com.microsoft.nchwc"], sum(kinds.values())
 
 
