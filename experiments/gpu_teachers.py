@@ -276,7 +276,7 @@ def _wait(procs: dict, deadline: float) -> dict[str, int]:
     return codes
 
 
-def plan_epochs(probe: dict, seconds_left: float, lo: int, hi: int) -> int:
+def plan_epochs(probe: dict, seconds_left: float, hi: int) -> int:
     """As many epochs as fit ``seconds_left`` at the probe's throughput (measured with every teacher
     training at once, so a conservative figure once the first of them ends), after the probe's start-up
     and scoring time; 80% of it: a run still going at the deadline is killed, and lost."""
@@ -352,7 +352,7 @@ def run(args) -> None:
         rec = summary["teachers"][name]
         if "probe" not in rec:
             continue
-        epochs = plan_epochs(rec["probe"], left, args.min_epochs, args.max_epochs)
+        epochs = plan_epochs(rec["probe"], left, args.max_epochs)
         if epochs < args.min_epochs:
             rec["error"] = f"only {epochs} epochs fit the {left:.0f} s left"
             continue

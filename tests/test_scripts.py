@@ -1,6 +1,7 @@
 """The benchmark scripts' own logic (the heavy runs they drive are covered by the CLI tests)."""
 import importlib.util
 import json
+import shutil
 
 import pytest
 
@@ -198,6 +199,9 @@ def test_cpu_hours_counts_each_teacher_cache_build_once(tmp_path, monkeypatch):
     assert ev.cpu_hours([]) == pytest.approx(1.0)
 
 
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
 def _git_repo(root):
     import subprocess
     root.mkdir()
@@ -210,6 +214,7 @@ def _git_repo(root):
     subprocess.run(["git", "-C", str(root), "commit", "-q", "-m", "c"], check=True)
 
 
+@needs_git
 def test_gpu_teachers_keeps_big_tracked_files_home_and_restores_the_index(tmp_path):
     """What travels to a device machine is the index's files: the big ones leave it (not the disk) and
     come back; a second slim before a restore is refused."""
@@ -230,6 +235,7 @@ def test_gpu_teachers_keeps_big_tracked_files_home_and_restores_the_index(tmp_pa
     assert gpu.restore_index(repo) == []
 
 
+@needs_git
 def test_gpu_teachers_restores_staged_content_and_refuses_after_a_commit(tmp_path):
     """A big file's staged (uncommitted) change comes back staged; a commit between slim and restore, which
     recorded the big file as deleted, stops the restore with the command that undoes it."""
@@ -258,9 +264,9 @@ def test_gpu_teachers_restores_staged_content_and_refuses_after_a_commit(tmp_pat
 def test_gpu_teachers_plans_the_epochs_that_fit():
     gpu = _load("gpu_teachers")
     probe = {"images_per_s": 10000.0, "images": 45000, "overhead_s": 20.0}
-    assert gpu.plan_epochs(probe, 320.0, 10, 120) == 53  # 0.8 x 300 s x 10,000 img/s / 45,000
-    assert gpu.plan_epochs(probe, 320.0, 10, 40) == 40
-    assert gpu.plan_epochs(probe, 15.0, 10, 120) == 0
+    assert gpu.plan_epochs(probe, 320.0, 120) == 53  # 0.8 x 300 s x 10,000 img/s / 45,000
+    assert gpu.plan_epochs(probe, 320.0, 40) == 40
+    assert gpu.plan_epochs(probe, 15.0, 120) == 0
 
 
 def test_gpu_teachers_run_then_unpack_gives_runs_ship_teachers_scores(tmp_path):
