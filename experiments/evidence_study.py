@@ -71,9 +71,11 @@ def run(args) -> tuple[dict, dict]:
     recipe, doubled = grid_recipe(args.epochs, [*cache, *args.set]), grid_recipe(2 * args.epochs, [*cache, *args.set])
     go = dict(report_only=args.report_only, console=args.console, progress=False)
     if not args.report_only:  # every row once, then the check, then the seeds that make the spread
-        first = compare(recipe, ROWS, args.seeds[:1], main_out, **go)
-        write_page(first, compare(doubled, [CHECK_ROW], [0], check_out, report_only=True), args)
-        write_page(first, compare(doubled, [CHECK_ROW], [0], check_out, **go), args)
+        compare(recipe, ROWS, args.seeds[:1], main_out, **go)
+        # the page is written from every finished cell, so that a resumed grid never shows less than before
+        finished = lambda: compare(recipe, ROWS, args.seeds, main_out, **{**go, "report_only": True})  # noqa: E731
+        write_page(finished(), compare(doubled, [CHECK_ROW], [0], check_out, report_only=True), args)
+        write_page(finished(), compare(doubled, [CHECK_ROW], [0], check_out, **go), args)
     report = compare(recipe, ROWS, args.seeds, main_out, **go)
     check = compare(doubled, [CHECK_ROW], [0], check_out, report_only=True)
     return report, check

@@ -281,3 +281,60 @@ def test_plan_cli_on_a_fastnet_recipe(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1
     assert f"{bad}: candidates.0: branch_widths is a key of ekd_student" in lines[0]
+
+
+def test_widths_between_interpolates_widths_only():
+    from ekdc.models import widths_between
+
+    a, b = {"widths": [80, 88, 96], "trunk_stages": 1}, {"widths": [96, 104, 120], "trunk_stages": 1}
+    assert widths_between(a, b, 8, ("widths",)) == [{"widths": [88, 96, 104], "trunk_stages": 1},
+                                       {"widths": [88, 96, 112], "trunk_stages": 1}]
+    far = widths_between({"widths": [8, 8]}, {"widths": [128, 256]}, 8, ("widths",))
+    assert len(far) == 4 and all(w % 8 == 0 for c in far for w in c["widths"])
+    assert [c["widths"][1] for c in far] == sorted(c["widths"][1] for c in far)  # evenly, in order
+    assert widths_between({"widths": [8, 8]}, {"widths": [16, 16]}, 8, ("widths",)) == []  # one step apart
+    ekd = {"trunk_width": 16, "branch_widths": [16, 32], "branch_blocks": 1, "block": "basic"}
+    keys = ("trunk_width", "branch_widths")
+    assert widths_between(ekd, {**ekd, "trunk_width": 32, "branch_widths": [32, 64]}, 4, keys)[0] == {
+        **ekd, "trunk_width": 20, "branch_widths": [20, 40]}
+    assert widths_between(ekd, {**ekd, "trunk_width": 32, "branch_blocks": 2}, 4, keys) == []  # another depth
+    assert widths_between(ekd, {**ekd, "branch_widths": [16, 32, 64]}, 4, keys) == []  # another number of stages
+
+
+def test_the_finer_pass_chooses_between_the_grids_steps(tmp_path, monkeypatch):
+    """With latencies that grow with MACs, a budget between two grid students is met by one of the finer
+    pass's, which plan then chooses; the table marks it and the plot draws a family without blocks."""
+    from rich.console import Console
+
+    import ekdc.plan.search as search
+    from ekdc.plan import plan_table, write_plan_plot
+    from ekdc.plan.candidates import build_candidate
+
+    def by_macs(files, report, batch):  # 1 ms per 10,000 MACs, in every round
+        for cand, layout in files.values():
+            cand.layout_p50_ms[layout] = cand.macs / 1e4
+            cand.layout, cand.p50_ms, cand.round_p50_ms = layout, cand.macs / 1e4, [cand.macs / 1e4]
+
+    # nothing is exported or timed: the test is about which students are timed and which is chosen
+    monkeypatch.setattr(search, "_export_files", lambda student, layout, size, precision, folder, stem:
+                        folder / f"{stem}.onnx")
+    monkeypatch.setattr(search, "time_models", lambda *a, **k: {"machine": {"cpu": "test"}, "models": []})
+    monkeypatch.setattr(search, "_fill_latencies", by_macs)
+    recipe = load_recipe(_fastnet_recipe(tmp_path / "fast.yaml"))
+    grid = [{"widths": [8, 8]}, {"widths": [40, 40]}]
+    _, macs, _ = build_candidate("fastnet_student", {"widths": [40, 40], "num_branches": 2}, 4, 16)
+    budget = 0.6 * macs / 1e4  # [40,40] misses it, [8,8] is far under it
+    plan = plan_student(recipe, budget, candidates=grid, repeats=1, refine=True)
+    finer = [c for c in plan.candidates if c.finer]
+    assert [c.index for c in plan.candidates] == list(range(len(plan.candidates))) and len(finer) == 3
+    assert [c.config["widths"] for c in finer] == [[16, 16], [24, 24], [32, 32]]
+    assert plan.chosen.finer and plan.chosen.p50_ms <= budget and plan.settings["finer_pass"]
+    assert plan.chosen is max((c for c in plan.candidates if c.p50_ms <= budget), key=lambda c: c.macs)
+    assert plan.chosen.config["widths"] != [8, 8]
+    console = Console(width=200, record=True)
+    console.print(plan_table(plan))
+    text = console.export_text()
+    assert f"{plan.chosen.index}+" in text and "timed in the finer pass" in text
+    assert write_plan_plot(plan, tmp_path / "plan.png").stat().st_size > 0
+    # a user's own list is timed as given
+    assert not any(c.finer for c in plan_student(recipe, budget, candidates=grid, repeats=1).candidates)

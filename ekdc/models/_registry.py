@@ -51,6 +51,37 @@ class PlanSpace:
     # candidates of the recipe student's depth, so that the two differ in width and branches only
     stages: Callable[[dict], int]
     kept: tuple[str, ...] = ()  # keys a candidate takes from the recipe's student when it does not give them
+    # (the chosen candidate, the next larger one, which missed the budget) -> the students between them, timed
+    # in a second, finer pass: a grid coarse enough to time in minutes leaves a chosen student well under
+    # its budget (``widths_between``; None: the family's grid is all that is timed)
+    between: Optional[Callable[[dict, dict], list[dict]]] = None
+
+
+def widths_between(a: dict, b: dict, step: int, keys: tuple[str, ...], most: int = 4) -> list[dict]:
+    """Up to ``most`` configs evenly between ``a`` and ``b``, every width rounded to a multiple of ``step``.
+    ``keys`` are the width keys (an int, or a list of ints of one length, each); [] when the two differ in
+    any other key (depth, block kind) or in the number of stages, or are a step apart."""
+    moved = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
+    if any(k not in keys or len(_ints(a.get(k))) != len(_ints(b.get(k))) for k in moved):
+        return []
+    n = max((abs(q - p) for k in moved for p, q in zip(_ints(a[k]), _ints(b[k]))), default=0) // step
+    ks = sorted({round(i * n / (most + 1)) for i in range(1, most + 1)}) if n - 1 > most else range(1, n)
+    rnd = lambda v: max(step, step * round(v / step))  # noqa: E731
+    out: list[dict] = []
+    for k_ in ks:
+        mid = {**a}
+        for k in moved:
+            w = [rnd(p + k_ / n * (q - p)) for p, q in zip(_ints(a[k]), _ints(b[k]))]
+            mid[k] = w if isinstance(a[k], list) else w[0]
+        if mid not in out and mid != a and mid != b:
+            out.append(mid)
+    return out
+
+
+def _ints(v) -> list:
+    """A width key's value as a list of widths (None, or not ints: [None], which matches no list)."""
+    v = v if isinstance(v, list) else [v]
+    return v if all(isinstance(x, int) and not isinstance(x, bool) for x in v) else [None]
 
 
 @dataclasses.dataclass(frozen=True)

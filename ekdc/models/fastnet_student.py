@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._registry import PlanSpace, register_student
+from ._registry import PlanSpace, register_student, widths_between
 from .fastnet import LOGIT_SCALE, Whitening, _Stage, fast_param_groups, make_stages
 from .folding import PAD_CHANNELS, fuse_conv_bn, merge_convs, pad_conv, padded
 from .student import BranchOutputs
@@ -141,10 +141,13 @@ class FoldedFastNetStudent(nn.Module):
         return self.head(torch.amax(h, dim=(2, 3)))
 
 
+PLAN_WIDTH_STEP = 8  # every planned or widened width is a multiple of this
+
+
 def scaled_widths(widths: list[int], m: float) -> list[int]:
     """Every width scaled by ``m`` and kept a multiple of 8 (odd widths run slowly on SIMD units, which would
     bias a latency comparison)."""
-    return [max(8, 8 * round(w * m / 8)) for w in widths]
+    return [max(PLAN_WIDTH_STEP, PLAN_WIDTH_STEP * round(w * m / PLAN_WIDTH_STEP)) for w in widths]
 
 
 def one_branch_widened(config: dict, m: float) -> dict:
@@ -168,6 +171,7 @@ def plan_grid(config: dict) -> list[dict]:
 
 
 @register_student(settings=FastNetStudentSettings, one_branch_widened=one_branch_widened,
-                  plan=PlanSpace(grid=plan_grid, stages=lambda c: len(c["widths"]), kept=("trunk_stages",)))
+                  plan=PlanSpace(grid=plan_grid, stages=lambda c: len(c["widths"]), kept=("trunk_stages",),
+                                between=lambda a, b: widths_between(a, b, PLAN_WIDTH_STEP, ("widths",))))
 def fastnet_student(num_classes: int = 10, **kwargs) -> FastNetStudent:
     return FastNetStudent(num_classes, **kwargs)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import PlanSpace, register_student
+from ._registry import PlanSpace, register_student, widths_between
 from .layers import BasicBlock, InvertedResidual, conv_bn, init_weights
 from .student_fold import FoldedStudent
 
@@ -120,6 +120,7 @@ PLAN_BASE_WIDTH = 16
 PLAN_STAGE_COUNTS = (2, 3)
 PLAN_DEPTHS = (1, 2)
 PLAN_INVERTED_RESIDUAL_MULTIPLIERS = (1.0, 2.0)
+PLAN_WIDTH_KEYS = ("trunk_width", "branch_widths")  # what plan's finer pass moves between two grid students
 PLAN_WIDTH_STEP = 4  # widths are rounded to a multiple of this: kernels like channel counts in 4s and 8s
 
 
@@ -143,6 +144,7 @@ def plan_grid(config: Optional[dict] = None) -> list[dict]:
 
 
 @register_student(one_branch_widened=one_branch_widened,
-                  plan=PlanSpace(grid=plan_grid, stages=lambda c: len(c["branch_widths"]), kept=("stem",)))
+                  plan=PlanSpace(grid=plan_grid, stages=lambda c: len(c["branch_widths"]), kept=("stem",),
+                                between=lambda a, b: widths_between(a, b, PLAN_WIDTH_STEP, PLAN_WIDTH_KEYS)))
 def ekd_student(num_classes: int = 10, **kwargs) -> EKDStudent:
     return EKDStudent(num_classes, **kwargs)

@@ -32,6 +32,7 @@ class Candidate:
     p50_ms: Optional[float] = None  # that layout's median, over rounds, of the round's p50
     pareto: bool = False
     chosen: bool = False
+    finer: bool = False  # timed in the finer pass, between the grid's chosen student and the next larger
 
     @property
     def short(self) -> str:

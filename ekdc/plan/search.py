@@ -34,6 +34,7 @@ from .candidates import (
     build_candidate,
     candidate_configs,
     layouts,
+    plan_space,
 )
 
 PRECISIONS = ("fp32", "int8")
@@ -136,53 +137,89 @@ def _class_count(recipe: Recipe) -> int:
 def plan_student(recipe: Recipe, latency_ms: float, *, batch: int = 1, provider: str = "cpu",
                  threads: Optional[int] = None, precision: str = "fp32",
                  candidates: Optional[Sequence[CandidateSpec]] = None, repeats: int = REPEATS,
-                 num_classes: Optional[int] = None, console: Optional["Console"] = None) -> Plan:
+                 num_classes: Optional[int] = None, console: Optional["Console"] = None,
+                 refine: Optional[bool] = None) -> Plan:
     """Time every candidate student (default: the family's grid, ``default_candidates``) on this machine and
-    choose the one with the most MACs whose p50 latency at ``batch`` is at most ``latency_ms``. Raises
+    choose the one with the most MACs whose p50 latency at ``batch`` is at most ``latency_ms``. With ``refine``
+    (default: when the candidates are the family's grid), the students between the chosen one and the next
+    larger (``PlanSpace.between``) are timed in a second pass and may be chosen instead. Raises
     ``NoStudentFits`` (a UserError holding the plan) when none is fast enough."""
     _check_args(latency_ms, batch, provider, threads, precision, repeats)
     configs = candidate_configs(recipe, candidates)  # one line for a family ekdc plan cannot search
     check_ort_provider(provider)  # before minutes of exporting
-    size = recipe.data.image_size
+    refine = candidates is None if refine is None else refine
     num_classes = int(num_classes or _class_count(recipe))
     threads = int(threads or usable_cores())
     say = _sayer(console)
     t0 = time.perf_counter()
-    rows: list[Candidate] = []
-    files: dict[str, tuple[Candidate, str]] = {}  # file name -> (candidate, layout)
-    with tempfile.TemporaryDirectory(prefix="ekdc-plan-") as tmp, torch.random.fork_rng(devices=[]):
+    timing = dict(recipe=recipe, batch=batch, provider=provider, threads=threads, precision=precision,
+                  num_classes=num_classes, repeats=repeats, say=say)
+    say(f"planning for p50 <= {latency_ms:g} ms at {_target(batch, provider, threads, precision)}: {len(configs)} "
+        f"candidate students ({recipe.data.image_size}px, {num_classes} classes)")
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights, but the same ones every time; the caller's RNG is left as it was
-        built = [build_candidate(recipe.student.arch, c, num_classes, size) for c in configs]
-        n_files = sum(len(layouts(student)) for student, _, _ in built)
-        say(f"planning for p50 <= {latency_ms:g} ms at {_target(batch, provider, threads, precision)}: {len(configs)} "
-            f"candidate students, {n_files} files to export ({size}px, {num_classes} classes)")
-        for i, (cfg, (student, macs, params)) in enumerate(zip(configs, built)):
-            cand = Candidate(index=i, config=cfg, macs=macs, params=params)
-            rows.append(cand)
-            for layout in layouts(student):
-                path = _export_files(student, layout, size, precision, Path(tmp), f"c{i:02d}-{layout}")
-                files[path.name] = (cand, layout)
-            say(f"  exported {i + 1}/{len(configs)}: {cand.short}")
-        rounds = f"{repeats} round" + ("s" if repeats != 1 else "")
-        say(f"timing {n_files} files with bench's worker: {rounds}, each file in a fresh process, {WARMUP} warm-up "
-            f"runs + {DURATION_S:g} s")
-        report = time_models([Path(tmp) / name for name in files], batches=[batch], threads=threads,
-                             provider=provider, warmup=WARMUP, duration=DURATION_S, repeats=repeats,
-                             on_child=_round_progress(say, len(files)))
-    _fill_latencies(files, report, batch)
+        rows, machine = _time_candidates(configs, 0, **timing)
+        chosen = choose(rows, latency_ms)
+        finer = _between(recipe, rows, chosen) if refine and chosen is not None else []
+        if finer:
+            say(f"a finer pass between {chosen.short} and the next larger student: {len(finer)} more")
+            more, machine = _time_candidates(finer, len(rows), **timing, finer=True)
+            rows += more
+            chosen = choose(rows, latency_ms)
     mark_pareto(rows)
-    chosen = choose(rows, latency_ms)
     if chosen is not None:
         chosen.chosen = True
     plan = Plan(budget_ms=float(latency_ms), batch=batch, provider=provider, threads=threads, precision=precision,
-                image_size=size, num_classes=num_classes, candidates=rows, chosen=chosen, machine=report["machine"],
-                settings={"warmup": WARMUP, "duration_s": DURATION_S, "repeats": repeats,
-                          "timing": "ekdc bench's worker, host clock; p50 = median over rounds of each round's p50"},
+                image_size=recipe.data.image_size, num_classes=num_classes, candidates=rows, chosen=chosen,
+                machine=machine, settings={"warmup": WARMUP, "duration_s": DURATION_S, "repeats": repeats,
+                                           "timing": "ekdc bench's worker, host clock; p50 = median over rounds of "
+                                                     "each round's p50", "finer_pass": bool(finer)},
                 seconds=round(time.perf_counter() - t0, 1),
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), arch=recipe.student.arch)
     if chosen is None:
         raise NoStudentFits(plan)
     return plan
+
+
+def _between(recipe: Recipe, rows: Sequence[Candidate], chosen: Candidate) -> list[dict]:
+    """The family's students between ``chosen`` and the candidate of the next most MACs that ``between`` can
+    reach (the same depth and blocks), not timed yet; [] when the family has no ``between``."""
+    space = plan_space(recipe.student.arch)
+    if space.between is None:
+        return []
+    timed = [c.config for c in rows]
+    for larger in sorted((c for c in rows if c.macs > chosen.macs), key=lambda c: c.macs):
+        mids = [m for m in space.between(chosen.config, larger.config) if m not in timed]
+        if mids:
+            return candidate_configs(recipe, mids, where="plan's finer pass")
+    return []
+
+
+def _time_candidates(configs: Sequence[dict], first_index: int, *, recipe: Recipe, batch: int, provider: str,
+                     threads: int, precision: str, num_classes: int, repeats: int, say: Callable[[str], None],
+                     finer: bool = False) -> tuple[list[Candidate], dict]:
+    """Build, fold (each layout), export and time ``configs``, rounds interleaved: their Candidates (indices
+    from ``first_index``) and the machine the timing ran on."""
+    size = recipe.data.image_size
+    rows: list[Candidate] = []
+    files: dict[str, tuple[Candidate, str]] = {}  # file name -> (candidate, layout)
+    with tempfile.TemporaryDirectory(prefix="ekdc-plan-") as tmp:
+        for i, cfg in enumerate(configs, start=first_index):
+            student, macs, params = build_candidate(recipe.student.arch, cfg, num_classes, size)
+            cand = Candidate(index=i, config=cfg, macs=macs, params=params, finer=finer)
+            rows.append(cand)
+            for layout in layouts(student):
+                path = _export_files(student, layout, size, precision, Path(tmp), f"c{i:02d}-{layout}")
+                files[path.name] = (cand, layout)
+            say(f"  exported {i - first_index + 1}/{len(configs)}: {cand.short}")
+        rounds = f"{repeats} round" + ("s" if repeats != 1 else "")
+        say(f"timing {len(files)} files with bench's worker: {rounds}, each file in a fresh process, {WARMUP} warm-up "
+            f"runs + {DURATION_S:g} s")
+        report = time_models([Path(tmp) / name for name in files], batches=[batch], threads=threads,
+                             provider=provider, warmup=WARMUP, duration=DURATION_S, repeats=repeats,
+                             on_child=_round_progress(say, len(files)))
+    _fill_latencies(files, report, batch)
+    return rows, report["machine"]
 
 
 def _sayer(console: Optional["Console"]) -> Callable[[str], None]:

@@ -22,12 +22,14 @@ def plan_table(plan: Plan) -> Table:
     for c in sorted(plan.candidates, key=lambda c: (c.macs, c.p50_ms)):
         over = c.p50_ms > plan.budget_ms
         spread = "-" if c.spread_pct is None else f"{c.spread_pct:.0f}%"
-        t.add_row(str(c.index), c.short, count_text(c.macs), count_text(c.params),
+        t.add_row(f"{c.index}{'+' if c.finer else ''}", c.short, count_text(c.macs), count_text(c.params),
                   f"[dim]{c.p50_ms:.3f}[/dim]" if over else f"{c.p50_ms:.3f}", spread, c.layout,
                   "*" if c.pareto else "", "<- chosen" if c.chosen else "")
     n = plan.settings["repeats"]
     t.caption = (f"p50: median over {n} interleaved round{'s' if n != 1 else ''}, fastest fold layout; spread: "
                  f"(max - min) / median of the rounds. * Pareto front (no candidate has more MACs at less latency). "
+                 + ("+ timed in the finer pass, between the grid's chosen student and the next larger. "
+                    if plan.settings.get("finer_pass") else "") +
                  f"{plan.holds_for}")
     return t
 
@@ -38,10 +40,15 @@ def write_plan_plot(plan: Plan, path: Union[str, Path]) -> Path:
     fig = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for block, marker in (("basic", "o"), ("inverted_residual", "s")):
-        pts = [c for c in plan.candidates if c.config["block"] == block]
-        if pts:
-            ax.scatter([c.macs for c in pts], [c.p50_ms for c in pts], marker=marker, s=22, label=block, zorder=2)
+    # ekd_student's grid mixes block kinds, one marker each; a family without blocks is one series
+    kinds = {c.config.get("block", plan.arch) for c in plan.candidates}
+    for kind, marker in zip(sorted(kinds), "osD^v"):
+        for finer in (False, True):
+            pts = [c for c in plan.candidates if c.config.get("block", plan.arch) == kind and c.finer == finer]
+            if pts:
+                ax.scatter([c.macs for c in pts], [c.p50_ms for c in pts], marker=marker, s=22, zorder=2,
+                           facecolors="none" if finer else None, edgecolors="C0" if finer else None,
+                           label=f"{kind} (finer pass)" if finer else kind)
     front = sorted((c for c in plan.candidates if c.pareto), key=lambda c: c.macs)
     ax.plot([c.macs for c in front], [c.p50_ms for c in front], color="gray", lw=1, zorder=1, label="Pareto front")
     for c in plan.candidates:
