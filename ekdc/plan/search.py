@@ -160,10 +160,10 @@ def plan_student(recipe: Recipe, latency_ms: float, *, batch: int = 1, provider:
         torch.manual_seed(0)  # random weights, but the same ones every time; the caller's RNG is left as it was
         rows, machine = _time_candidates(configs, 0, **timing)
         chosen = choose(rows, latency_ms)
-        finer = _between(recipe, rows, chosen) if refine and chosen is not None else []
-        if finer:
-            say(f"a finer pass between {chosen.short} and the next larger student: {len(finer)} more")
-            more, machine = _time_candidates(finer, len(rows), **timing, finer=True)
+        mids = _between(recipe, rows, chosen) if refine and chosen is not None else []
+        if mids:
+            say(f"a finer pass between {chosen.short} and the next larger student: {len(mids)} more")
+            more, machine = _time_candidates(mids, len(rows), **timing, finer=True)
             rows += more
             chosen = choose(rows, latency_ms)
     mark_pareto(rows)
@@ -173,7 +173,7 @@ def plan_student(recipe: Recipe, latency_ms: float, *, batch: int = 1, provider:
                 image_size=recipe.data.image_size, num_classes=num_classes, candidates=rows, chosen=chosen,
                 machine=machine, settings={"warmup": WARMUP, "duration_s": DURATION_S, "repeats": repeats,
                                            "timing": "ekdc bench's worker, host clock; p50 = median over rounds of "
-                                                     "each round's p50", "finer_pass": bool(finer)},
+                                                     "each round's p50", "finer_pass": bool(mids)},
                 seconds=round(time.perf_counter() - t0, 1),
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), arch=recipe.student.arch)
     if chosen is None:
