@@ -73,9 +73,9 @@ def run(args) -> tuple[dict, dict]:
     if not args.report_only:  # every row once, then the check, then the seeds that make the spread
         compare(recipe, ROWS, args.seeds[:1], main_out, **go)
         # the page is written from every finished cell, so that a resumed grid never shows less than before
-        finished = lambda: compare(recipe, ROWS, args.seeds, main_out, **{**go, "report_only": True})  # noqa: E731
-        write_page(finished(), compare(doubled, [CHECK_ROW], [0], check_out, report_only=True), args)
-        write_page(finished(), compare(doubled, [CHECK_ROW], [0], check_out, **go), args)
+        finished = compare(recipe, ROWS, args.seeds, main_out, **{**go, "report_only": True})
+        write_page(finished, compare(doubled, [CHECK_ROW], [0], check_out, report_only=True), args)
+        write_page(finished, compare(doubled, [CHECK_ROW], [0], check_out, **go), args)
     report = compare(recipe, ROWS, args.seeds, main_out, **go)
     check = compare(doubled, [CHECK_ROW], [0], check_out, report_only=True)
     return report, check

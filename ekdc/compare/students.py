@@ -55,7 +55,7 @@ def recipe_latency_ms(recipe: Recipe, config: dict, num_classes: int, say: Calla
 def planned_student(recipe: Recipe, budget_ms: float, num_classes: int, console) -> dict:
     """The one-branch student ``ekdc plan`` chooses for ``budget_ms`` among its family's candidates with as many
     stages as the recipe's student, and then between its grid's steps (the finer pass): the two differ in widths
-    and branches, not in depth, and the one branch comes as near the budget as the family's width step allows."""
+    and branches, not in depth, and the one branch comes nearer the budget than the grid's steps alone allow."""
     raw = recipe.model_dump(mode="json")
     raw["student"] = {k: v for k, v in raw["student"].items() if k not in ("latency_ms",)} | {"num_branches": 1}
     raw["mode"] = "avg_kd" if raw["mode"] == "ekd" else raw["mode"]  # what the one branch trains with is the row's

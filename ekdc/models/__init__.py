@@ -4,7 +4,6 @@ from ._registry import (
     FoldableStudent,
     PlanSpace,
     StudentFamily,
-    widths_between,
     check_model_name,
     create_model,
     get_student,
@@ -12,6 +11,7 @@ from ._registry import (
     list_students,
     register_model,
     register_student,
+    widths_between,
 )
 from .layers import FeatureClassifier
 from .profile import count_macs, count_params
@@ -23,7 +23,6 @@ __all__ = [
     "FeatureClassifier",
     "FoldableStudent",
     "PlanSpace",
-    "widths_between",
     "StudentFamily",
     "check_model_name",
     "count_macs",
@@ -34,4 +33,5 @@ __all__ = [
     "register_student",
     "list_models",
     "register_model",
+    "widths_between",
 ]

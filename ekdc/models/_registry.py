@@ -62,26 +62,27 @@ def widths_between(a: dict, b: dict, step: int, keys: tuple[str, ...], most: int
     ``keys`` are the width keys (an int, or a list of ints of one length, each); [] when the two differ in
     any other key (depth, block kind) or in the number of stages, or are a step apart."""
     moved = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
-    if any(k not in keys or len(_ints(a.get(k))) != len(_ints(b.get(k))) for k in moved):
+    widths = {k: (_ints(a.get(k)), _ints(b.get(k))) for k in moved}
+    if any(k not in keys or x is None or y is None or len(x) != len(y) for k, (x, y) in widths.items()):
         return []
-    n = max((abs(q - p) for k in moved for p, q in zip(_ints(a[k]), _ints(b[k]))), default=0) // step
+    n = max((abs(q - p) for x, y in widths.values() for p, q in zip(x, y)), default=0) // step
     ks = sorted({round(i * n / (most + 1)) for i in range(1, most + 1)}) if n - 1 > most else range(1, n)
     rnd = lambda v: max(step, step * round(v / step))  # noqa: E731
     out: list[dict] = []
     for k_ in ks:
         mid = {**a}
         for k in moved:
-            w = [rnd(p + k_ / n * (q - p)) for p, q in zip(_ints(a[k]), _ints(b[k]))]
+            w = [rnd(p + k_ / n * (q - p)) for p, q in zip(*widths[k])]
             mid[k] = w if isinstance(a[k], list) else w[0]
         if mid not in out and mid != a and mid != b:
             out.append(mid)
     return out
 
 
-def _ints(v) -> list:
-    """A width key's value as a list of widths (None, or not ints: [None], which matches no list)."""
+def _ints(v) -> Optional[list]:
+    """A width key's value as a list of widths; None when it is not an int or a list of ints (or is missing)."""
     v = v if isinstance(v, list) else [v]
-    return v if all(isinstance(x, int) and not isinstance(x, bool) for x in v) else [None]
+    return v if all(isinstance(x, int) and not isinstance(x, bool) for x in v) else None
 
 
 @dataclasses.dataclass(frozen=True)
