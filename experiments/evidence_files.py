@@ -13,7 +13,20 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-SHIPPED_TEACHERS = Path(__file__).resolve().parents[1] / "weights" / "cifar10" / "teachers.json"
+
+
+def shipped_teachers(recipe) -> tuple[Path, dict]:
+    """The folder the recipe's teachers are loaded from (``weights:``) and its teachers.json, the record
+    experiments/ship_teachers.py wrote of them (accuracy, MACs, training time)."""
+    folders = {Path(t.weights).parent for t in recipe.teachers if t.weights}
+    if len(folders) != 1 or len(recipe.teachers) != sum(1 for t in recipe.teachers if t.weights):
+        raise SystemExit(f"{recipe.name}: the drivers distil from shipped teachers, every one with weights: in one "
+                         f"folder (weights/cifar10-large/); this recipe's come from {sorted(map(str, folders))}")
+    folder = folders.pop()
+    path = folder / "teachers.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: ship the teachers with experiments/ship_teachers.py first")
+    return folder, json.loads(path.read_text())
 
 
 def teacher_files(grid: Path) -> Optional[dict]:
@@ -22,11 +35,10 @@ def teacher_files(grid: Path) -> Optional[dict]:
     return {k: v["sha256"] for k, v in json.loads(path.read_text()).items()} if path.is_file() else None
 
 
-def cpu_hours(metrics: Iterable[Path]) -> float:
-    """Hours of training behind a page, on the machine that ran it: the shipped teachers'
-    (weights/cifar10/teachers.json), every cell's (its metrics.json), and each teacher-output cache's build
-    once, however many cells read it."""
-    teachers = json.loads(SHIPPED_TEACHERS.read_text())
+def cpu_hours(metrics: Iterable[Path], teachers: dict) -> float:
+    """Hours of training behind a page, on the machine that ran it: the shipped teachers' (``teachers``:
+    their teachers.json), every cell's (its metrics.json), and each teacher-output cache's build once,
+    however many cells read it."""
     secs = sum(t["train_seconds"] for t in teachers["teachers"])
     builds = {}
     for path in metrics:

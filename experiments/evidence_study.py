@@ -15,6 +15,10 @@ and the recipe's schedule stretched to ``--epochs`` (its warm-up the same fracti
     plain:avg_kd                     one branch, every width scaled to the 3-branch student's MACs
     planned:avg_kd                   one branch of the same stages, planned by ekdc plan for its measured latency
 
+Each finished cell's record is kept in experiments/records/evidence/ (``--commit`` commits it as the cell ends)
+and put back into runs/evidence/ when the driver starts (experiments/grid_records.py): a grid of several
+sessions, whose run folders do not outlive them, goes on where it stopped.
+
 Order: seed 0 of every row, then the convergence check (``avg_kd`` seed 0 at twice ``--epochs``, runs/evidence/
 n500-x2; the page shows the gain), then the other seeds, seed-major. The page is written after each of the three.
 """
@@ -36,10 +40,12 @@ from ekdc import load_recipe  # noqa: E402
 from ekdc.benchmark.machine import cpu_model  # noqa: E402
 from ekdc.compare import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
 from ekdc.compare.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
-from evidence_files import LIMITED, cpu_hours, teacher_files, update_evidence  # noqa: E402
+from evidence_files import LIMITED, cpu_hours, shipped_teachers, teacher_files, update_evidence  # noqa: E402
+from grid_records import RECORDS, commit, keep_cell, keep_grid, restore  # noqa: E402
 from headline import THREE_BRANCH  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
+DEFAULT_RUNS = ROOT / "runs" / "evidence"
 PER_CLASS = 500
 ROWS = ["ce", "avg_kd", "ekd", "avg_kd+dkd", "plain:avg_kd", "planned:avg_kd"]
 CHECK_ROW = "avg_kd"  # the convergence check's row: the one every comparison below is paired with
@@ -70,14 +76,37 @@ def run(args) -> tuple[dict, dict]:
     cache = [f"distill.teacher_cache.path={(main_out / 'teacher_cache').resolve()}"]  # both grids read one cache
     recipe, doubled = grid_recipe(args.epochs, [*cache, *args.set]), grid_recipe(2 * args.epochs, [*cache, *args.set])
     go = dict(report_only=args.report_only, console=args.console, progress=False)
+    # finished cells of earlier sessions (experiments/records/evidence/, in git) come back first
+    # (only for the default --runs-root: a trial grid elsewhere neither reads nor writes the records)
+    kept = Path(args.runs_root).resolve() == DEFAULT_RUNS.resolve()
+    stores = {main_out: RECORDS / "evidence" / main_out.name, check_out: RECORDS / "evidence" / check_out.name}
+    for grid, store in stores.items():
+        if kept and restore(store, grid):
+            print(f"evidence: finished cells of {grid} restored from {store}")
+
+    def keep(grid: Path):
+        if not kept:
+            return None
+
+        def on_cell(cell: Path) -> None:
+            written = keep_cell(grid, cell, stores[grid])
+            if written and args.commit:
+                commit(written, f"evidence: cell {grid.name}/{cell.relative_to(grid)} finished (records)")
+        return on_cell
+
+    go_main, go_check = {**go, "on_cell": keep(main_out)}, {**go, "on_cell": keep(check_out)}
     if not args.report_only:  # every row once, then the check, then the seeds that make the spread
-        compare(recipe, ROWS, args.seeds[:1], main_out, **go)
+        compare(recipe, ROWS, args.seeds[:1], main_out, **go_main)
         # the page is written from every finished cell, so that a resumed grid never shows less than before
         finished = compare(recipe, ROWS, args.seeds, main_out, **{**go, "report_only": True})
         write_page(finished, compare(doubled, [CHECK_ROW], [0], check_out, report_only=True), args)
-        write_page(finished, compare(doubled, [CHECK_ROW], [0], check_out, **go), args)
-    report = compare(recipe, ROWS, args.seeds, main_out, **go)
+        write_page(finished, compare(doubled, [CHECK_ROW], [0], check_out, **go_check), args)
+    report = compare(recipe, ROWS, args.seeds, main_out, **go_main)
     check = compare(doubled, [CHECK_ROW], [0], check_out, report_only=True)
+    if kept and not args.report_only:  # the latencies are timed once the cells are in
+        written = keep_grid(main_out, stores[main_out])
+        if written and args.commit:
+            commit(written, f"evidence: {main_out.name}'s latencies (records)")
     return report, check
 
 
@@ -137,8 +166,9 @@ def _convergence(report: dict, check: dict, epochs: int) -> tuple[list[str], dic
     return lines, {"row": CHECK_ROW, "epochs": epochs, "acc": one, "acc_2x": two, "gain_points": gain}
 
 
-def _teachers_lines(report: dict) -> list[str]:
-    shipped = json.loads((ROOT / "weights" / "cifar10" / "teachers.json").read_text())
+def _teachers_lines(report: dict, recipe) -> list[str]:
+    folder, shipped = shipped_teachers(recipe)
+    where = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
     ens = None
     for e in report["rows"]:
         for seed in e["acc"]:
@@ -152,8 +182,8 @@ def _teachers_lines(report: dict) -> list[str]:
     lines += [f"| {t['name']} | {pct(t['val_acc'])} | {t['macs'] / 1e6:.1f}M |" for t in shipped["teachers"]]
     macs = sum(t["macs"] for t in shipped["teachers"])
     lines.append(f"| **ensemble** | **{pct(ens) if ens is not None else '–'}** | {macs / 1e6:.1f}M |")
-    return lines + ["", f"ekdc's pretrained teachers (weights/cifar10/, trained on all {shipped['train_images']:,} "
-                        "training images outside the validation split; weights/cifar10/teachers.json): the students "
+    return lines + ["", f"ekdc's pretrained teachers ({where}/, trained on all {shipped['train_images']:,} "
+                        f"training images outside the validation split; {where}/teachers.json): the students "
                         "see 5,000 of "
                         "those images, the teachers saw all of them, as in the paper's setting."]
 
@@ -170,7 +200,8 @@ def write_page(report: dict, check: dict, args) -> None:
                       *([f"--seeds={','.join(map(str, args.seeds))}"] if args.seeds != [0, 1, 2] else []),
                       *[f"--set={s}" for s in args.set]])
     d = recipe.distill
-    hours = cpu_hours([*Path(report["out"]).glob("*/s*/metrics.json"), *Path(check["out"]).glob("*/s*/metrics.json")])
+    hours = cpu_hours([*Path(report["out"]).glob("*/s*/metrics.json"), *Path(check["out"]).glob("*/s*/metrics.json")],
+                      shipped_teachers(recipe)[1])
     lines = ["# Evidence: does the multi-branch EKD student earn its place on limited data?", "",
              f"Written by `{cmd}` from finished runs (`--report-only` rebuilds it); every cell is a run of "
              f"`ekdc compare` (runs/evidence/n{PER_CLASS}/). Machine: {report.get('machine') or cpu_model()}, "
@@ -184,7 +215,7 @@ def write_page(report: dict, check: dict, args) -> None:
              + (f", and {', '.join(f'`--set {s}`' for s in args.set)} for every cell" if args.set else "") + ". "
              "Validation: the fixed 5,000-image split (500 a class) no run trains on. Accuracies are the exported fp32 "
              "ONNX students' own on it, in %, mean ± std over the seeds that finished (n). A seed fixes the student's "
-             "initialisation and batch order.", "", "## Teachers", "", *_teachers_lines(report), "",
+             "initialisation and batch order.", "", "## Teachers", "", *_teachers_lines(report, recipe), "",
              "## Convergence", "", *conv_lines, "",
              f"## {PER_CLASS} images a class", "", *_rows_table(report), "", "Paired by seed:", "", *pair_lines, "",
              f"![accuracy by row]({f'evidence-{PER_CLASS}.png'})", "",
@@ -218,12 +249,14 @@ def _artifacts(report: dict, folder: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs-root", default=str(ROOT / "runs" / "evidence"))
+    ap.add_argument("--runs-root", default=str(DEFAULT_RUNS))
     ap.add_argument("--epochs", type=int, default=EPOCHS, help="the grid's epochs (the check trains twice as many)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--set", action="append", default=[], help="recipe override for every cell (repeatable)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--commit", action="store_true", help="commit each cell's record as it ends (experiments/records/"
+                    "evidence/): a grid longer than a work session goes on in the next")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.console = None

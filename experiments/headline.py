@@ -12,6 +12,8 @@ rounds at batch 1 and 64, accuracy on the validation split), and writes:
 - docs/HEADLINE.md and docs/headline.json: the table, with the command, machine and CPU time;
 - docs/headline.png: accuracy against batch-64 throughput;
 - the README's headline table (between its ``<!-- headline -->`` markers);
+- experiments/records/headline/: each finished cell's record (experiments/grid_records.py; ``--commit``
+  commits it as the cell ends), put back into runs/headline/ when the driver starts again in a later session;
 - docs/evidence/: each exported fp32 student (full-<row>.onnx), the ensemble as teachers.onnx with fp16
   weights (float32 inputs and outputs), and the full-data rows of evidence.json. Every accuracy written is
   the exported file's own on the validation split.
@@ -32,10 +34,11 @@ from ekdc import bench, export, load_recipe  # noqa: E402
 from ekdc.compare import compare  # noqa: E402  (the function: ekdc.compare is also its package)
 
 sys.path.insert(0, str(ROOT / "experiments"))
-from evidence_files import FULL, cpu_hours, teacher_files, update_evidence  # noqa: E402
+from grid_records import RECORDS, commit, keep_cell, restore  # noqa: E402
+from evidence_files import FULL, cpu_hours, shipped_teachers, teacher_files, update_evidence  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
-OUT = ROOT / "runs" / "headline"
+OUT = DEFAULT_OUT = ROOT / "runs" / "headline"
 DOCS = ROOT / "docs"
 README_MARKERS = ("<!-- headline -->", "<!-- /headline -->")
 READING = "<!-- reading -->"  # HEADLINE.md below this line is kept as it is by a rebuild
@@ -72,10 +75,29 @@ def weights_to_fp16(src: Path, dst: Path) -> None:
 THREE_BRANCH = ["student.num_branches=3", "student.widths=[64,72,80]"]
 
 
+def _records(grid: Path, commit_them: bool):
+    """Finished cells of earlier sessions back into ``grid`` (experiments/records/headline/), and the
+    ``on_cell`` that keeps each new one there (the recipe's student with its weights: the deploy export,
+    int8 included, is made from them), committed with ``--commit``. Only for the default --out: a dry run
+    elsewhere neither reads nor writes the records."""
+    if OUT != DEFAULT_OUT:
+        return None
+    store = RECORDS / "headline" / (grid.relative_to(OUT) if grid != OUT else "rows")
+    if restore(store, grid):
+        print(f"headline: finished cells of {grid} restored from {store}")
+
+    def on_cell(cell: Path) -> None:
+        written = keep_cell(grid, cell, store, extra=("student.pt",) if cell.parent == OUT / "recipe" else ())
+        if written and commit_them:
+            commit(written, f"headline: cell {cell.relative_to(OUT)} finished (records)")
+    return on_cell
+
+
 def train(args) -> dict:
     recipe = load_recipe(RECIPE, args.set)
     t0 = time.perf_counter()
-    report = compare(recipe, rows=args.rows, seeds=[0], out=OUT, report_only=args.report_only, progress=False)
+    report = compare(recipe, rows=args.rows, seeds=[0], out=OUT, report_only=args.report_only, progress=False,
+                     on_cell=_records(OUT, args.commit))
     deploy = OUT / "deploy"
     if not (deploy / "manifest.json").is_file():
         export(OUT / "recipe" / "s0", deploy, int8=True, teachers=True)
@@ -83,7 +105,7 @@ def train(args) -> dict:
         branched = load_recipe(RECIPE, [*args.set, *THREE_BRANCH,
                                         f"distill.teacher_cache.path={OUT / 'teacher_cache'}"])
         compare(branched, rows=args.branch_rows, seeds=[0], out=OUT / "three-branch", report_only=args.report_only,
-                progress=False)
+                progress=False, on_cell=_records(OUT / "three-branch", args.commit))
     return {"compare": report, "seconds_this_call": time.perf_counter() - t0}
 
 
@@ -93,6 +115,8 @@ def main() -> None:
     ap.add_argument("--rows", default="recipe,ce")
     ap.add_argument("--branch-rows", default="avg_kd,ekd", help="rows of the 3-branch student ('' for none)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--commit", action="store_true", help="commit each cell's record as it ends "
+                    "(experiments/records/headline/): the rows may take more than one work session")
     ap.add_argument("--set", action="append", default=[], help="a recipe override (a dry run: data.per_class=20)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the pages go (README only with docs/)")
@@ -114,7 +138,7 @@ def main() -> None:
     rep = bench(list(files.values()), against=deploy / "teachers.onnx", batches=[1, 64], repeats=3, data=OUT / "recipe" / "s0",
                 json_path=OUT / "bench.json")
     models = dict(zip(files, rep["models"]))
-    teachers = json.loads((ROOT / "weights" / "cifar10" / "teachers.json").read_text())
+    teacher_folder, teachers = shipped_teachers(load_recipe(RECIPE, args.set))
     student_run = json.loads((OUT / "recipe" / "s0" / "metrics.json").read_text())
     ens = models["teacher ensemble"]
     table = []
@@ -130,7 +154,9 @@ def main() -> None:
     record = {"recipe": "recipes/cifar10-strong.yaml", "command": shlex.join(["python", "experiments/headline.py", *sys.argv[1:]]),
               "teachers": [{k: t[k] for k in ("name", "arch", "val_acc", "macs")} for t in teachers["teachers"]],
               "teacher_ensemble_acc": ens["accuracy"], "rows": table, "machine": rep["machine"],
-              "threads": rep["settings"]["threads"], "cpu_hours": round(cpu_hours(cells), 2),
+              "threads": rep["settings"]["threads"], "cpu_hours": round(cpu_hours(cells, teachers), 2),
+              "teacher_folder": str(teacher_folder.relative_to(ROOT)) if teacher_folder.is_relative_to(ROOT) else
+              str(teacher_folder),
               "train_images": student_run["train_images"], "val_images": student_run["val_images"],
               "teacher_train_images": teachers["train_images"]}
     (DOCS / "headline.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -173,7 +199,8 @@ def _markdown(record: dict) -> str:
         "",
         f"CIFAR-10: the student distilled on {record['train_images']:,} training JPEGs, everything scored on the "
         f"fixed {record['val_images']:,}-image "
-        f"validation split. Teachers (ekdc's pretrained weights, weights/cifar10/): {t}. Every accuracy is the "
+        f"validation split. Teachers (ekdc's pretrained weights, {record.get('teacher_folder', 'weights/cifar10')}/): "
+        f"{t}. Every accuracy is the "
         "exported ONNX file's own; latency and throughput from `ekdc bench` (ONNX Runtime CPU, 3 interleaved "
         f"rounds) on {_machine(record['machine'])}, {record['threads']} threads.",
         "",

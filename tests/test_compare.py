@@ -73,7 +73,13 @@ def test_compare_grid_report_and_resume(tmp_path, monkeypatch):
     stamp = (out / "ce" / "s1" / "student.pt").stat().st_mtime_ns
     timed = json.loads((out / "latency.json").read_text())  # as a grid timed with 3 rounds, before batch 64: again
     (out / "latency.json").write_text(json.dumps({k: v for k, v in timed.items() if "b64" not in k} | {"rounds": 3}))
-    again = compare(recipe, "recipe,ce,plain:avg_kd+dkd", [0, 1], "grid", progress=False)
+    # a cell kept as its record (metrics, export) without its weights is finished too: not trained again
+    (out / "recipe" / "s1" / "student.pt").unlink()
+    seen = []
+    again = compare(recipe, "recipe,ce,plain:avg_kd+dkd", [0, 1], "grid", progress=False, on_cell=seen.append)
+    assert not (out / "recipe" / "s1" / "student.pt").exists()
+    assert sorted(str(c.relative_to(out)) for c in seen) == sorted(
+        f"{row}/s{seed}" for row in ("recipe", "ce", "plain-avg_kd-dkd") for seed in (0, 1))
     assert all(e["img_s_b64"] > 0 for e in again["rows"])
     assert json.loads((out / "latency.json").read_text())["rounds"] == LATENCY_ROUNDS
     assert (out / "ce" / "s1" / "student.pt").stat().st_mtime_ns == stamp

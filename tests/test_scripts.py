@@ -184,19 +184,17 @@ def test_evidence_reading_is_kept_as_written(tmp_path):
     assert study._kept_reading(page) is None
 
 
-def test_cpu_hours_counts_each_teacher_cache_build_once(tmp_path, monkeypatch):
+def test_cpu_hours_counts_each_teacher_cache_build_once(tmp_path):
     """The training time a page states: the shipped teachers', every cell's, and a cache that several cells
     read built once."""
     ev = _load("evidence_files")
-    shipped = tmp_path / "teachers.json"
-    shipped.write_text(json.dumps({"teachers": [{"train_seconds": 1800}, {"train_seconds": 1800}]}))
-    monkeypatch.setattr(ev, "SHIPPED_TEACHERS", shipped)
+    shipped = {"teachers": [{"train_seconds": 1800}, {"train_seconds": 1800}]}
     cells = []
     for k, cache in enumerate(["/c/a", "/c/a", "/c/b"]):
         cells.append(tmp_path / f"m{k}.json")
         cells[-1].write_text(json.dumps({"seconds": 360, "teacher_cache": {"path": cache, "build_seconds": 720}}))
-    assert ev.cpu_hours(cells) == pytest.approx((3600 + 3 * 360 + 2 * 720) / 3600)
-    assert ev.cpu_hours([]) == pytest.approx(1.0)
+    assert ev.cpu_hours(cells, shipped) == pytest.approx((3600 + 3 * 360 + 2 * 720) / 3600)
+    assert ev.cpu_hours([], shipped) == pytest.approx(1.0)
 
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -325,3 +323,82 @@ def test_gpu_teachers_run_then_unpack_gives_runs_ship_teachers_scores(tmp_path):
         assert (run / "machine.txt").read_text().strip() == summary["machine"]
     assert sorted(p.name for p in (tmp_path / "split" / "val").rglob("*.png")) == sorted(
         p.name for p in (folder / "val").rglob("*.png"))
+
+
+def test_ship_teachers_adds_a_later_run_to_what_is_shipped(tmp_path):
+    """Teachers trained in separate runs ship one at a time: the second run's teacher joins the first's (scored
+    again from its shipped file), the ensemble is of both, and a run on another split is refused."""
+    import sys
+
+    from tests.conftest import run_cli
+
+    ship = _load("ship_teachers")
+    out = tmp_path / "weights"
+    for name, arch in (("one", "resnet8"), ("two", "wrn_16_2")):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", teachers=[
+            {"arch": arch, "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}])
+        assert run_cli("distill", recipe, "--teachers-only", "--out", tmp_path / name, "-q").returncode == 0
+    argv = sys.argv
+    try:
+        sys.argv = ["ship_teachers.py", str(tmp_path / "one"), str(out)]
+        ship.main()
+        first = json.loads((out / "teachers.json").read_text())
+        sys.argv = ["ship_teachers.py", str(tmp_path / "two"), str(out)]
+        ship.main()
+        both = json.loads((out / "teachers.json").read_text())
+        assert [t["name"] for t in both["teachers"]] == ["resnet8", "wrn_16_2"]
+        assert both["teachers"][0] == first["teachers"][0]  # the same file, scored the same again
+        assert both["runs"] == [str(tmp_path / "one"), str(tmp_path / "two")]
+        assert both["ensemble_macs"] == sum(t["macs"] for t in both["teachers"])
+        import yaml
+        shipped_recipe = yaml.safe_load((out / both["teachers"][1]["recipe"]).read_text())  # what trained it
+        assert [t["arch"] for t in shipped_recipe["teachers"]] == ["wrn_16_2"]
+        other = write_recipe(tmp_path / "other.yaml", data={"val_fraction": 0.5},
+                             teachers=[{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}])
+        assert run_cli("distill", other, "--teachers-only", "--out", tmp_path / "other", "-q").returncode == 0
+        sys.argv = ["ship_teachers.py", str(tmp_path / "other"), str(out)]
+        with pytest.raises(SystemExit, match="another split"):
+            ship.main()
+    finally:
+        sys.argv = argv
+    assert json.loads((out / "teachers.json").read_text()) == both  # the refused run changed nothing
+
+
+@needs_git
+def test_grid_records_keep_a_cell_then_restore_it_in_a_new_session(tmp_path):
+    """A finished cell's record (its small files, and seed 0's timed ONNX file) is kept and committed; its
+    weights and checkpoints are not; a new session's empty grid folder gets the record back."""
+    import subprocess
+
+    rec = _load("grid_records")
+    repo = tmp_path / "repo"
+    _git_repo(repo)
+    grid, store = tmp_path / "grid", repo / "records" / "n500"
+    for seed in (0, 1):
+        cell = grid / "ce" / f"s{seed}"
+        (cell / "export").mkdir(parents=True)
+        (cell / "ckpt").mkdir()
+        for name in ("recipe.yaml", "metrics.json", "log.jsonl", "export/manifest.json", "export/student.onnx",
+                     "student.pt", "ckpt/student-ce.pt"):
+            (cell / name).write_text(f"{seed} {name}")
+    (grid / "students.json").write_text("{}")
+    (grid / "teacher_cache").mkdir()
+    (grid / "teacher_cache" / "outputs.bin").write_text("big")
+    written = rec.keep_cell(grid, grid / "ce" / "s0", store) + rec.keep_cell(grid, grid / "ce" / "s1", store)
+    kept = sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file())
+    assert kept == ["ce/s0/export/manifest.json", "ce/s0/export/student.onnx", "ce/s0/log.jsonl", "ce/s0/metrics.json",
+                    "ce/s0/recipe.yaml", "ce/s1/export/manifest.json", "ce/s1/log.jsonl", "ce/s1/metrics.json",
+                    "ce/s1/recipe.yaml", "students.json"]
+    assert rec.keep_cell(grid, grid / "ce" / "s0", store) == []  # unchanged: nothing to write, nothing to commit
+    (repo / "small.txt").write_text("changed, not the grid's")
+    assert rec.commit(written, "cells", repo=repo)
+    log = subprocess.run(["git", "-C", str(repo), "show", "--stat", "--format=%s", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout
+    assert log.startswith("cells") and "small.txt" not in log and "ce/s1/metrics.json" in log
+    assert not rec.commit([], "nothing", repo=repo)
+    fresh = tmp_path / "next-session" / "grid"
+    assert rec.restore(store, fresh) == 2
+    assert (fresh / "ce" / "s1" / "metrics.json").read_text() == "1 metrics.json"
+    assert not (fresh / "ce" / "s0" / "student.pt").exists() and (fresh / "ce" / "s0" / "export" / "student.onnx").is_file()
+    (fresh / "ce" / "s1" / "metrics.json").write_text("newer")
+    assert rec.restore(store, fresh) == 0 and (fresh / "ce" / "s1" / "metrics.json").read_text() == "newer"

@@ -7,7 +7,10 @@ a run folder, so the grid resumes where it stopped.
     OUT/students.json      the one-branch students (equal MACs, planned) and the recipe student's latency
     OUT/teacher_files.json each teacher file the recipe names (weights:, onnx:) and its sha256: a grid is
                            never continued or reported with a file that changed under the same name
-    OUT/<row>/s<seed>/     each cell's run folder; its export/ holds the fp32 ONNX student
+    OUT/<row>/s<seed>/     each cell's run folder; its export/ holds the fp32 ONNX student. A cell with its
+                           metrics.json and export/manifest.json is finished, even without its student.pt: what
+                           the report reads is the exported file's record, so a grid kept as those small files
+                           (and seed 0's student.onnx, which is timed) resumes without training them again
     OUT/latency.json       each row's exported student timed at batch 1, all rows in one bench run
     OUT/compare.json       the report (``report.py``)
 """
@@ -227,9 +230,12 @@ def _run_cell(recipe: Recipe, cell: Path, console, progress: bool) -> None:
     run = RunDir(cell)
     if run.recipe_path.is_file():
         _same_recipe(run, recipe)
+    exported = (cell / "export" / "manifest.json").is_file()
+    if exported and run.metrics_path.is_file():  # trained and exported (its student.pt may be gone): done
+        return
     if not run.finished:
         distill(recipe, cell, resume=run.recipe_path.is_file(), console=console, progress=progress)
-    if not (cell / "export" / "manifest.json").is_file():
+    if not exported:
         export(cell, cell / "export", teachers=False)
 
 
@@ -269,9 +275,11 @@ def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict:
 
 def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Sequence[int] = (0, 1, 2),
             out: Optional[str | Path] = None, *, console=None, progress: bool = True,
-            report_only: bool = False) -> dict:
+            report_only: bool = False, on_cell: Optional[Callable[[Path], None]] = None) -> dict:
     """Train every row over the seeds (or, ``report_only``, read what is finished) and return the
-    report (``report.build_report``), also written to OUT/compare.json."""
+    report (``report.build_report``), also written to OUT/compare.json. ``on_cell(folder)`` is called after
+    each cell is finished (trained and exported, now or before): a long grid can keep or commit its cells
+    as they end."""
     parsed = parse_rows(rows)
     check_recipe(recipe)
     seeds = sorted({int(s) for s in seeds})
@@ -295,6 +303,8 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
         for k, (row, seed, cell, r) in enumerate(cells):
             say(f"compare [{k + 1}/{len(cells)}] {row.name}, seed {seed} -> {cell}")
             _run_cell(r, cell, console, progress)
+            if on_cell is not None:
+                on_cell(cell)
     latency = _latencies(parsed, seeds, out, say) if not report_only else \
         (json.loads((out / "latency.json").read_text()) if (out / "latency.json").is_file() else {})
     report = build_report(recipe, parsed, seeds, out, students, latency)

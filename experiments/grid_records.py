@@ -1,0 +1,80 @@
+"""Keep a compare grid's finished cells in git, so that a grid longer than one work session goes on in the next.
+
+Here a session's run folders (runs/, ignored by git) do not outlive it, and a grid of 3 seeds takes several
+sessions of 2 CPU cores. So a driver keeps each cell's record as the cell ends (``keep_cell``, called by
+``ekdc compare``'s ``on_cell``) under experiments/records/<grid>/, commits it (``commit``), and puts the records
+back into the grid folder before it runs (``restore``). ``ekdc compare`` takes a cell with its metrics.json and
+export/manifest.json as finished, so a restored cell is reported, never trained again.
+
+A record is the cell's small files (recipe.yaml, metrics.json, log.jsonl, export/manifest.json), the grid's own
+(students.json, teacher_files.json, latency.json) and, for seed 0, the exported student.onnx that compare
+times and the drivers copy into docs/evidence/ (git stores the same bytes once). Weights, checkpoints and the
+teacher-output cache are not kept: a resumed grid builds its cache again.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "experiments" / "records"
+CELL_FILES = ("recipe.yaml", "metrics.json", "log.jsonl", "export/manifest.json")
+GRID_FILES = ("students.json", "teacher_files.json", "latency.json")
+TIMED = "export/student.onnx"  # seed 0's: the file compare times for its row
+
+
+def keep_cell(grid: Path, cell: Path, store: Path, extra: tuple[str, ...] = ()) -> list[Path]:
+    """Copy a finished cell's record (and the grid's files) from ``grid`` into ``store``, at the same relative
+    paths; ``extra``: more of the cell's files to keep (the headline's student.pt). Returns the files written."""
+    names = [*CELL_FILES, *((TIMED,) if cell.name == "s0" else ()), *extra]
+    return _copy([(cell / n, store / cell.relative_to(grid) / n) for n in names]) + keep_grid(grid, store)
+
+
+def keep_grid(grid: Path, store: Path) -> list[Path]:
+    """Copy the grid's own files (students chosen, teacher files' sha256, latencies) into ``store``."""
+    return _copy([(grid / n, store / n) for n in GRID_FILES])
+
+
+def _copy(pairs: list[tuple[Path, Path]]) -> list[Path]:
+    written = []
+    for src, dst in pairs:
+        if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            written.append(dst)
+    return written
+
+
+def restore(store: Path, grid: Path) -> int:
+    """Put ``store``'s records into ``grid`` where the grid lacks them (a file the grid has is newer or the
+    same: it is left alone). Returns the number of cells restored."""
+    if not store.is_dir():
+        return 0
+    cells = 0
+    for src in sorted(p for p in store.rglob("*") if p.is_file()):
+        dst = grid / src.relative_to(store)
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            cells += src.name == "metrics.json"
+    return cells
+
+
+def commit(paths: list[Path], message: str, repo: Path = ROOT) -> bool:
+    """Commit ``paths`` (only them: whatever else is staged or changed stays as it is). False where there is
+    nothing new or no git repository, with the reason printed, never an error: the grid goes on either way."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        return False
+    git = ["git", "-C", str(repo)]
+    try:
+        subprocess.run([*git, "add", "--", *paths], check=True, capture_output=True, text=True)
+        done = subprocess.run([*git, "commit", "-q", "-m", message, "--", *paths], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"grid_records: not committed ({e})")
+        return False
+    if done.returncode != 0:
+        print(f"grid_records: not committed ({(done.stdout + done.stderr).strip().splitlines()[-1:]})")
+        return False
+    return True
