@@ -21,12 +21,18 @@ def shipped_teachers(recipe) -> tuple[Path, dict]:
     folders = {Path(t.weights).parent for t in recipe.teachers if t.weights}
     if len(folders) != 1 or len(recipe.teachers) != sum(1 for t in recipe.teachers if t.weights):
         raise SystemExit(f"{recipe.name}: the drivers distil from shipped teachers, every one with weights: in one "
-                         f"folder (weights/cifar10-large/); this recipe's come from {sorted(map(str, folders))}")
+                         f"folder; this recipe's come from {sorted(map(str, folders)) or 'no weight files'}")
     folder = folders.pop()
     path = folder / "teachers.json"
     if not path.is_file():
         raise SystemExit(f"{path} is missing: ship the teachers with experiments/ship_teachers.py first")
-    return folder, json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    # the record must be of exactly these teachers: a folder shipped into one teacher at a time may hold more
+    files, named = sorted(t["file"] for t in record["teachers"]), sorted(Path(t.weights).name for t in recipe.teachers)
+    if files != named:
+        raise SystemExit(f"{path} records the teachers {files}, the recipe {recipe.name} distils from {named}: "
+                         "name the same teachers, or ship into a folder of their own")
+    return folder, record
 
 
 def teacher_files(grid: Path) -> Optional[dict]:

@@ -72,13 +72,14 @@ def grid_recipe(epochs: int, extra: list[str]):
 
 
 def run(args) -> tuple[dict, dict]:
-    main_out, check_out = Path(args.runs_root) / f"n{PER_CLASS}", Path(args.runs_root) / f"n{PER_CLASS}-x2"
+    root = Path(args.runs_root).resolve()  # compare hands on_cell absolute cell folders
+    main_out, check_out = root / f"n{PER_CLASS}", root / f"n{PER_CLASS}-x2"
     cache = [f"distill.teacher_cache.path={(main_out / 'teacher_cache').resolve()}"]  # both grids read one cache
     recipe, doubled = grid_recipe(args.epochs, [*cache, *args.set]), grid_recipe(2 * args.epochs, [*cache, *args.set])
     go = dict(report_only=args.report_only, console=args.console, progress=False)
     # finished cells of earlier sessions (experiments/records/evidence/, in git) come back first
-    # (only for the default --runs-root: a trial grid elsewhere neither reads nor writes the records)
-    kept = Path(args.runs_root).resolve() == DEFAULT_RUNS.resolve()
+    # (only for the grid itself: a trial elsewhere, at other epochs or with --set neither reads nor writes them)
+    kept = root == DEFAULT_RUNS.resolve() and args.epochs == EPOCHS and not args.set
     stores = {main_out: RECORDS / "evidence" / main_out.name, check_out: RECORDS / "evidence" / check_out.name}
     for grid, store in stores.items():
         if kept and restore(store, grid):
@@ -89,9 +90,9 @@ def run(args) -> tuple[dict, dict]:
             return None
 
         def on_cell(cell: Path) -> None:
-            written = keep_cell(grid, cell, stores[grid])
-            if written and args.commit:
-                commit(written, f"evidence: cell {grid.name}/{cell.relative_to(grid)} finished (records)")
+            keep_cell(grid, cell, stores[grid], timed=f"s{args.seeds[0]}")
+            if args.commit:
+                commit(stores[grid], f"evidence: cell {grid.name}/{cell.relative_to(grid)} finished (records)")
         return on_cell
 
     go_main, go_check = {**go, "on_cell": keep(main_out)}, {**go, "on_cell": keep(check_out)}
@@ -103,10 +104,11 @@ def run(args) -> tuple[dict, dict]:
         write_page(finished, compare(doubled, [CHECK_ROW], [0], check_out, **go_check), args)
     report = compare(recipe, ROWS, args.seeds, main_out, **go_main)
     check = compare(doubled, [CHECK_ROW], [0], check_out, report_only=True)
-    if kept and not args.report_only:  # the latencies are timed once the cells are in
-        written = keep_grid(main_out, stores[main_out])
-        if written and args.commit:
-            commit(written, f"evidence: {main_out.name}'s latencies (records)")
+    if kept and not args.report_only:  # the latencies are timed after the cells
+        for grid, store in stores.items():
+            keep_grid(grid, store)
+            if args.commit:
+                commit(store, f"evidence: {grid.name}'s latencies (records)")
     return report, check
 
 

@@ -9,7 +9,8 @@ export/manifest.json as finished, so a restored cell is reported, never trained 
 A record is the cell's small files (recipe.yaml, metrics.json, log.jsonl, export/manifest.json), the grid's own
 (students.json, teacher_files.json, latency.json) and, for seed 0, the exported student.onnx that compare
 times and the drivers copy into docs/evidence/ (git stores the same bytes once). Weights, checkpoints and the
-teacher-output cache are not kept: a resumed grid builds its cache again.
+teacher-output cache are not kept: a resumed grid builds its cache again. A cell's recipe.yaml holds absolute
+paths (teacher files, the cache), which compare checks on resume: records go on in a checkout at the same path.
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ GRID_FILES = ("students.json", "teacher_files.json", "latency.json")
 TIMED = "export/student.onnx"  # seed 0's: the file compare times for its row
 
 
-def keep_cell(grid: Path, cell: Path, store: Path, extra: tuple[str, ...] = ()) -> list[Path]:
+def keep_cell(grid: Path, cell: Path, store: Path, extra: tuple[str, ...] = (), timed: str = "s0") -> list[Path]:
     """Copy a finished cell's record (and the grid's files) from ``grid`` into ``store``, at the same relative
-    paths; ``extra``: more of the cell's files to keep (the headline's student.pt). Returns the files written."""
-    names = [*CELL_FILES, *((TIMED,) if cell.name == "s0" else ()), *extra]
+    paths; ``extra``: more of the cell's files to keep (the headline's student.pt); ``timed``: the seed folder
+    whose ONNX file compare times (the grid's first seed). Returns the files written."""
+    names = [*CELL_FILES, *((TIMED,) if cell.name == timed else ()), *extra]
     return _copy([(cell / n, store / cell.relative_to(grid) / n) for n in names]) + keep_grid(grid, store)
 
 
@@ -61,16 +63,18 @@ def restore(store: Path, grid: Path) -> int:
     return cells
 
 
-def commit(paths: list[Path], message: str, repo: Path = ROOT) -> bool:
-    """Commit ``paths`` (only them: whatever else is staged or changed stays as it is). False where there is
-    nothing new or no git repository, with the reason printed, never an error: the grid goes on either way."""
-    paths = [str(p) for p in paths]
-    if not paths:
-        return False
+def commit(store: Path, message: str, repo: Path = ROOT) -> bool:
+    """Commit everything under ``store`` that git does not hold yet (only that: whatever else is staged or
+    changed stays as it is), so that a commit that failed once (a lock held, say) is made by the next. False
+    where there is nothing new or no git repository, the reason printed, never an error: the grid goes on."""
     git = ["git", "-C", str(repo)]
     try:
-        subprocess.run([*git, "add", "--", *paths], check=True, capture_output=True, text=True)
-        done = subprocess.run([*git, "commit", "-q", "-m", message, "--", *paths], capture_output=True, text=True)
+        pending = subprocess.run([*git, "status", "--porcelain", "--", str(store)], check=True, capture_output=True,
+                                 text=True).stdout.strip()
+        if not pending:
+            return False
+        subprocess.run([*git, "add", "--", str(store)], check=True, capture_output=True, text=True)
+        done = subprocess.run([*git, "commit", "-q", "-m", message, "--", str(store)], capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as e:
         print(f"grid_records: not committed ({e})")
         return False

@@ -34,7 +34,7 @@ from ekdc import bench, export, load_recipe  # noqa: E402
 from ekdc.compare import compare  # noqa: E402  (the function: ekdc.compare is also its package)
 
 sys.path.insert(0, str(ROOT / "experiments"))
-from grid_records import RECORDS, commit, keep_cell, restore  # noqa: E402
+from grid_records import RECORDS, commit, keep_cell, keep_grid, restore  # noqa: E402
 from evidence_files import FULL, cpu_hours, shipped_teachers, teacher_files, update_evidence  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
@@ -78,34 +78,44 @@ THREE_BRANCH = ["student.num_branches=3", "student.widths=[64,72,80]"]
 def _records(grid: Path, commit_them: bool):
     """Finished cells of earlier sessions back into ``grid`` (experiments/records/headline/), and the
     ``on_cell`` that keeps each new one there (the recipe's student with its weights: the deploy export,
-    int8 included, is made from them), committed with ``--commit``. Only for the default --out: a dry run
-    elsewhere neither reads nor writes the records."""
-    if OUT != DEFAULT_OUT:
-        return None
+    int8 included, is made from them), committed with ``--commit``; and what keeps the grid's latencies
+    once they are timed."""
     store = RECORDS / "headline" / (grid.relative_to(OUT) if grid != OUT else "rows")
     if restore(store, grid):
         print(f"headline: finished cells of {grid} restored from {store}")
 
     def on_cell(cell: Path) -> None:
-        written = keep_cell(grid, cell, store, extra=("student.pt",) if cell.parent == OUT / "recipe" else ())
-        if written and commit_them:
-            commit(written, f"headline: cell {cell.relative_to(OUT)} finished (records)")
-    return on_cell
+        keep_cell(grid, cell, store, extra=("student.pt",) if cell.parent == OUT / "recipe" else ())
+        if commit_them:
+            commit(store, f"headline: cell {cell.relative_to(OUT)} finished (records)")
+
+    def after(report_only: bool) -> None:  # the latencies are timed after the cells
+        if not report_only:
+            keep_grid(grid, store)
+            if commit_them:
+                commit(store, f"headline: {grid.relative_to(OUT.parent)}'s latencies (records)")
+    return on_cell, after
 
 
 def train(args) -> dict:
     recipe = load_recipe(RECIPE, args.set)
     t0 = time.perf_counter()
+    # records only for the headline itself: a dry run (--out elsewhere, --set) neither reads nor writes them
+    kept = OUT == DEFAULT_OUT and not args.set
+    on_cell, after = _records(OUT, args.commit) if kept else (None, lambda _: None)
     report = compare(recipe, rows=args.rows, seeds=[0], out=OUT, report_only=args.report_only, progress=False,
-                     on_cell=_records(OUT, args.commit))
+                     on_cell=on_cell)
+    after(args.report_only)
     deploy = OUT / "deploy"
     if not (deploy / "manifest.json").is_file():
         export(OUT / "recipe" / "s0", deploy, int8=True, teachers=True)
     if args.branch_rows:
         branched = load_recipe(RECIPE, [*args.set, *THREE_BRANCH,
                                         f"distill.teacher_cache.path={OUT / 'teacher_cache'}"])
+        on_cell, after = _records(OUT / "three-branch", args.commit) if kept else (None, lambda _: None)
         compare(branched, rows=args.branch_rows, seeds=[0], out=OUT / "three-branch", report_only=args.report_only,
-                progress=False, on_cell=_records(OUT / "three-branch", args.commit))
+                progress=False, on_cell=on_cell)
+        after(args.report_only)
     return {"compare": report, "seconds_this_call": time.perf_counter() - t0}
 
 

@@ -389,16 +389,39 @@ def test_grid_records_keep_a_cell_then_restore_it_in_a_new_session(tmp_path):
     assert kept == ["ce/s0/export/manifest.json", "ce/s0/export/student.onnx", "ce/s0/log.jsonl", "ce/s0/metrics.json",
                     "ce/s0/recipe.yaml", "ce/s1/export/manifest.json", "ce/s1/log.jsonl", "ce/s1/metrics.json",
                     "ce/s1/recipe.yaml", "students.json"]
-    assert rec.keep_cell(grid, grid / "ce" / "s0", store) == []  # unchanged: nothing to write, nothing to commit
-    (repo / "small.txt").write_text("changed, not the grid's")
-    assert rec.commit(written, "cells", repo=repo)
-    log = subprocess.run(["git", "-C", str(repo), "show", "--stat", "--format=%s", "HEAD"], capture_output=True,
-                         text=True, check=True).stdout
+    assert len(written) == 10 and rec.keep_cell(grid, grid / "ce" / "s0", store) == []  # unchanged: none written
+    (repo / "small.txt").write_text("changed and staged, not the grid's")
+    subprocess.run(["git", "-C", str(repo), "add", "small.txt"], check=True)
+    assert rec.commit(store, "cells", repo=repo)
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True,  # noqa: E731
+                                    check=True).stdout
+    log = git("show", "--stat", "--format=%s", "HEAD")
     assert log.startswith("cells") and "small.txt" not in log and "ce/s1/metrics.json" in log
-    assert not rec.commit([], "nothing", repo=repo)
+    assert git("diff", "--cached", "--name-only").split() == ["small.txt"]  # still staged, for its owner
+    assert not rec.commit(store, "nothing new", repo=repo)
+    (store / "latency.json").write_text("kept after a commit that failed")
+    assert rec.commit(store, "the next cell", repo=repo)  # what an earlier commit missed goes in with the next
     fresh = tmp_path / "next-session" / "grid"
-    assert rec.restore(store, fresh) == 2
+    assert rec.restore(store, fresh) == 2 and (fresh / "latency.json").is_file()
     assert (fresh / "ce" / "s1" / "metrics.json").read_text() == "1 metrics.json"
     assert not (fresh / "ce" / "s0" / "student.pt").exists() and (fresh / "ce" / "s0" / "export" / "student.onnx").is_file()
     (fresh / "ce" / "s1" / "metrics.json").write_text("newer")
     assert rec.restore(store, fresh) == 0 and (fresh / "ce" / "s1" / "metrics.json").read_text() == "newer"
+
+
+def test_shipped_teachers_is_the_record_of_exactly_the_recipes_teachers(tmp_path):
+    """The drivers' teacher table and CPU time come from the weights folder's teachers.json: refused when it
+    records other teachers than the recipe distils from (a folder shipped into one teacher at a time)."""
+    from ekdc import load_recipe
+
+    ev = _load("evidence_files")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "teachers.json").write_text(json.dumps({"teachers": [{"file": "a.pt"}, {"file": "b.pt"}]}))
+    both = [{"arch": "resnet8", "weights": str(tmp_path / "w" / n)} for n in ("b.pt", "a.pt")]
+    folder, record = ev.shipped_teachers(load_recipe(write_recipe(tmp_path / "r.yaml", teachers=both)))
+    assert folder == tmp_path / "w" and len(record["teachers"]) == 2
+    with pytest.raises(SystemExit, match="records the teachers"):
+        ev.shipped_teachers(load_recipe(write_recipe(tmp_path / "r1.yaml", teachers=both[:1])))
+    with pytest.raises(SystemExit, match="in one folder"):
+        ev.shipped_teachers(load_recipe(write_recipe(tmp_path / "r2.yaml", teachers=[
+            both[0], {"arch": "resnet8", "train": {"epochs": 1}}])))
