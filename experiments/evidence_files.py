@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 
-
 def shipped_teachers(recipe) -> tuple[Path, dict]:
     """The folder the recipe's teachers are loaded from (``weights:``) and its teachers.json, the record
     experiments/ship_teachers.py wrote of them (accuracy, MACs, training time)."""

@@ -75,11 +75,15 @@ def weights_to_fp16(src: Path, dst: Path) -> None:
 THREE_BRANCH = ["student.num_branches=3", "student.widths=[64,72,80]"]
 
 
-def _records(grid: Path, commit_them: bool):
+def _records(grid: Path, args):
     """Finished cells of earlier sessions back into ``grid`` (experiments/records/headline/), and the
     ``on_cell`` that keeps each new one there (the recipe's student with its weights: the deploy export,
     int8 included, is made from them), committed with ``--commit``; and what keeps the grid's latencies
-    once they are timed."""
+    once they are timed. Only for the headline itself: a dry run (--out elsewhere, --set) neither reads nor
+    writes the records."""
+    if OUT != DEFAULT_OUT or args.set:
+        return None, lambda _: None
+    commit_them = args.commit
     store = RECORDS / "headline" / (grid.relative_to(OUT) if grid != OUT else "rows")
     if restore(store, grid):
         print(f"headline: finished cells of {grid} restored from {store}")
@@ -100,9 +104,7 @@ def _records(grid: Path, commit_them: bool):
 def train(args) -> dict:
     recipe = load_recipe(RECIPE, args.set)
     t0 = time.perf_counter()
-    # records only for the headline itself: a dry run (--out elsewhere, --set) neither reads nor writes them
-    kept = OUT == DEFAULT_OUT and not args.set
-    on_cell, after = _records(OUT, args.commit) if kept else (None, lambda _: None)
+    on_cell, after = _records(OUT, args)
     report = compare(recipe, rows=args.rows, seeds=[0], out=OUT, report_only=args.report_only, progress=False,
                      on_cell=on_cell)
     after(args.report_only)
@@ -112,7 +114,7 @@ def train(args) -> dict:
     if args.branch_rows:
         branched = load_recipe(RECIPE, [*args.set, *THREE_BRANCH,
                                         f"distill.teacher_cache.path={OUT / 'teacher_cache'}"])
-        on_cell, after = _records(OUT / "three-branch", args.commit) if kept else (None, lambda _: None)
+        on_cell, after = _records(OUT / "three-branch", args)
         compare(branched, rows=args.branch_rows, seeds=[0], out=OUT / "three-branch", report_only=args.report_only,
                 progress=False, on_cell=on_cell)
         after(args.report_only)

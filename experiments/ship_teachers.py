@@ -9,6 +9,7 @@ weights in fp16 (half the bytes; a teacher loads them into fp32), and teachers.j
 Teachers already shipped in the folder (its teachers.json) and not in the runs stay, scored again from their
 files, so that teachers trained in separate runs (on 2 CPU cores, one a session) ship one at a time and the
 ensemble is always of all of them. They must have been scored on the same split.
+
 Every accuracy in teachers.json is the shipped fp16 file's own, scored again here on the run's validation
 split, one forward pass (val_acc) and with flip test-time augmentation (val_acc_flip_tta: the mean of the
 image's and its mirror's logits, what ``tta: flip`` in a recipe uses). Teachers that the run
@@ -100,8 +101,7 @@ def main() -> None:
     record = {
         "runs": list(dict.fromkeys([t["run"] for t in shipped] + [str(r) for r in runs])),
         "data_root": recipe.data.root, "train_images": len(data.train), "val_images": len(data.val),
-        "split": {"val_per_class": recipe.data.val_per_class, "split_seed": recipe.data.split_seed},
-        "teachers": shipped,
+        "split": _split(recipe), "teachers": shipped,
         "ensemble_val_acc": top1(torch.stack(logits).mean(0), data.val_y) if logits else None,
         "ensemble_val_acc_flip_tta": top1(torch.stack(logits_flip).mean(0), data.val_y) if logits else None,
         "ensemble_macs": sum(t["macs"] for t in shipped),
@@ -111,6 +111,11 @@ def main() -> None:
     (args.out / "teachers.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"ensemble of {len(shipped)}: {record['ensemble_val_acc']} "
           f"({record['ensemble_val_acc_flip_tta']} with flip TTA)")
+
+
+def _split(recipe) -> dict:
+    """What fixes the validation split, as teachers.json records it."""
+    return {"val_per_class": recipe.data.val_per_class, "split_seed": recipe.data.split_seed}
 
 
 def _ship_recipe(run: Path, dst: Path) -> Path:
@@ -132,9 +137,8 @@ def _already_shipped(out: Path, recipe, data, replaced: set[str]) -> list[dict]:
     if not path.exists():
         return []
     before = json.loads(path.read_text())
-    split = {"val_per_class": recipe.data.val_per_class, "split_seed": recipe.data.split_seed}
     seen = (before.get("split"), before.get("train_images"), before.get("val_images"))
-    if seen != (split, len(data.train), len(data.val)):
+    if seen != (_split(recipe), len(data.train), len(data.val)):
         raise SystemExit(f"{path}: its teachers were scored on another split than the runs' ({before.get('split')}, "
                          f"{before.get('val_images')} validation images): ship into another folder")
     kept = [t for t in before["teachers"] if t["name"] not in replaced]
