@@ -5,9 +5,9 @@ images a class, distilled from ekdc's pretrained teachers, at a schedule that ha
     python experiments/evidence_study.py                  # run (or continue) the grid, then write the page
     python experiments/evidence_study.py --report-only    # rebuild docs/EVIDENCE.md and docs/evidence/ only
 
-Every cell is a run of ``ekdc compare`` on ``recipes/cifar10-strong.yaml`` (teachers from weights/cifar10/
+Every cell is a run of ``ekdc compare`` on ``recipes/cifar10-strong.yaml`` (its teachers, weights/cifar10-large/,
 with ``weights:``, their outputs read from a cache of 8 fixed views an image) with ``data.per_class: 500``,
-the headline's 3-branch FastNet student (``THREE_BRANCH``: widths [64,72,80], every width a multiple of 8;
+a 3-branch FastNet student (``THREE_BRANCH``: widths [64,72,80], 65.9M MACs, every width a multiple of 8;
 export pads them to whole 16-channel blocks where that is faster: docs/PADDED-WIDTHS.md)
 and the recipe's schedule stretched to ``--epochs`` (its warm-up the same fraction of them). Rows, 3 seeds:
 
@@ -42,9 +42,11 @@ from ekdc.compare import compare, compare_table, parse_row, write_compare_plot  
 from ekdc.compare.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
 from evidence_files import LIMITED, cpu_hours, shipped_teachers, teacher_files, update_evidence  # noqa: E402
 from grid_records import RECORDS, commit, keep_cell, keep_grid, restore  # noqa: E402
-from headline import THREE_BRANCH  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
+# the grid's student: smaller than the full-data headline's (119M MACs), as a student for 5,000 images may be,
+# and the student of the earlier teachers' grid (docs/EARLIER-RESULTS.md, docs/PADDED-WIDTHS.md)
+THREE_BRANCH = ["student.num_branches=3", "student.widths=[64,72,80]"]
 DEFAULT_RUNS = ROOT / "runs" / "evidence"
 PER_CLASS = 500
 ROWS = ["ce", "avg_kd", "ekd", "avg_kd+dkd", "plain:avg_kd", "planned:avg_kd"]

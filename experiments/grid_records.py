@@ -8,9 +8,11 @@ export/manifest.json as finished, so a restored cell is reported, never trained 
 
 A record is the cell's small files (recipe.yaml, metrics.json, log.jsonl, export/manifest.json), the grid's own
 (students.json, teacher_files.json, latency.json) and, for seed 0, the exported student.onnx that compare
-times and the drivers copy into docs/evidence/ (git stores the same bytes once). Weights, checkpoints and the
-teacher-output cache are not kept: a resumed grid builds its cache again. A cell's recipe.yaml holds absolute
-paths (teacher files, the cache), which compare checks on resume: records go on in a checkout at the same path.
+times and the drivers copy into docs/evidence/ (git stores the same bytes once). Weights and checkpoints are not
+kept. The teacher-output cache is kept where a driver asks (``keep_cache``): the full-data headline's takes over an
+hour of 2 cores to build and is some 26 MB, so a session that resumes it (a partial build too: the cache resumes
+by chunk) saves that hour. A cell's recipe.yaml holds absolute paths (teacher files, the cache), which compare
+checks on resume: records go on in a checkout at the same path.
 """
 from __future__ import annotations
 
@@ -36,6 +38,21 @@ def keep_cell(grid: Path, cell: Path, store: Path, extra: tuple[str, ...] = (), 
 def keep_grid(grid: Path, store: Path) -> list[Path]:
     """Copy the grid's own files (students chosen, teacher files' sha256, latencies) into ``store``."""
     return _copy([(grid / n, store / n) for n in GRID_FILES])
+
+
+CACHE = "teacher_cache"  # where ekdc compare builds a grid's teacher-output caches
+
+
+def keep_cache(grid: Path, store: Path) -> list[Path]:
+    """Copy the grid's teacher-output caches (each key's folder, whole or partly built) into ``store``; restore
+    puts them back and the build resumes where it stopped. Safe while a build runs: complete.json is copied
+    first and each ``done`` map before the outputs, and the builder sets a chunk's done byte only once its outputs
+    are on disk, so a copy never holds a chunk marked done without its outputs (the lock is not copied)."""
+    root = grid / CACHE
+    order = {"complete.json": 0, "done": 1}
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.name != ".lock"),
+                   key=lambda p: (order.get(p.name, 2), str(p))) if root.is_dir() else []
+    return _copy([(p, store / p.relative_to(grid)) for p in files])
 
 
 def _copy(pairs: list[tuple[Path, Path]]) -> list[Path]:

@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
 """ekdc's headline: how much of the teachers' accuracy the student keeps, at what cost, on full CIFAR-10.
 
-    python experiments/headline.py                  # train what is missing (resumable), then report
+    python experiments/headline.py --commit         # train what is missing (resumable), then report
     python experiments/headline.py --report-only    # rebuild the pages from finished runs
+    python experiments/headline.py --keep-cache --commit   # at a session's end: the teacher cache built so far
 
 Trains the rows of ``recipes/cifar10-strong.yaml`` through ``ekdc compare`` (the recipe's student, and the
-same student with ``ce`` at the same schedule; one seed) into runs/headline/, exports the recipe's student
+same student with ``ce`` at the same schedule; one seed) into runs/headline/, and the branch question beside
+them (runs/headline/three-branch/: a 3-branch student of the recipe student's MACs with ``avg_kd`` and ``ekd``,
+and the one-branch student ``ekdc plan`` picks for its latency), exports the recipe's student
 in fp32 and int8 with the teacher ensemble beside it, benches every file (``ekdc bench``: 3 interleaved
 rounds at batch 1 and 64, accuracy on the validation split), and writes:
 
 - docs/HEADLINE.md and docs/headline.json: the table, with the command, machine and CPU time;
 - docs/headline.png: accuracy against batch-64 throughput;
 - the README's headline table (between its ``<!-- headline -->`` markers);
-- experiments/records/headline/: each finished cell's record (experiments/grid_records.py; ``--commit``
-  commits it as the cell ends), put back into runs/headline/ when the driver starts again in a later session;
+- experiments/records/headline/: each finished cell's record and the teacher-output cache
+  (experiments/grid_records.py; ``--commit`` commits them as each cell ends), put back into runs/headline/
+  when the driver starts again in a later session;
 - docs/evidence/: each exported fp32 student (full-<row>.onnx), the ensemble as teachers.onnx with fp16
   weights (float32 inputs and outputs), and the full-data rows of evidence.json. Every accuracy written is
   the exported file's own on the validation split.
@@ -32,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ekdc import bench, export, load_recipe  # noqa: E402
 from ekdc.compare import compare  # noqa: E402  (the function: ekdc.compare is also its package)
+from ekdc.compare.rows import parse_row  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "experiments"))
-from grid_records import RECORDS, commit, keep_cell, keep_grid, restore  # noqa: E402
+from grid_records import RECORDS, commit, keep_cache, keep_cell, keep_grid, restore  # noqa: E402
 from evidence_files import FULL, cpu_hours, shipped_teachers, teacher_files, update_evidence  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
@@ -71,8 +76,9 @@ def weights_to_fp16(src: Path, dst: Path) -> None:
 
 
 # the branch question at full data: the recipe's one-branch student against a 3-branch student of about
-# its MACs (65.9M against 67.2M; every width a multiple of 8), trained from the same teacher-output cache
-THREE_BRANCH = ["student.num_branches=3", "student.widths=[64,72,80]"]
+# its MACs (119.0M against 118.1M: the same trunk, each branch half as wide; every width a multiple of 8),
+# trained from the same teacher-output cache; its planned:avg_kd row is the one-branch student of its latency
+THREE_BRANCH = ["student.num_branches=3", "student.widths=[64,128,128]"]
 
 
 def _records(grid: Path, args):
@@ -84,12 +90,14 @@ def _records(grid: Path, args):
     if OUT != DEFAULT_OUT or args.set:
         return None, lambda _: None
     commit_them = args.commit
-    store = RECORDS / "headline" / (grid.relative_to(OUT) if grid != OUT else "rows")
+    store = _store(grid)
     if restore(store, grid):
         print(f"headline: finished cells of {grid} restored from {store}")
 
     def on_cell(cell: Path) -> None:
         keep_cell(grid, cell, store, extra=("student.pt",) if cell.parent == OUT / "recipe" else ())
+        if grid == OUT:  # every row's cache is built in the headline's folder (the 3-branch rows read it there)
+            keep_cache(grid, store)
         if commit_them:
             commit(store, f"headline: cell {cell.relative_to(OUT)} finished (records)")
 
@@ -99,6 +107,19 @@ def _records(grid: Path, args):
             if commit_them:
                 commit(store, f"headline: {grid.relative_to(OUT.parent)}'s latencies (records)")
     return on_cell, after
+
+
+def _store(grid: Path) -> Path:
+    return RECORDS / "headline" / (grid.relative_to(OUT) if grid != OUT else "rows")
+
+
+def keep_teacher_cache(args) -> None:
+    """--keep-cache: the teacher-output cache as it stands (a build still running, stopped, or done) into the
+    records, committed with --commit: what a session ending in the middle of the build keeps of it."""
+    kept = keep_cache(OUT, _store(OUT))
+    print(f"headline: {len(kept)} teacher-cache files kept in {_store(OUT)}")
+    if args.commit:
+        commit(_store(OUT), "headline: the teacher-output cache so far (records)")
 
 
 def train(args) -> dict:
@@ -125,28 +146,28 @@ def main() -> None:
     global OUT, DOCS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="recipe,ce")
-    ap.add_argument("--branch-rows", default="avg_kd,ekd", help="rows of the 3-branch student ('' for none)")
+    ap.add_argument("--branch-rows", default="avg_kd,ekd,planned:avg_kd",
+                    help="rows of the 3-branch student ('' for none)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--commit", action="store_true", help="commit each cell's record as it ends "
                     "(experiments/records/headline/): the rows may take more than one work session")
+    ap.add_argument("--keep-cache", action="store_true", help="only keep the teacher-output cache as it stands in "
+                    "the records (with --commit, commit it): at a session's end, while the build runs")
     ap.add_argument("--set", action="append", default=[], help="a recipe override (a dry run: data.per_class=20)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the pages go (README only with docs/)")
     args = ap.parse_args()
     OUT, DOCS = args.out.resolve(), args.docs.resolve()
+    if args.keep_cache:
+        if OUT != DEFAULT_OUT or args.set:
+            ap.error("--keep-cache keeps the headline's own teacher cache: give neither --out nor --set")
+        return keep_teacher_cache(args)
     DOCS.mkdir(parents=True, exist_ok=True)
     train(args)
     deploy = OUT / "deploy"
-    rows = [r for r in args.rows.split(",")]
-    files = {"student fp32": deploy / "student.onnx", "student int8": deploy / "student.int8.onnx"}
-    for row in rows:
-        if row != "recipe":
-            files[f"{row} student fp32"] = OUT / row / "s0" / "export" / "student.onnx"
-    branch_rows = [r for r in args.branch_rows.split(",") if r]
-    for row in branch_rows:
-        files[f"3-branch {row} student fp32"] = OUT / "three-branch" / row / "s0" / "export" / "student.onnx"
+    students = _student_files(args)
+    files = {label: onnx for label, (onnx, _, _) in students.items()}
     files["teacher ensemble"] = deploy / "teachers.onnx"
-    files = {k: v for k, v in files.items() if v.is_file()}
     rep = bench(list(files.values()), against=deploy / "teachers.onnx", batches=[1, 64], repeats=3, data=OUT / "recipe" / "s0",
                 json_path=OUT / "bench.json")
     models = dict(zip(files, rep["models"]))
@@ -181,7 +202,7 @@ def main() -> None:
     if DOCS == ROOT / "docs":
         _readme(record)
     _plot(record, DOCS / "headline.png")
-    _evidence(record, files, rows + [f"3-branch {r}" for r in branch_rows])
+    _evidence(record, students, files["teacher ensemble"])
     print(md)
 
 
@@ -197,6 +218,25 @@ def _table_lines(record: dict) -> list[str]:
                      f"{r['file_mb']:.1f} | {r['p50_ms_b1']:.2f} | {r['speedup_b1']:.2f}x | {r['img_s_b64']:,.0f} | "
                      f"{r['speedup_b64']:.2f}x |")
     return lines
+
+
+def _student_files(args) -> dict[str, tuple[Path, Path, str]]:
+    """Each student to bench, by its label in the table: (its ONNX file, its run, its row in evidence.json, or ""
+    for none). The recipe's student is the deploy export (fp32 and int8); every other row is compare's own
+    export of its cell. Rows not trained yet are left out."""
+    deploy, recipe_run = OUT / "deploy", OUT / "recipe" / "s0"
+    out = {"student fp32": (deploy / "student.onnx", recipe_run, "recipe"),
+           "student int8": (deploy / "student.int8.onnx", recipe_run, "")}
+    for row in [r for r in args.rows.split(",") if r and r != "recipe"]:
+        run = OUT / parse_row(row).slug / "s0"
+        out[f"{row} student fp32"] = (run / "export" / "student.onnx", run, row)
+    for row in [r for r in args.branch_rows.split(",") if r]:
+        parsed = parse_row(row)
+        run = OUT / "three-branch" / parsed.slug / "s0"
+        # a planned row of the 3-branch grid is the one-branch student of the 3-branch student's latency
+        label = f"1-branch at 3-branch latency ({row})" if parsed.student == "planned" else f"3-branch {row}"
+        out[f"{label} student fp32"] = (run / "export" / "student.onnx", run, f"3-branch {row}")
+    return {label: v for label, v in out.items() if v[0].is_file()}
 
 
 def _machine(m: dict) -> str:
@@ -254,26 +294,23 @@ def _plot(record: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _evidence(record: dict, files: dict, rows: list[str]) -> None:
+def _evidence(record: dict, students: dict, ensemble: Path) -> None:
     ev = DOCS / "evidence"
     ev.mkdir(exist_ok=True)
     by_label = {r["model"]: r for r in record["rows"]}
     entries = []
-    for row in rows:
-        label = "student fp32" if row == "recipe" else f"{row} student fp32"
-        if label not in by_label:
+    for label, (onnx, run, row) in students.items():
+        if not row or label not in by_label:
             continue
-        name = f"full-{row.replace(' ', '-')}.onnx"
-        shutil.copyfile(files[label], ev / name)
+        name = f"full-{row.replace(' ', '-').replace(':', '-')}.onnx"
+        shutil.copyfile(onnx, ev / name)
         r = by_label[label]
-        grid = OUT / "three-branch" if row.startswith("3-branch ") else OUT
-        run = grid / row.split(" ", 1)[1] if row.startswith("3-branch ") else grid / row
-        metrics = json.loads((run / "s0" / "metrics.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
         entries.append({"row": row, "onnx": name, "mode": metrics["mode"],
                         "num_branches": len(metrics["student"]["branch_acc"]), "train_images": record["train_images"],
                         "per_class": None, "seed": 0, "macs": r["macs"], "val_acc": r["accuracy"],
-                        "latency_ms": r["p50_ms_b1"], "teacher_files": teacher_files(grid)})
-    weights_to_fp16(files["teacher ensemble"], ev / "teachers.onnx")
+                        "latency_ms": r["p50_ms_b1"], "teacher_files": teacher_files(run.parent.parent)})
+    weights_to_fp16(ensemble, ev / "teachers.onnx")
     ens = next(r for r in record["rows"] if r["model"] == "teacher ensemble")
     check = bench([ev / "teachers.onnx"], batches=[1], repeats=1, data=OUT / "recipe" / "s0")["models"][0]["accuracy"]
     teachers = {"val_acc": check, "val_acc_fp32_weights": ens["accuracy"], "macs": ens["macs"],

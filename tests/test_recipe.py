@@ -151,3 +151,11 @@ def test_student_stem_defaults_by_image_size(tmp_path):
     assert load_recipe(tmp_path / "b.yaml", ["student.stem=cifar"]).student.stem == "cifar"  # given, kept
     msg = _error(tmp_path, _yaml(student={"block": "mobile"}))
     assert "student.block" in msg and "inverted_residual" in msg
+
+
+def test_the_readme_shows_the_shipped_headline_recipe():
+    """The README's one recipe is recipes/cifar10-strong.yaml as shipped (its keys, not its comments)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```yaml\nname: cifar10-strong", 1)[1].split("```", 1)[0]
+    shipped = yaml.safe_load((ROOT / "recipes" / "cifar10-strong.yaml").read_text())
+    assert yaml.safe_load("name: cifar10-strong" + block) == shipped

@@ -407,6 +407,31 @@ def test_grid_records_keep_a_cell_then_restore_it_in_a_new_session(tmp_path):
     assert not (fresh / "ce" / "s0" / "student.pt").exists() and (fresh / "ce" / "s0" / "export" / "student.onnx").is_file()
     (fresh / "ce" / "s1" / "metrics.json").write_text("newer")
     assert rec.restore(store, fresh) == 0 and (fresh / "ce" / "s1" / "metrics.json").read_text() == "newer"
+    assert not (fresh / "teacher_cache").exists()  # keep_cell keeps no cache
+
+
+def test_grid_records_keep_a_teacher_cache_being_built(tmp_path):
+    """keep_cache copies a grid's teacher-output caches, partial ones too, without the build's lock, and each
+    done map before the outputs it vouches for (a copy taken mid-build never marks a chunk whose outputs it
+    lacks); restore puts them back for the build to resume."""
+    rec = _load("grid_records")
+    grid, store = tmp_path / "grid", tmp_path / "records" / "rows"
+    cache = grid / "teacher_cache" / "0123abcd"
+    cache.mkdir(parents=True)
+    for name in ("key.json", "views.npy", "logits.f16", "done", "seconds", ".lock"):
+        (cache / name).write_text(name)
+    kept = [str(p.relative_to(store)) for p in rec.keep_cache(grid, store)]
+    assert kept[0] == "teacher_cache/0123abcd/done" and len(kept) == 5
+    assert sorted(kept[1:]) == [f"teacher_cache/0123abcd/{n}" for n in ("key.json", "logits.f16", "seconds", "views.npy")]
+    (cache / "complete.json").write_text("{}")  # the build finished: its mark is copied before anything else
+    (cache / "done").write_text("all")
+    assert [p.name for p in rec.keep_cache(grid, store)] == ["complete.json", "done"]
+    assert rec.keep_cache(grid, store) == [] and rec.keep_cache(tmp_path / "no-grid", store) == []
+    fresh = tmp_path / "next-session" / "grid"
+    rec.restore(store, fresh)
+    back = fresh / "teacher_cache" / "0123abcd"
+    assert sorted(p.name for p in back.iterdir()) == ["complete.json", "done", "key.json", "logits.f16", "seconds",
+                                                      "views.npy"] and (back / "done").read_text() == "all"
 
 
 def test_shipped_teachers_is_the_record_of_exactly_the_recipes_teachers(tmp_path):
