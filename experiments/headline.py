@@ -39,7 +39,7 @@ from ekdc.compare import compare  # noqa: E402  (the function: ekdc.compare is a
 from ekdc.compare.rows import parse_row  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "experiments"))
-from grid_records import RECORDS, commit, keep_cache, keep_cell, keep_grid, restore  # noqa: E402
+from grid_records import CACHE, RECORDS, commit, keep_cache, keep_cell, keep_grid, restore  # noqa: E402
 from evidence_files import FULL, cpu_hours, shipped_teachers, teacher_files, update_evidence  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
@@ -87,7 +87,7 @@ def _records(grid: Path, args):
     int8 included, is made from them), committed with ``--commit``; and what keeps the grid's latencies
     once they are timed. Only for the headline itself: a dry run (--out elsewhere, --set) neither reads nor
     writes the records."""
-    if OUT != DEFAULT_OUT or args.set:
+    if not _is_the_headline(args):
         return None, lambda _: None
     commit_them = args.commit
     store = _store(grid)
@@ -107,6 +107,11 @@ def _records(grid: Path, args):
             if commit_them:
                 commit(store, f"headline: {grid.relative_to(OUT.parent)}'s latencies (records)")
     return on_cell, after
+
+
+def _is_the_headline(args) -> bool:
+    """The headline itself, whose records are kept: not a dry run (--out elsewhere, --set)."""
+    return OUT == DEFAULT_OUT and not args.set
 
 
 def _store(grid: Path) -> Path:
@@ -134,7 +139,7 @@ def train(args) -> dict:
         export(OUT / "recipe" / "s0", deploy, int8=True, teachers=True)
     if args.branch_rows:
         branched = load_recipe(RECIPE, [*args.set, *THREE_BRANCH,
-                                        f"distill.teacher_cache.path={OUT / 'teacher_cache'}"])
+                                        f"distill.teacher_cache.path={OUT / CACHE}"])
         on_cell, after = _records(OUT / "three-branch", args)
         compare(branched, rows=args.branch_rows, seeds=[0], out=OUT / "three-branch", report_only=args.report_only,
                 progress=False, on_cell=on_cell)
@@ -159,7 +164,7 @@ def main() -> None:
     args = ap.parse_args()
     OUT, DOCS = args.out.resolve(), args.docs.resolve()
     if args.keep_cache:
-        if OUT != DEFAULT_OUT or args.set:
+        if not _is_the_headline(args):
             ap.error("--keep-cache keeps the headline's own teacher cache: give neither --out nor --set")
         return keep_teacher_cache(args)
     DOCS.mkdir(parents=True, exist_ok=True)
