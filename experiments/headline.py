@@ -236,12 +236,63 @@ def _student_files(args) -> dict[str, tuple[Path, Path, str]]:
         run = OUT / parse_row(row).slug / "s0"
         out[f"{row} student fp32"] = (run / "export" / "student.onnx", run, row)
     for row in [r for r in args.branch_rows.split(",") if r]:
-        parsed = parse_row(row)
-        run = OUT / "three-branch" / parsed.slug / "s0"
-        # a planned row of the 3-branch grid is the one-branch student of the 3-branch student's latency
-        label = f"1-branch at 3-branch latency ({row})" if parsed.student == "planned" else f"3-branch {row}"
-        out[f"{label} student fp32"] = (run / "export" / "student.onnx", run, f"3-branch {row}")
+        run = OUT / "three-branch" / parse_row(row).slug / "s0"
+        out[_branch_label(row)] = (run / "export" / "student.onnx", run, f"3-branch {row}")
     return {label: v for label, v in out.items() if v[0].is_file()}
+
+
+def _branch_label(row: str) -> str:
+    """A 3-branch grid row's label in the table: a planned row is the one-branch student of the 3-branch
+    student's latency."""
+    if parse_row(row).student == "planned":
+        return f"1-branch at 3-branch latency ({row}) student fp32"
+    return f"3-branch {row} student fp32"
+
+
+def _findings(record: dict) -> list[str]:
+    """What the table answers, in numbers taken from it (so that a rebuild rewrites them with it): how much
+    of the ensemble's accuracy the student keeps at what cost, what distillation adds over the labels, and
+    whether three branches pay against one at equal MACs and at equal latency. Rows not finished are left out."""
+    rows = {r["model"]: r for r in record["rows"]}
+    ens = rows["teacher ensemble"]
+    pts = lambda a, b: 100 * (a["accuracy"] - b["accuracy"])  # noqa: E731
+    acc = lambda r: f"{100 * r['accuracy']:.2f}%"  # noqa: E731
+    lines = []
+    student = rows.get("student fp32")
+    if student:
+        share = ens["macs"] / student["macs"]
+        met = student["gap_points"] >= -2 and share >= 5
+        lines.append(
+            f"- **Kept:** the student scores {acc(student)} against the ensemble's {acc(ens)} "
+            f"({student['gap_points']:+.2f} points) at 1/{share:.1f} of its MACs, {student['speedup_b1']:.1f}x its "
+            f"speed at batch 1 and {student['speedup_b64']:.1f}x its throughput at batch 64: the aim (within 2 points "
+            f"at no more than a fifth of the MACs) is {'met' if met else '**not met**'}.")
+    int8 = rows.get("student int8")
+    if student and int8:
+        lines.append(f"- **int8:** {acc(int8)} ({pts(int8, student):+.2f} against fp32), "
+                     f"{int8['speedup_b1'] / student['speedup_b1']:.2f}x the fp32 file's speed at batch 1, "
+                     f"{int8['speedup_b64'] / student['speedup_b64']:.2f}x at batch 64.")
+    ce = rows.get("ce student fp32")
+    if student and ce:
+        lines.append(f"- **Distillation against the labels alone** (`ce`, the same student and schedule): "
+                     f"{pts(student, ce):+.2f} points ({acc(student)} against {acc(ce)}).")
+    three = rows.get(_branch_label("avg_kd"))
+    if student and three:
+        lines.append(f"- **Equal MACs:** three branches ({three['macs'] / 1e6:.1f}M MACs) against the one-branch "
+                     f"student ({student['macs'] / 1e6:.1f}M), both `avg_kd`: {pts(three, student):+.2f} points; "
+                     f"batch-1 latency {three['p50_ms_b1']:.2f} against {student['p50_ms_b1']:.2f} ms.")
+    ekd = rows.get(_branch_label("ekd"))
+    if three and ekd:
+        lines.append(f"- **EKD's objective** on the 3-branch student: `ekd` {acc(ekd)}, "
+                     f"{pts(ekd, three):+.2f} points against `avg_kd`.")
+    planned = rows.get(_branch_label("planned:avg_kd"))
+    if three and planned:
+        lines.append(f"- **Equal latency:** three branches against the one branch `ekdc plan` picked for their "
+                     f"latency ({planned['macs'] / 1e6:.1f}M MACs; {planned['p50_ms_b1']:.2f} against "
+                     f"{three['p50_ms_b1']:.2f} ms at batch 1 here): {pts(three, planned):+.2f} points.")
+    if lines:
+        lines.append("- One seed a row: the spread between seeds at full data was not measured.")
+    return lines
 
 
 def _machine(m: dict) -> str:
@@ -265,6 +316,8 @@ def _markdown(record: dict) -> str:
         "",
         f"    {record['command']}      # CPU time of every training behind it: {record['cpu_hours']} h",
         "",
+        *_findings(record),
+        "",
     ])
 
 
@@ -274,7 +327,8 @@ def _readme(record: dict) -> None:
     start, end = README_MARKERS
     if start not in text or end not in text:
         return
-    block = "\n".join([start, *_table_lines(record), "", "![accuracy against throughput](docs/headline.png)", end])
+    block = "\n".join([start, *_table_lines(record), "", "![accuracy against throughput](docs/headline.png)", "",
+                       *_findings(record), end])
     a, b = text.index(start), text.index(end) + len(end)
     readme.write_text(text[:a] + block + text[b:])
 

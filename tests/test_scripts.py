@@ -450,3 +450,27 @@ def test_shipped_teachers_is_the_record_of_exactly_the_recipes_teachers(tmp_path
     with pytest.raises(SystemExit, match="in one folder"):
         ev.shipped_teachers(load_recipe(write_recipe(tmp_path / "r2.yaml", teachers=[
             both[0], {"arch": "resnet8", "train": {"epochs": 1}}])))
+
+
+def test_headline_findings_are_computed_from_the_table():
+    """The headline's answers (kept accuracy, KD over labels, branches at equal MACs and equal latency) come
+    from its table's rows, so that a rebuild rewrites them; an unfinished row leaves its answer out."""
+    hl = _load("headline")
+    row = lambda model, acc, macs, ms=1.0, b1=1.0, b64=1.0: {  # noqa: E731
+        "model": model, "accuracy": acc, "macs": macs, "p50_ms_b1": ms, "speedup_b1": b1, "speedup_b64": b64,
+        "gap_points": 100 * (acc - 0.92)}
+    rows = [row("student fp32", 0.905, 100e6, 0.5, 8.0, 6.0), row("student int8", 0.903, 100e6, 0.2, 20.0, 15.0),
+            row("ce student fp32", 0.900, 100e6), row(hl._branch_label("avg_kd"), 0.910, 101e6, 0.7),
+            row(hl._branch_label("planned:avg_kd"), 0.912, 150e6, 0.69), row("teacher ensemble", 0.92, 900e6, 4.0)]
+    text = "\n".join(hl._findings({"rows": rows}))
+    assert "(-1.50 points) at 1/9.0 of its MACs, 8.0x its speed at batch 1" in text and "is met." in text
+    assert "+0.50 points (90.50% against 90.00%)" in text  # KD over ce
+    assert "int8:** 90.30% (-0.20 against fp32), 2.50x the fp32 file's speed at batch 1" in text
+    assert "Equal MACs:** three branches (101.0M MACs) against the one-branch student (100.0M), both `avg_kd`: +0.50" in text
+    assert "Equal latency:** three branches against the one branch `ekdc plan` picked for their latency (150.0M MACs; " \
+           "0.69 against 0.70 ms at batch 1 here): -0.20 points." in text
+    assert "EKD's objective" not in text  # the ekd row has not finished
+    rows[0] = row("student fp32", 0.899, 100e6)  # 2.1 points behind
+    assert "**not met**" in "\n".join(hl._findings({"rows": rows}))
+    rows[0] = row("student fp32", 0.91, 200e6)  # close, but more than a fifth of the MACs
+    assert "**not met**" in "\n".join(hl._findings({"rows": rows}))
