@@ -391,3 +391,8 @@ def main() -> None:
             print("ekdc: interrupted; files already written are whole (a distill run continues with --resume)",
                   file=sys.stderr)
         raise
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that never loaded torch joined no process group
+            from .training.runtime import leave_process_group
+
+            leave_process_group()

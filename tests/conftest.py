@@ -83,6 +83,26 @@ def run_cli(*args: str, cwd: Path | None = None, fresh: bool = False) -> subproc
     return subprocess.CompletedProcess(["ekdc", *argv], code, out.getvalue(), err.getvalue())
 
 
+def torchrun_distill(recipe: Path, out: Path, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m ekdc distill RECIPE --out OUT -q``, one thread a process."""
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun, "torchrun is not installed beside this interpreter"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ekdc", "distill", str(recipe),
+                           "--out", str(out), "-q"], capture_output=True, text=True, env=env, timeout=timeout,
+                          **popen)
+
+
+def ranks_said(stderr: str, tail: int = 3000) -> str:
+    """What the ranks themselves printed, without torchrun's own report of a failed child (which names only a
+    signal and would push the rank's message out of an assertion's view)."""
+    ours = [line for line in stderr.splitlines() if "torch/distributed/elastic" not in line
+            and not line.startswith(("Traceback", "  File ", "    ", "torch.distributed.elastic"))]
+    return "\n".join(ours)[-tail:]
+
+
 def kill_9_during(recipe: Path, run: Path, stage: str, epochs: int) -> None:
     """Start ``ekdc distill recipe --out run`` and kill it with SIGKILL once ``stage`` has logged ``epochs``
     epochs; the student must not have been saved yet."""

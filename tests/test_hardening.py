@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import run_cli, write_recipe
+from tests.conftest import ranks_said, run_cli, torchrun_distill, write_recipe
 
 # long enough that a kill lands mid-training, short enough for CI
 RESUME_RECIPE = dict(
@@ -96,11 +96,8 @@ def test_divergence_stops_with_stage_and_epoch(tmp_path):
 def test_torchrun_two_cpu_processes(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", device="cpu", distill={"epochs": 2, "batch_size": 16, "lr": 0.05,
                                                                        "weights": {"feat": 0.5}})
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ekdc", "distill", str(recipe),
-                          "--out", str(tmp_path / "ddp"), "-q"], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun_distill(recipe, tmp_path / "ddp")
+    assert res.returncode == 0, ranks_said(res.stderr)
     run = tmp_path / "ddp"
     m = json.loads((run / "metrics.json").read_text())
     assert m["world_size"] == 2 and len(m["student"]["branch_acc"]) == 2

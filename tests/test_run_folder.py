@@ -11,7 +11,7 @@ import time
 import pytest
 
 from ekdc.run import RunDir, RunLock, claim_new_run
-from tests.conftest import ROOT, run_cli, write_recipe
+from tests.conftest import ROOT, run_cli, torchrun_distill, write_recipe
 
 
 def _holder_process(path) -> subprocess.Popen:
@@ -125,12 +125,8 @@ def test_full_disk_ends_in_one_line_and_resume_continues(tmp_path):
 @pytest.mark.slow
 def test_full_disk_under_torchrun_stops_every_rank(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", device="cpu", **FULL_DISK_RECIPE)
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     t0 = time.time()
-    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ekdc", "distill", str(recipe),
-                          "--out", str(tmp_path / "ddp"), "-q"], capture_output=True, text=True, env=env,
-                         preexec_fn=_limit_file_size(FULL_DISK_LIMIT), timeout=300)
+    res = torchrun_distill(recipe, tmp_path / "ddp", timeout=300, preexec_fn=_limit_file_size(FULL_DISK_LIMIT))
     assert res.returncode != 0 and time.time() - t0 < 300
     assert "cannot write" in res.stderr and "teacher-wrn_16_2.pt" in res.stderr
     assert "rank 0 failed to write" in res.stderr  # the other rank stopped too, rather than waiting

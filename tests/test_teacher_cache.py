@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, tiny_recipe, write_recipe
+from conftest import ROOT, ranks_said, run_cli, tiny_recipe, torchrun_distill, write_recipe
 from ekdc import distill, load_recipe
 from ekdc.data import augment, load_data
 from ekdc.distillation import teacher_cache as tc
@@ -288,13 +288,9 @@ def test_views_without_augmentation_are_refused_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_build_and_read_one_cache(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    assert torchrun
     recipe = write_recipe(tmp_path / "r.yaml", device="cpu", mode="avg_kd", distill={**DISTILL, **CACHE})
-    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ekdc", "distill", str(recipe),
-                          "--out", str(tmp_path / "run"), "-q"], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = torchrun_distill(recipe, tmp_path / "run")
+    assert res.returncode == 0, ranks_said(res.stderr)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["teacher_cache"]["views"] == 3
     folder = Path(m["teacher_cache"]["path"])

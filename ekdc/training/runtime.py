@@ -148,6 +148,14 @@ def setup_runtime(device: str, precision: str, channels_last: bool) -> Runtime:
     return Runtime(dev, amp, channels_last, rank, world)
 
 
+def leave_process_group() -> None:
+    """Leave the process group ``setup_runtime`` joined, at the end of a command. A gloo group left to the
+    interpreter's exit is torn down while a peer may already have closed its sockets, which can abort
+    that process (SIGABRT) after its work is done and fail the whole ``torchrun``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
