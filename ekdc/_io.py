@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -136,6 +137,12 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
         tmp.write_bytes(buf.getbuffer())
 
 
+# what torch.load raises on a file that is not a torch save: pickle's opcodes read arbitrary bytes, so a text
+# or truncated file fails with whatever its first bytes happen to trigger (KeyError, IndexError, struct.error...)
+UNREADABLE_TORCH_FILE = (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError, KeyError, IndexError,
+                         struct.error, TypeError, AttributeError)
+
+
 def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     """``torch.load(weights_only=True)``: a checkpoint can hold tensors and plain data, never code."""
 
@@ -145,7 +152,7 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError):
+    except UNREADABLE_TORCH_FILE:
         # torch's own message here is about its weights_only default, which would mislead
         raise UserError(f"{what} {path} is corrupt or not an ekdc checkpoint (it cannot be read as tensors and plain data)") from None
     if not isinstance(obj, dict) or "state_dict" not in obj:

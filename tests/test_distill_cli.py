@@ -109,3 +109,19 @@ def test_existing_out_is_not_overwritten(tmp_path):
     res = run_cli("distill", write_recipe(tmp_path / "r.yaml"), "--out", out)
     assert res.returncode == 2 and "already holds files" in res.stderr
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_no_file_that_is_not_a_torch_save_escapes_as_a_traceback(tmp_path):
+    """torch.load reads a file's first bytes as pickle opcodes, so a text or damaged file fails with whatever
+    exception those bytes trigger (KeyError, IndexError, struct.error, ...): every first byte is tried."""
+    from ekdc._io import load_checkpoint
+    from ekdc.errors import UserError
+    from ekdc.teachers.weights import read_weights
+
+    bad = tmp_path / "bad.pt"
+    for first in range(256):
+        bad.write_bytes(bytes([first]) + b"rror: not a weight file\n")
+        for read in (lambda: load_checkpoint(bad, "teachers.0.checkpoint"),
+                     lambda: read_weights(bad, "teachers.0.weights")):
+            with pytest.raises(UserError, match="corrupt|not an ekdc checkpoint|holds a"):
+                read()

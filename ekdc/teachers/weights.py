@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import pickle
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .._io import existing_file
+from .._io import UNREADABLE_TORCH_FILE, existing_file
 from ..errors import UserError
 
 # what torchvision's references/classification/train.py and timm's train.py put into a checkpoint
@@ -32,7 +31,7 @@ def read_weights(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Te
     try:
         with torch.serialization.safe_globals(SAFE_TYPES):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError, AttributeError) as err:
+    except UNREADABLE_TORCH_FILE as err:
         import re
 
         found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(err))
