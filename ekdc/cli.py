@@ -83,6 +83,10 @@ def export(
     from .deploy.qad import QADSettings
     from .tables import export_table
 
+    given = [flag for flag, on in (("--qad-epochs", qad_epochs != 2), ("--qad-lr", qad_lr is not None),
+                                   ("--qad-labels", qad_labels)) if on]
+    if given and not qad:  # else the int8 file would be PTQ's while the user asked for a QAD setting
+        raise UserError(f"{given[0]} applies to QAD only: add --int8 --qad, or leave it out")
     settings = QADSettings(epochs=qad_epochs, lr=qad_lr, teachers=not qad_labels) if qad else None
     manifest = run_export(run_dir, out, fold_mode=fold, calib_images=calib, parity_images=parity_images,
                           runs_root=runs_root, console=console, teachers=teachers, qad=settings, **formats)
@@ -135,6 +139,8 @@ def bench(
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise UserError(f"--batch {batch!r}: expected comma-separated integers such as 1,8,64") from None
+    _check_outputs({**{f"input model {i + 1}": m for i, m in enumerate(models)},
+                    "reference model": against or models[0].with_name("teachers.onnx")}, json=json_path, plot=plot)
     report = run_bench(models, against=against, batches=batches, threads=threads, provider=provider, warmup=warmup,
                        runs=runs, duration=duration, repeats=repeats, data=data, json_path=json_path, plot_path=plot,
                        console=console, classes=_class_list(classes), preprocess=preprocess)
@@ -174,7 +180,7 @@ def plan(
     if budget is None:
         raise UserError("give the budget: --latency MS (or student.latency_ms in the recipe)")
     plot = plot if plot is not None else (out.with_suffix(".png") if out is not None else None)
-    _check_plan_outputs(recipe, out=out, plot=plot, json=json_path)
+    _check_outputs({"input recipe": recipe}, out=out, plot=plot, json=json_path)
     try:
         result = plan_student(r, budget, batch=batch, provider=provider, threads=threads, precision=precision,
                               candidates=read_candidates(candidates, r) if candidates else None, repeats=repeats,
@@ -238,8 +244,10 @@ def _export_flags(plan) -> str:
     return ("--int8 " if plan.precision == "int8" else "") + f"--fold {plan.chosen.layout}"
 
 
-def _check_plan_outputs(recipe: Path, **paths: Optional[Path]) -> None:
-    """Before any timing: no output may be the input recipe, and each must be writable."""
+def _check_outputs(inputs: dict[str, Path], **paths: Optional[Path]) -> None:
+    """Before any work: no output file (``--json``, ``--plot``, ``--out``) may be one of the command's inputs
+    (``{what it is: its path}``) or lie inside an input folder, where a report would overwrite a model, a recipe
+    or an image; and each must be writable."""
     from ._io import ensure_writable_dir
 
     for flag, path in paths.items():
@@ -247,8 +255,11 @@ def _check_plan_outputs(recipe: Path, **paths: Optional[Path]) -> None:
             continue
         if path.is_dir():
             raise UserError(f"--{flag} {path} is a folder; give a file name")
-        if path.resolve() == recipe.resolve():
-            raise UserError(f"--{flag} {path} is the input recipe: write the planned recipe to another file")
+        for what, source in inputs.items():
+            if path.resolve() == source.resolve():
+                raise UserError(f"--{flag} {path} is the {what}: write the {flag} file elsewhere")
+            if source.is_dir() and path.resolve().is_relative_to(source.resolve()):
+                raise UserError(f"--{flag} {path} lies inside the {what} {source}: write the {flag} file elsewhere")
         ensure_writable_dir(path.parent)
 
 
@@ -309,6 +320,8 @@ def data_check(
             raise UserError(f"{target}: data.dataset is {cfg.dataset}; ekdc data check reads image folders (imagefolder)")
     else:
         raise UserError(f"{target}: no such folder or recipe")
+    _check_outputs({"checked folder": Path(cfg.root), **({"recipe": target} if target.is_file() else {})},
+                   json=json_path)
     with Progress(console=console, transient=True) as progress:
         report = check_images(cfg, decode=decode, progress=progress, split=split).to_dict()
     _show(data_check_table(report))

@@ -322,6 +322,7 @@ def test_no_reference_no_data(art):
     (dict(against="nowhere/teachers.onnx"), "not found"),
     (dict(data="nowhere.yaml"), "no such"),
     (dict(json_path="."), "folder"),
+    (dict(duration=float("inf")), "finite"),
 ])
 def test_bad_arguments(art, kwargs, word):
     from ekdc.benchmark import bench
@@ -398,6 +399,8 @@ def test_model_from_elsewhere(art, tmp_path):
     ("wrong_input", "expected [B,3,H,W]"),
     ("cuda", "CUDAExecutionProvider"),
     ("batch", "batch"),
+    ("json_over_model", "is the input model 1"),
+    ("plot_over_reference", "is the reference model"),
 ])
 def test_cli_bad_input_one_line(art, case, word):
     import onnxruntime as ort
@@ -410,8 +413,12 @@ def test_cli_bad_input_one_line(art, case, word):
         "wrong_input": [art["wrong_input"]],
         "cuda": [art["student"], "--provider", "cuda"],
         "batch": [art["student"], "--batch", "1,-4"],
+        "json_over_model": [art["student"], "--json", art["student"]],
+        "plot_over_reference": [art["student"], "--plot", art["teachers"]],  # the default reference, beside it
     }[case]
+    before = {k: art[k].read_bytes() for k in ("student", "teachers")}
     r = run_cli(*args)
+    assert before == {k: art[k].read_bytes() for k in ("student", "teachers")}  # nothing the user had is lost
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and word in lines[0], r.stderr

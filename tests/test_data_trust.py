@@ -80,12 +80,20 @@ def test_data_check_reports_and_exits(folder):
     (folder / "dog" / "d0-copy.png").write_bytes((folder / "dog" / "d0.png").read_bytes())  # same class: a note
     (folder / "cat" / "bad.png").write_bytes(b"not a png")
     res = run_cli("data", "check", folder, "--json", folder.parent / "check.json")
-    assert res.returncode == 0, res.stdout + res.stderr  # nothing that makes training wrong
+    # distill stops at the unreadable file (data.skip_bad_files is off by default): that is wrong
+    assert res.returncode == 1 and "WRONG: unreadable" in res.stdout and "skip_bad_files" in res.stdout, res.stdout
     r = json.loads((folder.parent / "check.json").read_text())
-    assert [c["images"] for c in r["classes"]] == [7, 7] and r["wrong"] is False
+    assert [c["images"] for c in r["classes"]] == [7, 7] and r["wrong"] is True
+    assert [p["kind"] for p in r["problems"]] == ["unreadable"]
     assert len(r["identical"]) == 1 and not r["identical"][0]["wrong"]
     assert [u["path"] for u in r["unreadable"]] == [str(folder / "cat" / "bad.png")]
     assert r["modes"] == {"RGB": 13} and r["smallest"] == [12, 12]
+    (folder / "cat" / "bad.png").unlink()
+    res = run_cli("data", "check", folder)
+    assert res.returncode == 0 and "no problem found" in res.stdout, res.stdout  # a same-class copy is a note
+    res = run_cli("data", "check", folder, "--json", folder / "cat" / "check.json")
+    assert res.returncode == 2 and "lies inside the checked folder" in res.stderr  # never written into the data
+    assert not (folder / "cat" / "check.json").exists()
     (folder / "cat" / "d1-as-cat.png").write_bytes((folder / "dog" / "d1.png").read_bytes())  # two labels, one image
     res = run_cli("data", "check", folder)
     assert res.returncode == 1 and "identical files in classes cat, dog" in res.stdout
@@ -173,3 +181,19 @@ def test_an_impossible_budget_fails_before_the_teachers_and_resumes_with_a_new_o
     assert epochs() == before and run.metrics()["plan"]["budget_ms"] == 2000
     with pytest.raises(UserError, match="differs .* at 'seed'"):  # what the teachers depend on may not change
         distill(load_recipe(path, ["seed=5"]), tmp_path / "run", resume=True, progress=False)
+
+
+def test_one_class_is_refused_by_check_distill_and_shard(folder, tmp_path):
+    """One class folder trains and scores 100% while learning nothing: every command that reads a folder
+    says so in one line."""
+    import shutil
+
+    shutil.rmtree(folder / "dog")
+    recipe = write_recipe(tmp_path / "r.yaml", data={"dataset": "imagefolder", "root": str(folder), "image_size": 12,
+                                                     "val_per_class": 1})
+    for args in (("data", "check", folder), ("distill", recipe, "--out", tmp_path / "run"),
+                 ("data", "shard", folder, tmp_path / "shards")):
+        res = run_cli(*args)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and "a classifier needs at least 2" in lines[0], res.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()

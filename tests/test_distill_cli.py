@@ -74,6 +74,7 @@ def test_teacher_checkpoint_reuse_and_checks(tmp_path, tiny_run):
     (["distill", "nope.yaml"], "recipe not found: nope.yaml"),
     (["distill", "{recipe}", "--set", "distill.epochs=-1"], "distill.epochs"),
     (["distill", "{recipe}", "--set", "distill.temperature=0"], "distill.temperature: must be > 0"),
+    (["distill", "{recipe}", "--set", "distill.temperature=inf"], "distill.temperature: must be a finite number"),
     (["distill", "{recipe}", "--set", "student.num_branches=3"], "num_branches is 3"),
     (["distill", "{recipe}", "--set", "distill.temprature=2"], "did you mean 'temperature'"),
     (["distill", "{recipe}", "--set", "data.dataset=imagefolder", "--set", "data.root=/nonexistent"],

@@ -92,6 +92,11 @@ def test_shard_never_mixes_two_writes(tmp_path):
     assert "not shards 'ekdc data shard' wrote (mine.txt)" in line and (out / "mine.txt").exists()
 
 
+def test_shard_refuses_a_negative_seed_before_touching_out(tmp_path):
+    line = _one_line_exit_2(run_cli("data", "shard", _folder(tmp_path / "img"), tmp_path / "out", "--seed", "-1"))
+    assert "--seed -1: must be 0 or more" in line and not (tmp_path / "out").exists()
+
+
 def test_shard_refuses_an_out_inside_the_folder(tmp_path):
     root = _folder(tmp_path / "img")
     for out in (root / "shards", root, root / "cat" / "s"):

@@ -3,6 +3,7 @@ line naming the flag."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -86,8 +87,8 @@ def check_settings(batches, threads, provider, warmup, runs, duration, repeats) 
         raise UserError("give --runs or --duration, not both")
     if runs is not None and runs < 1:
         raise UserError(f"--runs {runs}: must be at least 1")
-    if duration is not None and not duration > 0:
-        raise UserError(f"--duration {duration}: must be more than 0 seconds")
+    if duration is not None and not 0 < duration < math.inf:
+        raise UserError(f"--duration {duration}: must be a finite number of seconds, more than 0")
     if runs is None and duration is None:
         duration, min_runs = DEFAULT_DURATION_S, DEFAULT_MIN_RUNS
     else:

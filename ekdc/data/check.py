@@ -111,8 +111,13 @@ def check_images(cfg, *, decode: bool = False, progress=None, split: str = "the 
     areas = sorted(sizes, key=lambda s: s[0] * s[1])
     return CheckReport(
         root=str(root), classes=classes,
-        problems=[{"kind": p.kind, "path": p.path, "detail": p.detail, "wrong": p.makes_training_wrong}
-                  for p in scan.problems],
+        problems=[*({"kind": p.kind, "path": p.path, "detail": p.detail, "wrong": p.makes_training_wrong}
+                    for p in scan.problems),
+                  # distill stops at the first unreadable file unless told to leave them out
+                  *([{"kind": "unreadable", "path": str(root), "wrong": True,
+                      "detail": f"{len(unreadable)} file(s) cannot be read (listed below): training stops on "
+                                "them unless data.skip_bad_files: true"}] if unreadable and not cfg.skip_bad_files
+                    else [])],
         identical=_identical(scan.files, scan.labels, scan.classes), unreadable=unreadable, modes=modes,
         smallest=tuple(areas[0]) if areas else None, largest=tuple(areas[-1]) if areas else None,
         imbalance=(max(counts.values()) / min(counts.values())) if counts else None, images=len(scan.files),

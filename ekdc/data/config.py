@@ -13,7 +13,7 @@ PAD_CROP_UP_TO_PX = 64  # images up to this size get pad-crop augmentation by de
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def rgb_triple(v, positive: bool = False):

@@ -127,6 +127,9 @@ def scan_folder(root: Path, what: str) -> FolderScan:
         labels += [len(classes) - 1] * len(listed)
     if not files:
         raise UserError(f"{what}: no images in class folders under {root} (expected {root}/<class>/<image>)")
+    if len(classes) < 2:  # trains and scores 100% while learning nothing
+        raise UserError(f"{what}: one class folder with images under {root} ({classes[0]}): a classifier needs at "
+                        f"least 2 (expected {root}/<class>/<image>, one folder a class)")
     return FolderScan(classes, files, np.asarray(labels, dtype=np.int64), real, problems)
 
 

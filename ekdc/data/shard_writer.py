@@ -159,6 +159,8 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: 
     renamed, and a mark file says a write is under way until ``shards.json`` is written."""
     if shard_size < 1:
         raise UserError(f"--shard-size {shard_size}: must be at least 1")
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be 0 or more")
     folder, out = Path(folder), Path(out)
     scan = scan_folder(folder, "FOLDER")
     old = _prepare_out(folder, out, prefix, overwrite)

@@ -36,7 +36,7 @@ IMAGENET_STEM_FROM_PX = 64  # image sizes above this get the stride-4 stem by de
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Schedule(_Strict):
@@ -168,7 +168,7 @@ class StudentConfig(_Strict):
     ``ekd_student``'s keys are the fields below; another family's keys are its own settings model's
     (``@register_student(settings=...)``), and the fields of ``ekd_student`` do not apply to it."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)  # a family's own keys, checked below
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)  # a family's own keys, checked below
     arch: str = Field("ekd_student", description="the student family (ekdc.models.list_students())")
     latency_ms: Optional[float] = Field(
         None, gt=0, allow_inf_nan=False, description="plan the student for this p50 latency (ms, batch 1, fp32, ONNX Runtime CPU, all usable "
@@ -261,7 +261,7 @@ class DistillConfig(Schedule):
     """The student's schedule; its objective: each term's weight (``weights.<term>``) and settings
     (``<term>: {...}``), both declared by the term in ``ekdc.losses``; and the teacher-output cache."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)  # the terms' settings, checked below
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)  # the terms' settings, checked below
     temperature: float = Field(4.0, gt=0, description="softening temperature T of the KD term")
     weights: dict[str, float] = Field(default_factory=dict, validate_default=True, description="each loss term's weight "
                                       "(ekdc.losses.list_terms(); terms left out keep their default)")
