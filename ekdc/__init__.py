@@ -30,6 +30,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ekdc' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:  # the lazy names too: help(ekdc), dir() and tab completion list them
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = ["Plan", "Recipe", "RunDir", "UserError", "bench", "compare", "create_model", "distill", "export",
            "export_formats", "fold", "list_datasets", "list_models", "list_terms", "load_recipe", "plan_student",
            "register_dataset", "register_model", "register_term"]

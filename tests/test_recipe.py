@@ -159,3 +159,15 @@ def test_the_readme_shows_the_shipped_headline_recipe():
     block = readme.split("```yaml\nname: cifar10-strong", 1)[1].split("```", 1)[0]
     shipped = yaml.safe_load((ROOT / "recipes" / "cifar10-strong.yaml").read_text())
     assert yaml.safe_load("name: cifar10-strong" + block) == shipped
+
+
+def test_library_conveniences_a_new_user_tries(tmp_path):
+    """dir(ekdc) lists the lazily loaded API; one override may be given bare; an empty recipe says so."""
+    import ekdc
+
+    assert {"load_recipe", "distill", "export", "bench"} <= set(dir(ekdc))
+    assert ekdc.load_recipe(ROOT / "recipes" / "quickstart.yaml", "distill.epochs=2").distill.epochs == 2
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ekdc.UserError, match="the recipe is empty"):
+        ekdc.load_recipe(empty)

@@ -32,6 +32,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     """Apply ``key.path=value`` overrides (values parsed as YAML) to the raw recipe mapping."""
+    if isinstance(overrides, str):  # one override given bare, not in a list: not its characters one by one
+        overrides = [overrides]
     for item in overrides or []:
         parts, value = _parse_override(item)
         node: Any = raw
@@ -86,6 +88,8 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"{path}: not a text file") from None
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be a recipe") from None
+    if raw is None:
+        raise UserError(f"{path}: the recipe is empty (a YAML mapping of keys to values is expected)")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of keys to values, got {type(raw).__name__}")
     return raw
