@@ -391,6 +391,10 @@ def test_model_from_elsewhere(art, tmp_path):
         bench([art["foreign"]], classes=order[:-1] + ["other"], preprocess="raw", **common)
     with pytest.raises(UserError, match="go together"):
         bench([art["foreign"]], classes=order, **common)
+    # on ekdc's own export the options are not used (its metadata says how to feed it), and it says so
+    res = run_cli(art["student"], "--classes", ",".join(order), "--preprocess", "raw", "--data", art["recipe"],
+                  "--batch", "1", "--runs", "2", "--repeats", "1", "--warmup", "0", "--threads", "1")
+    assert res.returncode == 0 and "do not apply to student.onnx" in " ".join(res.stdout.split()), res.stdout
 
 
 @pytest.mark.parametrize("case, word", [

@@ -100,6 +100,8 @@ def check_data_fits(val: ValData, entries: list[Entry], console, foreign: Option
     """Each model gets the validation images at its input size, fed as it expects, or no accuracy."""
     for e in entries:
         e.feed, problem = _feed_for(e, val, foreign)
+        if foreign is not None and e.info.from_ekdc:  # its metadata is the file's own truth: said, not silently
+            say(console, f"--classes and --preprocess do not apply to {e.name}: its ekdc metadata says how to feed it")
         if problem is not None:
             if val.explicit and (e.info.from_ekdc or foreign is not None):
                 raise UserError(f"--data: {problem}")
