@@ -16,7 +16,7 @@ import yaml
 from ekdc import UserError, load_recipe
 from ekdc.data import load_data
 
-from conftest import run_cli, tiny_recipe, write_recipe
+from conftest import ROOT, run_cli, tiny_recipe, write_recipe
 from test_data_trust import _bomb, _img
 
 TINY_AVG = dict(teachers=[{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
@@ -95,6 +95,8 @@ def test_shard_never_mixes_two_writes(tmp_path):
 def test_shard_refuses_a_negative_seed_before_touching_out(tmp_path):
     line = _one_line_exit_2(run_cli("data", "shard", _folder(tmp_path / "img"), tmp_path / "out", "--seed", "-1"))
     assert "--seed -1: must be 0 or more" in line and not (tmp_path / "out").exists()
+    line = _one_line_exit_2(run_cli("data", "shard", ROOT / "recipes" / "quickstart.yaml", tmp_path / "out"))
+    assert "quickstart.yaml is a file, not a folder of class folders" in line
 
 
 def test_shard_refuses_an_out_inside_the_folder(tmp_path):

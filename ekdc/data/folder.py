@@ -100,7 +100,8 @@ def scan_folder(root: Path, what: str) -> FolderScan:
     """Class folders and their images, in sorted order of relative path: the same list (and so the same
     seeded split) on any copy of the folder, whatever order the filesystem lists it in."""
     if not root.is_dir():
-        raise UserError(f"{what}: folder not found: {root}")
+        raise UserError(f"{what}: {root} is a file, not a folder of class folders" if root.exists()
+                        else f"{what}: folder not found: {root}")
     root_real = os.path.realpath(root)
     names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     class_dirs = {c: os.path.realpath(root / c) for c in names}
