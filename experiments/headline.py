@@ -290,6 +290,12 @@ def _findings(record: dict) -> list[str]:
         lines.append(f"- **Equal latency:** three branches against the one branch `ekdc plan` picked for their "
                      f"latency ({planned['macs'] / 1e6:.1f}M MACs; {planned['p50_ms_b1']:.2f} against "
                      f"{three['p50_ms_b1']:.2f} ms at batch 1 here): {pts(three, planned):+.2f} points.")
+        if student and abs(student["p50_ms_b1"] / three["p50_ms_b1"] - 1) <= 0.05:  # a second one-branch answer
+            lines.append(f"- **Equal latency, the recipe's one branch:** the one-branch student runs at "
+                         f"{student['p50_ms_b1']:.2f} ms too (within 5% of the three branches' "
+                         f"{three['p50_ms_b1']:.2f} ms): three branches against it, {pts(three, student):+.2f} points. "
+                         "Which one branch stands against them decides the sign: the plan's widest-MACs pick is not "
+                         "the most accurate shape.")
     if lines:
         lines.append("- One seed a row: the spread between seeds at full data was not measured.")
     return lines
