@@ -84,8 +84,9 @@ def export(
     from .deploy.qad import QADSettings
     from .tables import export_table
 
-    given = [flag for flag, on in (("--qad-epochs", qad_epochs != 2), ("--qad-lr", qad_lr is not None),
-                                   ("--qad-labels", qad_labels)) if on]
+    default = QADSettings()  # a flag off its default is a QAD setting the user asked for
+    given = [flag for flag, on in (("--qad-epochs", qad_epochs != default.epochs), ("--qad-lr", qad_lr != default.lr),
+                                   ("--qad-labels", (not qad_labels) != default.teachers)) if on]
     if given and not qad:  # else the int8 file would be PTQ's while the user asked for a QAD setting
         raise UserError(f"{given[0]} applies to QAD only: add --int8 --qad, or leave it out")
     settings = QADSettings(epochs=qad_epochs, lr=qad_lr, teachers=not qad_labels) if qad else None
