@@ -18,6 +18,7 @@ _LAZY = {
     "compare": ("compare", "compare"), "export_formats": ("formats", "export_formats"),
     "list_datasets": ("data", "list_datasets"), "register_dataset": ("data", "register_dataset"),
     "list_terms": ("losses", "list_terms"), "register_term": ("losses", "register_term"),
+    "StrictSettings": ("settings", "StrictSettings"),
 }
 
 
@@ -34,6 +35,6 @@ def __dir__() -> list[str]:  # the lazy names too: help(ekdc), dir() and tab com
     return sorted({*globals(), *_LAZY})
 
 
-__all__ = ["Plan", "Recipe", "RunDir", "UserError", "bench", "compare", "create_model", "distill", "export",
+__all__ = ["Plan", "Recipe", "RunDir", "StrictSettings", "UserError", "bench", "compare", "create_model", "distill", "export",
            "export_formats", "fold", "list_datasets", "list_models", "list_terms", "load_recipe", "plan_student",
            "register_dataset", "register_model", "register_term"]

@@ -3,8 +3,9 @@ import re
 
 import pytest
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from ekdc import StrictSettings
 from ekdc.losses import (Objective, TermInputs, confidence_weights, dkd_parts, get_term, kd_kl, kl_per_sample,
                          register_term, terms_of_mode, unregister_term)
 from ekdc.losses.kd import dkd_per_sample
@@ -222,8 +223,7 @@ def test_default_kd_settings_keep_the_classic_kl():
 # a term from outside ekdc: registry entry plus recipe key, nothing else
 
 
-class ScaleSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ScaleSettings(StrictSettings):  # the base ekdc's own settings have, as docs/ARCHITECTURE.md shows
     scale: float = Field(1.0, gt=0)
 
 
@@ -257,6 +257,9 @@ def test_a_toy_term_trains_from_a_test_file_alone(toy_term, tmp_path):
     assert "toy:\n    scale: 3.0" in (run.path / "recipe.yaml").read_text()  # and it resumes with it
     with pytest.raises(Exception, match="distill.toy.scale: must be > 0"):
         raw["distill"]["toy"] = {"scale": 0}
+        recipe_from_dict(raw)
+    with pytest.raises(Exception, match="distill.toy.scale: must be a number, not true"):
+        raw["distill"]["toy"] = {"scale": True}
         recipe_from_dict(raw)
 
 

@@ -81,6 +81,25 @@ def test_out_of_range(tmp_path, over, path, words):
     assert path in msg and words in msg
 
 
+@pytest.mark.parametrize("item, path", [
+    ("distill.epochs=true", "distill.epochs: must be a number, not true"),  # pydantic's lax mode read it as 1
+    ("distill.lr=false", "distill.lr: must be a number, not false"),
+    ("data.per_class=true", "data.per_class: must be a number, not true"),  # Optional[int]
+    ("student.branch_widths=[32, true]", "student.branch_widths: item 1: must be a number, not true"),
+    ("distill.weights.kd=true", "distill.weights: kd: must be a number, not true"),
+    ("distill.kd.beta=true", "distill.kd.beta: must be a number, not true"),  # a loss term's own settings
+])
+def test_bool_is_not_a_number(tmp_path, item, path):
+    with pytest.raises(UserError) as err:
+        load_recipe(write_recipe(tmp_path / "r.yaml"), [item])
+    assert path in str(err.value)
+
+
+def test_numbers_and_bools_still_read(tmp_path):
+    r = load_recipe(write_recipe(tmp_path / "r.yaml"), ["distill.epochs=3.0", "data.augment=true", "distill.lr=1"])
+    assert r.distill.epochs == 3 and r.data.augment is True and r.distill.lr == 1.0
+
+
 def test_branch_count_must_match_teachers(tmp_path):
     msg = _error(tmp_path, _yaml(student={"num_branches": 3}))
     assert "num_branches is 3" in msg and "2 teachers" in msg

@@ -4,16 +4,13 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from ..settings import StrictSettings
 from .registry import check_dataset_name
 
 MAX_SEED = 2**32 - 1
 PAD_CROP_UP_TO_PX = 64  # images up to this size get pad-crop augmentation by default; larger, resized crops
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def rgb_triple(v, positive: bool = False):
@@ -27,7 +24,7 @@ def rgb_triple(v, positive: bool = False):
     return v
 
 
-class Augment(_Strict):
+class Augment(StrictSettings):
     kind: Optional[Literal["pad_crop", "resized_crop"]] = Field(
         None, description="pad_crop (small images) or resized_crop (RandomResizedCrop, photos); default by image size")
     crop_padding: int = Field(4, ge=0, description="pad_crop: random crop after zero padding by this many pixels")
@@ -44,7 +41,7 @@ class Augment(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictSettings):
     dataset: str = Field(description="a registered data set (ekdc.data.list_datasets()): cifar10, cifar100, "
                                      "imagefolder, digits, synthetic, ...")
     root: Optional[str] = Field(None, description="cifar: torchvision root; imagefolder: the training root")

@@ -15,9 +15,10 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from .kd import confidence_weights, dkd_per_sample, kl_per_sample
+from ..settings import StrictSettings
 from .registry import TermInputs, register_term
 
 
@@ -34,10 +35,9 @@ def ensemble_ce(x: TermInputs, _settings=None) -> torch.Tensor:
     return F.cross_entropy(x.out.logits.float().mean(0), x.labels, label_smoothing=x.label_smoothing)
 
 
-class KDSettings(BaseModel):
+class KDSettings(StrictSettings):
     """``distill.kd``: how each branch's softened logits are matched to the teachers'."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     loss: Literal["kl", "dkd"] = Field("kl", description="kl (Hinton) or dkd (decoupled KD: alpha * TCKD + beta * NCKD)")
     alpha: float = Field(1.0, ge=0, allow_inf_nan=False, description="dkd: weight of the target-class term (TCKD)")
     beta: float = Field(8.0, ge=0, allow_inf_nan=False, description="dkd: weight of the non-target term (NCKD)")

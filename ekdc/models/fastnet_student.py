@@ -16,18 +16,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from ..settings import StrictSettings
 from ._registry import PlanSpace, register_student, widths_between
 from .fastnet import LOGIT_SCALE, Whitening, _Stage, fast_param_groups, make_stages
 from .folding import PAD_CHANNELS, fuse_conv_bn, merge_convs, pad_conv, padded
 from .student import BranchOutputs
 
 
-class FastNetStudentSettings(BaseModel):
+class FastNetStudentSettings(StrictSettings):
     """``student:`` keys of ``arch: fastnet_student`` (beside ``num_branches``)."""
 
-    model_config = ConfigDict(extra="forbid")
     widths: list[int] = Field(default_factory=lambda: [64, 128, 128], min_length=1, max_length=5,
                               description="each stage's channels (each stage halves the resolution)")
     trunk_stages: int = Field(1, ge=0, description="how many of the stages the branches share")

@@ -28,6 +28,7 @@ from ..data.config import MAX_SEED, DataConfig, rgb_triple
 from ..losses import MODES, get_term, list_terms, term_settings, terms_of_mode
 from ..models import get_student, list_students
 from ..models._registry import unknown_student
+from ..settings import StrictSettings
 from ..teachers.torch_models import check_arch
 
 # a file or folder name: no path separators, and not "." or ".." (which would point outside runs/)
@@ -35,11 +36,7 @@ SAFE_NAME = r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 IMAGENET_STEM_FROM_PX = 64  # image sizes above this get the stride-4 stem by default
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class Schedule(_Strict):
+class Schedule(StrictSettings):
     """How one network is trained: used by each teacher and by the student."""
 
     epochs: int = Field(30, ge=1)
@@ -64,7 +61,7 @@ _ONNX_ONLY = ("channel_order", "layout", "outputs")
 _PRETRAINED_SOURCES = ("torchvision:", "timm:")
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictSettings):
     """One teacher, from exactly one source: ``arch`` (ekdc's registry, ``torchvision:NAME``, ``timm:NAME``)
     or ``onnx`` (a frozen model from any framework)."""
 
@@ -163,7 +160,7 @@ PLANNED_KEYS = ("trunk_width", "trunk_blocks", "branch_widths", "branch_blocks",
 EKD_STUDENT_KEYS = (*PLANNED_KEYS, "stem")  # StudentConfig's fields that are ekd_student's settings
 
 
-class StudentConfig(_Strict):
+class StudentConfig(StrictSettings):
     """The student: ``arch`` names a registered student family (``ekdc.models.list_students()``).
     ``ekd_student``'s keys are the fields below; another family's keys are its own settings model's
     (``@register_student(settings=...)``), and the fields of ``ekd_student`` do not apply to it."""
@@ -247,7 +244,7 @@ class StudentConfig(_Strict):
         return self.model_dump(include=set(EKD_STUDENT_KEYS) | {"num_branches"})
 
 
-class TeacherCacheConfig(_Strict):
+class TeacherCacheConfig(StrictSettings):
     """FKD's cache: the teachers run once on ``views`` fixed augmented views of every training image,
     and the student stage reads their stored outputs instead of running them every step."""
 
@@ -314,7 +311,7 @@ class DistillConfig(Schedule):
         return [n for n in terms_of_mode(mode) if self.weights.get(n, 0.0) > 0]
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictSettings):
     """Where a run can be watched (``ekdc.tracking``): off unless asked for."""
 
     tensorboard: bool = Field(False, description="event files in the run folder's tb/")
@@ -322,7 +319,7 @@ class TrackingConfig(_Strict):
     experiment: Optional[str] = Field(None, min_length=1, description="MLflow's experiment (default: the recipe's name)")
 
 
-class Recipe(_Strict):
+class Recipe(StrictSettings):
     name: str = Field("run", pattern=SAFE_NAME, description="the run folder's name: letters, digits, _ . -")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
