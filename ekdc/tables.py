@@ -2,9 +2,12 @@
 (bench's too) uses."""
 from __future__ import annotations
 
+import collections
 from typing import Optional
 
 from rich.table import Table
+
+PROBLEMS_SHOWN = 20  # data check: lines of one kind of problem (and of unreadable files) before "N more"
 
 
 def count_text(n: Optional[float]) -> str:
@@ -90,15 +93,21 @@ def data_check_lines(r: dict) -> list[str]:
     lines = [f"split: {r['split'] or 'not computed (unreadable files: set data.skip_bad_files)'}",
              f"modes: {modes or '-'}; sizes: smallest {size(r['smallest'])}, largest {size(r['largest'])}; "
              f"imbalance (largest / smallest class): {r['imbalance']:.2f}" if r["imbalance"] else "imbalance: -"]
-    for p in r["problems"]:
-        lines.append(f"{'WRONG' if p['wrong'] else 'note'}: {p['kind']}: {p['path']}: {p['detail']}")
+    shown = collections.Counter()
+    for p in r["problems"]:  # a folder of 10,000 .txt files beside its images is one kind, not 10,000 lines
+        shown[p["kind"]] += 1
+        if shown[p["kind"]] <= PROBLEMS_SHOWN:
+            lines.append(f"{'WRONG' if p['wrong'] else 'note'}: {p['kind']}: {p['path']}: {p['detail']}")
+    for kind, n in shown.items():
+        if n > PROBLEMS_SHOWN:
+            lines.append(f"{kind}: {n - PROBLEMS_SHOWN} more (--json lists them all)")  # WRONG ones stay on the verdict
     for d in r["identical"]:
         where = f"in classes {', '.join(d['classes'])}" if d["wrong"] else f"in class {d['classes'][0]}"
         lines.append(f"{'WRONG' if d['wrong'] else 'note'}: identical files {where}: {', '.join(d['paths'][:3])}"
                      + (f" (+{len(d['paths']) - 3})" if len(d["paths"]) > 3 else ""))
-    for u in r["unreadable"][:20]:
+    for u in r["unreadable"][:PROBLEMS_SHOWN]:
         lines.append(f"unreadable: {u['error']}")
-    if len(r["unreadable"]) > 20:
-        lines.append(f"unreadable: {len(r['unreadable']) - 20} more (--json lists them all)")
+    if len(r["unreadable"]) > PROBLEMS_SHOWN:
+        lines.append(f"unreadable: {len(r['unreadable']) - PROBLEMS_SHOWN} more (--json lists them all)")
     lines.append("verdict: " + ("training on it would be wrong (WRONG lines above)" if r["wrong"] else "no problem found"))
     return lines

@@ -133,6 +133,8 @@ def scan_summary(problems: list[Problem], what: str) -> list[str]:
              "other_class_link": "links into another class's folder (they would relabel its images), not followed",
              "in_two_classes": "files linked into two classes, kept in the first only",
              "empty_class": "folders with no image, not classes",
-             "duplicate_path": "files reached twice (through links), taken once"}
+             "duplicate_path": "files reached twice (through links), taken once",
+             "not_image": "files that are not images ekdc reads, left out",
+             "broken_link": "links that lead nowhere, left out"}
     return [f"{what}: {len(ps)} {words[k]} (first: {ps[0].path}); 'ekdc data check' lists them"
             for k, ps in by_kind.items()]

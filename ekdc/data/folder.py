@@ -4,7 +4,8 @@ The scan cannot relabel an image: each file is taken once, by its real path, und
 is listed in. Symbolic links are followed where they lead outside the root (data linked in from
 elsewhere) or elsewhere inside their own class folder (taken once); a link that leads back into the root
 or to a folder above it (a loop) or into another class's folder (it would give that class's images this
-class's label) is not followed, and said. A folder that holds no image is no class: it is said and left
+class's label) is not followed, and said. A file that is not an image ekdc reads (a .gif, a .txt) and
+a link that leads nowhere are left out, and said. A folder that holds no image is no class: it is said and left
 out, so the student, the exports and ``infer.py`` never carry a class that was never trained.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .sources import FileSource
 
 # what the scan left out, and whether it means the folder is wrong (``ekdc data check`` exits 1 on those)
 PROBLEMS = {"loop": True, "other_class_link": True, "in_two_classes": True, "empty_class": True,
-            "duplicate_path": False}
+            "duplicate_path": False, "not_image": False, "broken_link": False}
 
 
 @dataclasses.dataclass
@@ -86,9 +87,15 @@ class _ClassWalk:
                     where = "the root or a folder above it" if kind == "loop" else "another class's folder"
                     self.problems.append(Problem(kind, e.path, f"a link to {target}, inside {where}: not followed"))
                     continue
-            if e.is_dir():
+            if e.is_symlink() and not os.path.exists(target):
+                self.problems.append(Problem("broken_link", e.path, f"a link to {target}, which does not exist: "
+                                                                    "left out"))
+            elif e.is_dir():
                 self.walk(e.path)
-            elif e.name.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(target):
+            elif not e.name.lower().endswith(IMG_EXTENSIONS):
+                kind = os.path.splitext(e.name)[1] or "no extension"
+                self.problems.append(Problem("not_image", e.path, f"{kind} is not an image ekdc reads: left out"))
+            elif os.path.isfile(target):
                 if target in self.found:
                     self.problems.append(Problem("duplicate_path", e.path, f"the same file as {self.found[target]}: "
                                                                            "taken once"))
