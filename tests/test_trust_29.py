@@ -68,6 +68,9 @@ def test_shard_packs_only_what_the_folder_check_accepts(tmp_path):
     assert sum(index["samples"].values()) == 11  # 12 good images, less d0 (in two classes)
     left = {Path(e["path"]).name for e in index["left_out"]}
     assert left == {"empty.jpg", "notes.jpg", "huge.png", "d0.png", "d0-linked.png"}
+    why = {Path(e["path"]).name: e["why"] for e in index["left_out"]}
+    assert why["notes.jpg"] == "unreadable: not in a format Pillow can identify"  # no <_io.BytesIO at 0x...>
+    assert "0x" not in out and str(root / "cat") in out
     assert len([n for n in _tar_members(tmp_path / "out") if n.endswith(".cls")]) == 11
     # and what was packed trains: every sample decodes and is labelled by its folder
     d = load_data(load_recipe(_shard_recipe(tmp_path, tmp_path / "out", tmp_path / "out")).data)

@@ -81,6 +81,8 @@ def open_image(src: Union[str, IO[bytes]], name: str = ""):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"cannot read image {label}: more than the {MAX_PIXELS:,} pixels ekdc decodes "
                         "(a decompression bomb?)") from None
+    except Image.UnidentifiedImageError:  # Pillow's own words name the file object (<_io.BytesIO at 0x...>)
+        raise UserError(f"cannot read image {label}: not in a format Pillow can identify") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise UserError(f"cannot read image {label}: {err}") from None
     with im:

@@ -85,8 +85,8 @@ def _packable(scan, progress) -> tuple[list[int], list[dict], dict[int, str]]:
             continue
         try:
             check_image(io.BytesIO(data), name=f, full=True)
-        except UserError as err:
-            left_out.append({"path": f, "why": f"unreadable: {err}"})
+        except UserError as err:  # "cannot read image PATH: why": the path is the entry's own
+            left_out.append({"path": f, "why": f"unreadable: {str(err).removeprefix(f'cannot read image {f}: ')}"})
             continue
         digests[i] = _digest(data)
         if task is not None and i % 64 == 0:
