@@ -391,6 +391,15 @@ def test_model_from_elsewhere(art, tmp_path):
         bench([art["foreign"]], classes=order[:-1] + ["other"], preprocess="raw", **common)
     with pytest.raises(UserError, match="go together"):
         bench([art["foreign"]], classes=order, **common)
+    # one name too many: every data class is named, but the columns would be read at the wrong places
+    with pytest.raises(UserError, match=f"--classes names {CLASSES + 1} classes but foreign.onnx outputs {CLASSES}"):
+        bench([art["foreign"]], classes=[*order, "extra"], preprocess="raw", **common)
+    unfixed = tmp_path / "unfixed.onnx"  # the same model with its [B,C] output's C symbolic: found when it runs
+    proto = onnx.load(str(art["foreign"]))
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
+    onnx.save(proto, str(unfixed))
+    with pytest.raises(UserError, match=f"--classes names {CLASSES + 1} classes but the model outputs {CLASSES}"):
+        bench([unfixed], classes=[*order, "extra"], preprocess="raw", **common)
     # on ekdc's own export the options are not used (its metadata says how to feed it), and it says so
     res = run_cli(art["student"], "--classes", ",".join(order), "--preprocess", "raw", "--data", art["recipe"],
                   "--batch", "1", "--runs", "2", "--repeats", "1", "--warmup", "0", "--threads", "1")

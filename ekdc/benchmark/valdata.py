@@ -89,11 +89,14 @@ def _feed_for(e: Entry, val: ValData, foreign: Optional[dict]) -> tuple[Optional
     if foreign is None:
         return None, (f"{e.name} carries no ekdc metadata, so nothing says how to feed it: give --classes "
                       "(its outputs in order) and --preprocess")
+    width = e.info.num_outputs
+    if width is not None and width != len(foreign["classes"]):  # else the accuracy would read the wrong columns
+        return None, f"--classes names {len(foreign['classes'])} classes but {e.name} outputs {width} values an image"
     missing = [c for c in val.classes if c not in foreign["classes"]]
     if missing:
         return None, f"--classes lacks the data's class '{missing[0]}'"
-    return {"class_index": [foreign["classes"].index(c) for c in val.classes], "mean": foreign["mean"],
-            "std": foreign["std"]}, None
+    return {"class_index": [foreign["classes"].index(c) for c in val.classes], "width": len(foreign["classes"]),
+            "mean": foreign["mean"], "std": foreign["std"]}, None
 
 
 def check_data_fits(val: ValData, entries: list[Entry], console, foreign: Optional[dict] = None) -> Optional[ValData]:

@@ -6,11 +6,10 @@ from .describe import (
            BENCH_EXPECTS,
            ClassifierIO,
            ModelInfo,
-           check_io,
            classifier_io,
            inspect_model,
            load_onnx,
 )
 
-__all__ = ["BENCH_EXPECTS", "ClassifierIO", "ModelInfo", "activation_peak_bytes", "check_io", "classifier_io",
+__all__ = ["BENCH_EXPECTS", "ClassifierIO", "ModelInfo", "activation_peak_bytes", "classifier_io",
            "count_params_macs", "inspect_model", "load_onnx", "weight_bytes"]

@@ -48,6 +48,7 @@ class ModelInfo:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     weight_bytes: Optional[int] = None  # the stored tensors' bytes (None for a plan with no ONNX beside it)
+    num_outputs: Optional[int] = None  # C of the [B,C] output, where the graph fixes it
 
     @property
     def from_ekdc(self) -> bool:
@@ -86,14 +87,14 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
     if runtime_of(path) == "tensorrt":
         return _inspect_plan(path)
     proto = load_onnx(path)
-    input_name, output_name, hw, fixed_batch = check_io(proto, path)
+    io = classifier_io(proto, path)  # bench's contract; ekdc's files call their I/O images and logits, others anything
     meta = {p.key: p.value for p in proto.metadata_props}
-    if hw is None:
-        hw = _size_from_metadata(meta, path)
+    hw = fixed_hw(io) or _size_from_metadata(meta, path)
     params, macs, exact = count_params_macs(proto)
-    return ModelInfo(path=path, runtime="onnxruntime", file_mb=_file_mb(path, proto), input_hw=hw, fixed_batch=fixed_batch,
-                     metadata=meta, params=params, macs=macs, macs_exact=exact, input_name=input_name,
-                     output_name=output_name, weight_bytes=weight_bytes(proto))
+    return ModelInfo(path=path, runtime="onnxruntime", file_mb=_file_mb(path, proto), input_hw=hw,
+                     fixed_batch=io.fixed_batch, metadata=meta, params=params, macs=macs, macs_exact=exact,
+                     input_name=io.input_name, output_name=io.output_name, weight_bytes=weight_bytes(proto),
+                     num_outputs=io.num_outputs)
 
 
 def load_onnx(path: Path):
@@ -167,14 +168,10 @@ def classifier_io(proto, path: Path, *, channels_last_ok: bool = False, one_outp
                         dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None)
 
 
-def check_io(proto, path: Path) -> tuple[str, str, Optional[tuple[int, int]], Optional[int]]:
-    """Bench's contract: (input name, output name, the fixed (H, W) if the graph has them, the batch if it
-    freezes it). ekdc's own files call them ``images`` and ``logits``; files from elsewhere may call them
-    anything."""
-    io = classifier_io(proto, path)
+def fixed_hw(io: ClassifierIO) -> Optional[tuple[int, int]]:
+    """The (H, W) the graph fixes, or None where either is symbolic."""
     h, w = io.input_dims[2], io.input_dims[3]
-    hw = (h, w) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
-    return io.input_name, io.output_name, hw, io.fixed_batch
+    return (h, w) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
 
 
 def _type_name(value_info) -> str:
@@ -234,7 +231,7 @@ def _inspect_plan(path: Path) -> ModelInfo:
                 continue
             info.input_hw, info.metadata = src.input_hw, dict(src.metadata)
             info.params, info.macs, info.macs_exact = src.params, src.macs, src.macs_exact
-            info.weight_bytes = src.weight_bytes
+            info.weight_bytes, info.num_outputs = src.weight_bytes, src.num_outputs
             info.metadata[META_PRECISION] = "plan:" + (src.precision or "?")
             info.stats_from = cand.name
             break
