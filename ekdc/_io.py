@@ -116,6 +116,25 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_outputs(inputs: dict[str, str | os.PathLike], **paths: Optional[str | os.PathLike]) -> None:
+    """Before any work: no output file (``--json``, ``--plot``, ``--out``: the keyword is the flag) may be one of
+    the command's inputs (``{what it is: its path}``) or lie inside an input folder, where a report would
+    overwrite a model, a recipe or an image; and each must be a writable file name."""
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"--{flag} {path} is a folder; give a file name")
+        for what, source in inputs.items():
+            source = Path(source)
+            if path.resolve() == source.resolve():
+                raise UserError(f"--{flag} {path} is the {what}: write the {flag} file elsewhere")
+            if source.is_dir() and path.resolve().is_relative_to(source.resolve()):
+                raise UserError(f"--{flag} {path} lies inside the {what} {source}: write the {flag} file elsewhere")
+        ensure_writable_dir(path.parent)
+
+
 def existing_file(path: str | os.PathLike, what: str, kind: str) -> Path:
     """``path`` as a Path, or one line: not found, or a folder where a ``kind`` file was expected."""
     path = Path(path)

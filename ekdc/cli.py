@@ -84,12 +84,7 @@ def export(
     from .deploy.qad import QADSettings
     from .tables import export_table
 
-    default = QADSettings()  # a flag off its default is a QAD setting the user asked for
-    given = [flag for flag, on in (("--qad-epochs", qad_epochs != default.epochs), ("--qad-lr", qad_lr != default.lr),
-                                   ("--qad-labels", (not qad_labels) != default.teachers)) if on]
-    if given and not qad:  # else the int8 file would be PTQ's while the user asked for a QAD setting
-        raise UserError(f"{given[0]} applies to QAD only: add --int8 --qad, or leave it out")
-    settings = QADSettings(epochs=qad_epochs, lr=qad_lr, teachers=not qad_labels) if qad else None
+    settings = QADSettings.from_flags(qad, qad_epochs, qad_lr, qad_labels)
     manifest = run_export(run_dir, out, fold_mode=fold, calib_images=calib, parity_images=parity_images,
                           runs_root=runs_root, console=console, teachers=teachers, qad=settings, **formats)
     _show(export_table(manifest))
@@ -136,16 +131,15 @@ def bench(
     """Measure latency, throughput, memory and accuracy of models against the teacher ensemble."""
     from .benchmark import bench as run_bench
     from .benchmark.report import bench_table
+    from .benchmark.valdata import parse_classes
 
     try:
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise UserError(f"--batch {batch!r}: expected comma-separated integers such as 1,8,64") from None
-    _check_outputs({**{f"input model {i + 1}": m for i, m in enumerate(models)},
-                    "reference model": against or models[0].with_name("teachers.onnx")}, json=json_path, plot=plot)
     report = run_bench(models, against=against, batches=batches, threads=threads, provider=provider, warmup=warmup,
                        runs=runs, duration=duration, repeats=repeats, data=data, json_path=json_path, plot_path=plot,
-                       console=console, classes=_class_list(classes), preprocess=preprocess)
+                       console=console, classes=parse_classes(classes), preprocess=preprocess)
     _show(bench_table(report))
 
 
@@ -175,6 +169,7 @@ def plan(
         read_candidates,
         set_lines,
     )
+    from ._io import check_outputs
     from .recipe import load_recipe
 
     r = load_recipe(recipe, set_)
@@ -182,7 +177,7 @@ def plan(
     if budget is None:
         raise UserError("give the budget: --latency MS (or student.latency_ms in the recipe)")
     plot = plot if plot is not None else (out.with_suffix(".png") if out is not None else None)
-    _check_outputs({"input recipe": recipe}, out=out, plot=plot, json=json_path)
+    check_outputs({"input recipe": recipe}, out=out, plot=plot, json=json_path)
     try:
         result = plan_student(r, budget, batch=batch, provider=provider, threads=threads, precision=precision,
                               candidates=read_candidates(candidates, r) if candidates else None, repeats=repeats,
@@ -196,10 +191,10 @@ def plan(
 
         write_text(out, planned_yaml(r, result))
         console.print(f"wrote {out}: {r.name} with the student {result.chosen.short} ({result.chosen.p50_ms:.3f} ms); "
-                      f"train it with 'ekdc distill {out}', export it with {_export_flags(result)}", soft_wrap=True)
+                      f"train it with 'ekdc distill {out}', export it with {result.export_flags}", soft_wrap=True)
     else:
         console.print(f"train it with: ekdc distill {recipe} " + " ".join(set_lines(r, result)) +
-                      f"; export it with {_export_flags(result)}", soft_wrap=True)
+                      f"; export it with {result.export_flags}", soft_wrap=True)
     console.print(f"note: {result.holds_for}", soft_wrap=True)
 
 
@@ -241,30 +236,6 @@ def compare(
         console.print(f"wrote {json_path}")
 
 
-def _export_flags(plan) -> str:
-    """The export flags that give the file a plan timed: its fold and, for an int8 plan, --int8."""
-    return ("--int8 " if plan.precision == "int8" else "") + f"--fold {plan.chosen.layout}"
-
-
-def _check_outputs(inputs: dict[str, Path], **paths: Optional[Path]) -> None:
-    """Before any work: no output file (``--json``, ``--plot``, ``--out``) may be one of the command's inputs
-    (``{what it is: its path}``) or lie inside an input folder, where a report would overwrite a model, a recipe
-    or an image; and each must be writable."""
-    from ._io import ensure_writable_dir
-
-    for flag, path in paths.items():
-        if path is None:
-            continue
-        if path.is_dir():
-            raise UserError(f"--{flag} {path} is a folder; give a file name")
-        for what, source in inputs.items():
-            if path.resolve() == source.resolve():
-                raise UserError(f"--{flag} {path} is the {what}: write the {flag} file elsewhere")
-            if source.is_dir() and path.resolve().is_relative_to(source.resolve()):
-                raise UserError(f"--{flag} {path} lies inside the {what} {source}: write the {flag} file elsewhere")
-        ensure_writable_dir(path.parent)
-
-
 def _show_plan(result, plot: Optional[Path], json_path: Optional[Path]) -> None:
     from ._io import write_json
     from .plan import plan_table, write_plan_plot
@@ -275,22 +246,6 @@ def _show_plan(result, plot: Optional[Path], json_path: Optional[Path]) -> None:
     if json_path is not None:
         write_json(json_path, result.to_dict())
         console.print(f"wrote {json_path}")
-
-
-def _class_list(text: Optional[str]) -> Optional[list[str]]:
-    """``a,b,c`` or ``@FILE`` with one class name a line."""
-    if text is None:
-        return None
-    if text.startswith("@"):
-        try:
-            names = [line.strip() for line in Path(text[1:]).read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"--classes {text}: cannot read the file ({getattr(err, 'strerror', None) or err})") from None
-    else:
-        names = [c.strip() for c in text.split(",") if c.strip()]
-    if not names or len(set(names)) != len(names):
-        raise UserError(f"--classes {text}: expected distinct class names")
-    return names
 
 
 data_app = typer.Typer(help="Look at a data set before training on it.", no_args_is_help=True, rich_markup_mode=None)
@@ -308,7 +263,7 @@ def data_check(
     and sizes; exit 1 when training on the folder would be wrong."""
     from rich.progress import Progress
 
-    from ._io import write_json
+    from ._io import check_outputs, write_json
     from .data.check import check_images
     from .data.config import DataConfig
     from .recipe import load_recipe
@@ -322,8 +277,7 @@ def data_check(
             raise UserError(f"{target}: data.dataset is {cfg.dataset}; ekdc data check reads image folders (imagefolder)")
     else:
         raise UserError(f"{target}: no such folder or recipe")
-    _check_outputs({"checked folder": Path(cfg.root), **({"recipe": target} if target.is_file() else {})},
-                   json=json_path)
+    check_outputs({"checked folder": cfg.root, **({"recipe": target} if target.is_file() else {})}, json=json_path)
     with Progress(console=console, transient=True) as progress:
         report = check_images(cfg, decode=decode, progress=progress, split=split).to_dict()
     _show(data_check_table(report))

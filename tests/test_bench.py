@@ -391,6 +391,8 @@ def test_model_from_elsewhere(art, tmp_path):
         bench([art["foreign"]], classes=order[:-1] + ["other"], preprocess="raw", **common)
     with pytest.raises(UserError, match="go together"):
         bench([art["foreign"]], classes=order, **common)
+    with pytest.raises(UserError, match="--json .* is the reference model"):  # the library guards it, not the CLI
+        bench([art["foreign"]], json_path=art["teachers"], **common)
     # one name too many: every data class is named, but the columns would be read at the wrong places
     with pytest.raises(UserError, match=f"--classes names {CLASSES + 1} classes but foreign.onnx outputs {CLASSES}"):
         bench([art["foreign"]], classes=[*order, "extra"], preprocess="raw", **common)

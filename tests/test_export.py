@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 
+from ekdc import UserError
 from ekdc.contract import ort_session as session
 from tests.conftest import run_cli
 
@@ -122,6 +123,17 @@ def test_export_bad_input(tiny_run, tmp_path):
     # a QAD setting without --qad would have written PTQ's file under the name the user asked QAD for
     one_line(run_cli("export", tiny_run, "--out", tmp_path / "q", "--int8", "--qad-labels"), "applies to QAD only")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("flags, named", [((2, 0.01, False), "--qad-lr"), ((3, None, False), "--qad-epochs"),
+                                           ((2, None, True), "--qad-labels")])
+def test_qad_flags_need_qad(flags, named):
+    from ekdc.deploy.qad import QADSettings
+
+    assert QADSettings.from_flags(False, 2, None, False) is None  # the defaults: PTQ, nothing asked of QAD
+    with pytest.raises(UserError, match=f"{named} applies to QAD only"):
+        QADSettings.from_flags(False, *flags)
+    assert QADSettings.from_flags(True, *flags) == QADSettings(epochs=flags[0], lr=flags[1], teachers=not flags[2])
 
 
 def test_infer_example_classifies_images_without_torch(tiny_export, tmp_path):

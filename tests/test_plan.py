@@ -213,6 +213,7 @@ def test_int8_plan(tmp_path):
     plan = plan_student(recipe, 1e4, candidates=[MEDIUM], precision="int8", repeats=1)
     (c,) = plan.candidates
     assert plan.precision == "int8" and "int8" in plan.target and c.chosen and list(c.layout_p50_ms) == ["grouped"]
+    assert plan.export_flags == "--int8 --fold grouped"  # what export needs to write the file this plan timed
     with pytest.raises(UserError, match="--precision 'fp16'"):
         plan_student(recipe, 1.0, candidates=[MEDIUM], precision="fp16")
 
@@ -275,7 +276,7 @@ def test_plan_cli_on_a_fastnet_recipe(tmp_path):
     cands = _candidates_file(tmp_path / "c.yaml", {"widths": [8, 8]}, {"widths": [16, 16]})
     res = run_cli("plan", recipe, "--latency", "1000", "--candidates", cands, "--repeats", "1")
     assert res.returncode == 0, res.stderr
-    assert "--set 'student.widths=[16,16]'" in res.stdout
+    assert "--set 'student.widths=[16,16]'" in res.stdout and "export it with --fold " in res.stdout
     bad = _candidates_file(tmp_path / "bad.yaml", {"branch_widths": [8, 8]})
     res = run_cli("plan", recipe, "--latency", "1000", "--candidates", bad, "--repeats", "1")
     lines = res.stderr.strip().splitlines()

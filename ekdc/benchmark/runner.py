@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 from rich.console import Console
 
-from .._io import write_json
+from .._io import check_outputs, write_json
 from ..errors import UserError
 from ..onnx_graph import inspect_model
 from .pooling import build_report
@@ -25,7 +25,6 @@ from .settings import (
     Entry,
     PathLike,
     check_batches_fit,
-    check_outputs,
     check_provider_ready,
     check_settings,
     say,
@@ -48,8 +47,10 @@ def bench(models: Union[PathLike, Sequence[PathLike]], *, against: Optional[Path
     ``preprocess`` (``raw``: RGB in [0,1]; ``imagenet``; or ``R,G,B/R,G,B``: mean/std)."""
     settings = check_settings(batches, threads, provider, warmup, runs, duration, repeats)
     foreign = foreign_feed(classes, preprocess)
-    check_outputs(json_path=json_path, plot_path=plot_path)
     entries = bench_entries(models, against, console)
+    models_read = [e for e in entries if not e.is_reference]
+    check_outputs({**{f"input model {i + 1}": e.info.path for i, e in enumerate(models_read)},
+                   **{"reference model": e.info.path for e in entries if e.is_reference}}, json=json_path, plot=plot_path)
     check_batches_fit(entries, settings.batches)
     check_provider_ready(settings.provider, entries)
     val = resolve_data(data, entries[0].info, console)

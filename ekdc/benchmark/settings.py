@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 import onnxruntime as ort
 
-from .._io import ensure_writable_dir
 from ..contract import PROVIDERS
 from ..cores import usable_cores
 from ..errors import UserError
@@ -95,16 +93,6 @@ def check_settings(batches, threads, provider, warmup, runs, duration, repeats) 
         min_runs = DURATION_MIN_RUNS if runs is None else int(runs)
     return Settings(batches=batch_list, threads=int(threads or usable_cores()), provider=provider,
                      warmup=int(warmup), runs=runs, duration=duration, min_runs=min_runs, repeats=int(repeats))
-
-
-def check_outputs(**paths: Optional[PathLike]) -> None:
-    """Find an unwritable --json/--plot before the measurements, not after them."""
-    for flag, p in paths.items():
-        if p is None:
-            continue
-        if Path(p).is_dir():
-            raise UserError(f"--{flag.split('_')[0]} {p} is a folder; give a file name")
-        ensure_writable_dir(Path(p).parent)
 
 
 def check_batches_fit(entries: list[Entry], batches: list[int]) -> None:

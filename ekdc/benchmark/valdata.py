@@ -68,6 +68,22 @@ def parse_preprocess(text: str) -> dict:
                     "(e.g. 0.485,0.456,0.406/0.229,0.224,0.225)")
 
 
+def parse_classes(text: Optional[str]) -> Optional[list[str]]:
+    """``--classes``: ``a,b,c``, or ``@FILE`` with one class name a line."""
+    if text is None:
+        return None
+    if text.startswith("@"):
+        try:
+            names = [line.strip() for line in Path(text[1:]).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--classes {text}: cannot read the file ({getattr(err, 'strerror', None) or err})") from None
+    else:
+        names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names or len(set(names)) != len(names):
+        raise UserError(f"--classes {text}: expected distinct class names")
+    return names
+
+
 def foreign_feed(classes: Optional[Sequence[str]], preprocess: Optional[str]) -> Optional[dict]:
     if classes is None and preprocess is None:
         return None

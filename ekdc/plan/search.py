@@ -76,6 +76,11 @@ class Plan:
         return (f"timed on this machine ({self.machine.get('cpu', '?')}{gpu}; onnxruntime "
                 f"{self.machine.get('onnxruntime', '?')}): the plan holds for it, re-plan on the deployment target")
 
+    @property
+    def export_flags(self) -> str:
+        """The ``ekdc export`` flags that give the file this plan timed: its fold and, for int8, ``--int8``."""
+        return ("--int8 " if self.precision == "int8" else "") + f"--fold {self.chosen.layout}"
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["chosen"] = self.chosen.index if self.chosen is not None else None
