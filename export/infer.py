@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 # as ekdc decodes (ekdc/data/decode.py's to_rgb and open_image, repeated here: this file imports no ekdc)
 MAX_PIXELS = 89_478_485
@@ -73,6 +73,8 @@ def load_images(paths: list[str], size: int, pre: dict) -> np.ndarray:
     batch = np.empty((len(paths), 3, size, size), dtype=np.float32)
     for i, p in enumerate(paths):
         with open_image(p) as im:
+            if pre.get("exif_orientation") and im.getexif().get(0x0112, 1) not in (0, 1):  # turned as a viewer shows it
+                im = ImageOps.exif_transpose(im)
             im = to_rgb(im)
             if "resize_shorter" in pre:  # as ekdc decodes photos: shorter side to C, centre C x C, centre crop
                 c = int(pre["resize_shorter"])

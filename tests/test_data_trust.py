@@ -151,6 +151,27 @@ def test_infer_script_decodes_as_training_does(tmp_path):
         assert np.abs(ours - theirs).max() < 1e-6
 
 
+def test_a_photo_is_decoded_upright_by_its_exif_orientation(tmp_path):
+    """A phone's photo stores its pixels sideways and says so in EXIF: training, evaluation and infer.py all
+    take it as a viewer shows it (a deployed client, a browser, does too)."""
+    spec = importlib.util.spec_from_file_location("infer", ROOT / "export" / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:, :8, 0] = 255  # stored: red on the left, blue on the right
+    pixels[:, 8:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 3  # "rotated 180 degrees": shown with blue on the left
+    turned, plain = tmp_path / "turned.jpg", tmp_path / "plain.jpg"
+    Image.fromarray(pixels).save(turned, exif=exif, quality=95)
+    Image.fromarray(pixels).save(plain, quality=95)
+    for path, left_is_blue in ((turned, True), (plain, False)):
+        x = decode_image(str(path), 16)  # uint8 [3,16,16]
+        assert (x[2, :, :4].float().mean() > x[0, :, :4].float().mean()) == left_is_blue
+        theirs = infer.load_images([str(path)], 16, {"exif_orientation": True, "resize": 16})[0]
+        assert np.abs(x.float().numpy() / 255 - theirs).max() < 1e-6
+
+
 def _bomb(path: Path, side: int = 20000) -> None:
     """A PNG whose header says side x side pixels: Pillow refuses it on opening, before any decoding."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -10,7 +10,7 @@ from typing import IO, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import UserError
 
@@ -114,6 +114,17 @@ def check_image(src: Union[str, IO[bytes]], name: str = "", full: bool = False) 
     return mode, size
 
 
+EXIF_ORIENTATION = 0x0112  # the tag cameras and phones write instead of rotating the pixels
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: a photo whose EXIF orientation says "rotated" is turned, as
+    browsers, phones and image viewers show it (and so as a deployed client most likely feeds it)."""
+    if im.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):  # most files: no tag, nothing to copy
+        return im
+    return ImageOps.exif_transpose(im)
+
+
 def decode_image(src: Union[str, IO[bytes]], size: int, view: str = "pad_crop", name: str = "") -> torch.Tensor:
     """One image (a path or an open binary file) as uint8 ``[3,c,c]``, c = ``canonical_size``: made RGB by
     ``to_rgb``; ``pad_crop`` resizes to the square, ``resized_crop`` resizes the shorter side to c and keeps
@@ -121,7 +132,7 @@ def decode_image(src: Union[str, IO[bytes]], size: int, view: str = "pad_crop", 
     c = canonical_size(size, view)
     with open_image(src, name) as im:
         try:
-            im = to_rgb(im)
+            im = to_rgb(upright(im))
             if view == "pad_crop":
                 im = im.resize((c, c), Image.BILINEAR) if im.size != (c, c) else im
             else:
@@ -192,7 +203,9 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def eval_preprocess(cfg) -> dict:
-    """How a raw photo becomes the model's input, for the ONNX metadata (``export/infer.py`` follows it)."""
+    """How a raw photo becomes the model's input, for the ONNX metadata (``export/infer.py`` follows it):
+    turned upright by its EXIF orientation first (``upright``), then resized (and centre-cropped)."""
     if cfg.view == "pad_crop":
-        return {"resize": cfg.image_size}
-    return {"resize_shorter": canonical_size(cfg.image_size, "resized_crop"), "center_crop": cfg.image_size}
+        return {"exif_orientation": True, "resize": cfg.image_size}
+    return {"exif_orientation": True, "resize_shorter": canonical_size(cfg.image_size, "resized_crop"),
+            "center_crop": cfg.image_size}
