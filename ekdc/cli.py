@@ -24,6 +24,30 @@ app = typer.Typer(
 console = Console(highlight=False)
 
 
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(pkg: str) -> str:  # read from the package metadata: nothing heavy is imported
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{pkg} {installed(pkg)}" for pkg in ("torch", "torchvision", "onnxruntime", "onnx"))
+    console.print(f"ekdc {__version__} ({deps}; Python {sys.version.split()[0]})", soft_wrap=True)
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Show ekdc's version and its runtime's, and exit.")):
+    del version  # acted on by _version, before any command
+
+
 def _show(table) -> None:
     """Print a table; a pipe or a file has no width to respect, so there it is printed uncropped."""
     if not console.is_terminal:

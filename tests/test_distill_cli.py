@@ -126,3 +126,11 @@ def test_no_file_that_is_not_a_torch_save_escapes_as_a_traceback(tmp_path):
                      lambda: read_weights(bad, "teachers.0.weights")):
             with pytest.raises(UserError, match="corrupt|not an ekdc checkpoint|holds a"):
                 read()
+
+
+def test_version_names_ekdc_and_its_runtime():
+    import onnxruntime
+
+    res = run_cli("--version")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ekdc 0.1.0 (torch ") and f"onnxruntime {onnxruntime.__version__}" in res.stdout
