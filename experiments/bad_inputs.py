@@ -62,6 +62,9 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
     (d / "empty_root" / "cat").mkdir(parents=True)
     (d / "corrupt.pt").write_bytes(b"\x80\x04 this is no checkpoint")
     (d / "corrupt.onnx").write_bytes(b"garbage, not protobuf")
+    (d / "text.pt").write_text("a text file named .pt\n")
+    (d / "empty.yaml").write_text("# nothing but a comment\n")
+    (d / "one_class" / "cat").mkdir(parents=True)
     import torch
     import torchvision
 
@@ -84,6 +87,7 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         for i in range(4):
             torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(bomb_root / c / f"{i}.png")
     _bomb(bomb_root / "cat" / "huge.png")
+    torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(d / "one_class" / "cat" / "0.png")
     (d / "shards").mkdir()
     # shards of bomb_root (its bomb left out), and a copy of them with a shard cut short
     subprocess.run([sys.executable, "-m", "ekdc", "data", "shard", str(bomb_root), str(d / "sh"), "--shard-size", "4"],
@@ -200,6 +204,21 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("compare: a teacher file replaced since the grid's cells were distilled from it",
          ["compare", str(d / "from_files.yaml"), "--rows", "recipe", "--out", str(d / "c5")]),
         ("compare: two rows that train the same", ["compare", str(ok), "--rows", "ekd,recipe", "--out", str(d / "c3")]),
+        ("recipe empty", ["distill", str(d / "empty.yaml")]),
+        ("true where a number belongs", ["distill", str(ok), "--set", "distill.epochs=true"]),
+        ("a float that is not finite", ["distill", str(ok), "--set", "distill.temperature=inf"]),
+        ("teacher: weights file that is not a torch save", ["distill", str(ok), "--out", str(d / "o13"), "--set",
+                                                            f"teachers.0.weights={d}/text.pt"]),
+        ("data root is a file", ["distill", str(ok), "--set", "data.dataset=imagefolder", "--set", f"data.root={ok}"]),
+        ("data check: one class folder", ["data", "check", str(d / "one_class")]),
+        ("data check: --json inside the checked folder", ["data", "check", str(bomb_root), "--json",
+                                                          str(bomb_root / "cat" / "check.json")]),
+        ("data shard: a negative --seed", ["data", "shard", str(bomb_root), str(d / "sh2"), "--seed", "-1"]),
+        ("bench: --json is the model itself", ["bench", str(d / "export" / "student.onnx"), "--json",
+                                               str(d / "export" / "student.onnx")]),
+        ("bench: --duration inf", ["bench", str(d / "export" / "student.onnx"), "--duration", "inf"]),
+        ("export: --qad-epochs without --qad", ["export", str(run), "--out", str(d / "e5"), "--int8", "--qad-epochs",
+                                                "2"]),
         ("compare: a row that changes nothing in its mode", ["compare", str(ok), "--set", "mode=avg_kd", "--rows",
                                                              "recipe,recipe+feat", "--out", str(d / "c4")]),
     ]
