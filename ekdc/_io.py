@@ -120,10 +120,11 @@ def check_outputs(inputs: dict[str, str | os.PathLike], **paths: Optional[str | 
     """Before any work: no output file (``--json``, ``--plot``, ``--out``: the keyword is the flag) may be one of
     the command's inputs (``{what it is: its path}``) or lie inside an input folder, where a report would
     overwrite a model, a recipe or an image; and each must be a writable file name."""
-    for flag, path in paths.items():
-        if path is None:
-            continue
-        path = Path(path)
+    given = {flag: Path(p) for flag, p in paths.items() if p is not None}
+    for flag, path in given.items():
+        twin = next((f for f in given if f != flag and given[f].resolve() == path.resolve()), None)
+        if twin is not None:  # the second report would overwrite the first
+            raise UserError(f"--{flag} and --{twin} are the same file {path}: give each its own")
         if path.is_dir():
             raise UserError(f"--{flag} {path} is a folder; give a file name")
         for what, source in inputs.items():

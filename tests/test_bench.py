@@ -396,11 +396,11 @@ def test_model_from_elsewhere(art, tmp_path):
     # one name too many: every data class is named, but the columns would be read at the wrong places
     with pytest.raises(UserError, match=f"--classes names {CLASSES + 1} classes but foreign.onnx outputs {CLASSES}"):
         bench([art["foreign"]], classes=[*order, "extra"], preprocess="raw", **common)
-    unfixed = tmp_path / "unfixed.onnx"  # the same model with its [B,C] output's C symbolic: found when it runs
+    unfixed = tmp_path / "unfixed.onnx"  # the same model with its [B,C] output's C symbolic: run once to see C
     proto = onnx.load(str(art["foreign"]))
     proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
     onnx.save(proto, str(unfixed))
-    with pytest.raises(UserError, match=f"--classes names {CLASSES + 1} classes but the model outputs {CLASSES}"):
+    with pytest.raises(UserError, match=f"--classes names {CLASSES + 1} classes but unfixed.onnx outputs {CLASSES}"):
         bench([unfixed], classes=[*order, "extra"], preprocess="raw", **common)
     # on ekdc's own export the options are not used (its metadata says how to feed it), and it says so
     res = run_cli(art["student"], "--classes", ",".join(order), "--preprocess", "raw", "--data", art["recipe"],
@@ -416,6 +416,7 @@ def test_model_from_elsewhere(art, tmp_path):
     ("batch", "batch"),
     ("json_over_model", "is the input model 1"),
     ("plot_over_reference", "is the reference model"),
+    ("json_is_plot", "are the same file"),
 ])
 def test_cli_bad_input_one_line(art, case, word):
     import onnxruntime as ort
@@ -430,6 +431,7 @@ def test_cli_bad_input_one_line(art, case, word):
         "batch": [art["student"], "--batch", "1,-4"],
         "json_over_model": [art["student"], "--json", art["student"]],
         "plot_over_reference": [art["student"], "--plot", art["teachers"]],  # the default reference, beside it
+        "json_is_plot": [art["student"], "--json", art["dir"] / "r.out", "--plot", art["dir"] / "r.out"],
     }[case]
     before = {k: art[k].read_bytes() for k in ("student", "teachers")}
     r = run_cli(*args)

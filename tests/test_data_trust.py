@@ -81,16 +81,18 @@ def test_files_it_does_not_read_and_broken_links_are_named(folder, tmp_path):
     for i in range(25):  # many of one kind: data check shows 20 and counts the rest
         (folder / "dog" / f"n{i:02d}.txt").write_text("x")
     os.symlink(tmp_path / "nowhere.png", folder / "cat" / "gone.png")
+    os.symlink(folder / "dog" / "was-here.png", folder / "cat" / "gone-too.png")  # dead, into another class
+    os.mkfifo(folder / "dog" / "pipe.png")
     d = load_data(_data(folder))
     assert len(d.train) + len(d.val) == 12
     kinds = [p.kind for p in d.problems]
-    assert kinds.count("broken_link") == 1 and kinds.count("not_image") == 26
+    assert kinds.count("broken_link") == 2 and kinds.count("not_image") == 27 and len(kinds) == 29
     res = run_cli("data", "check", folder, "--json", tmp_path / "check.json")
     assert res.returncode == 0 and "no problem found" in res.stdout, res.stdout  # notes: training leaves them out
     assert f"note: not_image: {folder / 'cat' / 'c9.gif'}: .gif is not an image ekdc reads" in res.stdout
     assert f"note: broken_link: {folder / 'cat' / 'gone.png'}" in res.stdout
-    assert "not_image: 6 more (--json lists them all)" in res.stdout
-    assert len(json.loads((tmp_path / "check.json").read_text())["problems"]) == 27
+    assert "not_image: 7 more (--json lists them all)" in res.stdout
+    assert len(json.loads((tmp_path / "check.json").read_text())["problems"]) == 29
 
 
 def test_data_check_reports_and_exits(folder):

@@ -88,11 +88,35 @@ def test_out_of_range(tmp_path, over, path, words):
     ("student.branch_widths=[32, true]", "student.branch_widths: item 1: must be a number, not true"),
     ("distill.weights.kd=true", "distill.weights: kd: must be a number, not true"),
     ("distill.kd.beta=true", "distill.kd.beta: must be a number, not true"),  # a loss term's own settings
+    ("data.mean=[0.5, true, 0.5]", "data.mean: item 1: must be a number, not true"),  # Optional[list[float]]
 ])
 def test_bool_is_not_a_number(tmp_path, item, path):
     with pytest.raises(UserError) as err:
         load_recipe(write_recipe(tmp_path / "r.yaml"), [item])
     assert path in str(err.value)
+
+
+def test_a_plugins_strict_settings_refuse_bools_for_numbers_in_any_spelling():
+    from typing import Annotated, Literal, Optional, Union
+
+    from pydantic import Field, ValidationError
+
+    from ekdc import StrictSettings
+
+    class Mine(StrictSettings):
+        a: int | None = None
+        b: tuple[float, float] = (0.0, 1.0)
+        c: list[Annotated[int, Field(ge=1)]] = [1]
+        d: Optional[dict[str, float]] = None
+        e: Union[int, Literal["auto"]] = "auto"
+        f: Union[bool, str] = False  # a bool is one of its types: kept
+
+    for key, value, words in [("a", True, "must be a number, not true"), ("b", (0.5, False), "item 1:"),
+                              ("c", [2, True], "item 1:"), ("d", {"x": True}, "x: must be a number"),
+                              ("e", True, "must be a number, not true")]:
+        with pytest.raises(ValidationError, match=words):
+            Mine(**{key: value})
+    assert Mine(f=True).f is True and Mine(a=3, b=(1, 2), e=4).b == (1.0, 2.0)
 
 
 def test_numbers_and_bools_still_read(tmp_path):

@@ -101,7 +101,7 @@ def test_features_are_cached_for_feature_matching(cached_run, tmp_path):
     assert cache.folder.name != Path(json.loads((run_path / "metrics.json").read_text())["teacher_cache"]["path"]).name
 
 
-def test_the_key_changes_with_teachers_split_augmentation_views_and_seed(cached_run):
+def test_the_key_changes_with_teachers_split_augmentation_views_seed_and_decoder(cached_run, monkeypatch):
     run_path, recipe = cached_run
     data, teachers, rt = _setup(run_path, recipe)
     cfg, aug = recipe.distill.teacher_cache, recipe.data.augment_config
@@ -124,6 +124,9 @@ def test_the_key_changes_with_teachers_split_augmentation_views_and_seed(cached_
     changed["views"] = key(cfg=cfg.model_copy(update={"views": 4}))
     changed["seed"] = key(cfg=cfg.model_copy(update={"seed": 1}))
     changed["precision"] = key(precision="bf16 autocast")
+    monkeypatch.setattr(tc, "DECODER_VERSION", tc.DECODER_VERSION + 1)  # files known by name decode otherwise now
+    changed["decoder"] = key()
+    monkeypatch.undo()
     assert key() == base
     assert all(k != base for k in changed.values()), [n for n, k in changed.items() if k == base]
     assert len(set(changed.values())) == len(changed)

@@ -263,7 +263,7 @@ def accuracy(runner, val_x_path: str, val_y_path: str, chunk: int, fixed_batch: 
             xb = np.concatenate([xb, np.zeros((fixed_batch - n, *xb.shape[1:]), np.float32)])
         logits = np.asarray(runner.predict(xb))[:n]
         if feed and feed.get("class_index") is not None:  # its outputs in the data's class order
-            if logits.shape[1] != feed["width"]:  # a graph whose [B,C] output is not fixed: seen only now
+            if logits.shape[1] != feed["width"]:  # a TensorRT plan's C: the parent could not run it
                 raise WorkerError(f"--classes names {feed['width']} classes but the model outputs {logits.shape[1]} "
                                   "values an image")
             logits = logits[:, feed["class_index"]]

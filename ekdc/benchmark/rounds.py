@@ -19,11 +19,25 @@ from .pooling import median
 from .settings import Entry, PathLike, Settings, say
 
 
-def bench_entries(models, against, console) -> list[Entry]:
-    """The models in the order given, then the reference unless it is one of them."""
+def model_paths(models) -> list[Path]:
+    """bench's ``models``: one path or several, as a list of at least one."""
     paths = [Path(models)] if isinstance(models, (str, os.PathLike)) else [Path(m) for m in models]
     if not paths:
         raise UserError("no model to bench: give at least one exported .onnx file")
+    return paths
+
+
+def reports_inputs(models, against) -> dict[str, Path]:
+    """What a report written by bench must not overwrite: each model, and the reference (given, or the default
+    beside the first model), by what they are (``check_outputs``' inputs)."""
+    paths = model_paths(models)
+    return {**{f"input model {i + 1}": p for i, p in enumerate(paths)},
+            "reference model": Path(against) if against is not None else paths[0].with_name("teachers.onnx")}
+
+
+def bench_entries(models, against, console) -> list[Entry]:
+    """The models in the order given, then the reference unless it is one of them."""
+    paths = model_paths(models)
     infos = [inspect_model(p) for p in paths]
     seen: dict[Path, Path] = {}
     for p in paths:

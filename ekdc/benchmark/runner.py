@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..onnx_graph import inspect_model
 from .pooling import build_report
 from .report import write_plot
-from .rounds import bench_entries, plan_line, run_rounds, unique_names
+from .rounds import bench_entries, plan_line, reports_inputs, run_rounds, unique_names
 from .settings import (
     Entry,
     PathLike,
@@ -47,10 +47,8 @@ def bench(models: Union[PathLike, Sequence[PathLike]], *, against: Optional[Path
     ``preprocess`` (``raw``: RGB in [0,1]; ``imagenet``; or ``R,G,B/R,G,B``: mean/std)."""
     settings = check_settings(batches, threads, provider, warmup, runs, duration, repeats)
     foreign = foreign_feed(classes, preprocess)
+    check_outputs(reports_inputs(models, against), json=json_path, plot=plot_path)  # before anything is read
     entries = bench_entries(models, against, console)
-    models_read = [e for e in entries if not e.is_reference]
-    check_outputs({**{f"input model {i + 1}": e.info.path for i, e in enumerate(models_read)},
-                   **{"reference model": e.info.path for e in entries if e.is_reference}}, json=json_path, plot=plot_path)
     check_batches_fit(entries, settings.batches)
     check_provider_ready(settings.provider, entries)
     val = resolve_data(data, entries[0].info, console)

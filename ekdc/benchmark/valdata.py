@@ -92,6 +92,21 @@ def foreign_feed(classes: Optional[Sequence[str]], preprocess: Optional[str]) ->
     return {"classes": list(classes), **parse_preprocess(preprocess)}
 
 
+def _output_width(info) -> Optional[int]:
+    """C of a model's [B,C] output: the graph's where it fixes it, else one image's through ONNX Runtime here
+    (a TensorRT plan, which runs on a GPU only, is checked by the worker when it runs)."""
+    if info.num_outputs is not None or info.runtime != "onnxruntime":
+        return info.num_outputs
+    from ..contract import ort_session
+
+    try:
+        session = ort_session(info.path, threads=1)
+        x = np.zeros((info.fixed_batch or 1, 3, *info.input_hw), np.float32)
+        return int(session.run([info.output_name], {info.input_name: x})[0].shape[1])
+    except Exception:  # noqa: BLE001 - a model ONNX Runtime cannot run: the worker says so, in one line
+        return None
+
+
 def _feed_for(e: Entry, val: ValData, foreign: Optional[dict]) -> tuple[Optional[dict], Optional[str]]:
     """(how to feed this model the validation images, or the problem that rules accuracy out)."""
     h, w = int(val.x.shape[2]), int(val.x.shape[3])
@@ -105,7 +120,7 @@ def _feed_for(e: Entry, val: ValData, foreign: Optional[dict]) -> tuple[Optional
     if foreign is None:
         return None, (f"{e.name} carries no ekdc metadata, so nothing says how to feed it: give --classes "
                       "(its outputs in order) and --preprocess")
-    width = e.info.num_outputs
+    width = _output_width(e.info)
     if width is not None and width != len(foreign["classes"]):  # else the accuracy would read the wrong columns
         return None, f"--classes names {len(foreign['classes'])} classes but {e.name} outputs {width} values an image"
     missing = [c for c in val.classes if c not in foreign["classes"]]

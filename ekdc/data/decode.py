@@ -115,6 +115,9 @@ def check_image(src: Union[str, IO[bytes]], name: str = "", full: bool = False) 
 
 
 EXIF_ORIENTATION = 0x0112  # the tag cameras and phones write instead of rotating the pixels
+# what a file decodes to changed: 2, photos turned upright by their EXIF orientation (1: as stored). Whatever
+# keeps outputs of decoded images under the files' names (the teacher-output cache) keys on it
+DECODER_VERSION = 2
 
 
 def upright(im: Image.Image) -> Image.Image:

@@ -81,26 +81,28 @@ class _ClassWalk:
             if e.name.startswith("."):
                 continue
             target = os.path.realpath(e.path)
+            if e.is_symlink() and not os.path.exists(target):  # wherever it points, there is nothing to take
+                self.problems.append(Problem("broken_link", e.path, f"a link to {target}, which does not exist: "
+                                                                    "left out"))
+                continue
             if e.is_symlink():
                 kind = self._link_problem(target)
                 if kind is not None:
                     where = "the root or a folder above it" if kind == "loop" else "another class's folder"
                     self.problems.append(Problem(kind, e.path, f"a link to {target}, inside {where}: not followed"))
                     continue
-            if e.is_symlink() and not os.path.exists(target):
-                self.problems.append(Problem("broken_link", e.path, f"a link to {target}, which does not exist: "
-                                                                    "left out"))
-            elif e.is_dir():
+            if e.is_dir():
                 self.walk(e.path)
             elif not e.name.lower().endswith(IMG_EXTENSIONS):
-                kind = os.path.splitext(e.name)[1] or "no extension"
-                self.problems.append(Problem("not_image", e.path, f"{kind} is not an image ekdc reads: left out"))
-            elif os.path.isfile(target):
-                if target in self.found:
-                    self.problems.append(Problem("duplicate_path", e.path, f"the same file as {self.found[target]}: "
-                                                                           "taken once"))
-                else:
-                    self.found[target] = e.path
+                ext = os.path.splitext(e.name)[1] or "no extension"
+                self.problems.append(Problem("not_image", e.path, f"{ext} is not an image ekdc reads: left out"))
+            elif not os.path.isfile(target):  # a pipe or a socket named like an image
+                self.problems.append(Problem("not_image", e.path, "not a regular file: left out"))
+            elif target in self.found:
+                self.problems.append(Problem("duplicate_path", e.path, f"the same file as {self.found[target]}: "
+                                                                       "taken once"))
+            else:
+                self.found[target] = e.path
 
 
 def scan_folder(root: Path, what: str) -> FolderScan:

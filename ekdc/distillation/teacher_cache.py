@@ -38,6 +38,7 @@ import torch
 from .. import _io
 from .._io import FileLock
 from ..data import DataSplits, augment, augment_params, canonical_size
+from ..data.decode import DECODER_VERSION
 from ..errors import UserError
 from ..recipe import Augment, TeacherCacheConfig
 from ..teachers import Teacher
@@ -88,6 +89,7 @@ def cache_key(teachers: list[Teacher], data: DataSplits, aug: Optional[Augment],
     """(the key, the document it hashes): everything the cached outputs depend on."""
     doc = {
         "format": FORMAT,
+        "decoder": DECODER_VERSION,  # image folders are known by name, size and time: not by what they decode to
         "teachers": [{"name": t.name, "weights": t.fingerprint(), "input_size": t.input_size} for t in teachers],
         "train_split": data.train.fingerprint(),
         "augment": aug.model_dump() if aug is not None else None,
