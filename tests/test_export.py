@@ -43,6 +43,7 @@ def test_contract(tiny_export, fname, precision):
     assert meta["ekdc.input_size"] == "16" and meta["ekdc.precision"] == precision
     assert meta["ekdc.kind"] == ("teachers" if fname == "teachers.onnx" else "student")
     assert meta["ekdc.recipe"] == "tiny"
+    assert json.loads(meta["ekdc.preprocess"]) == {"exif_orientation": True, "resize": 16}  # what a client does first
     sess = session(path)
     for b in (1, 3, 64):
         x = np.random.default_rng(b).random((b, 3, 16, 16), dtype=np.float32)
