@@ -89,8 +89,10 @@ def test_out_of_range(tmp_path, over, path, words):
     ("distill.weights.kd=true", "distill.weights: kd: must be a number, not true"),
     ("distill.kd.beta=true", "distill.kd.beta: must be a number, not true"),  # a loss term's own settings
     ("data.mean=[0.5, true, 0.5]", "data.mean: item 1: must be a number, not true"),  # Optional[list[float]]
+    ("channels_last=1", "channels_last: must be true or false, not 1"),  # and the other way round
+    ("data.augment.hflip=0", "data.augment.hflip: must be true or false, not 0"),
 ])
-def test_bool_is_not_a_number(tmp_path, item, path):
+def test_bool_and_number_are_not_mixed_up(tmp_path, item, path):
     with pytest.raises(UserError) as err:
         load_recipe(write_recipe(tmp_path / "r.yaml"), [item])
     assert path in str(err.value)
@@ -110,13 +112,16 @@ def test_a_plugins_strict_settings_refuse_bools_for_numbers_in_any_spelling():
         d: Optional[dict[str, float]] = None
         e: Union[int, Literal["auto"]] = "auto"
         f: Union[bool, str] = False  # a bool is one of its types: kept
+        g: bool = True
+        h: Union[int, bool] = 0  # either: kept
 
     for key, value, words in [("a", True, "must be a number, not true"), ("b", (0.5, False), "item 1:"),
                               ("c", [2, True], "item 1:"), ("d", {"x": True}, "x: must be a number"),
-                              ("e", True, "must be a number, not true")]:
+                              ("e", True, "must be a number, not true"), ("g", 0, "must be true or false, not 0")]:
         with pytest.raises(ValidationError, match=words):
             Mine(**{key: value})
     assert Mine(f=True).f is True and Mine(a=3, b=(1, 2), e=4).b == (1.0, 2.0)
+    assert Mine(h=1).h == 1 and Mine(h=True).h is True
 
 
 def test_numbers_and_bools_still_read(tmp_path):
