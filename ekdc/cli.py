@@ -98,7 +98,8 @@ def export(
                                   help="Also write teachers.onnx (--no-teachers: the run's teachers are not on this machine)."),
     qad: bool = typer.Option(False, "--qad", help="With --int8: quantization-aware distillation (NVIDIA ModelOpt, "
                                                   "pip install 'ekdc[qad]') instead of post-training quantisation."),
-    qad_epochs: int = typer.Option(2, "--qad-epochs", help="QAD: fine-tuning epochs of the fake-quantised student."),
+    qad_epochs: Optional[int] = typer.Option(None, "--qad-epochs", show_default=False,
+                                             help="QAD: fine-tuning epochs of the fake-quantised student [default: 2]."),
     qad_lr: Optional[float] = typer.Option(None, "--qad-lr", help="QAD: learning rate [default: the run's distill.lr / 50]."),
     qad_labels: bool = typer.Option(False, "--qad-labels", help="QAD without the teachers: fine-tune on the labels alone."),
     **formats: bool,

@@ -126,15 +126,17 @@ def test_export_bad_input(tiny_run, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-@pytest.mark.parametrize("flags, named", [((2, 0.01, False), "--qad-lr"), ((3, None, False), "--qad-epochs"),
-                                           ((2, None, True), "--qad-labels")])
+@pytest.mark.parametrize("flags, named", [((None, 0.01, False), "--qad-lr"), ((3, None, False), "--qad-epochs"),
+                                           ((2, None, False), "--qad-epochs"),  # given at its default: still given
+                                           ((None, None, True), "--qad-labels")])
 def test_qad_flags_need_qad(flags, named):
     from ekdc.deploy.qad import QADSettings
 
-    assert QADSettings.from_flags(False, 2, None, False) is None  # the defaults: PTQ, nothing asked of QAD
+    assert QADSettings.from_flags(False, None, None, False) is None  # none given: PTQ, nothing asked of QAD
     with pytest.raises(UserError, match=f"{named} applies to QAD only"):
         QADSettings.from_flags(False, *flags)
-    assert QADSettings.from_flags(True, *flags) == QADSettings(epochs=flags[0], lr=flags[1], teachers=not flags[2])
+    epochs, lr, labels = flags
+    assert QADSettings.from_flags(True, *flags) == QADSettings(epochs=epochs or 2, lr=lr, teachers=not labels)
 
 
 def test_infer_example_classifies_images_without_torch(tiny_export, tmp_path):

@@ -52,15 +52,18 @@ class QADSettings:
     batch_size: Optional[int] = None  # default: the run's distill.batch_size
 
     @classmethod
-    def from_flags(cls, qad: bool, epochs: int, lr: Optional[float], labels: bool) -> Optional["QADSettings"]:
-        """export's ``--qad`` and its flags: the settings, None without ``--qad``, or one line where a QAD flag
-        is given without it (the int8 file would be PTQ's while the user asked for a QAD setting)."""
-        default = cls()  # a flag off its default is a QAD setting the user asked for
-        given = [flag for flag, on in (("--qad-epochs", epochs != default.epochs), ("--qad-lr", lr != default.lr),
-                                       ("--qad-labels", (not labels) != default.teachers)) if on]
+    def from_flags(cls, qad: bool, epochs: Optional[int], lr: Optional[float], labels: bool) -> Optional["QADSettings"]:
+        """export's ``--qad`` and its flags (None, or False for ``--qad-labels``: not given): the settings, None
+        without ``--qad``, or one line where a QAD flag is given without it, even at its default value (the int8
+        file would be PTQ's while the user asked for a QAD setting)."""
+        given = [flag for flag, value in (("--qad-epochs", epochs), ("--qad-lr", lr), ("--qad-labels", labels or None))
+                 if value is not None]
         if given and not qad:
             raise UserError(f"{given[0]} applies to QAD only: add --int8 --qad, or leave it out")
-        return cls(epochs=epochs, lr=lr, teachers=not labels) if qad else None
+        if not qad:
+            return None
+        default = cls()
+        return cls(epochs=default.epochs if epochs is None else epochs, lr=lr, teachers=not labels)
 
     def check(self) -> None:
         if self.epochs < 1:
