@@ -130,9 +130,9 @@ def check_outputs(inputs: dict[str, str | os.PathLike], **paths: Optional[str | 
         for what, source in inputs.items():
             source = Path(source)
             if path.resolve() == source.resolve():
-                raise UserError(f"--{flag} {path} is the {what}: write the {flag} file elsewhere")
+                raise UserError(f"--{flag} {path} is the {what}: give --{flag} another file")
             if source.is_dir() and path.resolve().is_relative_to(source.resolve()):
-                raise UserError(f"--{flag} {path} lies inside the {what} {source}: write the {flag} file elsewhere")
+                raise UserError(f"--{flag} {path} lies inside the {what} {source}: give --{flag} a file outside it")
         ensure_writable_dir(path.parent)
 
 
