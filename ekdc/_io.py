@@ -121,17 +121,18 @@ def check_outputs(inputs: dict[str, str | os.PathLike], **paths: Optional[str | 
     the command's inputs (``{what it is: its path}``) or lie inside an input folder, where a report would
     overwrite a model, a recipe or an image; and each must be a writable file name."""
     given = {flag: Path(p) for flag, p in paths.items() if p is not None}
+    real = {flag: path.resolve() for flag, path in given.items()}
+    sources = {what: (Path(source), Path(source).resolve()) for what, source in inputs.items()}
     for flag, path in given.items():
-        twin = next((f for f in given if f != flag and given[f].resolve() == path.resolve()), None)
+        twin = next((f for f in given if f != flag and real[f] == real[flag]), None)
         if twin is not None:  # the second report would overwrite the first
             raise UserError(f"--{flag} and --{twin} are the same file {path}: give each its own")
         if path.is_dir():
             raise UserError(f"--{flag} {path} is a folder; give a file name")
-        for what, source in inputs.items():
-            source = Path(source)
-            if path.resolve() == source.resolve():
+        for what, (source, source_real) in sources.items():
+            if real[flag] == source_real:
                 raise UserError(f"--{flag} {path} is the {what}: give --{flag} another file")
-            if source.is_dir() and path.resolve().is_relative_to(source.resolve()):
+            if source.is_dir() and real[flag].is_relative_to(source_real):
                 raise UserError(f"--{flag} {path} lies inside the {what} {source}: give --{flag} a file outside it")
         ensure_writable_dir(path.parent)
 

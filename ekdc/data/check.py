@@ -18,7 +18,7 @@ from typing import Optional
 
 from ..errors import UserError
 from .decode import check_image, decode_image
-from .folder import Problem, scan_folder
+from .folder import PROBLEMS, Problem, scan_folder
 from .splits import index_splits
 
 HASH_CHUNK = 1 << 20
@@ -129,12 +129,5 @@ def scan_summary(problems: list[Problem], what: str) -> list[str]:
     by_kind: dict[str, list[Problem]] = collections.defaultdict(list)
     for p in problems:
         by_kind[p.kind].append(p)
-    words = {"loop": "links back into the root or above it, not followed",
-             "other_class_link": "links into another class's folder (they would relabel its images), not followed",
-             "in_two_classes": "files linked into two classes, kept in the first only",
-             "empty_class": "folders with no image, not classes",
-             "duplicate_path": "files reached twice (through links), taken once",
-             "not_image": "files that are not images ekdc reads, left out",
-             "broken_link": "links that lead nowhere, left out"}
-    return [f"{what}: {len(ps)} {words[k]} (first: {ps[0].path}); 'ekdc data check' lists them"
+    return [f"{what}: {len(ps)} {PROBLEMS[k][1]} (first: {ps[0].path}); 'ekdc data check' lists them"
             for k, ps in by_kind.items()]

@@ -21,9 +21,17 @@ from .decode import IMG_EXTENSIONS, check_image
 from .registry import Sources, register_dataset
 from .sources import FileSource
 
-# what the scan left out, and whether it means the folder is wrong (``ekdc data check`` exits 1 on those)
-PROBLEMS = {"loop": True, "other_class_link": True, "in_two_classes": True, "empty_class": True,
-            "duplicate_path": False, "not_image": False, "broken_link": False}
+# what the scan left out: whether it means the folder is wrong (``ekdc data check`` exits 1 on those), and
+# how a count of them reads in the one line ``ekdc distill`` says of each kind (``check.scan_summary``)
+PROBLEMS = {
+    "loop": (True, "links back into the root or above it, not followed"),
+    "other_class_link": (True, "links into another class's folder (they would relabel its images), not followed"),
+    "in_two_classes": (True, "files linked into two classes, kept in the first only"),
+    "empty_class": (True, "folders with no image, not classes"),
+    "duplicate_path": (False, "files reached twice (through links), taken once"),
+    "not_image": (False, "files that are not images ekdc reads, left out"),
+    "broken_link": (False, "links that lead nowhere, left out"),
+}
 
 
 @dataclasses.dataclass
@@ -34,7 +42,7 @@ class Problem:
 
     @property
     def makes_training_wrong(self) -> bool:
-        return PROBLEMS[self.kind]
+        return PROBLEMS[self.kind][0]
 
 
 @dataclasses.dataclass
