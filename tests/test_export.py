@@ -98,6 +98,12 @@ def test_a_student_whose_teachers_are_elsewhere_exports_with_no_teachers(tiny_ru
     assert res.returncode == 0, res.stderr
     files = [f["file"] for f in json.loads((tmp_path / "e" / "manifest.json").read_text())["files"]]
     assert files == ["student.onnx"] and not (tmp_path / "e" / "teachers.onnx").exists()
+    # a teachers.onnx the user copied in (no manifest lists it) is theirs: it stays, and export says so
+    (tmp_path / "e" / "teachers.onnx").write_bytes(b"the user's reference")
+    res = run_cli("export", run, "--out", tmp_path / "e", "--fold", "grouped", "--no-teachers")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "e" / "teachers.onnx").read_bytes() == b"the user's reference"
+    assert "kept" in res.stdout and "teachers.onnx" in res.stdout
 
 
 def test_export_bad_input(tiny_run, tmp_path):

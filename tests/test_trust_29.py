@@ -432,3 +432,39 @@ def test_a_grid_refuses_a_teacher_file_replaced_under_its_name(tmp_path):
     res = run_cli("compare", tmp_path / "r.yaml", "--rows", "recipe", "--seeds", "0", "--out", out, "--report-only")
     assert "teacher_files.json holds its earlier sha256" in _one_line_exit_2(res)
     assert (out / "compare.json").read_text() == before  # the report of the old cells is left as it was
+
+
+def test_export_and_bench_refuse_a_validation_split_that_holds_training_images(tmp_path):
+    """Images added to the folder after training re-draw the seeded split: export and bench must not score
+    the student on images it trained on (the run's data.json says which); a split that only differs is a
+    note, and the data put back exports again."""
+    from ekdc.data import index_splits
+    from ekdc.data.fingerprint import check_held_out
+
+    root = _folder(tmp_path / "img", per_class=6)
+    recipe = _folder_recipe(tmp_path, root)
+    run = tmp_path / "run"
+    assert run_cli("distill", recipe, "--out", run, "-q").returncode == 0
+    assert check_held_out(run, index_splits(load_recipe(run / "recipe.yaml").data)) is None  # unchanged: silent
+    added = [root / "cat" / f"a{i}.png" for i in range(9)]
+    for i, f in enumerate(added):
+        _img(f, 200 + i)
+    line = _one_line_exit_2(run_cli("export", run, "--out", tmp_path / "e", "--fold", "grouped"))
+    assert "is not the one" in line and "images that run trained on" in line and str(run) in line
+    assert not (tmp_path / "e").exists() or not list((tmp_path / "e").glob("*.onnx"))
+    for f in added:
+        f.unlink()
+    assert run_cli("export", run, "--out", tmp_path / "e", "--fold", "grouped").returncode == 0
+    for i, f in enumerate(added):
+        _img(f, 200 + i)
+    line = _one_line_exit_2(run_cli("bench", tmp_path / "e" / "student.onnx", "--data", run, "--repeats", "1",
+                                    "--runs", "2", "--batch", "1"))
+    assert "is not the one" in line
+    # a split that differs but holds no training image (here: one the record did not list) is a note
+    for f in added:
+        f.unlink()
+    saved = json.loads((run / "data.json").read_text())
+    dropped = saved["splits"]["val"]["files"].pop()
+    (run / "data.json").write_text(json.dumps(saved))
+    note = check_held_out(run, index_splits(load_recipe(run / "recipe.yaml").data))
+    assert note and "differs" in note and "1 now in it" in note and Path(dropped[0]).name in note

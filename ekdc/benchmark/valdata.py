@@ -10,6 +10,7 @@ import numpy as np
 
 from ..contract import IMAGENET_MEAN, IMAGENET_STD, META_RUN_DIR
 from ..data import index_splits
+from ..data.fingerprint import check_held_out
 from ..errors import UserError
 from ..onnx_graph import ModelInfo
 from ..recipe import load_recipe
@@ -21,7 +22,8 @@ def resolve_data(data: Optional[PathLike], first: ModelInfo, console) -> Optiona
     """``--data`` (a recipe or a run folder), else the run folder named in the first model's metadata."""
     if data is not None:
         recipe, source = _recipe_from(Path(data))
-        return _load_val(recipe, source, explicit=True)
+        return _load_val(recipe, source, explicit=True, run_path=Path(data) if Path(data).is_dir() else None,
+                         console=console)
     run_dir = first.metadata.get(META_RUN_DIR)
     if not run_dir:
         say(console, "no accuracy: no --data given and the model names no run folder (pass --data RECIPE|RUN_DIR)")
@@ -30,7 +32,7 @@ def resolve_data(data: Optional[PathLike], first: ModelInfo, console) -> Optiona
         say(console, f"no accuracy: the model's run folder {run_dir} is not there (pass --data RECIPE|RUN_DIR)")
         return None
     try:
-        return _load_val(RunDir(run_dir).recipe(), run_dir, explicit=False)
+        return _load_val(RunDir(run_dir).recipe(), run_dir, explicit=False, run_path=Path(run_dir), console=console)
     except UserError as err:  # found, not asked for: a note, not a failure
         say(console, f"no accuracy: {err}")
         return None
@@ -44,8 +46,12 @@ def _recipe_from(path: Path):
     return load_recipe(path), str(path)
 
 
-def _load_val(recipe, source: str, explicit: bool) -> ValData:
+def _load_val(recipe, source: str, explicit: bool, run_path: Optional[Path] = None, console=None) -> ValData:
     index = index_splits(recipe.data)  # only the validation images are decoded
+    if run_path is not None:  # a run's split: the images it held out, never ones it trained on
+        note = check_held_out(run_path, index)
+        if note:
+            say(console, note)
     x, y = index.take("val")
     return ValData(x=x.numpy(), y=y.numpy().astype(np.int64, copy=False), classes=list(index.classes), source=source,
                     explicit=explicit)

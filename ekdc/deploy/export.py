@@ -19,6 +19,7 @@ from typing import Optional
 
 from .. import _io, checkpoint
 from ..data import eval_preprocess, index_splits
+from ..data.fingerprint import check_held_out
 from ..data.loading import streams
 from ..data.splits import SplitImages
 from ..errors import UserError
@@ -81,7 +82,7 @@ def _load_teachers(run: RunDir, recipe, ck: dict, hint: str) -> list:
         raise UserError(f"{err} ({hint})") from None
 
 
-def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
+def _images(recipe, classes: list[str], parity_images: int, calib_images: int, run_path: Path, say):
     """Only the images export uses are decoded: the validation images (or a seeded subset) and a seeded
     sample of training images for int8 calibration. Data the run streamed (``data.loader``) is streamed
     here too: the validation images are decoded a batch at a time, each time a model is run on them,
@@ -89,6 +90,9 @@ def _images(recipe, classes: list[str], parity_images: int, calib_images: int):
     index = index_splits(recipe.data)
     if list(index.classes) != classes:
         raise UserError(f"the data of the run's recipe has classes {index.classes[:5]}..., the student {classes[:5]}...")
+    note = check_held_out(run_path, index)  # scored on the split the run held out, never on its training images
+    if note:
+        say(note)
     n_val = index.size("val")
     pick = index.sample("val", parity_images, 0) if 0 < parity_images < n_val else None
     if streams(recipe.data, index):
@@ -126,7 +130,7 @@ def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fol
     else:
         teacher_models = []
     say(f"[bold]ekdc export[/bold] {run.path} -> {out}")
-    val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images)
+    val_x, val_y, calib_x = _images(recipe, classes, parity_images, calib_images, run.path, say)
     with tempfile.TemporaryDirectory(dir=out, prefix=".ekdc-export-") as tmpdir, _io.writes_into(out):
         job = ExportContext(run, recipe.name, student, classes, int(ck["input_size"]), ck["mean"], ck["std"], out,
                             Path(tmpdir), val_x, val_y, calib_x, say, eval_preprocess(recipe.data), fold_mode,
@@ -173,10 +177,11 @@ def _publish(job: ExportContext, manifest: dict) -> None:
     for name in names:
         _io.replace_into(job.staged(name), job.out / name)
     _io.write_json(job.out / "manifest.json", manifest)
-    # ekdc's own outputs only; teachers.onnx too when this export has none, even if no manifest named it
-    # (a bench beside this student would otherwise take another run's ensemble as its reference)
-    stale = {f for f in previous - set(names) if "/" not in f and f.startswith("student")}
-    if "teachers.onnx" not in names:
-        stale.add("teachers.onnx")
+    # ekdc's own outputs only: what the earlier manifest lists. A teachers.onnx no manifest names was put
+    # there by the user (the usual way to give a --no-teachers student its bench reference): it stays.
+    stale = {f for f in previous - set(names) if "/" not in f and (f.startswith("student") or f == "teachers.onnx")}
+    if "teachers.onnx" not in names and "teachers.onnx" not in previous and (job.out / "teachers.onnx").exists():
+        job.say(f"kept {job.out / 'teachers.onnx'}: no earlier ekdc export wrote it; ekdc bench takes it as "
+                "this student's reference")
     for name in stale:
         (job.out / name).unlink(missing_ok=True)
