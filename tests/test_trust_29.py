@@ -468,3 +468,26 @@ def test_export_and_bench_refuse_a_validation_split_that_holds_training_images(t
     (run / "data.json").write_text(json.dumps(saved))
     note = check_held_out(run, index_splits(load_recipe(run / "recipe.yaml").data))
     assert note and "differs" in note and "1 now in it" in note and Path(dropped[0]).name in note
+
+
+def test_a_class_with_no_training_image_is_wrong_in_data_check_and_refused_by_distill(tmp_path):
+    """A class of one image (or of no more than val_per_class) goes to validation whole: the student would
+    ship it untrained. data check calls it WRONG (exit 1); distill refuses it in one line naming it."""
+    root = _folder(tmp_path / "img", per_class=6)
+    _img(root / "deer" / "only.png", 300)
+    res = run_cli("data", "check", root)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "WRONG: no_training_image" in res.stdout and "deer" in res.stdout
+    def recipe(**data):
+        return write_recipe(tmp_path / "r.yaml", mode="ce", device="cpu",
+                            data={"dataset": "imagefolder", "root": str(root), "image_size": 12, **data},
+                            teachers=[{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 4}}],
+                            distill={"epochs": 1, "batch_size": 4})
+
+    line = _one_line_exit_2(run_cli("distill", recipe(), "--out", tmp_path / "r", "-q"))
+    assert "class 'deer' has no training image" in line and "1 image(s)" in line and "val_fraction" in line
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+    # fewer images than val_per_class asks for: named by its folder, and the key that asked
+    _img(root / "deer" / "two.png", 301)
+    line = _one_line_exit_2(run_cli("distill", recipe(val_per_class=3), "--out", tmp_path / "r2", "-q"))
+    assert "data.val_per_class: class 'deer' has 2 images, fewer than the 3 asked for" in line

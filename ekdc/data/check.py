@@ -19,7 +19,7 @@ from typing import Optional
 from ..errors import UserError
 from .decode import check_image, decode_image
 from .folder import PROBLEMS, Problem, scan_folder
-from .splits import index_splits
+from .splits import classes_never_trained, index_splits, untrained_class_words
 
 HASH_CHUNK = 1 << 20
 
@@ -117,7 +117,10 @@ def check_images(cfg, *, decode: bool = False, progress=None, split: str = "the 
                   *([{"kind": "unreadable", "path": str(root), "wrong": True,
                       "detail": f"{len(unreadable)} file(s) cannot be read (listed below): training stops on "
                                 "them unless data.skip_bad_files: true"}] if unreadable and not cfg.skip_bad_files
-                    else [])],
+                    else []),
+                  *({"kind": "no_training_image", "path": str(root / name), "wrong": True,
+                     "detail": untrained_class_words(name, images, cfg)}
+                    for name, images in (classes_never_trained(index) if index else []))],
         identical=_identical(scan.files, scan.labels, scan.classes), unreadable=unreadable, modes=modes,
         smallest=tuple(areas[0]) if areas else None, largest=tuple(areas[-1]) if areas else None,
         imbalance=(max(counts.values()) / min(counts.values())) if counts else None, images=len(scan.files),

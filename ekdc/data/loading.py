@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from ..cores import usable_cores
+from ..errors import UserError
 from .decode import center_crop
 from .imageset import ImageSet, MemoryImages, StreamedImages
 from .ordered import OrderedImages, chunks_in_order
-from .splits import SplitIndex, index_splits
+from .splits import SplitIndex, classes_never_trained, index_splits, untrained_class_words
 
 MEAN_STD_SAMPLE = 2048  # training images the statistics are estimated from when streaming
 STATISTICS_CHUNK = 256  # ... decoded this many at a time
@@ -139,6 +140,8 @@ def _sample_chunks(cfg, index: SplitIndex, n: int):
 def load_data(cfg) -> DataSplits:
     """The splits, decoded into memory or streamed (``data.loader``), with the normalisation."""
     index = index_splits(cfg)
+    for name, images in classes_never_trained(index)[:1]:
+        raise UserError(f"data.root: {untrained_class_words(name, images, cfg)}")
     stream = _stream_chosen(cfg, index)
     workers = cfg.workers if cfg.workers is not None else min(4, usable_cores())
     aug = cfg.augment_config

@@ -17,11 +17,12 @@ from .sources import ImageSource, IndexedSource
 
 def stratified_split(
     labels: np.ndarray, *, fraction: float | None = None, per_class: int | None = None, seed: int = 0,
-    candidates: np.ndarray | None = None,
+    candidates: np.ndarray | None = None, names: Optional[list[str]] = None, key: str = "",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``candidates`` (indices into ``labels``, default all) into (picked, rest), stratified by
     class: ``per_class`` items of each class, or ``fraction`` of each class (at least one).
-    Seeded and independent of the input order."""
+    Seeded and independent of the input order. ``names`` and ``key`` (the recipe key asking) word the
+    error of a class too small."""
     labels = np.asarray(labels)
     idx = np.arange(len(labels)) if candidates is None else np.sort(np.asarray(candidates))
     rng = np.random.default_rng(seed)
@@ -31,7 +32,9 @@ def stratified_split(
         members = members[rng.permutation(len(members))]
         k = per_class if per_class is not None else max(1, int(round(fraction * len(members))))
         if k > len(members):
-            raise UserError(f"class {c} has {len(members)} images, fewer than the {k} asked for")
+            name = f"'{names[int(c)]}'" if names is not None else str(c)
+            raise UserError(f"{key + ': ' if key else ''}class {name} has {len(members)} images, fewer than the {k} "
+                            "asked for")
         picked.append(members[:k])
         rest.append(members[k:])
     return np.sort(np.concatenate(picked)), np.sort(np.concatenate(rest))
@@ -159,7 +162,8 @@ def index_splits(cfg) -> SplitIndex:
         return SplitIndex(cfg, list(train_src.classes), Split(train_src, None), _whole(val_src))
     if val_src is None:
         vk = dict(per_class=cfg.val_per_class) if cfg.val_per_class else dict(fraction=cfg.val_fraction)
-        val_idx, train_idx = stratified_split(train_src.labels, seed=cfg.split_seed, **vk)
+        val_idx, train_idx = stratified_split(train_src.labels, seed=cfg.split_seed, names=list(train_src.classes),
+                                              key="data.val_per_class" if cfg.val_per_class else "", **vk)
         val = Split(train_src, val_idx)
     else:
         val, train_idx = _whole(val_src), np.arange(len(train_src))
@@ -167,10 +171,28 @@ def index_splits(cfg) -> SplitIndex:
         # a second, independent stream: the limited subset never depends on the validation draw
         train_idx, _ = stratified_split(
             train_src.labels, per_class=cfg.per_class, fraction=cfg.train_fraction, seed=cfg.split_seed + 1,
-            candidates=train_idx,
+            candidates=train_idx, names=list(train_src.classes), key="data.per_class" if cfg.per_class else "",
         )
     return SplitIndex(cfg, list(train_src.classes), Split(train_src, train_idx), val)
 
 
 def _whole(source: ImageSource) -> Split:
     return Split(source, np.arange(len(source)) if isinstance(source, IndexedSource) else None)
+
+
+def classes_never_trained(index: SplitIndex) -> list[tuple[str, int]]:
+    """(name, images) of each class the training split holds no image of: a class of one image, or of no
+    more than data.val_per_class, goes to validation whole. A student would carry such a class untrained."""
+    labels = index.train.labels
+    if labels is None:  # an ordered source: its labels arrive with its images
+        return []
+    trained = np.bincount(labels.astype(np.int64), minlength=len(index.classes))
+    every = np.bincount(np.asarray(index.train.source.labels).astype(np.int64), minlength=len(index.classes))
+    return [(index.classes[i], int(every[i])) for i in np.flatnonzero(trained == 0)]
+
+
+def untrained_class_words(name: str, images: int, cfg) -> str:
+    carve = f"data.val_per_class is {cfg.val_per_class}" if cfg.val_per_class else \
+        f"data.val_fraction {cfg.val_fraction} takes at least one image a class"
+    return (f"class '{name}' has no training image: its {images} image(s) all go to the validation split "
+            f"({carve}); add images to it, or remove its folder")
