@@ -56,6 +56,17 @@ def contract_metadata(*, classes: list[str], input_size: int, kind: str, precisi
     return meta
 
 
+def metadata_classes(meta: dict[str, str]) -> Optional[list]:
+    """The class names an ekdc export's metadata lists (None for a file from elsewhere): such a file takes
+    RGB in [0,1], its normalisation inside the graph."""
+    raw = meta.get(META_CLASSES)
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(c, str) for c in value) else None
+
+
 def ort_providers(provider: str = "cpu", trt_options: Optional[dict[str, Any]] = None) -> list:
     """ONNX Runtime's provider list for a ``--provider`` name, CPU last as the fallback it always has."""
     if provider not in PROVIDERS:

@@ -279,3 +279,24 @@ def test_composed_teachers_handle_fp16_outputs_and_captured_names(tmp_path):
     got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         ["logits"], {"images": pixels.numpy()})[0]
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)  # the fp16 teacher rounds its own outputs
+
+
+def test_an_ekdc_export_teaches_as_it_is(tiny_export):
+    """ekdc's own files (a student, teachers.onnx, the int8 file) as ONNX teachers: their metadata says RGB
+    in [0,1] with the normalisation inside, their classes and input size, so no recipe key is needed, and
+    the data's classes in another order are mapped by those names."""
+    from ekdc.recipe import TeacherConfig
+    from ekdc.teachers import DataInfo, frozen_teacher
+
+    out, manifest = tiny_export
+    classes, size = manifest["classes"], manifest["input_size"]
+    pixels = torch.rand(6, 3, size, size)
+    for name in ("student.onnx", "teachers.onnx", "student.int8.onnx"):
+        sess = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        want = sess.run(None, {"images": pixels.numpy()})[0]
+        for order in (classes, classes[::-1]):
+            data = DataInfo(order, size, [0.5] * 3, [0.25] * 3)  # the data's own normalisation: not the file's
+            t = frozen_teacher(TeacherConfig(name="e", onnx=str(out / name)), 0, data)
+            with torch.inference_mode():
+                got = t(pixels).numpy()
+            np.testing.assert_allclose(got, want[:, [classes.index(c) for c in order]], rtol=1e-4, atol=1e-4)

@@ -10,7 +10,6 @@ same parameters and MACs as the fp32 file they came from.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -20,11 +19,11 @@ from onnx import TensorProto, helper
 
 from ..contract import (
     INPUT_NAME,
-    META_CLASSES,
     META_INPUT_SIZE,
     META_KIND,
     META_PRECISION,
     OUTPUT_NAME,
+    metadata_classes,
 )
 from ..errors import UserError
 from ..formats import runtime_of
@@ -65,12 +64,7 @@ class ModelInfo:
 
     @property
     def classes(self) -> Optional[list]:
-        raw = self.metadata.get(META_CLASSES)
-        try:
-            value = json.loads(raw) if raw else None
-        except ValueError:
-            return None
-        return value if isinstance(value, list) else None
+        return metadata_classes(self.metadata)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def onnx_teacher(tcfg, i: int, data: DataInfo) -> Teacher:
     if channels not in (None, 3):
         raise UserError(f"{what} {tcfg.onnx}: its input has {channels} channels where layout {tcfg.layout} puts them; "
                         "set layout: nchw or nhwc to match the model")
-    size = tcfg.input_size or (hw[0] if hw[0] and hw[0] == hw[1] else None)
+    size = tcfg.input_size or (hw[0] if hw[0] and hw[0] == hw[1] else None) or info.ekdc_input_size
     if tcfg.input_size and any(d and d != tcfg.input_size for d in hw):
         raise UserError(f"{what} {tcfg.onnx}: the graph takes {hw[0]}x{hw[1]} images ({tcfg.layout}), but input_size "
                         f"is {tcfg.input_size}")
@@ -163,11 +163,15 @@ def onnx_teacher(tcfg, i: int, data: DataInfo) -> Teacher:
         import torch
 
         k = int(model(torch.zeros(1, *([3, size, size] if tcfg.layout == "nchw" else [size, size, 3]))).shape[1])
-    if not tcfg.classes and k != len(data.classes):
+    # an ekdc export names its classes and normalises inside: those are its defaults, the recipe's win
+    ekdc = info.ekdc_classes
+    classes = tcfg.classes or (ekdc if ekdc is not None and len(ekdc) == k else None)
+    if not classes and k != len(data.classes):
         raise UserError(f"teachers.{i}: {tcfg.onnx} has {k} outputs and the data {len(data.classes)} classes; "
                         "give its classes: in output order")
-    idx = class_index(tcfg.classes, k, data, f"teachers.{i}") if tcfg.classes else None
-    pre = Preprocess(size, tcfg.mean or IMAGENET_MEAN, tcfg.std or IMAGENET_STD, bgr=tcfg.channel_order == "bgr",
+    idx = class_index(classes, k, data, f"teachers.{i}") if classes else None
+    unit_mean, unit_std = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]) if ekdc is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    pre = Preprocess(size, tcfg.mean or unit_mean, tcfg.std or unit_std, bgr=tcfg.channel_order == "bgr",
                      nhwc=tcfg.layout == "nhwc")
     return Teacher(model, pre, name=tcfg.name, arch=f"onnx:{info.path.name}", source="onnx", class_index=idx, tta=tcfg.tta,
                    probabilities=tcfg.outputs == "probabilities")

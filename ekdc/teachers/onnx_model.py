@@ -2,7 +2,9 @@
 
 The file's entry in the recipe says what the model expects (input size, mean/std, RGB or BGR, NCHW or
 NHWC, logits or probabilities, its class order); ``Preprocess`` and ``Teacher`` do the rest, so an
-ONNX teacher is a ``Teacher`` like any other, frozen and without features.
+ONNX teacher is a ``Teacher`` like any other, frozen and without features. A file ekdc exported says
+it in its metadata (RGB in [0,1] with the normalisation inside, its classes, its input size): those
+are its defaults, so a student or ``teachers.onnx`` of an earlier run teaches as it is.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .._io import existing_file, file_sha256
-from ..contract import ort_session
+from ..contract import META_INPUT_SIZE, metadata_classes, ort_session
 from ..errors import UserError
 from ..onnx_graph import classifier_io, load_onnx
 
@@ -32,6 +34,17 @@ class OnnxInfo:
     fixed_batch: Optional[int]
     opset: int
     ir_version: int
+    metadata: dict = dataclasses.field(default_factory=dict)  # the file's metadata_props
+
+    @property
+    def ekdc_classes(self) -> Optional[list]:
+        """An ekdc export's classes (None for a file from elsewhere)."""
+        return metadata_classes(self.metadata)
+
+    @property
+    def ekdc_input_size(self) -> Optional[int]:
+        raw = self.metadata.get(META_INPUT_SIZE, "")
+        return int(raw) if raw.isdigit() and self.ekdc_classes is not None else None
 
 
 def inspect_onnx(path: str | os.PathLike, what: str) -> OnnxInfo:
@@ -46,7 +59,8 @@ def inspect_onnx(path: str | os.PathLike, what: str) -> OnnxInfo:
         raise UserError(f"{what} {err}") from None
     dims = [d if isinstance(d, int) and d > 0 else None for d in io.input_dims]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return OnnxInfo(path, io.input_name, io.output_name, dims, io.num_outputs, io.fixed_batch, opset, proto.ir_version)
+    return OnnxInfo(path, io.input_name, io.output_name, dims, io.num_outputs, io.fixed_batch, opset, proto.ir_version,
+                    {p.key: p.value for p in proto.metadata_props})
 
 
 class OnnxModel(nn.Module):
