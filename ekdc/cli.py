@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from ._stdout import guard_stdout, say_if_stopped
 from .errors import UserError
 
 app = typer.Typer(
@@ -373,6 +374,7 @@ def list_models_cmd(
 
 def main() -> None:
     # standalone mode: Typer handles --help and its own usage errors (exit 2); ours end here
+    out = guard_stdout()
     try:
         app()
     except UserError as err:
@@ -386,6 +388,7 @@ def main() -> None:
                   file=sys.stderr)
         raise
     finally:
+        say_if_stopped(out)
         if "torch.distributed" in sys.modules:  # a command that never loaded torch joined no process group
             from .training.runtime import leave_process_group
 
