@@ -72,7 +72,14 @@ def distill(
     from .recipe import load_recipe
     from .recipe.inert import check_recipe
 
-    r = load_recipe(recipe, set_)  # before the heavy imports: a bad recipe is reported at once
+    try:
+        r = load_recipe(recipe, set_)  # before the heavy imports: a bad recipe is reported at once
+    except UserError as err:
+        if resume and out is not None:  # a name the run's plugin added, and the plugin is gone: say which
+            from .plugins import missing_hint
+
+            raise UserError(f"{err}{missing_hint(out)}") from None
+        raise
     check_recipe(r, str(recipe))  # a setting that changes nothing, named
     from .distillation import distill as run_distill
     from .tables import metrics_table, teachers_table
@@ -352,6 +359,9 @@ def list_models_cmd(
                                           "(a shell pattern such as 'resnet*', or a part of a name)."),
 ):
     """List the architectures a recipe can name (teachers.N.arch)."""
+    from .plugins import load_plugins
+
+    load_plugins()  # the architectures installed plugins add are listed and searched too
     if filter_ is None:
         from .models import list_models
 

@@ -17,7 +17,9 @@ command that needs one that is not installed can say which to install.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 from importlib import metadata
 from pathlib import Path
@@ -61,10 +63,16 @@ def load_plugins() -> list[Plugin]:
             version = ep.dist.version if ep.dist is not None else "?"
             before = _registered()
             error = None
+            said = io.StringIO()  # what a plugin prints while it loads is not ekdc's output; its last line explains a failure
             try:
-                ep.load()
-            except Exception as err:  # noqa: BLE001 - a broken plugin must not break ekdc
+                with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                    ep.load()
+            except (Exception, SystemExit) as err:  # noqa: BLE001 - a broken plugin must not break ekdc
+                # SystemExit too: a module that parses sys.argv or calls sys.exit() at import would end ekdc
                 error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+                printed = [line for line in said.getvalue().splitlines() if line.strip()]
+                if printed:
+                    error += f" (it printed: {printed[-1].strip()[:160]})"
             after = _registered()
             added = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
             _LOADED.append(Plugin(dist, version, group, f"{ep.name} = {ep.value}", added, error))
@@ -80,7 +88,8 @@ def failure_hint() -> str:
     bad = failed_plugins()
     if not bad:
         return ""
-    return "; plugins that failed to load: " + ", ".join(f"{p.distribution} ({p.entry}: {p.error})" for p in bad)
+    said = dict.fromkeys(f"{p.distribution} ({p.error})" for p in bad)  # one package's entry points fail alike
+    return "; plugins that failed to load: " + ", ".join(said)
 
 
 def used_by(recipe) -> list[dict]:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_recipe
+from conftest import write_recipe as write_recipe_
 
 PLUGIN = '''
 import torch
@@ -155,12 +156,17 @@ def test_an_installed_plugin_extends_distill_and_export(tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["files"][0]["parity"]["max_rel_diff"] < 1e-4
 
-    # the package gone: export says which plugin the run needs, in one line
+    # `ekdc models` lists and finds the plugin's architecture
+    res = run_cli("models", "--filter", "tiny_", fresh=True)
+    assert res.returncode == 0 and "tiny_teacher" in res.stdout, res.stdout + res.stderr
+
+    # the package gone: export and distill --resume say which plugin the run needs, in one line
     monkeypatch.delenv("PYTHONPATH")
-    res = run_cli("export", tmp_path / "run", "--out", tmp_path / "export2", fresh=True)
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1
-    assert "this run used plugin ekdc-tinyplug 0.1" in lines[0] and "install it" in lines[0]
+    for res in (run_cli("export", tmp_path / "run", "--out", tmp_path / "export2", fresh=True),
+                run_cli("distill", recipe, "--out", tmp_path / "run", "--resume", fresh=True)):
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert "this run used plugin ekdc-tinyplug 0.1" in lines[0] and "install it" in lines[0]
 
 
 def test_a_plugin_that_fails_to_import_is_named_where_its_names_are_missing(tmp_path, monkeypatch):
@@ -176,3 +182,22 @@ def test_a_plugin_that_fails_to_import_is_named_where_its_names_are_missing(tmp_
     line = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(line) == 1
     assert "unknown student 'tiny_student'" in line[0] and "ekdc-tinyplug" in line[0] and "needs libfoo" in line[0]
+
+
+@pytest.mark.parametrize("body", ["import argparse\nargparse.ArgumentParser().parse_args()\n",
+                                  "import sys\nsys.exit('bye')\n", "raise SystemExit(3)\n"])
+def test_a_plugin_that_exits_at_import_does_not_end_ekdc(tmp_path, monkeypatch, body):
+    """A module that parses sys.argv or exits when imported is a plugin that failed to load, like any other:
+    a recipe that does not use it runs; one that does is refused naming it."""
+    site = tmp_path / "site"
+    _install(site)
+    (site / "tinyplug.py").write_text(body)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    res = run_cli("distill", write_recipe_(tmp_path / "r.yaml"), "--out", tmp_path / "run", "-q", fresh=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    raw = tiny_recipe()
+    raw["student"] = {"arch": "tiny_student"}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    res = run_cli("distill", tmp_path / "s.yaml", "--out", tmp_path / "run2", fresh=True)
+    line = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(line) == 1 and "ekdc-tinyplug" in line[0] and "SystemExit" in line[0], res.stderr

@@ -109,7 +109,10 @@ def torch_teacher_model(tcfg, i: int, data: DataInfo, trainable: bool) -> TorchT
     model, fields, from_weights = _load_torch(tcfg, i, data)
     head = final_linear(model, source)
     if head is None:
-        raise UserError(f"{what}: {tcfg.arch} has no final Linear layer: ekdc cannot re-head it or read its features")
+        where = {"registry": "a registry model's head is its attribute fc, an nn.Linear",
+                 "timm": "timm's get_classifier() is not an nn.Linear"}.get(source, "it has no nn.Linear")
+        raise UserError(f"{what}: {tcfg.arch} has no final Linear layer ({where}): ekdc cannot re-head it or read "
+                        "its features")
     classes = tcfg.classes or fields.get("classes")
     k, n = head.out_features, len(data.classes)
     # unnamed outputs are taken in the data's order when there are as many; named ones are mapped by name
