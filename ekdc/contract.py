@@ -28,7 +28,8 @@ META_KIND = "ekdc.kind"
 META_PRECISION = "ekdc.precision"
 META_RECIPE = "ekdc.recipe"
 META_RUN_DIR = "ekdc.run_dir"
-# how a raw photo becomes the input: {"resize": S} (to S x S), or {"resize_shorter": C, "center_crop": S};
+# how a raw photo becomes the input: {"resize": S} (to S x S), or {"resize_shorter": C, "center_crop": S,
+# "max_aspect": A} (a photo with one side over A times the other: its centre square first);
 # "exif_orientation": true where the photo is first turned as its EXIF orientation tag says (as browsers show it)
 META_PREPROCESS = "ekdc.preprocess"
 # int8 files: how they were quantised (JSON: {"method": "ptq"|"qad"|"qat_labels", "tool": ...})

@@ -78,6 +78,9 @@ def load_images(paths: list[str], size: int, pre: dict) -> np.ndarray:
             im = to_rgb(im)
             if "resize_shorter" in pre:  # as ekdc decodes photos: shorter side to C, centre C x C, centre crop
                 c = int(pre["resize_shorter"])
+                a = pre.get("max_aspect")
+                if a and max(im.size) > a * min(im.size):  # a strip: its centre square first
+                    im = _center(im, min(im.size))
                 k = c / min(im.size)
                 im = _center(im.resize((max(c, round(im.size[0] * k)), max(c, round(im.size[1] * k))), Image.BILINEAR), c)
                 im = _center(im, int(pre["center_crop"]))

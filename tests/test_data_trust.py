@@ -153,6 +153,27 @@ def test_infer_script_decodes_as_training_does(tmp_path):
         assert np.abs(ours - theirs).max() < 1e-6
 
 
+def test_infer_script_follows_the_metadata_for_photos_and_strips(tmp_path):
+    """A photo's view (shorter side, centre, centre crop) and a strip past max_aspect (its centre square
+    first): infer.py, reading only the metadata ekdc writes, decodes as ekdc evaluates."""
+    import types
+
+    from ekdc.data.decode import canonical_size, center_crop, eval_preprocess
+
+    spec = importlib.util.spec_from_file_location("infer", ROOT / "export" / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    pre = eval_preprocess(types.SimpleNamespace(view="resized_crop", image_size=56))
+    rng = np.random.default_rng(0)
+    for w, h in ((400, 60), (60, 300), (200, 60), (90, 130)):  # strips past 4:1 either way, and two photos
+        path = tmp_path / f"{w}x{h}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        ours = center_crop(decode_image(str(path), 56, view="resized_crop"), 56).float().numpy() / 255
+        assert ours.shape[-1] == 56 and canonical_size(56, "resized_crop") == pre["resize_shorter"]
+        theirs = infer.load_images([str(path)], 56, pre)[0]
+        assert np.abs(ours - theirs).max() < 1e-6, (w, h)
+
+
 def test_a_photo_is_decoded_upright_by_its_exif_orientation(tmp_path):
     """A phone's photo stores its pixels sideways and says so in EXIF: training, evaluation and infer.py all
     take it as a viewer shows it (a deployed client, a browser, does too)."""

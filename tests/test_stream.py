@@ -156,7 +156,8 @@ def test_end_to_end_at_72_px(tmp_path):
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["files"][0]["parity"]["argmax_agreement"] == 1.0
     meta = {p.key: p.value for p in __import__("onnx").load(str(tmp_path / "export" / "student.onnx")).metadata_props}
-    assert json.loads(meta["ekdc.preprocess"]) == {"exif_orientation": True, "resize_shorter": 82, "center_crop": 72}
+    assert json.loads(meta["ekdc.preprocess"]) == {"exif_orientation": True, "resize_shorter": 82, "center_crop": 72,
+                                                 "max_aspect": 4}
     res = run_cli("bench", tmp_path / "export" / "student.onnx", "--batch", "1", "--runs", "2", "--repeats", "1",
                   "--json", tmp_path / "b.json")
     assert res.returncode == 0, res.stderr

@@ -207,8 +207,9 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def eval_preprocess(cfg) -> dict:
     """How a raw photo becomes the model's input, for the ONNX metadata (``export/infer.py`` follows it):
-    turned upright by its EXIF orientation first (``upright``), then resized (and centre-cropped)."""
+    turned upright by its EXIF orientation first (``upright``), then resized (and centre-cropped); a photo
+    longer than ``max_aspect`` times its width gives its centre square first."""
     if cfg.view == "pad_crop":
         return {"exif_orientation": True, "resize": cfg.image_size}
     return {"exif_orientation": True, "resize_shorter": canonical_size(cfg.image_size, "resized_crop"),
-            "center_crop": cfg.image_size}
+            "center_crop": cfg.image_size, "max_aspect": MAX_ASPECT}
