@@ -258,3 +258,16 @@ def test_failed_export_leaves_the_folder_as_it_was(tiny_run, tmp_path, monkeypat
     manifest = export(tiny_run, out, fold_mode="separate", parity_images=16)  # no --int8 this time
     assert not (out / "student.int8.onnx").exists()  # an earlier export's file does not linger beside this one
     assert {f["file"] for f in manifest["files"]} == {p.name for p in out.iterdir() if p.suffix == ".onnx"}
+
+
+def test_the_int8_file_says_what_the_manifest_says(tiny_export):
+    """A client holding only the int8 file reads its form and its measured cost in its own metadata."""
+    import onnx
+
+    out, manifest = tiny_export
+    entry = next(f for f in manifest["files"] if f["file"] == "student.int8.onnx")
+    meta = {p.key: p.value for p in onnx.load(str(out / "student.int8.onnx")).metadata_props}
+    q = json.loads(meta["ekdc.quantization"])
+    assert q == entry["quantization"] and q["form"].startswith("onnxruntime-qdq")
+    assert q["accuracy"] == entry["accuracy"] and q["argmax_agreement_vs_fp32"] == entry["parity"]["argmax_agreement"]
+    assert json.loads(meta["ekdc.classes"]) == manifest["classes"]  # the rest of the contract kept

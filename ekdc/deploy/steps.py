@@ -217,7 +217,7 @@ def export_int8(job: ExportContext, fp32: Built) -> Built:
     distillation (ModelOpt) of the layout fastest in int8."""
     calib = as_float_images(job.calib_x)
     job.say(f"  quantising int8 (static QDQ, per-channel, QUInt8 activations, {len(job.calib_x)} calibration images) ...")
-    ptq = {"method": "ptq", "tool": "onnxruntime", "calibration_images": int(len(job.calib_x))}
+    ptq = {"method": "ptq", "tool": "onnxruntime", "calibration_images": int(len(job.calib_x)), "form": INT8_FORMS["ort"]}
     q_paths = {layout: quantize_int8(path, job.tmp / f"{layout}.int8.onnx", calib,
                                      job.meta("student", "int8", **{META_FOLD: layout, META_QUANTIZATION: json.dumps(ptq)}))
                for layout, path in fp32.candidates.items()}
@@ -233,7 +233,7 @@ def export_int8(job: ExportContext, fp32: Built) -> Built:
     also: tuple = ()
     if job.qad is None:
         _copy_into_place(q_paths[layout], path)
-        info = {**ptq, "form": INT8_FORMS["ort"]}
+        info = dict(ptq)
     else:
         job.say(f"  quantization-aware distillation ({layout} fold, NVIDIA ModelOpt, {job.qad.epochs} epochs"
                 f"{' against the teachers' if job.qad.teachers else ', labels only'}) ...")
@@ -251,11 +251,20 @@ def export_int8(job: ExportContext, fp32: Built) -> Built:
         info = {**info, "form": INT8_FORMS["ort"], "weights": "QAD's, re-quantised by onnxruntime (static QDQ)"}
         quantize_int8(learned_fp32, path, calib, meta(info))
         trt_entry, _ = _checked(job, trt_path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])
-        trt_entry["quantization"] = trt_info
+        _record_quantization(trt_path, trt_entry, trt_info)
         also = (Built(trt_path, {**trt_entry, "format": "int8", "checked": get_format("int8").checked}),)
     entry, logits = _checked(job, path, "student", "int8", fp32.logits, "fp32", fp32.entry["accuracy"])
-    entry["quantization"] = info
+    _record_quantization(path, entry, info)
     return Built(path, entry, logits, layout, fold=fold, also=also)
+
+
+def _record_quantization(path: Path, entry: dict, info: dict) -> None:
+    """How the int8 file was made and what the check measured, in the manifest and in the file's own
+    metadata alike: a client holding only the file can tell its form and what it costs in accuracy."""
+    info.update(argmax_agreement_vs_fp32=entry["parity"]["argmax_agreement"], accuracy=entry["accuracy"],
+                accuracy_change=entry["accuracy_change"])
+    set_file_metadata(path, {META_QUANTIZATION: json.dumps(info)})
+    entry["quantization"], entry["size_mb"] = info, _size_mb(path)
 
 
 @exporter("trt")
