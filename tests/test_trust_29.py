@@ -121,6 +121,34 @@ def test_an_unfinished_write_is_refused_by_the_reader_and_replaced_by_the_writer
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
 
 
+def test_an_interrupted_overwrite_leaves_the_earlier_shards_as_they_were(tmp_path, monkeypatch):
+    """--overwrite writes the new set whole before it touches the earlier one: Ctrl-C (or a full disk) in the
+    middle leaves the earlier set byte for byte, and no staging folder; one a SIGKILL leaves is cleared by
+    the next write."""
+    from ekdc.data import shard_writer
+
+    root = _folder(tmp_path / "img")
+    out = tmp_path / "out"
+    assert run_cli("data", "shard", root, out, "--shard-size", "4").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = shard_writer._write_tars
+
+    def interrupted(*args, **kw):
+        real(*args, **kw)  # every new shard written (into the staging folder), then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shard_writer, "_write_tars", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shard_writer.write_shards(root, out, shard_size=6, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(shard_writer, "_write_tars", real)
+    (out / (shard_writer.STAGING_PREFIX + "killed")).mkdir()  # what a SIGKILL mid-write leaves
+    (out / (shard_writer.STAGING_PREFIX + "killed") / "shard-000000.tar").write_bytes(b"half")
+    shard_writer.write_shards(root, out, shard_size=6, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "shard-000000.tar", "shard-000001.tar",
+                                                     "shards.json"]
+
+
 # --------------------------------------------------------------------------------------------------
 # the shard reader (case 3 and 4)
 

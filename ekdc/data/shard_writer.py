@@ -8,7 +8,9 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 # what a shard folder written by ``write_shards`` holds, beside its shards (and temporary files of a write)
 _OWN_FILES = (SHARDS_INDEX, CLASSES_FILE, WRITING_MARK)
+STAGING_PREFIX = ".ekdc-shard-new-"  # the folder inside OUT a write fills before it replaces the earlier set
 
 
 def _prepare_out(folder: Path, out: Path, prefix: str, overwrite: bool) -> list[Path]:
@@ -50,6 +53,8 @@ def _prepare_out(folder: Path, out: Path, prefix: str, overwrite: bool) -> list[
         listed = set(_read_index(out / SHARDS_INDEX)["samples"])
 
     def ours(p: Path) -> bool:
+        if p.name.startswith(STAGING_PREFIX):  # a staging folder a killed write left behind
+            return p.is_dir()
         if p.name in _OWN_FILES or p.name in listed:
             return p.is_file()
         if unfinished and (shard_name.fullmatch(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp"))):
@@ -155,8 +160,9 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: 
     ``data.skip_bad_files`` decodes it; files the scan or the decode leaves out, and files with the same
     bytes in two classes, are listed in ``shards.json`` (``left_out``) and returned. OUT must not be inside
     FOLDER, and must be empty, new, or hold a shard set this function wrote (replaced with ``overwrite``;
-    an unfinished one always): it never mixes two writes. Each shard is written to a temporary name and
-    renamed, and a mark file says a write is under way until ``shards.json`` is written."""
+    an unfinished one always): it never mixes two writes. The new set is written whole into a staging
+    folder inside OUT first; an earlier set is replaced only then (renames, under a mark file that says a
+    write is under way), so an interrupted write leaves it as it was."""
     if shard_size < 1:
         raise UserError(f"--shard-size {shard_size}: must be at least 1")
     if seed < 0:
@@ -175,16 +181,26 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: 
     remap = {old_label: new for new, old_label in enumerate(used)}
     classes = [scan.classes[k] for k in used]
     out = _io.ensure_writable_dir(out)
-    _io.write_text(out / WRITING_MARK, "an 'ekdc data shard' write is under way (or was killed): run it again\n")
-    for p in old:
-        if p.name != WRITING_MARK:
-            p.unlink(missing_ok=True)
     order = np.asarray(keep)[np.random.default_rng(seed).permutation(len(keep))]
     n_shards = -(-len(order) // shard_size)
-    samples, sizes = _write_tars(scan, order, shard_size, n_shards, prefix, out, folder, digests, remap, progress)
-    _io.write_text(out / CLASSES_FILE, "\n".join(classes) + "\n")
-    _io.write_json(out / SHARDS_INDEX, {"samples": samples, "bytes": sizes, "classes": classes, "seed": seed,
-                                        "source": str(folder.resolve()), "left_out": left_out})
+    # the new set is written whole beside the old one, which stays until it is: an interrupted write (Ctrl-C,
+    # a full disk) leaves the earlier set as it was; only the renames below run under the mark
+    with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as staging:
+        new = Path(staging)
+        samples, sizes = _write_tars(scan, order, shard_size, n_shards, prefix, new, folder, digests, remap, progress)
+        _io.write_text(new / CLASSES_FILE, "\n".join(classes) + "\n")
+        _io.write_json(new / SHARDS_INDEX, {"samples": samples, "bytes": sizes, "classes": classes, "seed": seed,
+                                            "source": str(folder.resolve()), "left_out": left_out})
+        _io.write_text(out / WRITING_MARK, "an 'ekdc data shard' write is under way (or was killed): run it again\n")
+        for p in old:
+            if p.name == WRITING_MARK:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        for p in sorted(new.iterdir(), key=lambda f: f.name == SHARDS_INDEX):  # the index last
+            os.replace(p, out / p.name)
     (out / WRITING_MARK).unlink(missing_ok=True)
     return {"out": str(out), "shards": n_shards, "samples": len(order), "classes": len(classes),
             "pattern": f"{out}/{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar", "left_out": left_out,
