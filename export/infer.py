@@ -101,6 +101,9 @@ def main() -> int:
     ap.add_argument("images", nargs="+", help="image files")
     ap.add_argument("--top", type=int, default=1, help="how many classes to print per image")
     args = ap.parse_args()
+    if args.top < 1:
+        print(f"infer.py: error: --top {args.top}: must be 1 or more", file=sys.stderr)
+        return 2
     try:
         sess = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 -- ONNX Runtime's load errors (NoSuchFile, InvalidProtobuf, ...) are plain Exceptions

@@ -519,3 +519,16 @@ def test_model_memory_reflects_the_weights(tmp_path):
         assert by_batch["1"] <= by_batch["64"] + 1 and by_batch["64"] <= m["model_mem_mb"] + 1 and by_batch["1"] >= weights * 0.9
     assert r["memory_ratio"] > 5  # the old figure, the runtime's own cost, gave about 1
     assert by["small.onnx"]["vs_reference"]["memory_ratio_by_batch"]["1"] > 5
+
+
+def test_classes_from_a_file_saved_with_a_byte_order_mark():
+    """Notepad saves UTF-8 with a byte-order mark: it is not part of the first class name."""
+    import tempfile
+
+    from ekdc.benchmark.valdata import parse_classes
+
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/classes.txt"
+        with open(path, "w", encoding="utf-8-sig", newline="\r\n") as f:
+            f.write("9\nmouette\n")
+        assert parse_classes(f"@{path}") == ["9", "mouette"]

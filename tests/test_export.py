@@ -189,10 +189,12 @@ def test_infer_example_bad_inputs_one_line_exit_2(tiny_export, tmp_path):
     m = onnx.load(out / "student.onnx")
     del m.metadata_props[:]
     onnx.save(m, foreign)
-    cases = [(tmp_path / "missing.onnx", img, "cannot load"), (corrupt, img, "cannot load"),
-             (foreign, img, "is not an ekdc export"), (out / "student.onnx", tmp_path / "no.png", "no.png")]
-    for model, image, words in cases:
-        res = subprocess.run([sys.executable, str(ROOT / "export" / "infer.py"), str(model), str(image)],
+    cases = [(tmp_path / "missing.onnx", img, "cannot load", []), (corrupt, img, "cannot load", []),
+             (foreign, img, "is not an ekdc export", []), (out / "student.onnx", tmp_path / "no.png", "no.png", []),
+             (out / "student.onnx", img, "--top 0: must be 1 or more", ["--top", "0"]),
+             (out / "student.onnx", img, "--top -1: must be 1 or more", ["--top", "-1"])]
+    for model, image, words, flags in cases:
+        res = subprocess.run([sys.executable, str(ROOT / "export" / "infer.py"), str(model), str(image), *flags],
                              capture_output=True, text=True)
         assert res.returncode == 2, (model, res.stderr)
         lines = res.stderr.strip().splitlines()

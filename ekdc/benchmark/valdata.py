@@ -80,7 +80,9 @@ def parse_classes(text: Optional[str]) -> Optional[list[str]]:
         return None
     if text.startswith("@"):
         try:
-            names = [line.strip() for line in Path(text[1:]).read_text().splitlines() if line.strip()]
+            # utf-8-sig: a byte-order mark (as Notepad saves) is not part of the first class name
+            names = [line.strip() for line in Path(text[1:]).read_text(encoding="utf-8-sig").splitlines()
+                     if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"--classes {text}: cannot read the file ({getattr(err, 'strerror', None) or err})") from None
     else:
