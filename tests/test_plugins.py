@@ -193,8 +193,9 @@ def test_a_plugin_that_exits_at_import_does_not_end_ekdc(tmp_path, monkeypatch, 
     _install(site)
     (site / "tinyplug.py").write_text(body)
     monkeypatch.setenv("PYTHONPATH", str(site))
-    res = run_cli("distill", write_recipe_(tmp_path / "r.yaml"), "--out", tmp_path / "run", "-q", fresh=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    if "argparse" in body:  # a recipe that does not use it trains (once: the loading is the same for all three)
+        res = run_cli("distill", write_recipe_(tmp_path / "r.yaml"), "--out", tmp_path / "run", "-q", fresh=True)
+        assert res.returncode == 0, res.stdout + res.stderr
     raw = tiny_recipe()
     raw["student"] = {"arch": "tiny_student"}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
