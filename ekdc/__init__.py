@@ -15,7 +15,7 @@ _LAZY = {
     "bench": ("benchmark", "bench"), "create_model": ("models", "create_model"),
     "list_models": ("models", "list_models"), "register_model": ("models", "register_model"),
     "plan_student": ("plan", "plan_student"), "Plan": ("plan", "Plan"),
-    "compare": ("compare", "compare"), "export_formats": ("formats", "export_formats"),
+    "compare": ("comparison", "compare"), "export_formats": ("formats", "export_formats"),
     "list_datasets": ("data", "list_datasets"), "register_dataset": ("data", "register_dataset"),
     "list_terms": ("losses", "list_terms"), "register_term": ("losses", "register_term"),
     "StrictSettings": ("settings", "StrictSettings"),

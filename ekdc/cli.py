@@ -248,8 +248,8 @@ def compare(
 ):
     """Does the multi-branch student pay on this data? Rows over seeds, against equal-cost one-branch students."""
     from ._io import write_json
-    from .compare import compare as run_compare
-    from .compare import compare_table, parse_rows, write_compare_plot
+    from .comparison import compare as run_compare
+    from .comparison import compare_table, parse_rows, write_compare_plot
     from .recipe import load_recipe
     from .recipe.inert import check_recipe
 

@@ -104,6 +104,22 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
     (d / "c5").mkdir()
     (d / "c5" / "teacher_files.json").write_text(json.dumps({
         "resnet8": {"path": f"{run}/teachers/resnet8.pt", "sha256": "0" * 64}}))
+    # a folder with a class of one image (it would go to validation whole); a run trained on a folder to
+    # which images were added afterwards (the seeded split re-drawn: validation holds training images)
+    lonely, grown = d / "lonely_root", d / "grown_root"
+    for root, classes in ((lonely, ("cat", "dog")), (grown, ("cat", "dog"))):
+        for c in classes:
+            (root / c).mkdir(parents=True)
+            for i in range(6):
+                torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(root / c / f"{i}.png")
+    (lonely / "deer").mkdir()
+    torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(lonely / "deer" / "0.png")
+    folder_run = ["--set", "data.dataset=imagefolder", "--set", f"data.root={grown}", "--set", "data.image_size=8",
+                  "--set", "data.val_per_class=2"]
+    subprocess.run([sys.executable, "-m", "ekdc", "distill", str(ok), "--out", str(d / "grown_run"), "-q", *folder_run],
+                   check=True, capture_output=True)
+    for i in range(6, 15):
+        torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(grown / "cat" / f"{i}.png")
     shards = ["--set", "data.dataset=webdataset", "--set", f"data.urls={d}/sh/shard-000000.tar",
               "--set", f"data.val_urls={d}/sh/shard-000001.tar", "--set", "data.image_size=8"]
     return [  # (what, arguments); the "busy" run is locked by another process, "disk full" runs under a file-size limit
@@ -219,6 +235,10 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("bench: --duration inf", ["bench", str(d / "export" / "student.onnx"), "--duration", "inf"]),
         ("export: --qad-epochs without --qad", ["export", str(run), "--out", str(d / "e5"), "--int8", "--qad-epochs",
                                                 "2"]),
+        ("data: a class with no training image", ["distill", str(ok), "--set", "data.dataset=imagefolder", "--set",
+                                                  f"data.root={lonely}", "--set", "data.image_size=8"]),
+        ("export: images added to the folder since training (the validation split holds training images)",
+         ["export", str(d / "grown_run"), "--out", str(d / "e6")]),
         ("compare: a row that changes nothing in its mode", ["compare", str(ok), "--set", "mode=avg_kd", "--rows",
                                                              "recipe,recipe+feat", "--out", str(d / "c4")]),
     ]

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from ekdc import load_recipe  # noqa: E402
 from ekdc.benchmark.machine import cpu_model  # noqa: E402
-from ekdc.compare import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
-from ekdc.compare.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
+from ekdc.comparison import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
+from ekdc.comparison.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
 from evidence_files import LIMITED, cpu_hours, shipped_teachers, teacher_files, update_evidence  # noqa: E402
 from grid_records import RECORDS, commit, keep_cell, keep_grid, restore  # noqa: E402
 

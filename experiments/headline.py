@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ekdc import bench, export, load_recipe  # noqa: E402
-from ekdc.compare import compare  # noqa: E402  (the function: ekdc.compare is also its package)
-from ekdc.compare.rows import parse_row  # noqa: E402
+from ekdc.comparison import compare  # noqa: E402
+from ekdc.comparison.rows import parse_row  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "experiments"))
 from grid_records import CACHE, RECORDS, commit, keep_cache, keep_cell, keep_grid, restore  # noqa: E402

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ekdc import load_recipe  # noqa: E402
-from ekdc.compare import compare, parse_row  # noqa: E402
-from ekdc.compare.stats import mean_std  # noqa: E402
+from ekdc.comparison import compare, parse_row  # noqa: E402
+from ekdc.comparison.stats import mean_std  # noqa: E402
 
 # each mode of the page and the ``ekdc compare`` row that trains it
 MODES = {

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ekdc import distill, load_recipe  # noqa: E402
-from ekdc.compare.stats import mean_std, paired_diffs, paired_gap, pct_mean_std  # noqa: E402
+from ekdc.comparison.stats import mean_std, paired_diffs, paired_gap, pct_mean_std  # noqa: E402
 from ekdc.models import fastnet  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong-teachers.yaml"

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from ekdc import UserError, load_recipe
-from ekdc.compare import compare, parse_row, parse_rows
-from ekdc.compare.grid import LATENCY_ROUNDS
-from ekdc.compare.students import equal_macs_student, student_macs
+from ekdc.comparison import compare, parse_row, parse_rows
+from ekdc.comparison.grid import LATENCY_ROUNDS
+from ekdc.comparison.students import equal_macs_student, student_macs
 
 from conftest import run_cli, write_recipe
 
@@ -105,7 +105,7 @@ def test_cli_compare_refuses_a_bad_row_before_training(tmp_path):
 def test_a_dkd_row_takes_dkds_warm_up(tmp_path):
     """+dkd ramps the KD term up over 1/12 of the epochs (DKD's 20 of 240) unless the recipe gives its own
     ramp; a KL row keeps the recipe's; a ramp of one epoch or less is left out (it changes nothing)."""
-    from ekdc.compare.rows import row_recipe
+    from ekdc.comparison.rows import row_recipe
     from ekdc.recipe import recipe_from_dict
 
     raw = load_recipe(write_recipe(tmp_path / "r.yaml", **TINY)).model_dump(mode="json")

@@ -122,7 +122,7 @@ def test_a_fastnet_student_distils_exports_and_benches(tmp_path):
 
 
 def test_compare_finds_a_one_branch_fastnet_student_of_equal_macs():
-    from ekdc.compare.students import equal_macs_student
+    from ekdc.comparison.students import equal_macs_student
 
     cfg, macs, target = equal_macs_student({"num_branches": 3, "widths": [64, 80, 80], "trunk_stages": 1}, 10, 32,
                                            "fastnet_student")

@@ -241,8 +241,8 @@ def test_a_bad_sample_in_a_shard_is_skipped_and_counted(shard_sets):
 
 def _fake_cell(out: Path, recipe) -> None:
     """The recipe row's seed-0 cell of a grid trained from ``recipe``, as compare writes its recipe.yaml."""
-    from ekdc.compare import parse_row
-    from ekdc.compare.rows import row_recipe
+    from ekdc.comparison import parse_row
+    from ekdc.comparison.rows import row_recipe
     from ekdc.recipe import dump_recipe, recipe_from_dict
 
     raw = recipe.model_dump(mode="json")
@@ -256,7 +256,7 @@ def _fake_cell(out: Path, recipe) -> None:
 
 
 def test_report_only_refuses_a_grid_of_another_recipe(tmp_path):
-    from ekdc.compare import compare
+    from ekdc.comparison import compare
 
     path = write_recipe(tmp_path / "r.yaml", **TINY_AVG)
     out = tmp_path / "g"
@@ -307,8 +307,8 @@ def test_rows_that_train_the_same_are_refused_before_training(tmp_path, mode, ro
 def test_rows_of_a_dkd_recipe_keep_to_what_their_mode_uses(tmp_path):
     """A ce row of a recipe with DKD settings and a cache drops them (they would change nothing), and a
     KL row drops DKD's alpha and beta, instead of being refused."""
-    from ekdc.compare import parse_rows
-    from ekdc.compare.grid import _cells
+    from ekdc.comparison import parse_rows
+    from ekdc.comparison.grid import _cells
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **TINY_AVG), [
         "distill.kd.loss=dkd", "distill.kd.alpha=2", "distill.teacher_cache.views=2", "distill.temperature=2"])
@@ -437,7 +437,7 @@ def test_export_streams_the_validation_images_of_streamed_data(tmp_path, shard_s
 def test_a_grid_refuses_a_teacher_file_replaced_under_its_name(tmp_path):
     """New teacher weights shipped under the same file name: the recipe's text is unchanged, but the finished
     cells were distilled from the old file. compare (and --report-only) refuses instead of mixing them."""
-    from ekdc.compare import compare
+    from ekdc.comparison import compare
     from ekdc.models import create_model
 
     weights = tmp_path / "teacher.pt"
