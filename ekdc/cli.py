@@ -247,7 +247,7 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Does the multi-branch student pay on this data? Rows over seeds, against equal-cost one-branch students."""
-    from ._io import write_json
+    from ._io import check_outputs, write_json
     from .comparison import compare as run_compare
     from .comparison import compare_table, parse_rows, write_compare_plot
     from .recipe import load_recipe
@@ -260,7 +260,11 @@ def compare(
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    check_outputs({"recipe": recipe}, json=json_path, plot=plot)  # before any training, as plan and bench do
     report = run_compare(r, rows, seed_list, out, console=console, progress=not quiet, report_only=report_only)
+    if report_only and not any(row["acc"] for row in report["rows"]):
+        raise UserError(f"--report-only: no finished cell in {report['out']} (run the grid without --report-only, "
+                        "or give --out the grid's folder)")
     _show(compare_table(report))
     plot = plot or Path(report["out"]) / "compare.png"
     console.print(f"wrote {Path(report['out']) / 'compare.json'}, {write_compare_plot(report, plot)}")

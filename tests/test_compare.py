@@ -88,6 +88,43 @@ def test_compare_grid_report_and_resume(tmp_path, monkeypatch):
     only = compare(recipe, "recipe,avg_kd+conf", [0, 1], out, report_only=True)
     assert only["rows"][1]["acc"] == {} and only["rows"][1]["missing_seeds"] == [0, 1]
 
+    # a grid copied elsewhere is the same grid: reported, and continued, with no cell trained again; its
+    # cells' records follow it (their paths into OUT now point into the copy)
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "grid"
+    shutil.copytree(out, moved)
+    assert compare(recipe, "recipe,ce", [0, 1], moved, report_only=True)["rows"][1]["acc"] == again["rows"][1]["acc"]
+    stamp = (moved / "ce" / "s0" / "metrics.json").stat().st_mtime_ns
+    compare(recipe, "recipe,ce", [0, 1], moved, progress=False)
+    assert (moved / "ce" / "s0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert load_recipe(moved / "ce" / "s0" / "recipe.yaml").teachers[0].weights.startswith(str(moved))
+    # a file of the grid that is there but broken is one line naming it, never a cell silently left out
+    good = (moved / "ce" / "s1" / "metrics.json").read_text()
+    (moved / "ce" / "s1" / "metrics.json").write_text(good[:50])
+    for report_only in (True, False):
+        with pytest.raises(UserError, match=r"cannot read .*ce/s1/metrics.json"):
+            compare(recipe, "recipe,ce", [0, 1], moved, report_only=report_only, progress=False)
+    (moved / "ce" / "s1" / "metrics.json").write_text("{}")
+    with pytest.raises(UserError, match=r"metrics.json lacks 'student'"):
+        compare(recipe, "recipe,ce", [0, 1], moved, report_only=True)
+    (moved / "ce" / "s1" / "metrics.json").write_text(good)
+    (moved / "latency.json").write_text('{"p50_ms": ')
+    with pytest.raises(UserError, match=r"cannot read .*latency.json"):
+        compare(recipe, "recipe,ce", [0, 1], moved, report_only=True)
+
+
+def test_cli_compare_checks_its_outputs_and_an_empty_report_first(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", **TINY)
+    before = recipe.read_bytes()
+    for flag in ("--json", "--plot"):  # the recipe as an output: refused before any training
+        res = run_cli("compare", recipe, "--out", tmp_path / "g", flag, recipe)
+        assert res.returncode == 2 and "is the recipe" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert recipe.read_bytes() == before and not (tmp_path / "g").exists()
+    res = run_cli("compare", recipe, "--out", tmp_path / "typo", "--report-only")
+    assert res.returncode == 2 and "no finished cell in" in res.stderr, res.stderr
+    assert not (tmp_path / "typo").exists()
+
 
 def test_cli_compare_refuses_a_bad_row_before_training(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", **TINY)

@@ -28,10 +28,10 @@ from ..deploy.export import export
 from ..distillation import distill
 from ..errors import UserError
 from ..plan import plan_space, short_config
-from ..recipe import Recipe, recipe_from_dict
+from ..recipe import Recipe, dump_recipe, recipe_from_dict
 from ..recipe.inert import check_recipe, effective
 from ..run import RunDir, all_differences
-from .report import build_report
+from .report import build_report, cell_figures, read_grid_file
 from .rows import DEFAULT_ROWS, Row, parse_rows, row_recipe
 from .students import (
     equal_macs_student,
@@ -74,7 +74,7 @@ def _teachers(recipe: Recipe, out: Path, console, progress: bool) -> dict:
         folder = out / "teachers"
         run = RunDir(folder)
         if run.teacher_metrics_path.is_file():
-            _same_recipe(run, recipe, TEACHER_KEYS)
+            _same_recipe(run, recipe, TEACHER_KEYS, out=out)
         else:
             distill(recipe, folder, resume=run.recipe_path.is_file(), console=console, progress=progress,
                     teachers_only=True)
@@ -107,21 +107,46 @@ def _same_teacher_files(recipe: Recipe, out: Path, record: bool) -> None:
 TEACHER_KEYS = ("seed", "device", "precision", "channels_last", "data.", "teachers.")
 
 
-def _same_recipe(run: RunDir, recipe: Recipe, keys: Optional[tuple[str, ...]] = None) -> None:
-    """A folder of the grid holds what ``recipe`` makes (in ``keys``, default all but tracking), or one line."""
-    diffs = [d for d in all_differences(effective(run.recipe().model_dump(mode="json")),
-                                        effective(recipe.model_dump(mode="json")))
+def _value(tree, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[int(part)] if isinstance(tree, list) else (tree or {}).get(part)
+    return tree
+
+
+def _moved(before, now, out: Path) -> bool:
+    """A path into the grid that differs only by where the grid lies (OUT copied or moved elsewhere): its
+    place relative to OUT is the same."""
+    if not (isinstance(before, str) and isinstance(now, str)):
+        return False
+    try:
+        inside = Path(now).relative_to(out).as_posix()
+    except ValueError:
+        return False
+    return before.endswith("/" + inside)
+
+
+def _same_recipe(run: RunDir, recipe: Recipe, keys: Optional[tuple[str, ...]] = None, out: Optional[Path] = None,
+                 follow: bool = False) -> None:
+    """A folder of the grid holds what ``recipe`` makes (in ``keys``, default all but tracking), or one line.
+    Paths into OUT that differ only because the grid was copied or moved are the same; with ``follow`` the
+    folder's recipe.yaml is rewritten to the new place (a resumed cell then continues there)."""
+    stored, now = effective(run.recipe().model_dump(mode="json")), effective(recipe.model_dump(mode="json"))
+    diffs = [d for d in all_differences(stored, now)
              if not d.startswith("tracking.") and (keys is None or d.startswith(keys))]
+    moved = [d for d in diffs if out is not None and _moved(_value(stored, d), _value(now, d), out)]
+    diffs = [d for d in diffs if d not in moved]
     if diffs:
         raise UserError(f"compare: {run.path} was trained from another recipe ('{diffs[0]}' differs): give another "
                         "--out, or remove that folder to train it again")
+    if moved and follow:
+        _io.write_text(run.recipe_path, dump_recipe(recipe))
 
 
 def _students(recipe: Recipe, rows: list[Row], out: Path, say, console) -> dict:
     """The recipe student's config and, where rows need them, the one-branch students (kept in
     students.json: a resumed grid trains the students it chose before)."""
     path = out / "students.json"
-    found = json.loads(path.read_text()) if path.is_file() else {}
+    found = read_grid_file(path) or {}
     if recipe.student.latency_ms is not None:
         raise UserError("compare: give the recipe's student by its widths (plan it first with 'ekdc plan "
                         "--out'), not by student.latency_ms")
@@ -213,7 +238,7 @@ def _check_finished(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: 
     a training run of the grid checks it; a grid of another recipe is refused, naming the key."""
     teachers = RunDir(out / "teachers")
     if teachers.recipe_path.is_file():
-        _same_recipe(teachers, recipe, TEACHER_KEYS)
+        _same_recipe(teachers, recipe, TEACHER_KEYS, out=out)
     if students and students.get("recipe") != recipe.student.model_kwargs():
         raise UserError(f"compare: {out / 'students.json'} was chosen for another recipe student: give another "
                         "--out, or run the grid without --report-only")
@@ -223,15 +248,15 @@ def _check_finished(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: 
             continue
         for _, _, cell, r in _cells(raw, [row], seeds, students, out):
             if RunDir(cell).recipe_path.is_file():
-                _same_recipe(RunDir(cell), r)
+                _same_recipe(RunDir(cell), r, out=out)
 
 
-def _run_cell(recipe: Recipe, cell: Path, console, progress: bool) -> None:
+def _run_cell(recipe: Recipe, cell: Path, out: Path, console, progress: bool) -> None:
     run = RunDir(cell)
     if run.recipe_path.is_file():
-        _same_recipe(run, recipe)
+        _same_recipe(run, recipe, out=out, follow=True)
     exported = (cell / "export" / "manifest.json").is_file()
-    if exported and run.metrics_path.is_file():  # trained and exported (its student.pt may be gone): done
+    if cell_figures(cell) is not None:  # trained and exported (its student.pt may be gone): done
         return
     if not run.finished:
         distill(recipe, cell, resume=run.recipe_path.is_file(), console=console, progress=progress)
@@ -251,7 +276,7 @@ def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict:
     files = {r.slug: out / r.slug / f"s{seeds[0]}" / "export" / "student.onnx" for r in rows}
     files = {k: f for k, f in files.items() if f.is_file()}
     path = out / "latency.json"
-    known = json.loads(path.read_text()) if path.is_file() else {}
+    known = read_grid_file(path) or {}
     stamp = {k: f.stat().st_mtime_ns for k, f in files.items()}
     # timed again when a file changed, or when it was timed with fewer rounds or batches than today's
     if files and (known.get("files") != stamp or known.get("rounds") != LATENCY_ROUNDS or "img_s_b64" not in known):
@@ -289,11 +314,13 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
     # and a resumed grid compares its recipes with the ones it makes now, from whatever folder it runs in
     out = (Path(out) if out is not None else Path("runs") / "compare" / recipe.name).resolve()
     _check_rows(recipe, parsed, seeds, out)  # before OUT is made: a refused grid leaves nothing behind
+    if report_only and not out.is_dir():  # nothing to report, and no folder made for it
+        return build_report(recipe, parsed, seeds, out, {}, {})
     _io.ensure_writable_dir(out)
     say = _say(console)
     _same_teacher_files(recipe, out, record=not report_only)
     if report_only:
-        students = json.loads((out / "students.json").read_text()) if (out / "students.json").is_file() else {}
+        students = read_grid_file(out / "students.json") or {}
         _check_finished(recipe, parsed, seeds, out, students)
     else:
         raw = _teachers(recipe, out, console, progress)
@@ -302,11 +329,10 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
         _distinct(cells[: len(parsed)], by_kind=False)  # the one-branch students chosen: still no two the same
         for k, (row, seed, cell, r) in enumerate(cells):
             say(f"compare [{k + 1}/{len(cells)}] {row.name}, seed {seed} -> {cell}")
-            _run_cell(r, cell, console, progress)
+            _run_cell(r, cell, out, console, progress)
             if on_cell is not None:
                 on_cell(cell)
-    latency = _latencies(parsed, seeds, out, say) if not report_only else \
-        (json.loads((out / "latency.json").read_text()) if (out / "latency.json").is_file() else {})
+    latency = _latencies(parsed, seeds, out, say) if not report_only else (read_grid_file(out / "latency.json") or {})
     report = build_report(recipe, parsed, seeds, out, students, latency)
     _io.write_json(out / "compare.json", report)
     return report

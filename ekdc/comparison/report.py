@@ -18,31 +18,51 @@ from rich.table import Table
 from .._io import save_figure
 from ..plan import short_config
 from ..recipe import Recipe, load_recipe
+from ..errors import UserError
 from ..tables import count_text
 from .rows import Row
 from .stats import mean_std, paired_gap
 
 
-def _read(path: Path) -> Optional[dict]:
+def read_grid_file(path: Path) -> Optional[dict]:
+    """A JSON file of the grid (a cell's metrics or manifest, students.json, latency.json): None when it is
+    not there (not written yet); one line naming it when it is there but unreadable, or no JSON object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as err:
+        raise UserError(f"compare: cannot read {path} ({getattr(err, 'strerror', None) or err}): put it back, or "
+                        "remove it (a cell's folder: it trains again)") from None
+    if not isinstance(value, dict):
+        raise UserError(f"compare: {path} is not a JSON object: put it back, or remove it")
+    return value
 
 
-def _cell(cell: Path) -> Optional[dict]:
-    """A finished cell's figures: the exported file's accuracy (what ships), the PyTorch student's, size."""
-    metrics, manifest = _read(cell / "metrics.json"), _read(cell / "export" / "manifest.json")
+def cell_figures(cell: Path) -> Optional[dict]:
+    """A finished cell's figures: the exported file's accuracy (what ships), the PyTorch student's, size.
+    None for a cell not finished (its metrics or manifest not written yet); a file there that does not
+    hold what a finished cell writes is one line naming it, never a cell silently left out."""
+    metrics, manifest = read_grid_file(cell / "metrics.json"), read_grid_file(cell / "export" / "manifest.json")
     if metrics is None or manifest is None:
         return None
-    onnx_acc = next(f["accuracy"] for f in manifest["files"] if f["file"] == "student.onnx")
-    return {"onnx_acc": onnx_acc, "torch_acc": metrics["student"]["ensemble_acc"], "macs": metrics["student"]["macs"],
-            "params": metrics["student"]["params"], "teacher_ensemble_acc": metrics["teacher_ensemble_acc"],
-            "seconds": metrics["seconds"], "train_images": metrics["train_images"], "val_images": metrics["val_images"]}
+    try:
+        onnx_acc = next(f["accuracy"] for f in manifest["files"] if f["file"] == "student.onnx")
+    except (KeyError, TypeError, StopIteration):
+        raise UserError(f"compare: {cell / 'export' / 'manifest.json'} lists no student.onnx with its accuracy: "
+                        f"remove {cell / 'export'} to export the cell again") from None
+    try:
+        return {"onnx_acc": onnx_acc, "torch_acc": metrics["student"]["ensemble_acc"],
+                "macs": metrics["student"]["macs"], "params": metrics["student"]["params"],
+                "teacher_ensemble_acc": metrics["teacher_ensemble_acc"], "seconds": metrics["seconds"],
+                "train_images": metrics["train_images"], "val_images": metrics["val_images"]}
+    except (KeyError, TypeError) as err:
+        raise UserError(f"compare: {cell / 'metrics.json'} lacks {err} of a finished run: remove {cell} to train "
+                        "the cell again") from None
 
 
 def _row_entry(row: Row, seeds: Sequence[int], out: Path, students: dict, latency: dict) -> dict:
-    cells = {s: _cell(out / row.slug / f"s{s}") for s in seeds}
+    cells = {s: cell_figures(out / row.slug / f"s{s}") for s in seeds}
     done = {s: c for s, c in cells.items() if c is not None}
     recipe_path = out / row.slug / f"s{seeds[0]}" / "recipe.yaml"
     r = load_recipe(recipe_path) if recipe_path.is_file() else None
