@@ -56,12 +56,52 @@ def cpu_hours(metrics: Iterable[Path], teachers: dict) -> float:
 
 FULL, LIMITED = "full", "limited"
 
+# what each key of evidence.json means (written into the file: a client elsewhere reads it there)
+FIELDS = {
+    "files[].row": "the ekdc compare row; with per_class null a full-data row ('3-branch ...' rows come from the "
+                   "3-branch grid, whose planned:avg_kd row is the one-branch student ekdc plan picked at the "
+                   "3-branch student's latency: num_branches says each file's branches)",
+    "files[].onnx": "the exported fp32 student, beside this file",
+    "files[].per_class": "training images a class (limited data), null for all train_images",
+    "files[].train_images": "training images the student saw (train_images of the split outside validation)",
+    "files[].val_acc": "the ONNX file's own top-1 accuracy on the validation split (split below)",
+    "files[].macs": "the trained student's multiply-accumulates per image (PyTorch, before folding)",
+    "files[].onnx_macs": "what the file computes per image, counted in its graph: a padded fold computes its "
+                         "zero channels too, so it may exceed macs",
+    "files[].onnx_params": "parameters stored in the file (a padded fold stores its zero channels)",
+    "files[].latency_ms": "batch-1 p50 on ONNX Runtime CPU, from the driver's bench rounds (machine in the docs page)",
+    "files[].teachers": "which ensemble it was distilled from: the key of that entry",
+    "teachers": "the ensemble: val_acc (of its teachers.onnx, fp16 weights, float32 I/O), macs, train_images, "
+                "files (each teacher file's sha256)",
+    "split": "the validation split every accuracy is on: val_per_class images of each class drawn with "
+             "split_seed from the CIFAR-10 training JPEGs (ekdc's stratified_split), the rest for training",
+}
+
+
+def split_of(data) -> dict:
+    """The validation split a recipe's ``data:`` draws (what every accuracy of the page is on)."""
+    carve = {"val_per_class": data.val_per_class} if data.val_per_class else {"val_fraction": data.val_fraction}
+    return {**carve, "split_seed": data.split_seed, "data": "/".join(Path(data.root).parts[-2:]) if data.root else data.dataset}
+
+
+def _file_figures(folder: Path, entry: dict) -> None:
+    """The file's own MACs, parameters and bytes, counted in its graph as ekdc bench counts them."""
+    import onnx
+
+    from ekdc.onnx_graph.cost import count_params_macs
+
+    path = folder / entry["onnx"]
+    if path.is_file():
+        params, macs, _ = count_params_macs(onnx.load(str(path)))
+        entry.update(onnx_macs=int(macs), onnx_params=int(params), onnx_bytes=path.stat().st_size)
+
 
 def _kind(row: dict) -> str:
     return LIMITED if row.get("per_class") is not None else FULL
 
 
-def update_evidence(folder: Path, kind: str, rows: list[dict], teachers: Optional[dict] = None) -> dict:
+def update_evidence(folder: Path, kind: str, rows: list[dict], teachers: Optional[dict] = None,
+                    split: Optional[dict] = None) -> dict:
     """Replace the ``kind`` rows of ``folder``/evidence.json by ``rows`` (each with ``teacher_files``, its
     grid's, which tags it and is then dropped); ``teachers`` (with its own ``files``) replaces the ensemble's
     entry. An ensemble that rows kept here still name moves to a key of its own (``earlier_teachers``, then
@@ -91,5 +131,31 @@ def update_evidence(folder: Path, kind: str, rows: list[dict], teachers: Optiona
     named = {f.get("teachers") for f in data["files"]}
     for key in [k for k in data if k.startswith("earlier_teachers") and k not in named]:
         del data[key]
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    return write_evidence(folder, data, split)
+
+
+def write_evidence(folder: Path, data: dict, split: Optional[dict] = None) -> dict:
+    """evidence.json with each file's own figures, the split and what each key means."""
+    for entry in [*data["files"], *(v for k, v in data.items() if k.endswith("teachers") and isinstance(v, dict))]:
+        if entry.get("onnx"):
+            _file_figures(folder, entry)
+    if split is not None:
+        data["split"] = split
+    data["fields"] = FIELDS
+    path = folder / "evidence.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
     return data
+
+
+if __name__ == "__main__":  # refresh the files' own figures and the key descriptions in place
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    docs = Path(__file__).resolve().parents[1] / "docs" / "evidence"
+    from ekdc import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "cifar10-strong.yaml")
+    write_evidence(docs, json.loads((docs / "evidence.json").read_text()), split_of(recipe.data))
+    print(f"wrote {docs / 'evidence.json'}")

@@ -40,7 +40,7 @@ from ekdc import load_recipe  # noqa: E402
 from ekdc.benchmark.machine import cpu_model  # noqa: E402
 from ekdc.comparison import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
 from ekdc.comparison.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
-from evidence_files import LIMITED, cpu_hours, shipped_teachers, teacher_files, update_evidence  # noqa: E402
+from evidence_files import LIMITED, cpu_hours, shipped_teachers, split_of, teacher_files, update_evidence  # noqa: E402
 from grid_records import RECORDS, commit, keep_cell, keep_grid, restore  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
@@ -227,10 +227,10 @@ def write_page(report: dict, check: dict, args) -> None:
              *(_kept_reading(docs / "EVIDENCE.md") or ["(written once the grid is complete)"]), ""]
     (docs / "EVIDENCE.md").write_text("\n".join(lines))
     (docs / "evidence" / "pairs.json").write_text(json.dumps({"pairs": pairs, "convergence": conv}, indent=1) + "\n")
-    _artifacts(report, docs / "evidence")
+    _artifacts(report, docs / "evidence", split_of(recipe.data))
 
 
-def _artifacts(report: dict, folder: Path) -> None:
+def _artifacts(report: dict, folder: Path, split: dict) -> None:
     """Seed 0's exported student of every row, named by row, and its row of evidence.json."""
     out = Path(report["out"])
     for old in folder.glob(f"*-{PER_CLASS}-s0.onnx"):  # rows of an earlier grid
@@ -248,7 +248,7 @@ def _artifacts(report: dict, folder: Path) -> None:
                      "latency_ms": e["latency_ms"], "latency_rounds_ms": e.get("latency_rounds_ms"),
                      "latency_ms_b64": e.get("latency_ms_b64"), "img_s_b64": e.get("img_s_b64"),
                      "fold": e.get("fold"), "teacher_files": teacher_files(out)})
-    update_evidence(folder, LIMITED, rows)
+    update_evidence(folder, LIMITED, rows, split=split)
 
 
 def main(argv=None) -> None:

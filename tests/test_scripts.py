@@ -478,3 +478,33 @@ def test_headline_findings_are_computed_from_the_table():
     assert "**not met**" in "\n".join(hl._findings({"rows": rows}))
     rows[0] = row("student fp32", 0.91, 200e6)  # close, but more than a fifth of the MACs
     assert "**not met**" in "\n".join(hl._findings({"rows": rows}))
+
+
+def test_the_shipped_evidence_json_describes_its_files_as_they_are():
+    """docs/evidence/ is read elsewhere, by clients that have only the files: every row's file is there, its
+    MACs and parameters are the file's own (a padded fold counts its zeros), every key is described, the
+    split is named, and teachers.onnx says what it stores (fp16 weights) behind float32 I/O."""
+    import onnx
+
+    from ekdc.onnx_graph.cost import count_params_macs
+
+    folder = ROOT / "docs" / "evidence"
+    data = json.loads((folder / "evidence.json").read_text())
+    assert data["split"]["val_per_class"] and "split_seed" in data["split"] and "fields" in data
+    described = {k.split("[].")[-1] for k in data["fields"]}
+    for entry in [*data["files"], data["teachers"]]:
+        model = onnx.load(str(folder / entry["onnx"]))
+        params, macs, _ = count_params_macs(model)
+        assert (entry["onnx_macs"], entry["onnx_params"]) == (macs, params), entry["onnx"]
+        assert entry["onnx_bytes"] == (folder / entry["onnx"]).stat().st_size
+        assert entry["onnx_macs"] >= entry["macs"]  # padding adds zeros, never removes work
+        for io in (*model.graph.input, *model.graph.output):
+            assert io.type.tensor_type.elem_type == onnx.TensorProto.FLOAT, (entry["onnx"], io.name)
+    for row in data["files"]:
+        assert {"row", "onnx", "val_acc", "macs", "onnx_macs", "per_class", "train_images"} <= set(row)
+        assert {k for k in row if k not in ("teachers",)} <= described | {"mode", "kd_loss", "student", "num_branches",
+                                                                          "seed", "params", "latency_rounds_ms",
+                                                                          "latency_ms_b64", "img_s_b64", "fold",
+                                                                          "onnx_bytes"}
+    meta = {p.key: p.value for p in onnx.load(str(folder / "teachers.onnx"), load_external_data=False).metadata_props}
+    assert meta["ekdc.precision"] == "fp16"
