@@ -23,3 +23,12 @@ print("ok", len(ekdc.__all__))
 def test_every_public_name_is_what_it_says_after_every_subpackage_is_imported():
     res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-2000:]
+
+
+def test_every_public_name_is_documented():
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    api = text.split("## The Python API", 1)[1].split("\n## ", 1)[0]
+    import ekdc
+
+    missing = [n for n in ekdc.__all__ if f"`{n}" not in api and f" {n}`" not in api and f"`{n}`" not in api]
+    assert not missing, missing
