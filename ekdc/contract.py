@@ -68,20 +68,21 @@ def metadata_classes(meta: dict[str, str]) -> Optional[list]:
     return value if isinstance(value, list) and all(isinstance(c, str) for c in value) else None
 
 
-def ort_providers(provider: str = "cpu", trt_options: Optional[dict[str, Any]] = None) -> list:
-    """ONNX Runtime's provider list for a ``--provider`` name, CPU last as the fallback it always has."""
+def ort_providers(provider: str = "cpu", trt_options: Optional[dict[str, Any]] = None, device_id: int = 0) -> list:
+    """ONNX Runtime's provider list for a ``--provider`` name, CPU last as the fallback it always has;
+    ``device_id`` is the GPU (a torchrun process's own)."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
     if provider == "cpu":
         return ["CPUExecutionProvider"]
-    cuda = ("CUDAExecutionProvider", {"device_id": 0})
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
     if provider == "cuda":
         return [cuda, "CPUExecutionProvider"]
-    return [("TensorrtExecutionProvider", {"device_id": 0, **(trt_options or {})}), cuda, "CPUExecutionProvider"]
+    return [("TensorrtExecutionProvider", {"device_id": device_id, **(trt_options or {})}), cuda, "CPUExecutionProvider"]
 
 
 def ort_session(path: str | os.PathLike, *, threads: Optional[int] = None, provider: str = "cpu",
-                trt_options: Optional[dict[str, Any]] = None, spin: bool = True):
+                trt_options: Optional[dict[str, Any]] = None, spin: bool = True, device_id: int = 0):
     """An ONNX Runtime session as export and bench both use it: every graph optimisation, sequential
     execution, one inter-op thread, ``threads`` intra-op threads (default: the usable cores).
     ``spin=False`` for a session that shares the CPUs with other work (an ONNX teacher beside PyTorch
@@ -96,7 +97,7 @@ def ort_session(path: str | os.PathLike, *, threads: Optional[int] = None, provi
     opts.intra_op_num_threads = int(threads or usable_cores())
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=ort_providers(provider, trt_options))
+    return ort.InferenceSession(str(path), opts, providers=ort_providers(provider, trt_options, device_id))
 
 
 def top1(logits, labels) -> float:

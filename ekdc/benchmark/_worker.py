@@ -112,13 +112,17 @@ class OrtRunner:
         rounds' processes."""
         if self.provider != "tensorrt":
             return None
+        if not spec.get("input_hw"):
+            raise WorkerError("the model does not fix its input's height and width, and TensorRT needs them for its "
+                              "engine's profile: export it at a fixed size")
         h, w = spec["input_hw"]
         big, opt = max(spec["batches"]), min(spec["batches"])
+        name = self.input_name  # a model from elsewhere names its input its own way
         return {
             "trt_engine_cache_enable": True, "trt_engine_cache_path": spec["cache_dir"],
-            "trt_profile_min_shapes": f"{INPUT_NAME}:1x3x{h}x{w}",
-            "trt_profile_opt_shapes": f"{INPUT_NAME}:{opt}x3x{h}x{w}",
-            "trt_profile_max_shapes": f"{INPUT_NAME}:{big}x3x{h}x{w}",
+            "trt_profile_min_shapes": f"{name}:1x3x{h}x{w}",
+            "trt_profile_opt_shapes": f"{name}:{opt}x3x{h}x{w}",
+            "trt_profile_max_shapes": f"{name}:{big}x3x{h}x{w}",
         }
 
     def prepare(self, x: np.ndarray) -> Callable[[], float]:
@@ -178,8 +182,9 @@ class PlanRunner:
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         shape = tuple(self.engine.get_tensor_shape(INPUT_NAME))
-        self.input_hw = (int(shape[2]), int(shape[3]))
         lo, _, hi = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        # a plan built with a dynamic height and width (-1 in its shape) takes its profile's largest
+        self.input_hw = tuple(int(d) if int(d) > 0 else int(m) for d, m in zip(shape[2:4], tuple(hi)[2:4]))
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         self._buffers: list = []  # keep device tensors alive while their addresses are bound
 
@@ -190,7 +195,10 @@ class PlanRunner:
             raise WorkerError(f"batch {b} is outside the plan's profile ({self.min_batch}..{self.max_batch}); "
                               "rebuild the engine or pick batches in that range")
         xd = torch.from_numpy(np.ascontiguousarray(x)).to("cuda")
-        self.context.set_input_shape(INPUT_NAME, tuple(xd.shape))
+        if not self.context.set_input_shape(INPUT_NAME, tuple(xd.shape)):
+            lo, _, hi = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
+            raise WorkerError(f"the plan does not take input {list(xd.shape)} (its profile: {list(lo)} to {list(hi)}); "
+                              "bench it at the size it was built for")
         out = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAME)), dtype=torch.float32, device="cuda")
         self.context.set_tensor_address(INPUT_NAME, xd.data_ptr())
         self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())

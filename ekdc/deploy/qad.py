@@ -88,7 +88,9 @@ def _device(recipe) -> torch.device:
     """The run's device where it is there (a GPU fine-tunes much faster), else the CPU."""
     want = str(getattr(recipe, "device", "auto"))
     if want != "cpu" and torch.cuda.is_available():
-        return torch.device(want if want.startswith("cuda:") else "cuda")
+        index = want.partition(":")[2]
+        # the run's GPU if this machine has it (a run trained elsewhere may name one it lacks), else the first
+        return torch.device(want if index.isdigit() and int(index) < torch.cuda.device_count() else "cuda:0")
     return torch.device("cpu")
 
 
@@ -161,7 +163,7 @@ def quantization_aware_distill(deploy: DeployModel, recipe, teachers: list, cali
     key = {"epochs": s.epochs, "lr": lr, "batch_size": bs, "seed": s.seed, "teachers": use_teachers,
            "calibration_images": int(len(calib_x)), "student": _weights_digest(deploy)}
     info = qad_stage(model, recipe, teachers if use_teachers else None, run, epochs=s.epochs, lr=lr, batch_size=bs,
-                     seed=s.seed, key=key, say=say)
+                     seed=s.seed, key=key, say=say, device=dev)
     info.update(method="qad" if use_teachers else "qat_labels", tool="nvidia-modelopt",
                 config="INT8_DEFAULT_CFG: int8 per-channel weights, per-tensor activations", seed=s.seed,
                 teachers=(len(teachers) if use_teachers else 0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -72,18 +73,22 @@ class OnnxModel(nn.Module):
         self.info = info
         self._session = None
 
-    def _sess(self, cuda: bool):
+    def _sess(self, device: torch.device):
         if self._session is None:
-
+            cuda = device.type == "cuda"
             provider = "cuda" if cuda and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-            try:
-                self._session = ort_session(self.info.path, provider=provider, spin=False)
+            try:  # on the process's own GPU (under torchrun, each rank's)
+                self._session = ort_session(self.info.path, provider=provider, spin=False, device_id=device.index or 0)
             except Exception as err:  # noqa: BLE001 - ORT's own exception types
                 raise UserError(f"ONNX Runtime cannot load {self.info.path}: {(str(err).splitlines() or ['?'])[0][:160]}") from None
+            if provider == "cuda" and self._session.get_providers()[0] != "CUDAExecutionProvider":
+                # listed but not started (its CUDA libraries do not match torch's): it would run on the CPU, slowly
+                warnings.warn(f"ONNX teacher {self.info.path.name}: ONNX Runtime's CUDA provider did not start, so it "
+                              "runs on the CPU (install the onnxruntime-gpu build that matches this CUDA)", stacklevel=2)
         return self._session
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sess = self._sess(x.is_cuda)
+        sess = self._sess(x.device)
         a = np.ascontiguousarray(x.detach().float().cpu().numpy())
         step = self.info.fixed_batch or len(a)
         outs = []

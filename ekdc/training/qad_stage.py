@@ -26,7 +26,7 @@ from ..data import load_data
 from ..losses import Objective
 from ..models import BranchOutputs
 from ..run import RunDir
-from .runtime import setup_runtime
+from .runtime import Runtime
 from .trainer import Batch, Losses, Reporter, Stage, param_groups, train_stage
 
 
@@ -57,10 +57,12 @@ def stage_name(settings: dict) -> str:
 
 
 def qad_stage(model: nn.Module, recipe, teachers: Optional[list[nn.Module]], run: RunDir, *, epochs: int,
-              lr: float, batch_size: int, seed: int, key: dict, say: Callable[[str], None]) -> dict:
+              lr: float, batch_size: int, seed: int, key: dict, say: Callable[[str], None],
+              device: torch.device) -> dict:
     """Train the fake-quantised ``model`` (pixels in, logits out) in the run folder ``run`` as stage
-    ``qad-<key digest>``; returns what the manifest records of the training."""
-    rt = setup_runtime(recipe.device, "fp32", False)  # fake quantisation in float32: no autocast
+    ``qad-<key digest>`` on ``device`` (export's choice: the run's GPU where this machine has it, else the
+    CPU, whatever device the run trained on); returns what the manifest records of the training."""
+    rt = Runtime(device, None, False)  # one process; fake quantisation in float32: no autocast
     model.to(rt.device)
     data = load_data(recipe.data)
     objective = folded_objective(recipe, epochs, teachers is not None)
@@ -73,7 +75,8 @@ def qad_stage(model: nn.Module, recipe, teachers: Optional[list[nn.Module]], run
         t_logits = None
         if objective.needs_teachers:
             with torch.inference_mode():
-                t_logits = torch.stack([t(batch.pixels).float() for t in members]).clone()
+                t_logits = torch.stack([t(batch.pixels).float() for t in members])
+            t_logits = t_logits.clone()  # out of inference mode: a tensor autograd may save for backward
         total, terms = objective(BranchOutputs(logits[None], logits.new_zeros(1, len(logits), 1), None),
                                  batch.labels, batch.epoch, t_logits)
         return logits, Losses(total, terms)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import random
 from typing import Callable, Optional
@@ -110,6 +111,9 @@ def _cpu_bf16_supported() -> bool:
         return False
 
 
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=6)
+
+
 def _autocast_dtype(precision: str, use_cuda: bool) -> Optional[torch.dtype]:
     if precision == "fp32":
         return None
@@ -119,8 +123,8 @@ def _autocast_dtype(precision: str, use_cuda: bool) -> Optional[torch.dtype]:
         if not use_cuda:
             raise UserError("precision: fp16 autocast needs a CUDA GPU; on CPU use bf16, auto or fp32")
         return torch.float16
-    if use_cuda:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if use_cuda:  # bf16 where the GPU has it in hardware (Ampere on); emulated bf16 (T4, V100) is far slower
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if _cpu_bf16_supported() else None
 
 
@@ -133,6 +137,9 @@ def setup_runtime(device: str, precision: str, channels_last: bool) -> Runtime:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device: '{device}' asked for, but no CUDA GPU is available (use device: auto or cpu)")
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and world > 1 and ":" in device:  # every process would land on the one GPU named
+        raise UserError(f"device: '{device}' names one GPU, but torchrun started {world} processes: use device: cuda "
+                        "(each process takes the GPU of its LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose GPUs")
     if use_cuda:
         dev = torch.device(device if ":" in device else f"cuda:{local_rank if world > 1 else 0}")
         if dev.index >= torch.cuda.device_count():
@@ -144,7 +151,9 @@ def setup_runtime(device: str, precision: str, channels_last: bool) -> Runtime:
         dev = torch.device("cpu")
     amp = _autocast_dtype(precision, use_cuda)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # some steps run on rank 0 alone while the others wait at a collective (planning a student by timing
+        # candidates, building the teacher-output cache): NCCL's default 10-minute watchdog would kill them
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return Runtime(dev, amp, channels_last, rank, world)
 
 
