@@ -19,16 +19,16 @@ class GuardedStdout:
         if self.failed is None:
             try:
                 return self._stream.write(text)
-            except OSError as err:
-                self._stop(err)
+            except (OSError, ValueError) as err:  # ValueError: the file object was closed
+                self._stop(err if isinstance(err, OSError) else OSError(0, str(err)))
         return len(text)
 
     def flush(self) -> None:
         if self.failed is None:
             try:
                 self._stream.flush()
-            except OSError as err:
-                self._stop(err)
+            except (OSError, ValueError) as err:
+                self._stop(err if isinstance(err, OSError) else OSError(0, str(err)))
 
     def _stop(self, err: OSError) -> None:
         self.failed = err
@@ -45,15 +45,19 @@ class GuardedStdout:
         return getattr(self._stream, name)
 
 
-def guard_stdout() -> GuardedStdout:
+def guard_stdout() -> Optional[GuardedStdout]:
+    """Guard sys.stdout; None where there is none (started with stdout closed: Python's print and rich
+    already write nothing then)."""
+    if sys.stdout is None:
+        return None
     guarded = sys.stdout if isinstance(sys.stdout, GuardedStdout) else GuardedStdout(sys.stdout)
     sys.stdout = guarded
     return guarded
 
 
-def say_if_stopped(guarded: GuardedStdout) -> None:
+def say_if_stopped(guarded: Optional[GuardedStdout]) -> None:
     """One line on stderr, unless the reader closed the pipe on purpose (``| head``: the usual silence)."""
-    if guarded.failed is not None and guarded.failed.errno != errno.EPIPE:
+    if guarded is not None and guarded.failed is not None and guarded.failed.errno != errno.EPIPE:
         reason = guarded.failed.strerror or type(guarded.failed).__name__
         try:
             print(f"ekdc: note: standard output stopped taking the output ({reason}); the command went on to its "

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -40,6 +40,39 @@ class Plugin:
 
 
 _LOADED: Optional[list[Plugin]] = None
+
+
+class _Held:
+    """A stream that holds what is written while a plugin loads (a failing one's output becomes its error
+    line: argparse's usage, a sys.exit message) and, once released, passes everything on to the stream it
+    stands in for: a logging handler the plugin bound to it keeps writing where it should."""
+
+    def __init__(self, stream):
+        self._stream, self._parts, self._holding = stream, [], True
+
+    @property
+    def held(self) -> str:
+        return "".join(self._parts)
+
+    def write(self, text: str) -> int:
+        if self._holding:
+            self._parts.append(text)
+            return len(text)
+        return self._stream.write(text) if self._stream is not None else len(text)
+
+    def flush(self) -> None:
+        if not self._holding and self._stream is not None:
+            self._stream.flush()
+
+    def replay(self) -> None:
+        if self._stream is not None and self._parts:
+            self._stream.write(self.held)
+
+    def release(self) -> None:
+        self._holding, self._parts = False, []
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the real stream's
+        return getattr(self._stream, name)
 
 
 def _registered() -> dict[str, set[str]]:
@@ -63,16 +96,19 @@ def load_plugins() -> list[Plugin]:
             version = ep.dist.version if ep.dist is not None else "?"
             before = _registered()
             error = None
-            said = io.StringIO()  # what a plugin prints while it loads is not ekdc's output; its last line explains a failure
+            out, err_ = _Held(sys.stdout), _Held(sys.stderr)
             try:
-                with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err_):
                     ep.load()
             except (Exception, SystemExit) as err:  # noqa: BLE001 - a broken plugin must not break ekdc
                 # SystemExit too: a module that parses sys.argv or calls sys.exit() at import would end ekdc
                 error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
-                printed = [line for line in said.getvalue().splitlines() if line.strip()]
+                printed = [line for line in (out.held + err_.held).splitlines() if line.strip()]
                 if printed:
                     error += f" (it printed: {printed[-1].strip()[:160]})"
+            else:  # a plugin that loads: what it said while loading is said now
+                out.replay(), err_.replay()
+            out.release(), err_.release()
             after = _registered()
             added = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
             _LOADED.append(Plugin(dist, version, group, f"{ep.name} = {ep.value}", added, error))

@@ -202,3 +202,22 @@ def test_a_plugin_that_exits_at_import_does_not_end_ekdc(tmp_path, monkeypatch, 
     res = run_cli("distill", tmp_path / "s.yaml", "--out", tmp_path / "run2", fresh=True)
     line = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(line) == 1 and "ekdc-tinyplug" in line[0] and "SystemExit" in line[0], res.stderr
+
+
+def test_a_plugin_that_loads_keeps_its_output_and_its_logging(tmp_path):
+    """What a working plugin prints while loading is said, and a logging handler it binds to stderr then
+    still writes there (only a failing plugin's output is held, for its error line)."""
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    _install(site)
+    (site / "tinyplug.py").write_text("import logging, sys\nprint('hello from the plugin', file=sys.stderr)\n"
+                                      "logging.getLogger('tinyplug').addHandler(logging.StreamHandler())\n")
+    probe = ("from ekdc.plugins import load_plugins\nload_plugins()\nimport logging\n"
+             "logging.getLogger('tinyplug').warning('said after loading')\n")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert res.returncode == 0, res.stderr
+    assert "hello from the plugin" in res.stderr and "said after loading" in res.stderr, res.stderr

@@ -22,3 +22,10 @@ def test_a_closed_pipe_is_silent(tmp_path):
     proc.stdout.close()  # what `| head -1` does, here before ekdc has written anything
     err = proc.stderr.read()
     assert proc.wait() == 0 and err.strip() == "", err
+
+
+def test_a_command_started_with_stdout_closed_runs():
+    """A daemon, or `ekdc ... >&-`: Python has no sys.stdout at all; the command runs and writes nothing."""
+    res = subprocess.run(f"{sys.executable} -m ekdc models >&-", shell=True, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
