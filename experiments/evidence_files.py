@@ -91,6 +91,8 @@ def _file_figures(folder: Path, entry: dict) -> None:
     from ekdc.onnx_graph.cost import count_params_macs
 
     path = folder / entry["onnx"]
+    for key in ("onnx_macs", "onnx_params", "onnx_bytes"):  # never a figure of a file no longer there
+        entry.pop(key, None)
     if path.is_file():
         params, macs, _ = count_params_macs(onnx.load(str(path)))
         entry.update(onnx_macs=int(macs), onnx_params=int(params), onnx_bytes=path.stat().st_size)
@@ -136,7 +138,8 @@ def update_evidence(folder: Path, kind: str, rows: list[dict], teachers: Optiona
 
 def write_evidence(folder: Path, data: dict, split: Optional[dict] = None) -> dict:
     """evidence.json with each file's own figures, the split and what each key means."""
-    for entry in [*data["files"], *(v for k, v in data.items() if k.endswith("teachers") and isinstance(v, dict))]:
+    # the rows' files and the current ensemble's teachers.onnx (an earlier ensemble's file is not shipped)
+    for entry in [*data["files"], *([data["teachers"]] if isinstance(data.get("teachers"), dict) else [])]:
         if entry.get("onnx"):
             _file_figures(folder, entry)
     if split is not None:

@@ -99,6 +99,12 @@ def test_compare_grid_report_and_resume(tmp_path, monkeypatch):
     compare(recipe, "recipe,ce", [0, 1], moved, progress=False)
     assert (moved / "ce" / "s0" / "metrics.json").stat().st_mtime_ns == stamp
     assert load_recipe(moved / "ce" / "s0" / "recipe.yaml").teachers[0].weights.startswith(str(moved))
+    # but a grid made in its own folder whose cells name another grid's files is not a moved grid
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    (other / "grid.json").write_text(json.dumps({"roots": [str(other)]}))
+    with pytest.raises(UserError, match="was trained from another recipe"):
+        compare(recipe, "recipe,ce", [0, 1], other, report_only=True)
     # a file of the grid that is there but broken is one line naming it, never a cell silently left out
     good = (moved / "ce" / "s1" / "metrics.json").read_text()
     (moved / "ce" / "s1" / "metrics.json").write_text(good[:50])

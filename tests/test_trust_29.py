@@ -147,6 +147,12 @@ def test_an_interrupted_overwrite_leaves_the_earlier_shards_as_they_were(tmp_pat
     shard_writer.write_shards(root, out, shard_size=6, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "shard-000000.tar", "shard-000001.tar",
                                                      "shards.json"]
+    # a first write killed before its swap leaves only its staging folder: the next write needs no --overwrite
+    fresh = tmp_path / "fresh"
+    (fresh / (shard_writer.STAGING_PREFIX + "killed")).mkdir(parents=True)
+    shard_writer.write_shards(root, fresh, shard_size=6)
+    assert sorted(p.name for p in fresh.iterdir())[-1] == "shards.json"
+    assert not any(p.name.startswith(shard_writer.STAGING_PREFIX) for p in fresh.iterdir())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,3 +525,27 @@ def test_a_class_with_no_training_image_is_wrong_in_data_check_and_refused_by_di
     _img(root / "deer" / "two.png", 301)
     line = _one_line_exit_2(run_cli("distill", recipe(val_per_class=3), "--out", tmp_path / "r2", "-q"))
     assert "data.val_per_class: class 'deer' has 2 images, fewer than the 3 asked for" in line
+
+
+def test_a_changed_split_of_data_without_file_lists_is_not_vouched_for(tiny_run, tmp_path):
+    """Tensors or shards have no file list to tell training images by: a changed validation split is a note
+    saying ekdc cannot tell, never one saying it holds no training image."""
+    import shutil
+
+    from ekdc.data import index_splits
+    from ekdc.data.fingerprint import check_held_out
+    from ekdc.data.splits import untrained_class_words
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    index = index_splits(load_recipe(run / "recipe.yaml").data)
+    assert check_held_out(run, index) is None
+    saved = json.loads((run / "data.json").read_text())
+    saved["splits"]["val"]["digest"] = "0" * 64
+    (run / "data.json").write_text(json.dumps(saved))
+    note = check_held_out(run, index)
+    assert "cannot tell" in note and "none of them" not in note
+    (run / "data.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not the record"):
+        check_held_out(run, index)
+    assert "has no image at all" in untrained_class_words("deer", 0, None)

@@ -13,6 +13,7 @@ a run folder, so the grid resumes where it stopped.
                            (and seed 0's student.onnx, which is timed) resumes without training them again
     OUT/latency.json       each row's exported student timed at batch 1, all rows in one bench run
     OUT/compare.json       the report (``report.py``)
+    OUT/grid.json          the folders the grid was run in (a copy elsewhere is the same grid)
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def _teachers(recipe: Recipe, out: Path, console, progress: bool) -> dict:
         folder = out / "teachers"
         run = RunDir(folder)
         if run.teacher_metrics_path.is_file():
-            _same_recipe(run, recipe, TEACHER_KEYS, out=out)
+            _same_recipe(run, recipe, TEACHER_KEYS, move=_grid_move(out))
         else:
             distill(recipe, folder, resume=run.recipe_path.is_file(), console=console, progress=progress,
                     teachers_only=True)
@@ -113,27 +114,51 @@ def _value(tree, dotted: str):
     return tree
 
 
-def _moved(before, now, out: Path) -> bool:
-    """A path into the grid that differs only by where the grid lies (OUT copied or moved elsewhere): its
-    place relative to OUT is the same."""
-    if not (isinstance(before, str) and isinstance(now, str)):
+GRID_FILE = "grid.json"  # the folders the grid was run in: a copy elsewhere knows the places its cells' paths name
+
+
+def _grid_places(out: Path) -> list[str]:
+    try:
+        places = json.loads((out / GRID_FILE).read_text()).get("roots")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [p for p in places if isinstance(p, str)] if isinstance(places, list) else []
+
+
+def _grid_move(out: Path) -> Optional[tuple[list[Path], Path]]:
+    """(the other folders the grid was run in, OUT) when it was copied or moved since, else None. A grid
+    made before the record was kept is taken to be where it was made."""
+    earlier = [Path(p) for p in _grid_places(out) if Path(p) != out]
+    return (earlier, out) if earlier else None
+
+
+def _record_place(out: Path) -> None:
+    places = _grid_places(out)
+    if str(out) not in places:
+        _io.write_json(out / GRID_FILE, {"roots": [*places, str(out)]})
+
+
+def _moved(before, now, move: Optional[tuple[list[Path], Path]]) -> bool:
+    """A path into the grid that names the same file of it, at a place the grid was run in and at OUT."""
+    if move is None or not (isinstance(before, str) and isinstance(now, str)):
         return False
     try:
-        inside = Path(now).relative_to(out).as_posix()
+        inside = Path(now).relative_to(move[1])
     except ValueError:
         return False
-    return before.endswith("/" + inside)
+    return any(Path(before) == root / inside for root in move[0])
 
 
-def _same_recipe(run: RunDir, recipe: Recipe, keys: Optional[tuple[str, ...]] = None, out: Optional[Path] = None,
-                 follow: bool = False) -> None:
+def _same_recipe(run: RunDir, recipe: Recipe, keys: Optional[tuple[str, ...]] = None,
+                 move: Optional[tuple[list[Path], Path]] = None, follow: bool = False) -> None:
     """A folder of the grid holds what ``recipe`` makes (in ``keys``, default all but tracking), or one line.
-    Paths into OUT that differ only because the grid was copied or moved are the same; with ``follow`` the
-    folder's recipe.yaml is rewritten to the new place (a resumed cell then continues there)."""
+    In a grid copied or moved (``move``: from, to), a path naming a file of the grid at its old place is
+    the same path; with ``follow`` the folder's recipe.yaml is rewritten to the new place (a resumed cell
+    then continues there)."""
     stored, now = effective(run.recipe().model_dump(mode="json")), effective(recipe.model_dump(mode="json"))
     diffs = [d for d in all_differences(stored, now)
              if not d.startswith("tracking.") and (keys is None or d.startswith(keys))]
-    moved = [d for d in diffs if out is not None and _moved(_value(stored, d), _value(now, d), out)]
+    moved = [d for d in diffs if _moved(_value(stored, d), _value(now, d), move)]
     diffs = [d for d in diffs if d not in moved]
     if diffs:
         raise UserError(f"compare: {run.path} was trained from another recipe ('{diffs[0]}' differs): give another "
@@ -238,7 +263,7 @@ def _check_finished(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: 
     a training run of the grid checks it; a grid of another recipe is refused, naming the key."""
     teachers = RunDir(out / "teachers")
     if teachers.recipe_path.is_file():
-        _same_recipe(teachers, recipe, TEACHER_KEYS, out=out)
+        _same_recipe(teachers, recipe, TEACHER_KEYS, move=_grid_move(out))
     if students and students.get("recipe") != recipe.student.model_kwargs():
         raise UserError(f"compare: {out / 'students.json'} was chosen for another recipe student: give another "
                         "--out, or run the grid without --report-only")
@@ -248,13 +273,13 @@ def _check_finished(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: 
             continue
         for _, _, cell, r in _cells(raw, [row], seeds, students, out):
             if RunDir(cell).recipe_path.is_file():
-                _same_recipe(RunDir(cell), r, out=out)
+                _same_recipe(RunDir(cell), r, move=_grid_move(out))
 
 
 def _run_cell(recipe: Recipe, cell: Path, out: Path, console, progress: bool) -> None:
     run = RunDir(cell)
     if run.recipe_path.is_file():
-        _same_recipe(run, recipe, out=out, follow=True)
+        _same_recipe(run, recipe, move=_grid_move(out), follow=True)
     exported = (cell / "export" / "manifest.json").is_file()
     if cell_figures(cell) is not None:  # trained and exported (its student.pt may be gone): done
         return
@@ -317,6 +342,8 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
     if report_only and not out.is_dir():  # nothing to report, and no folder made for it
         return build_report(recipe, parsed, seeds, out, {}, {})
     _io.ensure_writable_dir(out)
+    if not report_only:
+        _record_place(out)
     say = _say(console)
     _same_teacher_files(recipe, out, record=not report_only)
     if report_only:
@@ -334,5 +361,6 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
                 on_cell(cell)
     latency = _latencies(parsed, seeds, out, say) if not report_only else (read_grid_file(out / "latency.json") or {})
     report = build_report(recipe, parsed, seeds, out, students, latency)
-    _io.write_json(out / "compare.json", report)
+    if not report_only or any(row["acc"] for row in report["rows"]):  # an empty report writes no file
+        _io.write_json(out / "compare.json", report)
     return report

@@ -148,24 +148,28 @@ def check_held_out(run_path: Path, index) -> Optional[str]:
         return None
     except ValueError as err:
         raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"cannot read {path}: not the record ekdc distill writes (a JSON object)")
     before = (saved.get("splits") or {})
     now = _part(index.part("val"))
     if before.get("val") == now:
         return None
     trained, held = (before.get("train") or {}).get("files"), (before.get("val") or {}).get("files")
-    if trained is not None and "files" in now:
-        trained_paths = {e[0] for e in trained}
-        # the same bytes under another path too (a copied data set), unless the run also held those bytes out
-        trained_digests = {e[4] for e in trained if len(e) > 4 and e[4]} - {e[4] for e in held or [] if len(e) > 4}
-        leaked = [e[0] for e in now["files"] if e[0] in trained_paths or (e[4] and e[4] in trained_digests)]
-        if leaked:
-            raise UserError(f"the validation split is not the one {run_path} held out: {len(leaked)} of its "
-                            f"{len(now['files'])} images are images that run trained on (first: {leaked[0]}), so "
-                            "its accuracy would be inflated; the data changed since training (images added or "
-                            "removed re-draw the seeded split): put it back as it was, or score on another set "
-                            "(ekdc bench --data RECIPE)")
+    if trained is None or "files" not in now:  # shards, tensors: no file list to tell training images by
+        return (f"the validation split differs from the one {run_path} held out, and ekdc cannot tell whether it "
+                "now holds images that run trained on: its accuracy may be inflated")
+    trained_paths = {e[0] for e in trained}
+    # the same bytes under another path too (a copied data set), unless the run also held those bytes out
+    trained_digests = {e[4] for e in trained if len(e) > 4 and e[4]} - {e[4] for e in held or [] if len(e) > 4}
+    leaked = [e[0] for e in now["files"] if e[0] in trained_paths or (e[4] and e[4] in trained_digests)]
+    if leaked:
+        raise UserError(f"the validation split is not the one {run_path} held out: {len(leaked)} of its "
+                        f"{len(now['files'])} images are images that run trained on (first: {leaked[0]}), so "
+                        "its accuracy would be inflated; the data changed since training (images added or "
+                        "removed re-draw the seeded split): put it back as it was, or score on another set "
+                        "(ekdc bench --data RECIPE)")
     change = None
-    if held is not None and "files" in now:
+    if held is not None:
         change = _listed_change(held, now["files"], "validation", "images")
         if change is None:
             return None  # the same images (a copy with new modification times)

@@ -47,7 +47,9 @@ def _prepare_out(folder: Path, out: Path, prefix: str, overwrite: bool) -> list[
     if not entries:
         return []
     shard_name = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar")
-    unfinished = (out / WRITING_MARK).exists()
+    # a write under way or killed: the swap's mark, or a staging folder (killed before the swap began)
+    unfinished = (out / WRITING_MARK).exists() or any(p.name.startswith(STAGING_PREFIX) and p.is_dir()
+                                                       for p in entries)
     listed: set[str] = set()
     if (out / SHARDS_INDEX).is_file() and not unfinished:
         listed = set(_read_index(out / SHARDS_INDEX)["samples"])

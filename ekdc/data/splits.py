@@ -192,6 +192,9 @@ def classes_never_trained(index: SplitIndex) -> list[tuple[str, int]]:
 
 
 def untrained_class_words(name: str, images: int, cfg) -> str:
+    if images == 0:
+        return (f"class '{name}' has no image at all (the data set names it but holds none): a student would carry "
+                "it untrained; give it images, or leave it out of the data set")
     carve = f"data.val_per_class is {cfg.val_per_class}" if cfg.val_per_class else \
         f"data.val_fraction {cfg.val_fraction} takes at least one image a class"
     return (f"class '{name}' has no training image: its {images} image(s) all go to the validation split "
