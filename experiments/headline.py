@@ -301,7 +301,7 @@ def _findings(record: dict) -> list[str]:
                          "the most accurate shape.")
     if lines:
         lines.append("- One seed a row: the spread between seeds at full data was not measured.")
-        if ens:
+        if ens.get("file_mb"):
             lines.append(f"- The teacher ensemble's file MB is the fp32 file benchmarked here ({ens['file_mb']:.1f} MB); "
                          "docs/evidence/teachers.onnx ships the same graph with fp16 weights behind float32 I/O, half "
                          "the size.")

@@ -82,7 +82,8 @@ def _load_teachers(run: RunDir, recipe, ck: dict, hint: str) -> list:
         raise UserError(f"{err} ({hint})") from None
 
 
-def _images(recipe, classes: list[str], parity_images: int, calib_images: int, run_path: Path, say):
+def _images(recipe, classes: list[str], parity_images: int, calib_images: int, run_path: Optional[Path] = None,
+            say=None):
     """Only the images export uses are decoded: the validation images (or a seeded subset) and a seeded
     sample of training images for int8 calibration. Data the run streamed (``data.loader``) is streamed
     here too: the validation images are decoded a batch at a time, each time a model is run on them,
@@ -90,8 +91,8 @@ def _images(recipe, classes: list[str], parity_images: int, calib_images: int, r
     index = index_splits(recipe.data)
     if list(index.classes) != classes:
         raise UserError(f"the data of the run's recipe has classes {index.classes[:5]}..., the student {classes[:5]}...")
-    note = check_held_out(run_path, index)  # scored on the split the run held out, never on its training images
-    if note:
+    note = check_held_out(run_path, index) if run_path is not None else None  # the split the run held out
+    if note and say is not None:
         say(note)
     n_val = index.size("val")
     pick = index.sample("val", parity_images, 0) if 0 < parity_images < n_val else None
