@@ -549,3 +549,24 @@ def test_a_changed_split_of_data_without_file_lists_is_not_vouched_for(tiny_run,
     with pytest.raises(UserError, match="not the record"):
         check_held_out(run, index)
     assert "has no image at all" in untrained_class_words("deer", 0, None)
+
+
+def test_an_unchanged_split_is_told_without_reading_its_images(tmp_path, monkeypatch):
+    """Export and bench check the split on every call: an unchanged folder (same paths, labels, sizes and
+    modification times) must not cost a digest of every image."""
+    from ekdc.data import fingerprint, index_splits
+
+    root = _folder(tmp_path / "img", per_class=5)
+    index = index_splits(load_recipe(_folder_recipe(tmp_path, root)).data)
+    (tmp_path / "run").mkdir()
+    fingerprint.record_or_check(tmp_path / "run", index, resume=False)
+
+    def no_digest(path):
+        raise AssertionError(f"digested {path}")
+
+    monkeypatch.setattr(fingerprint, "_digest", no_digest)
+    assert fingerprint.check_held_out(tmp_path / "run", index) is None
+    for f in root.rglob("*.png"):  # changed times (a copy): the slow path, by content
+        os.utime(f, (1_000_000_000, 1_000_000_000))
+    with pytest.raises(AssertionError, match="digested"):
+        fingerprint.check_held_out(tmp_path / "run", index_splits(load_recipe(_folder_recipe(tmp_path, root)).data))
