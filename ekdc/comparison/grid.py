@@ -68,14 +68,14 @@ def _teacher_files(recipe: Recipe, out: Path) -> dict:
     return raw
 
 
-def _teachers(recipe: Recipe, out: Path, console, progress: bool) -> dict:
+def _teachers(recipe: Recipe, out: Path, move, console, progress: bool) -> dict:
     """The teachers that train here, trained once (or checked: trained from this recipe), and the base
     recipe mapping with each replaced by its trained file."""
     if any(t.train is not None for t in recipe.teachers):
         folder = out / "teachers"
         run = RunDir(folder)
         if run.teacher_metrics_path.is_file():
-            _same_recipe(run, recipe, TEACHER_KEYS, move=_grid_move(out))
+            _same_recipe(run, recipe, TEACHER_KEYS, move=move)
         else:
             distill(recipe, folder, resume=run.recipe_path.is_file(), console=console, progress=progress,
                     teachers_only=True)
@@ -258,12 +258,12 @@ def _check_rows(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Path
     _distinct(cells, by_kind=True)
 
 
-def _check_finished(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Path, students: dict) -> None:
+def _check_finished(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: Path, students: dict, move) -> None:
     """--report-only: every folder of the grid that holds a run was trained from what this recipe makes, as
     a training run of the grid checks it; a grid of another recipe is refused, naming the key."""
     teachers = RunDir(out / "teachers")
     if teachers.recipe_path.is_file():
-        _same_recipe(teachers, recipe, TEACHER_KEYS, move=_grid_move(out))
+        _same_recipe(teachers, recipe, TEACHER_KEYS, move=move)
     if students and students.get("recipe") != recipe.student.model_kwargs():
         raise UserError(f"compare: {out / 'students.json'} was chosen for another recipe student: give another "
                         "--out, or run the grid without --report-only")
@@ -273,13 +273,13 @@ def _check_finished(recipe: Recipe, rows: list[Row], seeds: Sequence[int], out: 
             continue
         for _, _, cell, r in _cells(raw, [row], seeds, students, out):
             if RunDir(cell).recipe_path.is_file():
-                _same_recipe(RunDir(cell), r, move=_grid_move(out))
+                _same_recipe(RunDir(cell), r, move=move)
 
 
-def _run_cell(recipe: Recipe, cell: Path, out: Path, console, progress: bool) -> None:
+def _run_cell(recipe: Recipe, cell: Path, move, console, progress: bool) -> None:
     run = RunDir(cell)
     if run.recipe_path.is_file():
-        _same_recipe(run, recipe, move=_grid_move(out), follow=True)
+        _same_recipe(run, recipe, move=move, follow=True)
     exported = (cell / "export" / "manifest.json").is_file()
     if cell_figures(cell) is not None:  # trained and exported (its student.pt may be gone): done
         return
@@ -344,19 +344,20 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
     _io.ensure_writable_dir(out)
     if not report_only:
         _record_place(out)
+    move = _grid_move(out)  # a grid copied or moved: the places its cells' paths may name
     say = _say(console)
     _same_teacher_files(recipe, out, record=not report_only)
     if report_only:
         students = read_grid_file(out / "students.json") or {}
-        _check_finished(recipe, parsed, seeds, out, students)
+        _check_finished(recipe, parsed, seeds, out, students, move)
     else:
-        raw = _teachers(recipe, out, console, progress)
+        raw = _teachers(recipe, out, move, console, progress)
         students = _students(recipe, parsed, out, say, console)
         cells = _cells(raw, parsed, seeds, students, out)
         _distinct(cells[: len(parsed)], by_kind=False)  # the one-branch students chosen: still no two the same
         for k, (row, seed, cell, r) in enumerate(cells):
             say(f"compare [{k + 1}/{len(cells)}] {row.name}, seed {seed} -> {cell}")
-            _run_cell(r, cell, out, console, progress)
+            _run_cell(r, cell, move, console, progress)
             if on_cell is not None:
                 on_cell(cell)
     latency = _latencies(parsed, seeds, out, say) if not report_only else (read_grid_file(out / "latency.json") or {})

@@ -50,13 +50,19 @@ def _same_file(before: list, now: list) -> bool:
     return before[2] == now[2]
 
 
+def _positions(part):
+    return range(len(part.source.files)) if part.positions is None else part.positions
+
+
+def _listed(src, i: int) -> list:
+    """A file's entry less its digest: [path, label, size, modification time]."""
+    return [os.path.abspath(src.files[i]), int(src.labels[i]), *_stat(src.files[i])]
+
+
 def _part(part) -> dict:
     src = part.source
     if isinstance(src, FileSource):
-        positions = range(len(src.files)) if part.positions is None else part.positions
-        files = [[os.path.abspath(src.files[i]), int(src.labels[i]), *_stat(src.files[i]), _digest(src.files[i])]
-                 for i in positions]
-        return {"files": files}
+        return {"files": [[*_listed(src, i), _digest(src.files[i])] for i in _positions(part)]}
     if getattr(src, "ordered", False):
         return {"shards": [[str(s), *_stat(str(s))] for s in src.shards]}
     h = hashlib.sha256()
@@ -74,11 +80,9 @@ def _unchanged_files(recorded: Optional[dict], part) -> bool:
     src = part.source
     if not recorded or "files" not in recorded or not isinstance(src, FileSource):
         return False
-    positions = range(len(src.files)) if part.positions is None else part.positions
-    if len(positions) != len(recorded["files"]):
-        return False
-    return all(e[:4] == [os.path.abspath(src.files[i]), int(src.labels[i]), *_stat(src.files[i])]
-               for e, i in zip(recorded["files"], positions))
+    positions = _positions(part)
+    return len(positions) == len(recorded["files"]) and all(
+        e[:4] == _listed(src, i) for e, i in zip(recorded["files"], positions))
 
 
 def fingerprint(index) -> dict:
