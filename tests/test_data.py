@@ -69,6 +69,36 @@ def test_augment_batch_matches_reference_crop_and_flip():
     assert torch.equal(p, augment_params(6, Augment(crop_padding=2), seed=0, epoch=3))
 
 
+def test_cutout_blanks_one_clipped_square_and_leaves_crops_and_flips_as_they_were():
+    from ekdc.data import CUTOUT_FILL, augment
+
+    x = torch.randint(0, 120, (64, 3, 8, 8), dtype=torch.uint8)  # below the fill, so the hole is visible
+    plain, holed = Augment(crop_padding=2), Augment(crop_padding=2, cutout=4)
+    p, q = augment_params(64, plain, seed=1, epoch=2), augment_params(64, holed, seed=1, epoch=2)
+    assert q.shape == (64, 5) and torch.equal(q[:, :3], p)  # the same crops and flips, two more columns
+    out, base = augment(x, q, holed, 8), augment(x, p, plain, 8)
+    sizes = set()
+    for i in range(64):
+        cy, cx = (int(v) * 8 // (1 << 16) for v in q[i, 3:])
+        hole = torch.zeros(8, 8, dtype=torch.bool)
+        hole[max(cy - 2, 0):cy + 2, max(cx - 2, 0):cx + 2] = True
+        ref = torch.where(hole, torch.tensor(CUTOUT_FILL, dtype=torch.uint8), base[i])
+        assert torch.equal(out[i], ref), i
+        sizes.add(int(hole.sum()))
+    assert 16 in sizes and min(sizes) < 16  # whole squares inside, clipped ones at the edges
+
+
+def test_cutout_applies_to_resized_crops_too():
+    from ekdc.data import augment
+
+    aug = Augment(kind="resized_crop", cutout=3)
+    x = torch.randint(0, 120, (5, 3, 20, 20), dtype=torch.uint8)
+    p = augment_params(5, aug, seed=0, epoch=0, side=20)
+    assert p.shape == (5, 7) and torch.equal(p[:, :5], augment_params(5, Augment(kind="resized_crop"), 0, 0, 20))
+    out = augment(x, p, aug, 16)
+    assert out.shape == (5, 3, 16, 16) and ((out == 128).all(1).flatten(1).sum(1) >= 4).all()
+
+
 def test_epoch_order_shards_cover_everything():
     full = epoch_order(10, seed=0, epoch=1)
     assert sorted(full.tolist()) == list(range(10))

@@ -75,6 +75,8 @@ def test_wrong_type_names_path(tmp_path):
     ({"name": ".."}, "name", "not '.' or '..'"),
     ({"data": {"std": [0.2, float("inf"), 0.2]}}, "data.std", "finite"),
     ({"data": {"augment": {"crop_padding": 100000}}}, "data", "larger than the image"),
+    ({"data": {"augment": {"cutout": 33}}}, "data", "augment.cutout 33 is larger than the image"),
+    ({"data": {"augment": {"cutout": -1}}}, "data.augment.cutout", ">= 0"),
 ])
 def test_out_of_range(tmp_path, over, path, words):
     msg = _error(tmp_path, _yaml(**over))

@@ -49,7 +49,7 @@ def cached_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("cache_run")
     over = {"distill": {**DISTILL, "teacher_cache": {"views": 3}}, "mode": "ekd",
             "data": {"dataset": "synthetic", "num_classes": 4, "num_samples": 160, "image_size": 16,
-                     "val_fraction": 0.25, "augment": {"crop_padding": 2, "hflip": True}}}
+                     "val_fraction": 0.25, "augment": {"crop_padding": 2, "hflip": True, "cutout": 4}}}
     recipe = load_recipe(write_recipe(d / "r.yaml", **over))
     run = distill(recipe, d / "run", progress=False)
     return run.path, recipe
@@ -62,6 +62,7 @@ def test_cached_targets_equal_the_live_teachers_on_the_same_view(cached_run):
     assert cache_dir.parent == (run_path / "teacher_cache").resolve() and (cache_dir / "complete.json").exists()
     data, teachers, rt = _setup(run_path, recipe)
     layout = tc.Layout(**{**json.loads((cache_dir / "key.json").read_text())["layout"], "feature_dims": ()})
+    assert layout.view_params == 5  # dy, dx, flip and the cutout's centre: the cached views hold their holes
     cache = tc.TeacherCache(cache_dir, layout, {})
     # the views the student stage picks in some epoch, reconstructed the way the trainer does
     params, view_of = cache.views_for_epoch(recipe.seed, 3)

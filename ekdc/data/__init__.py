@@ -16,12 +16,15 @@ Importing the package registers the built-in data sets.
 """
 from . import builtin, folder, shards  # noqa: F401  (registration side effects)
 from .augment import (
+           CUTOUT_FILL,
            augment,
            augment_batch,
            augment_params,
+           cutout_batch,
            epoch_order,
            iterate_batches,
            keyed_augment_params,
+           param_width,
            resized_crop_batch,
 )
 from .config import Augment, DataConfig
@@ -47,9 +50,9 @@ from .registry import (
 from .sources import FileSource, ImageSource, IndexedSource, OrderedSource, TensorSource
 from .splits import Split, SplitIndex, index_splits, stratified_split
 
-__all__ = ["Augment", "CENTER_CROP", "Chunk", "DataConfig", "DataSplits", "FileSource", "IMG_EXTENSIONS", "ImageSet",
+__all__ = ["Augment", "CENTER_CROP", "CUTOUT_FILL", "Chunk", "DataConfig", "DataSplits", "FileSource", "IMG_EXTENSIONS", "ImageSet",
            "ImageSource", "IndexedSource", "MemoryImages", "OrderedImages", "OrderedSource", "Sources", "Split",
            "SplitIndex", "StreamedImages", "TensorSource", "augment", "augment_batch", "augment_params",
-           "canonical_size", "center_crop", "decode_files", "decode_image", "epoch_order", "eval_preprocess",
+           "canonical_size", "center_crop", "cutout_batch", "decode_files", "decode_image", "epoch_order", "eval_preprocess",
            "get_dataset", "index_splits", "iterate_batches", "keyed_augment_params", "list_datasets", "load_data",
-           "read_in_order", "register_dataset", "resized_crop_batch", "stratified_split", "unregister_dataset"]
+           "param_width", "read_in_order", "register_dataset", "resized_crop_batch", "stratified_split", "unregister_dataset"]

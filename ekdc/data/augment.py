@@ -20,10 +20,33 @@ def augment_params(n: int, aug: Augment | None, seed: int, epoch: int, side: int
     """Per-sample crop and flip parameters for one epoch, a pure function of (seed, epoch) and the sample's
     index: pad_crop (dy, dx, flip); resized_crop (top, left, height, width, flip) of a crop from the
     ``side`` x ``side`` decode, as RandomResizedCrop draws them (area share in ``scale``, aspect ratio in
-    ``ratio``, log-uniform), drawn here rather than from the global RNG."""
+    ``ratio``, log-uniform), drawn here rather than from the global RNG. With ``aug.cutout``, two more
+    columns: the blanked square's centre (``CUTOUT_SCALE`` steps across the view, drawn after the rest, so
+    the crops and flips are what they are without it)."""
     if aug is None:
         return None
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    base = _crop_flip_params(n, aug, g, side)
+    if not aug.cutout:
+        return base
+    centres = torch.randint(0, CUTOUT_SCALE, (n, 2), generator=g)
+    return torch.cat([base, centres.to(base.dtype)], 1)
+
+
+# a cutout centre is drawn as a fraction of the view in these steps: the view's size is not known where the
+# parameters are drawn (pad_crop keeps each image's), and 2**16 steps map exactly onto any power-of-two side
+CUTOUT_SCALE = 1 << 16
+
+
+def param_width(aug: Augment | None) -> int:
+    """How many parameters ``augment_params`` draws a sample: 3 for pad_crop (dy, dx, flip), 5 for
+    resized_crop (top, left, height, width, flip), 2 more with cutout; 0 without augmentation."""
+    if aug is None:
+        return 0
+    return (5 if aug.kind == "resized_crop" else 3) + (2 if aug.cutout else 0)
+
+
+def _crop_flip_params(n: int, aug: Augment, g: torch.Generator, side: int) -> torch.Tensor:
     if aug.kind == "resized_crop":
         area = side * side * (aug.scale[0] + (aug.scale[1] - aug.scale[0]) * torch.rand(n, generator=g, dtype=torch.float64))
         lo, hi = np.log(aug.ratio[0]), np.log(aug.ratio[1])
@@ -54,10 +77,34 @@ def keyed_augment_params(keys: list[str], aug: Augment | None, seed: int, epoch:
 
 
 def augment(x: torch.Tensor, params: torch.Tensor, aug: Augment, size: int) -> torch.Tensor:
-    """A batch of uint8 decodes -> uint8 training views at ``size``, by ``aug.kind``."""
+    """A batch of uint8 decodes -> uint8 training views at ``size``, by ``aug.kind``, then cutout."""
     if aug.kind == "resized_crop":
-        return resized_crop_batch(x, params, size)
-    return augment_batch(x, params.long(), aug.crop_padding)
+        view = resized_crop_batch(x, params[:, :5], size)
+    else:
+        view = augment_batch(x, params[:, :3].long(), aug.crop_padding)
+    if aug.cutout:
+        view = cutout_batch(view, params[:, -2:].long(), aug.cutout)
+    return view
+
+
+# the blanked square's value: mid-grey, near a natural image's mean, so that after normalisation the hole is
+# close to zero (the mean) rather than a black patch the network could learn as a feature
+CUTOUT_FILL = 128
+
+
+def cutout_batch(x: torch.Tensor, centres: torch.Tensor, side: int) -> torch.Tensor:
+    """Each view with a ``side`` x ``side`` square set to ``CUTOUT_FILL``, centred at its ``centres`` row
+    (y, x in ``CUTOUT_SCALE`` steps across the view) and clipped at the view's edges."""
+    h, w = x.shape[-2:]
+    cy = centres[:, 0] * h // CUTOUT_SCALE
+    cx = centres[:, 1] * w // CUTOUT_SCALE
+    top, left = cy - side // 2, cx - side // 2
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)  # [B,H]
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)  # [B,W]
+    hole = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # [B,1,H,W]
+    return x.masked_fill(hole, CUTOUT_FILL)
 
 
 def resized_crop_batch(x: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:

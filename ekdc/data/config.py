@@ -33,6 +33,8 @@ class Augment(StrictSettings):
     ratio: list[float] = Field(default_factory=lambda: [0.75, 4 / 3], min_length=2, max_length=2,
                                description="resized_crop: the crop's aspect ratio, min and max")
     hflip: bool = True
+    cutout: int = Field(0, ge=0, description="blank a square of this side (pixels of the training view) at a random "
+                                             "centre of each view, clipped at the edges (DeVries and Taylor 2017); 0: none")
 
     @model_validator(mode="after")
     def _ranges(self):
@@ -86,6 +88,8 @@ class DataConfig(StrictSettings):
         aug = self.augment_config
         if aug is not None and aug.crop_padding > self.image_size:
             raise ValueError(f"augment.crop_padding {aug.crop_padding} is larger than the image ({self.image_size} px)")
+        if aug is not None and aug.cutout > self.image_size:
+            raise ValueError(f"augment.cutout {aug.cutout} is larger than the image ({self.image_size} px)")
         if self.train_fraction is not None and self.per_class is not None:
             raise ValueError("set either train_fraction or per_class, not both")
         if self.dataset == "imagefolder" and not self.root:

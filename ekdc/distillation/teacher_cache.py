@@ -37,7 +37,7 @@ import torch
 
 from .. import _io
 from .._io import FileLock
-from ..data import DataSplits, augment, augment_params, canonical_size
+from ..data import DataSplits, augment, augment_params, canonical_size, param_width
 from ..data.decode import DECODER_VERSION
 from ..errors import UserError
 from ..recipe import Augment, TeacherCacheConfig
@@ -59,7 +59,7 @@ class Layout:
     teachers: int  # M
     classes: int  # C
     feature_dims: tuple[int, ...]  # D_m per teacher; empty without features
-    view_params: int  # P: 3 for pad_crop (dy, dx, flip), 5 for resized_crop; 0 without augmentation
+    view_params: int  # P: param_width(aug)
 
     @property
     def chunks(self) -> int:
@@ -162,7 +162,7 @@ def open_teacher_cache(cfg: TeacherCacheConfig, run_path: Path, teachers: list[T
     folder = _folder_for(cache_root(cfg, run_path), key, doc)
     layout = Layout(len(data.train), cfg.views, len(teachers), data.num_classes,
                     tuple(t.num_features for t in teachers) if features else (),
-                    0 if aug is None else (5 if aug.kind == "resized_crop" else 3))
+                    param_width(aug))
     try:
         if not (folder / "complete.json").exists():
             _build(folder, key, doc, layout, data, aug, cfg.seed, rt, teacher_targets, say, progress)
