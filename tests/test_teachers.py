@@ -300,3 +300,32 @@ def test_an_ekdc_export_teaches_as_it_is(tiny_export):
             with torch.inference_mode():
                 got = t(pixels).numpy()
             np.testing.assert_allclose(got, want[:, [classes.index(c) for c in order]], rtol=1e-4, atol=1e-4)
+
+
+def test_a_fastnet_fine_tuned_from_weights_keeps_its_own_rates(tmp_path):
+    """FastNet trains its BatchNorm shifts at 64x (with 1/64 the decay): a second cycle from its weights
+    keeps that, with the backbone at backbone_lr_scale and the head at the schedule's rate."""
+    from ekdc.models import create_model
+    from ekdc.recipe import TeacherConfig
+    from ekdc.teachers import DataInfo, trainable_teacher
+    from ekdc.teachers.build import teacher_param_groups
+
+    path = tmp_path / "fastnet_s.pt"
+    torch.save(create_model("fastnet_s", num_classes=4).state_dict(), path)
+    data = DataInfo(CLASSES, 16, [0.5] * 3, [0.25] * 3)
+
+    def rates(**over):
+        tcfg = TeacherConfig(arch="fastnet_s", weights=str(path), train={"epochs": 1}, **over)
+        t = trainable_teacher(tcfg, 0, data)
+        shifts = {id(m.bias) for m in t.model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        head = {id(p) for p in t.head.parameters()}
+        seen = {}
+        for g in teacher_param_groups(t, tcfg):
+            for p in g["params"]:
+                kind = "head" if id(p) in head else "shift" if id(p) in shifts else "other"
+                seen.setdefault(kind, set()).add((g["lr_scale"], g.get("wd_scale", 1.0)))
+        return seen
+
+    assert rates(backbone_lr_scale=1.0) == {"head": {(1.0, 1.0)}, "shift": {(64.0, 1 / 64)}, "other": {(1.0, 1.0)}}
+    assert rates(backbone_lr_scale=0.5) == {"head": {(1.0, 1.0)}, "shift": {(32.0, 1 / 64)}, "other": {(0.5, 1.0)}}
+    assert rates(freeze_backbone=True) == {"head": {(1.0, 1.0)}}  # a linear probe trains the head alone

@@ -197,10 +197,22 @@ def trainable_teacher(tcfg, i: int, data: DataInfo) -> TorchTeacherModel:
 
 def teacher_param_groups(t: TorchTeacherModel, tcfg) -> list[dict]:
     """The head at the teacher's learning rate; a backbone that starts from trained weights at
-    ``backbone_lr_scale`` of it, or frozen (``freeze_backbone``: a linear probe)."""
-    if not t.from_weights and not tcfg.freeze_backbone and hasattr(t.model, "param_groups"):
-        return t.model.param_groups()  # a model trained from scratch that knows its own rates (FastNet)
+    ``backbone_lr_scale`` of it, or frozen (``freeze_backbone``: a linear probe). A model that knows its
+    own rates (FastNet's BatchNorm shifts at 64x) keeps them, from scratch or from weights: fine-tuning
+    such a model at one rate for all would train it as a different net than the one its weights came from."""
     head = {id(p) for p in t.head.parameters()}
+    if not tcfg.freeze_backbone and hasattr(t.model, "param_groups"):
+        own = t.model.param_groups()
+        scale = tcfg.backbone_lr_scale if t.from_weights else 1.0
+        if scale == 1.0:
+            return own
+        split = []
+        for g in own:
+            for part, factor in (([p for p in g["params"] if id(p) in head], 1.0),
+                                 ([p for p in g["params"] if id(p) not in head], scale)):
+                if part:
+                    split.append({**g, "params": part, "lr_scale": g.get("lr_scale", 1.0) * factor})
+        return split
     backbone = [p for p in t.model.parameters() if id(p) not in head]
     if tcfg.freeze_backbone:
         for p in backbone:
