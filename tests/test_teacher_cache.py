@@ -122,6 +122,11 @@ def test_the_key_changes_with_teachers_split_augmentation_views_seed_and_decoder
     changed["split"] = key()
     data.train.images[0, 0, 0, 0] ^= 1
     changed["augmentation"] = key(aug=aug.model_copy(update={"crop_padding": 3}))
+    changed["cutout"] = key(aug=aug.model_copy(update={"cutout": 5}))
+    # a cache built before cutout existed hashed the augmentation without that key: without cutout, so does this
+    plain = aug.model_copy(update={"cutout": 0})
+    before = {k: v for k, v in plain.model_dump().items() if k != "cutout"}
+    assert tc.cache_key(teachers, data, plain, cfg, "fp32", False)[1]["augment"] == before
     changed["views"] = key(cfg=cfg.model_copy(update={"views": 4}))
     changed["seed"] = key(cfg=cfg.model_copy(update={"seed": 1}))
     changed["precision"] = key(precision="bf16 autocast")

@@ -92,7 +92,7 @@ def cache_key(teachers: list[Teacher], data: DataSplits, aug: Optional[Augment],
         "decoder": DECODER_VERSION,  # image folders are known by name, size and time: not by what they decode to
         "teachers": [{"name": t.name, "weights": t.fingerprint(), "input_size": t.input_size} for t in teachers],
         "train_split": data.train.fingerprint(),
-        "augment": aug.model_dump() if aug is not None else None,
+        "augment": _augment_doc(aug),
         "image_size": data.image_size,
         "views": cfg.views,
         "seed": cfg.seed,
@@ -100,6 +100,17 @@ def cache_key(teachers: list[Teacher], data: DataSplits, aug: Optional[Augment],
         "features": features,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(), doc
+
+
+def _augment_doc(aug: Optional[Augment]) -> Optional[dict]:
+    """The augmentation as the key hashes it. A key left out at its "off" value (cutout 0) keeps the keys of
+    caches built before that key existed: they hold the very views it would build again."""
+    if aug is None:
+        return None
+    doc = aug.model_dump()
+    if not doc.get("cutout"):
+        doc.pop("cutout", None)
+    return doc
 
 
 def _output_arrays(folder: Path, layout: Layout, mode: str) -> tuple[np.memmap, list[np.memmap]]:
