@@ -127,6 +127,7 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("recipe not YAML", ["distill", str(d / "not_yaml.yaml")]),
         ("recipe not a mapping", ["distill", str(d / "list.yaml")]),
         ("unknown key", ["distill", str(ok), "--set", "distill.temprature=2"]),
+        ("a key inside a value", ["distill", str(ok), "--set", "data.augment=false", "--set", "data.augment.cutout=3"]),
         ("wrong type", ["distill", str(ok), "--set", "distill.epochs=many"]),
         ("negative epochs", ["distill", str(ok), "--set", "distill.epochs=-3"]),
         ("temperature <= 0", ["distill", str(ok), "--set", "distill.temperature=0"]),

@@ -176,6 +176,19 @@ def test_bad_set(tmp_path, item, words):
     assert words in str(e.value)
 
 
+def test_set_inside_a_value_that_holds_no_keys_says_so(tmp_path):
+    """augment: false is a value, not a mapping: a key set inside it is refused in one line that shows how to
+    replace it whole (it was a TypeError traceback), and so is a path through it."""
+    p = write_recipe(tmp_path / "r.yaml", data={"augment": False})
+    with pytest.raises(UserError) as e:
+        load_recipe(p, ["data.augment.cutout=3"])
+    assert str(e.value) == ("--set data.augment.cutout=3: 'data.augment' is false, not a mapping; replace it whole: "
+                            "--set 'data.augment={cutout: 3}'")
+    assert load_recipe(p, ["data.augment={cutout: 3}"]).data.augment.cutout == 3  # and the way it shows works
+    with pytest.raises(UserError, match="'data.augment' is false, not a mapping"):
+        load_recipe(p, ["data.augment.scale.0=0.5"])
+
+
 def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch):
     """A run folder's recipe.yaml must work from any directory (export, bench, --resume)."""
     (tmp_path / "work" / "data").mkdir(parents=True)

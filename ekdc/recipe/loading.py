@@ -48,9 +48,14 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
                     _check_known_path(parts[: i + 1], item)
                     node[part] = {}
                 node = node[part]
-            else:
-                raise UserError(f"--set {item}: '{where}' is not a mapping")
+            else:  # the value reached so far holds no keys (a number, a string, false)
+                raise UserError(f"--set {item}: '{'.'.join(parts[:i])}' is {yaml.safe_dump(node).splitlines()[0]}, "
+                                "not a mapping")
         last = parts[-1]
+        if not isinstance(node, (list, dict)):  # data.augment: false, say: a key inside a value that has none
+            where = ".".join(parts[:-1])
+            raise UserError(f"--set {item}: '{where}' is {yaml.safe_dump(node).splitlines()[0]}, not a mapping; "
+                            f"replace it whole: --set '{where}={{{last}: {yaml.safe_dump(value).splitlines()[0]}}}'")
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise UserError(f"--set {item}: '{'.'.join(parts)}' is not an index of a list of {len(node)}")
