@@ -70,12 +70,31 @@ FIELDS = {
                          "zero channels too, so it may exceed macs",
     "files[].onnx_params": "parameters stored in the file (a padded fold stores its zero channels)",
     "files[].latency_ms": "batch-1 p50 on ONNX Runtime CPU, from the driver's bench rounds (machine in the docs page)",
+    "files[].latency_ms_b64": "p50 of a batch of 64, the same way; img_s_b64: images/s at batch 64",
+    "files[].latency_rounds_ms": "each bench round's batch-1 p50 (null where the file was timed in one bench run)",
+    "files[].fold": "how the file's branches are folded (export's choice: grouped, padded, separate)",
+    "files[].mode, kd_loss, student, params": "how the student was trained (ekdc compare's row), its layout and "
+                                              "its PyTorch parameters",
     "files[].teachers": "which ensemble it was distilled from: the key of that entry",
     "teachers": "the ensemble: val_acc (of its teachers.onnx, fp16 weights, float32 I/O), macs, train_images, "
                 "files (each teacher file's sha256)",
     "split": "the validation split every accuracy is on: val_per_class images of each class drawn with "
              "split_seed from the CIFAR-10 training JPEGs (ekdc's stratified_split), the rest for training",
 }
+
+
+def file_row(entry: dict, grid: Path, onnx: str, *, per_class: Optional[int], train_images: int, **measured) -> dict:
+    """evidence.json's row for one exported student: what ``ekdc compare``'s report ``entry`` says of its row
+    (mode, KD loss, student, size, the grid's latency rounds), seed 0's accuracy, and ``measured`` (figures a
+    driver measured on the very file it ships, which take precedence: the headline benches its deploy export).
+    Both drivers build their rows here, so that every row has the same keys."""
+    row = {"row": entry["row"], "onnx": onnx, "mode": entry["mode"], "kd_loss": entry["kd_loss"],
+           "student": entry["student"], "num_branches": entry["num_branches"], "per_class": per_class,
+           "train_images": train_images, "seed": 0, "macs": entry["macs"], "params": entry["params"],
+           "val_acc": entry["acc"].get("0"), "latency_ms": entry.get("latency_ms"),
+           "latency_rounds_ms": entry.get("latency_rounds_ms"), "latency_ms_b64": entry.get("latency_ms_b64"),
+           "img_s_b64": entry.get("img_s_b64"), "fold": entry.get("fold"), "teacher_files": teacher_files(grid)}
+    return {**row, **measured}
 
 
 def split_of(data) -> dict:

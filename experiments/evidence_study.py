@@ -40,7 +40,7 @@ from ekdc import load_recipe  # noqa: E402
 from ekdc.benchmark.machine import cpu_model  # noqa: E402
 from ekdc.comparison import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
 from ekdc.comparison.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
-from evidence_files import LIMITED, cpu_hours, shipped_teachers, split_of, teacher_files, update_evidence  # noqa: E402
+from evidence_files import LIMITED, cpu_hours, file_row, shipped_teachers, split_of, update_evidence  # noqa: E402
 from grid_records import RECORDS, commit, keep_cell, keep_grid, restore  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
@@ -242,12 +242,7 @@ def _artifacts(report: dict, folder: Path, split: dict) -> None:
         slug = parse_row(e["row"]).slug
         name = f"{slug}-{PER_CLASS}-s0.onnx"
         shutil.copyfile(out / slug / "s0" / "export" / "student.onnx", folder / name)
-        rows.append({"row": e["row"], "onnx": name, "mode": e["mode"], "kd_loss": e["kd_loss"], "student": e["student"],
-                     "num_branches": e["num_branches"], "per_class": PER_CLASS, "train_images": PER_CLASS * 10,
-                     "seed": 0, "macs": e["macs"], "params": e["params"], "val_acc": e["acc"]["0"],
-                     "latency_ms": e["latency_ms"], "latency_rounds_ms": e.get("latency_rounds_ms"),
-                     "latency_ms_b64": e.get("latency_ms_b64"), "img_s_b64": e.get("img_s_b64"),
-                     "fold": e.get("fold"), "teacher_files": teacher_files(out)})
+        rows.append(file_row(e, out, name, per_class=PER_CLASS, train_images=PER_CLASS * 10))
     update_evidence(folder, LIMITED, rows, split=split)
 
 

@@ -36,11 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ekdc import bench, export, load_recipe  # noqa: E402
 from ekdc.comparison import compare  # noqa: E402
+from ekdc.comparison.grid import fold_choice  # noqa: E402
 from ekdc.comparison.rows import parse_row  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "experiments"))
 from grid_records import CACHE, RECORDS, commit, keep_cache, keep_cell, keep_grid, restore  # noqa: E402
-from evidence_files import FULL, cpu_hours, shipped_teachers, split_of, teacher_files, update_evidence  # noqa: E402
+from evidence_files import FULL, cpu_hours, file_row, shipped_teachers, split_of, teacher_files, update_evidence  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "cifar10-strong.yaml"
 OUT = DEFAULT_OUT = ROOT / "runs" / "headline"
@@ -140,14 +141,15 @@ def train(args) -> dict:
     deploy = OUT / "deploy"
     if not (deploy / "manifest.json").is_file():
         export(OUT / "recipe" / "s0", deploy, int8=True, teachers=True)
+    branch_report = None
     if args.branch_rows:
         branched = load_recipe(RECIPE, [*args.set, *THREE_BRANCH,
                                         f"distill.teacher_cache.path={OUT / CACHE}"])
         on_cell, after = _records(OUT / "three-branch", args)
-        compare(branched, rows=args.branch_rows, seeds=[0], out=OUT / "three-branch", report_only=args.report_only,
-                progress=False, on_cell=on_cell)
+        branch_report = compare(branched, rows=args.branch_rows, seeds=[0], out=OUT / "three-branch",
+                                report_only=args.report_only, progress=False, on_cell=on_cell)
         after(args.report_only)
-    return {"compare": report, "seconds_this_call": time.perf_counter() - t0}
+    return {"compare": report, "three_branch": branch_report, "seconds_this_call": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -171,7 +173,7 @@ def main() -> None:
             ap.error("--keep-cache keeps the headline's own teacher cache: give neither --out nor --set")
         return keep_teacher_cache(args)
     DOCS.mkdir(parents=True, exist_ok=True)
-    train(args)
+    reports = train(args)
     deploy = OUT / "deploy"
     students = _student_files(args)
     files = {label: onnx for label, (onnx, _, _) in students.items()}
@@ -186,7 +188,8 @@ def main() -> None:
     for label, m in models.items():
         table.append({
             "model": label, "file": files[label].name, "accuracy": m["accuracy"], "macs": m["macs"],
-            "file_mb": m["file_mb"], "p50_ms_b1": m["latency_ms"]["1"]["p50"], "img_s_b64": m["throughput"]["64"],
+            "file_mb": m["file_mb"], "p50_ms_b1": m["latency_ms"]["1"]["p50"],
+            "p50_ms_b64": m["latency_ms"]["64"]["p50"], "img_s_b64": m["throughput"]["64"],
             "speedup_b1": ens["latency_ms"]["1"]["p50"] / m["latency_ms"]["1"]["p50"],
             "speedup_b64": m["throughput"]["64"] / ens["throughput"]["64"],
             "gap_points": 100 * (m["accuracy"] - ens["accuracy"]),
@@ -210,7 +213,7 @@ def main() -> None:
     if DOCS == ROOT / "docs":
         _readme(record)
     _plot(record, DOCS / "headline.png")
-    _evidence(record, students, files["teacher ensemble"], split_of(load_recipe(RECIPE, args.set).data))
+    _evidence(record, students, files["teacher ensemble"], split_of(load_recipe(RECIPE, args.set).data), reports)
     print(md)
 
 
@@ -366,22 +369,26 @@ def _plot(record: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _evidence(record: dict, students: dict, ensemble: Path, split: dict) -> None:
+def _evidence(record: dict, students: dict, ensemble: Path, split: dict, reports: dict) -> None:
+    """The full-data rows of evidence.json: each row's compare entry (``reports``: both grids' reports), with
+    the accuracy and latencies the bench measured on the very file shipped (the recipe's row is the deploy
+    export, not its cell's)."""
     ev = DOCS / "evidence"
     ev.mkdir(exist_ok=True)
     by_label = {r["model"]: r for r in record["rows"]}
+    compared = {e["row"]: e for e in (reports["compare"] or {}).get("rows", [])}
+    compared.update({f"3-branch {e['row']}": e for e in (reports["three_branch"] or {}).get("rows", [])})
     entries = []
     for label, (onnx, run, row) in students.items():
-        if not row or label not in by_label:
+        if not row or label not in by_label or row not in compared:
             continue
         name = f"full-{row.replace(' ', '-').replace(':', '-')}.onnx"
         shutil.copyfile(onnx, ev / name)
         r = by_label[label]
-        metrics = json.loads((run / "metrics.json").read_text())
-        entries.append({"row": row, "onnx": name, "mode": metrics["mode"],
-                        "num_branches": len(metrics["student"]["branch_acc"]), "train_images": record["train_images"],
-                        "per_class": None, "seed": 0, "macs": r["macs"], "val_acc": r["accuracy"],
-                        "latency_ms": r["p50_ms_b1"], "teacher_files": teacher_files(run.parent.parent)})
+        entry = {**compared[row], "row": row}
+        entries.append(file_row(entry, run.parent.parent, name, per_class=None, train_images=record["train_images"],
+                                val_acc=r["accuracy"], latency_ms=r["p50_ms_b1"], latency_rounds_ms=None,
+                                latency_ms_b64=r["p50_ms_b64"], img_s_b64=r["img_s_b64"], fold=fold_choice(onnx)))
     weights_to_fp16(ensemble, ev / "teachers.onnx")
     ens = next(r for r in record["rows"] if r["model"] == "teacher ensemble")
     check = bench([ev / "teachers.onnx"], batches=[1], repeats=1, data=OUT / "recipe" / "s0")["models"][0]["accuracy"]

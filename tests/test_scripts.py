@@ -155,6 +155,21 @@ def test_evidence_json_has_one_writer_that_tags_each_row_by_its_teacher_files(tm
     assert json.loads((tmp_path / "evidence.json").read_text()) == data
 
 
+def test_evidence_rows_of_both_drivers_have_the_same_keys(tmp_path):
+    """A client reads every row of evidence.json alike: the headline's full-data rows and the grid's
+    limited-data rows come from one builder, and what the headline measured on the file it ships wins."""
+    ev = _load("evidence_files")
+    entry = {"row": "avg_kd", "mode": "avg_kd", "kd_loss": "kl", "student": "widths [8]", "num_branches": 1,
+             "macs": 10, "params": 5, "acc": {"0": 0.5}, "latency_ms": 1.0, "latency_ms_b64": 9.0,
+             "img_s_b64": 7.0, "latency_rounds_ms": [1.0], "fold": "padded"}
+    limited = ev.file_row(entry, tmp_path, "a.onnx", per_class=500, train_images=5000)
+    full = ev.file_row(entry, tmp_path, "b.onnx", per_class=None, train_images=45000, val_acc=0.6, latency_ms=2.0,
+                       latency_rounds_ms=None, fold="grouped")
+    assert set(limited) == set(full) and {"kd_loss", "student", "params", "latency_ms_b64", "img_s_b64"} <= set(full)
+    assert (full["val_acc"], full["latency_ms"], full["fold"], full["img_s_b64"]) == (0.6, 2.0, "grouped", 7.0)
+    assert (limited["val_acc"], limited["latency_ms"], limited["per_class"]) == (0.5, 1.0, 500)
+
+
 def test_evidence_study_schedule_and_convergence_verdict():
     study = _load("evidence_study")
     r = study.grid_recipe(48, [])

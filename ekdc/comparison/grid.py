@@ -289,7 +289,7 @@ def _run_cell(recipe: Recipe, cell: Path, move, console, progress: bool) -> None
         export(cell, cell / "export", teachers=False)
 
 
-def _fold_choice(student_onnx: Path) -> Optional[str]:
+def fold_choice(student_onnx: Path) -> Optional[str]:
     """The fold layout export chose for the file (its manifest beside it)."""
     manifest = student_onnx.parent / "manifest.json"
     return (json.loads(manifest.read_text()).get("fold") or {}).get("choice") if manifest.is_file() else None
@@ -316,7 +316,7 @@ def _latencies(rows: list[Row], seeds: Sequence[int], out: Path, say) -> dict:
                  "rounds_ms": {k: m["round_p50_ms"][str(LATENCY_BATCH)] for k, m in timed.items()},
                  "machine": report["machine"], "threads": report["settings"]["threads"]}
         _io.write_json(path, known)
-    fold = {k: _fold_choice(f) for k, f in files.items()}  # read from the manifests: no timing needed
+    fold = {k: fold_choice(f) for k, f in files.items()}  # read from the manifests: no timing needed
     if files and known.get("fold") != fold:
         known["fold"] = fold
         _io.write_json(path, known)
