@@ -329,3 +329,24 @@ def test_a_fastnet_fine_tuned_from_weights_keeps_its_own_rates(tmp_path):
     assert rates(backbone_lr_scale=1.0) == {"head": {(1.0, 1.0)}, "shift": {(64.0, 1 / 64)}, "other": {(1.0, 1.0)}}
     assert rates(backbone_lr_scale=0.5) == {"head": {(1.0, 1.0)}, "shift": {(32.0, 1 / 64)}, "other": {(0.5, 1.0)}}
     assert rates(freeze_backbone=True) == {"head": {(1.0, 1.0)}}  # a linear probe trains the head alone
+
+
+@pytest.mark.parametrize("arch", ["fastnet_s", "resnet8"])
+def test_a_registry_teacher_re_headed_for_other_classes_keeps_its_weights(tmp_path, arch):
+    """Weights of 10 classes fine-tuned on 4: only the final Linear is new (of the same kind: FastNet's has no
+    bias); the backbone is the file's (a fresh network here trained from random at backbone_lr_scale)."""
+    from ekdc.models import create_model
+    from ekdc.recipe import TeacherConfig
+    from ekdc.teachers import DataInfo, trainable_teacher
+
+    torch.manual_seed(1)
+    source = create_model(arch, num_classes=10)
+    path = tmp_path / f"{arch}.pt"
+    torch.save(source.state_dict(), path)
+    t = trainable_teacher(TeacherConfig(arch=arch, weights=str(path), train={"epochs": 1}), 0,
+                          DataInfo(CLASSES, 16, [0.5] * 3, [0.25] * 3))
+    got, want = t.model.state_dict(), source.state_dict()
+    assert t.from_weights and t.head is t.model.fc and t.head.out_features == 4
+    assert (t.head.bias is None) == (source.fc.bias is None)
+    backbone = [k for k in want if not k.startswith("fc.")]
+    assert backbone and all(torch.equal(got[k], want[k]) for k in backbone)

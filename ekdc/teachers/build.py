@@ -121,7 +121,7 @@ def torch_teacher_model(tcfg, i: int, data: DataInfo, trainable: bool) -> TorchT
         if not trainable:
             raise UserError(f"{what}: {tcfg.arch} has {k} outputs and the data {n} classes; name its outputs with "
                             "classes:, or give it train: to fine-tune a new head")
-        model = reset_head(model, n, source) if source != "registry" else build(tcfg.arch, n, False, what)
+        model = reset_head(model, n, source)  # the loaded weights stay: only the final Linear is new
         head, idx, classes = final_linear(model, source), None, None
     pre = _preprocess(tcfg, fields, model, data, from_weights)
     _probe(model, pre.size, what, tcfg.arch)

@@ -191,13 +191,16 @@ def final_linear(model: nn.Module, source: str) -> Optional[nn.Linear]:
 
 
 def reset_head(model: nn.Module, num_classes: int, source: str) -> nn.Module:
-    """A new, freshly initialised final Linear with ``num_classes`` outputs."""
+    """A new, freshly initialised final Linear with ``num_classes`` outputs, in place: every other weight is
+    kept (a teacher fine-tuned from weights on data of other classes starts from what it learnt)."""
     if source == "timm":
         model.reset_classifier(num_classes)
         return model
     head = final_linear(model, source)
     owner, attr = _parent_of(model, head)
-    setattr(owner, attr, nn.Linear(head.in_features, num_classes))
+    # the same kind of Linear (FastNet's head has no bias), on the same device
+    setattr(owner, attr, nn.Linear(head.in_features, num_classes, bias=head.bias is not None,
+                                   device=head.weight.device, dtype=head.weight.dtype))
     return model
 
 
