@@ -182,9 +182,17 @@ def test_set_inside_a_value_that_holds_no_keys_says_so(tmp_path):
     p = write_recipe(tmp_path / "r.yaml", data={"augment": False})
     with pytest.raises(UserError) as e:
         load_recipe(p, ["data.augment.cutout=3"])
-    assert str(e.value) == ("--set data.augment.cutout=3: 'data.augment' is false, not a mapping; replace it whole: "
-                            "--set 'data.augment={cutout: 3}'")
+    assert str(e.value) == ("--set data.augment.cutout=3: 'data.augment' is false, not a mapping; replace it whole "
+                            "(its other keys then take their defaults): --set 'data.augment={cutout: 3}'")
     assert load_recipe(p, ["data.augment={cutout: 3}"]).data.augment.cutout == 3  # and the way it shows works
+    with pytest.raises(UserError) as e:  # a list value, as typed: the line it shows is a valid --set
+        load_recipe(p, ["data.augment.scale=[0.5, 1.0]"])
+    shown = str(e.value).split("--set '", 1)[1].rstrip("'")
+    assert load_recipe(p, [shown]).data.augment.scale == [0.5, 1.0]
+    with pytest.raises(UserError, match=r"did you mean 'cutout'"):  # a typo is caught first
+        load_recipe(p, ["data.augment.cutot=3"])
+    with pytest.raises(UserError, match=r"^--set seed.x=1: 'seed' holds a value \(0\), not keys$"):
+        load_recipe(p, ["seed.x=1"])  # a field that is never a mapping: no replacement to offer
     with pytest.raises(UserError, match="'data.augment' is false, not a mapping"):
         load_recipe(p, ["data.augment.scale.0=0.5"])
 

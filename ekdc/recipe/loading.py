@@ -49,13 +49,11 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
                     node[part] = {}
                 node = node[part]
             else:  # the value reached so far holds no keys (a number, a string, false)
-                raise UserError(f"--set {item}: '{'.'.join(parts[:i])}' is {yaml.safe_dump(node).splitlines()[0]}, "
-                                "not a mapping")
+                shown = yaml.safe_dump(node, default_flow_style=True).splitlines()[0]
+                raise UserError(f"--set {item}: '{'.'.join(parts[:i])}' is {shown}, not a mapping")
         last = parts[-1]
         if not isinstance(node, (list, dict)):  # data.augment: false, say: a key inside a value that has none
-            where = ".".join(parts[:-1])
-            raise UserError(f"--set {item}: '{where}' is {yaml.safe_dump(node).splitlines()[0]}, not a mapping; "
-                            f"replace it whole: --set '{where}={{{last}: {yaml.safe_dump(value).splitlines()[0]}}}'")
+            _refuse_key_inside_value(parts, item, node)
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise UserError(f"--set {item}: '{'.'.join(parts)}' is not an index of a list of {len(node)}")
@@ -64,6 +62,19 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
             _check_known_path(parts, item)
             node[last] = value
     return raw
+
+
+def _refuse_key_inside_value(parts: list[str], item: str, node: Any) -> None:
+    """``--set a.b.c=v`` where the recipe gives ``a.b`` a plain value: one line. Where the schema lets ``a.b``
+    be a mapping (``data.augment: false``), the key is checked for typos and the line shows how to replace
+    the value whole, with ``v`` as it was typed; elsewhere (``seed.x``) ``a.b`` simply has no keys."""
+    where, shown = ".".join(parts[:-1]), yaml.safe_dump(node, default_flow_style=True).splitlines()[0]
+    if schema_at(Recipe, tuple(int(p) if p.isdigit() else p for p in parts[:-1])) is None:
+        raise UserError(f"--set {item}: '{where}' holds a value ({shown}), not keys")
+    _check_known_path(parts, item)
+    typed = item.split("=", 1)[1].strip()
+    raise UserError(f"--set {item}: '{where}' is {shown}, not a mapping; replace it whole (its other keys then take "
+                    f"their defaults): --set '{where}={{{parts[-1]}: {typed}}}'")
 
 
 def _check_known_path(parts: list[str], item: str) -> None:
