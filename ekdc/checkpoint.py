@@ -129,12 +129,18 @@ def load_stage(path: str | os.PathLike, *, model: nn.Module, optimizer, schedule
     if not Path(path).exists():
         return None
     ck = _io.load_checkpoint(path, "stage checkpoint")
-    model.load_state_dict(ck["state_dict"])
-    optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    if ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
-    if ema is not None and ck.get("ema"):
-        ema.load_state_dict(ck["ema"])
-    torch.set_rng_state(ck["rng_cpu"])
-    return int(ck["epoch"]), float(ck["seconds"])
+    try:
+        model.load_state_dict(ck["state_dict"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        if ema is not None and ck.get("ema"):
+            ema.load_state_dict(ck["ema"])
+        torch.set_rng_state(ck["rng_cpu"])
+        return int(ck["epoch"]), float(ck["seconds"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        # another network, or an optimiser of other parameter groups (an earlier ekdc's): the file is left as it is
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"stage checkpoint {path} does not fit this stage ({reason}): it was written for another "
+                        "model or by another ekdc version; move it away to train the stage from its start") from None

@@ -238,10 +238,10 @@ def _student_files(args) -> dict[str, tuple[Path, Path, str]]:
     deploy, recipe_run = OUT / "deploy", OUT / "recipe" / "s0"
     out = {"student fp32": (deploy / "student.onnx", recipe_run, "recipe"),
            "student int8": (deploy / "student.int8.onnx", recipe_run, "")}
-    for row in [r for r in args.rows.split(",") if r and r != "recipe"]:
+    for row in [r.strip() for r in args.rows.split(",") if r.strip() and r.strip() != "recipe"]:
         run = OUT / parse_row(row).slug / "s0"
         out[f"{row} student fp32"] = (run / "export" / "student.onnx", run, row)
-    for row in [r for r in args.branch_rows.split(",") if r]:
+    for row in [r.strip() for r in args.branch_rows.split(",") if r.strip()]:
         run = OUT / "three-branch" / parse_row(row).slug / "s0"
         out[_branch_label(row)] = (run / "export" / "student.onnx", run, f"3-branch {row}")
     return {label: v for label, v in out.items() if v[0].is_file()}
@@ -380,7 +380,10 @@ def _evidence(record: dict, students: dict, ensemble: Path, split: dict, reports
     compared.update({f"3-branch {e['row']}": e for e in (reports["three_branch"] or {}).get("rows", [])})
     entries = []
     for label, (onnx, run, row) in students.items():
-        if not row or label not in by_label or row not in compared:
+        if not row or label not in by_label:
+            continue
+        if row not in compared:  # never silently: a row benched but missing from its grid's report
+            print(f"headline: {row} is not in its grid's report; left out of evidence.json")
             continue
         name = f"full-{row.replace(' ', '-').replace(':', '-')}.onnx"
         shutil.copyfile(onnx, ev / name)

@@ -44,3 +44,29 @@ def test_parameter_groups_scale_the_learning_rate():
         opt = make_optimizer(groups, Schedule(optimizer=kind, lr=0.5))
         assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.5])  # the frozen group is left out
         assert sum(len(g["params"]) for g in opt.param_groups) == 4
+
+
+def test_a_stage_checkpoint_of_other_parameter_groups_is_refused_in_one_line(tmp_path):
+    """A stage checkpoint written with another optimiser layout (an earlier ekdc grouped a fine-tuned FastNet
+    otherwise) or for another network: one line naming the file, which is left as it is."""
+    from ekdc import checkpoint
+    from ekdc.errors import UserError
+
+    def parts(groups):
+        model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+        params = list(model.parameters())
+        opt = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}] if groups == 2 else params, lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        return model, opt, sched, torch.amp.GradScaler("cuda", enabled=False)
+
+    path = tmp_path / "stage.pt"
+    model, opt, sched, scaler = parts(2)
+    checkpoint.save_stage(path, stage="teacher-x", model=model, optimizer=opt, scheduler=sched, scaler=scaler,
+                          epoch=3, seconds=1.0)
+    before = path.read_bytes()
+    model, opt, sched, scaler = parts(2)
+    assert checkpoint.load_stage(path, model=model, optimizer=opt, scheduler=sched, scaler=scaler) == (3, 1.0)
+    model, opt, sched, scaler = parts(1)
+    with pytest.raises(UserError, match=r"stage checkpoint .*stage.pt does not fit this stage \(.*\): .*move it away"):
+        checkpoint.load_stage(path, model=model, optimizer=opt, scheduler=sched, scaler=scaler)
+    assert path.read_bytes() == before
