@@ -75,6 +75,10 @@ def main() -> None:
     ekd, ce, tf = med["EKD (3 teachers)"], med["student alone (ce)"], med["teachers' forward only"]
     print(f"  EKD / student alone: {ekd / ce:.2f}x the throughput; teachers' forward ~{(1 / tf) / (1 / ekd):.0%} of an EKD step")
     aug = r.data.augment_config
+    if aug is not None and (aug.kind == "resized_crop" or aug.cutout):
+        print("  teacher-output cache: views of continuous crops or cutout holes are practically never drawn twice "
+              "(no hit rate to expect)")
+        return
     views = ((2 * aug.crop_padding + 1) ** 2 * (2 if aug.hflip else 1)) if aug else 1
     e = r.distill.epochs
     distinct = views * (1 - (1 - 1 / views) ** e)
