@@ -43,7 +43,11 @@ def param_width(aug: Augment | None) -> int:
     resized_crop (top, left, height, width, flip), 2 more with cutout; 0 without augmentation."""
     if aug is None:
         return 0
-    return (5 if aug.kind == "resized_crop" else 3) + (2 if aug.cutout else 0)
+    return _crop_flip_width(aug) + (2 if aug.cutout else 0)
+
+
+def _crop_flip_width(aug: Augment) -> int:
+    return 5 if aug.kind == "resized_crop" else 3
 
 
 def _crop_flip_params(n: int, aug: Augment, g: torch.Generator, side: int) -> torch.Tensor:
@@ -78,10 +82,11 @@ def keyed_augment_params(keys: list[str], aug: Augment | None, seed: int, epoch:
 
 def augment(x: torch.Tensor, params: torch.Tensor, aug: Augment, size: int) -> torch.Tensor:
     """A batch of uint8 decodes -> uint8 training views at ``size``, by ``aug.kind``, then cutout."""
+    crop_flip = params[:, :_crop_flip_width(aug)]
     if aug.kind == "resized_crop":
-        view = resized_crop_batch(x, params[:, :5], size)
+        view = resized_crop_batch(x, crop_flip, size)
     else:
-        view = augment_batch(x, params[:, :3].long(), aug.crop_padding)
+        view = augment_batch(x, crop_flip.long(), aug.crop_padding)
     if aug.cutout:
         view = cutout_batch(view, params[:, -2:].long(), aug.cutout)
     return view

@@ -49,8 +49,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
                     node[part] = {}
                 node = node[part]
             else:  # the value reached so far holds no keys (a number, a string, false)
-                shown = yaml.safe_dump(node, default_flow_style=True).splitlines()[0]
-                raise UserError(f"--set {item}: '{'.'.join(parts[:i])}' is {shown}, not a mapping")
+                raise UserError(f"--set {item}: '{'.'.join(parts[:i])}' is {_one_line(node)}, not a mapping")
         last = parts[-1]
         if not isinstance(node, (list, dict)):  # data.augment: false, say: a key inside a value that has none
             _refuse_key_inside_value(parts, item, node)
@@ -68,8 +67,8 @@ def _refuse_key_inside_value(parts: list[str], item: str, node: Any) -> None:
     """``--set a.b.c=v`` where the recipe gives ``a.b`` a plain value: one line. Where the schema lets ``a.b``
     be a mapping (``data.augment: false``), the key is checked for typos and the line shows how to replace
     the value whole, with ``v`` as it was typed; elsewhere (``seed.x``) ``a.b`` simply has no keys."""
-    where, shown = ".".join(parts[:-1]), yaml.safe_dump(node, default_flow_style=True).splitlines()[0]
-    if schema_at(Recipe, tuple(int(p) if p.isdigit() else p for p in parts[:-1])) is None:
+    where, shown = ".".join(parts[:-1]), _one_line(node)
+    if schema_at(Recipe, _loc(parts[:-1])) is None:
         raise UserError(f"--set {item}: '{where}' holds a value ({shown}), not keys")
     _check_known_path(parts, item)
     typed = item.split("=", 1)[1].strip()
@@ -77,8 +76,18 @@ def _refuse_key_inside_value(parts: list[str], item: str, node: Any) -> None:
                     f"their defaults): --set '{where}={{{parts[-1]}: {typed}}}'")
 
 
+def _one_line(value: Any) -> str:
+    """A recipe value as YAML on one line (false, 3, [0.5, 1.0])."""
+    return yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
+
+
+def _loc(parts: list[str]) -> tuple:
+    """A dotted path's parts as the schema indexes them (list positions as numbers)."""
+    return tuple(int(p) if p.isdigit() else p for p in parts)
+
+
 def _check_known_path(parts: list[str], item: str) -> None:
-    owner = schema_at(Recipe, tuple(int(p) if p.isdigit() else p for p in parts[:-1]))
+    owner = schema_at(Recipe, _loc(parts[:-1]))
     if owner is None:
         return
     known = known_keys(owner)
