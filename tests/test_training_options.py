@@ -159,3 +159,72 @@ def create_model_macs(arch: str) -> int:
     from ekdc.models import count_macs
 
     return count_macs(create_model(arch, num_classes=4), 16)
+
+
+def test_val_every_scores_the_handed_on_weights_without_touching_training(tmp_path):
+    torch.manual_seed(0)
+    rt = setup_runtime("cpu", "fp32", False)
+    data = _data()
+    scored = []  # (the weights each score saw)
+
+    def run_stage(folder, schedule, score):
+        torch.manual_seed(0)
+        run = RunDir(folder)
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3), torch.nn.BatchNorm1d(3))
+
+        def forward_train(net, batch):
+            logits = net(batch.images)
+            return logits, Losses(torch.nn.functional.cross_entropy(logits, batch.labels), {})
+
+        with Reporter(run, rt, None, False) as rep:
+            train_stage(Stage("teacher-probe", model, forward_train, param_groups(model), schedule, seed=3, score=score),
+                        data, None, rt, run, rep)
+        return model, [json.loads(line) for line in run.log_path.read_text().splitlines()]
+
+    def score(net):
+        scored.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return 0.25 * len(scored)
+
+    base = dict(epochs=5, batch_size=16, lr=0.2, ema_decay=0.9)
+    watched, log = run_stage(tmp_path / "watched", Schedule(**base, val_every=2), score)
+    plain, _ = run_stage(tmp_path / "plain", Schedule(**base), None)
+    # every 2nd epoch and the last, in the log line of that epoch
+    assert [r.get("val_acc") for r in log if "epoch" in r] == [None, 0.25, None, 0.5, 0.75]
+    # scoring changes no weight: the stage ends where the unwatched one does
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, watched.state_dict()[k]), k
+    # and what was scored after the last epoch is what the stage handed on (the average, not the live weights)
+    for k, v in watched.state_dict().items():
+        assert torch.equal(scored[-1][k], v), k
+
+
+def test_a_teacher_and_a_student_log_their_validation_accuracy_as_they_train(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          teachers=[{"arch": "resnet8", "train": {"epochs": 2, "batch_size": 32, "lr": 0.05,
+                                                                  "ema_decay": 0.9, "val_every": 1}}],
+                          distill={"epochs": 2, "batch_size": 32, "lr": 0.05, "temperature": 4.0, "val_every": 1})
+    res = run_cli("distill", recipe, "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    assert "val " in res.stdout
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    teacher = [r["val_acc"] for r in log if r.get("stage") == "teacher-resnet8" and "epoch" in r]
+    student = [r["val_acc"] for r in log if str(r.get("stage", "")).startswith("student-") and "epoch" in r]
+    assert len(teacher) == 2 and len(student) == 2
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # the last epoch's score is the run's own evaluation of what the stage handed on
+    assert teacher[-1] == round(metrics["teachers"][0]["acc"], 5)
+    assert student[-1] == round(metrics["student"]["ensemble_acc"], 5)
+
+
+def test_a_run_resumes_with_another_val_every(tmp_path):
+    train = {"epochs": 2, "batch_size": 32, "lr": 0.05}
+    first = write_recipe(tmp_path / "a.yaml", teachers=[{"arch": "resnet8", "train": train}])
+    assert run_cli("distill", first, "--teachers-only", "--out", tmp_path / "run", "-q").returncode == 0
+    watched = write_recipe(tmp_path / "b.yaml", teachers=[{"arch": "resnet8", "train": {**train, "val_every": 1}}],
+                           distill={"epochs": 2, "batch_size": 32, "lr": 0.05, "temperature": 4.0, "val_every": 1})
+    res = run_cli("distill", watched, "--out", tmp_path / "run", "--resume", "-q")
+    assert res.returncode == 0, res.stderr
+    changed = write_recipe(tmp_path / "c.yaml", teachers=[{"arch": "resnet8", "train": {**train, "lr": 0.1}}])
+    res = run_cli("distill", changed, "--out", tmp_path / "run", "--resume", "-q")
+    assert res.returncode == 2 and "teachers.0.train.lr" in res.stderr

@@ -38,6 +38,16 @@ class _StudentBranches(nn.Module):
         return self.student(self.rt.normalize(pixels, self.mean, self.std), return_branches=True).logits.transpose(0, 1)
 
 
+def val_accuracy(model: nn.Module, data: DataSplits, rt: Runtime) -> float:
+    """Top-1 of ``model(pixels)`` on the validation split."""
+    return top1(predict(model, data.val, rt), data.val_y)
+
+
+def student_val_accuracy(student: EKDStudent, data: DataSplits, rt: Runtime) -> float:
+    """Top-1 of the student's averaged branches (the deployed output) on the validation split."""
+    return top1(predict(_StudentBranches(student, data.mean, data.std, rt), data.val, rt).mean(1), data.val_y)
+
+
 def evaluate_teachers(data: DataSplits, teachers: list[Teacher], rt: Runtime) -> dict:
     """Each teacher's validation accuracy, size and cost, and their averaged logits' accuracy."""
     teacher_logits = [predict(t, data.val, rt) for t in teachers]

@@ -28,6 +28,7 @@ from ..teachers import (
 from ..training.runtime import Runtime
 from ..training.trainer import Reporter, Stage, train_stage
 from .distiller import Distiller, SupervisedClassifier
+from .evaluation import student_val_accuracy, val_accuracy
 from .teacher_cache import open_teacher_cache
 
 # --------------------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ def _obtain_teacher(ti: int, tcfg: TeacherConfig, recipe: Recipe, data: DataSpli
     if hasattr(model, "init_from_data") and not tcfg.weights and not tcfg.pretrained:
         model.init_from_data(_init_sample(data, t.pre, rt))  # a stage checkpoint, if any, overwrites it
     task = SupervisedClassifier(t.pre.to(rt.device), tcfg.train.label_smoothing)
-    stage = Stage(stage_name, model, task.forward_train, teacher_param_groups(t, tcfg), tcfg.train, recipe.seed + ti + 1)
+    stage = Stage(stage_name, model, task.forward_train, teacher_param_groups(t, tcfg), tcfg.train, recipe.seed + ti + 1,
+                  score=lambda net: val_accuracy(nn.Sequential(task.preprocess, net), data, rt))
     secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)
     rt.sync_from_main(model)  # every rank distils from the teacher rank 0 saves
 
@@ -128,7 +130,8 @@ def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt:
     if hasattr(student, "init_from_data"):  # a data-dependent first layer (FastNet's whitening)
         norm = lambda px: rt.normalize(px, torch.tensor(data.mean, device=rt.device), torch.tensor(data.std, device=rt.device))  # noqa: E731
         student.init_from_data(_init_sample(data, norm, rt))
-    stage = Stage(stage_name, student, distiller.forward_train, distiller.param_groups(), d, recipe.seed)
+    stage = Stage(stage_name, student, distiller.forward_train, distiller.param_groups(), d, recipe.seed,
+                  score=lambda net: student_val_accuracy(net, data, rt))
     cache_info = _use_teacher_cache(recipe, data, distiller, stage, rt, run, rep)
     secs = train_stage(stage, data, recipe.data.augment_config, rt, run, rep)
 

@@ -69,9 +69,16 @@ def check_recipe(recipe, where: str = "recipe") -> None:
 def effective(raw: dict) -> dict:
     """A recipe mapping (``model_dump(mode="json")``) without what changes nothing in its mode: the weights
     of terms the mode does not train on, the settings of terms that do not train, KL's unused alpha and
-    beta, and the temperature and teacher-output cache where no term reads the teachers."""
+    beta, the temperature and teacher-output cache where no term reads the teachers, and how often a stage
+    is scored while it trains (``val_every``)."""
     raw = copy.deepcopy(raw)
+    # how often a stage is scored while it trains: watching, which changes no weight
+    for t in raw.get("teachers") or []:
+        if isinstance(t, dict) and isinstance(t.get("train"), dict):
+            t["train"].pop("val_every", None)
     d = raw.get("distill")
+    if isinstance(d, dict):
+        d.pop("val_every", None)
     if not isinstance(d, dict) or raw.get("mode") is None:
         return raw
     applies = terms_of_mode(raw["mode"])

@@ -55,6 +55,9 @@ class Schedule(StrictSettings):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1, description="evaluate, save and export an exponential moving average of "
                                                           "the weights with this decay per step (0: the last step's)")
+    val_every: int = Field(0, ge=0, description="score the weights the stage would hand on (the average's, with "
+                                                "ema_decay) on the validation split every N epochs and after the "
+                                                "last: val_acc in the epoch's log line (0: only once it ends)")
 
 
 _ONNX_ONLY = ("channel_order", "layout", "outputs")

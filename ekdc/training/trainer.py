@@ -7,6 +7,7 @@ in DistributedDataParallel and only rank 0 writes.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -166,6 +167,8 @@ class Stage:
     # instead of a fresh random augmentation each epoch: (each sample's augmentation parameters, which
     # fixed view that is) for an epoch, as a teacher-output cache stores them
     fixed_views: Optional[Callable[[int], tuple[Optional[torch.Tensor], torch.Tensor]]] = None
+    # the validation accuracy of a network holding the stage's weights (``schedule.val_every``); None: not scored
+    score: Optional[Callable[[nn.Module], float]] = None
 
 
 @dataclasses.dataclass
@@ -201,6 +204,14 @@ class _Optimisation(NamedTuple):
         self.sched.step()
         if self.ema is not None:
             self.ema.update(self.model)
+
+    def handed_on(self) -> nn.Module:
+        """The network the stage would hand on if it ended now: a copy holding the average, else the live one."""
+        if self.ema is None:
+            return self.model
+        twin = copy.deepcopy(self.model)
+        self.ema.copy_to(twin)
+        return twin
 
 
 def _run_epoch(stage: Stage, net: nn.Module, optim: _Optimisation, data: DataSplits, aug: Optional[Augment],
@@ -274,6 +285,9 @@ def train_stage(stage: Stage, data: DataSplits, aug: Optional[Augment], rt: Runt
         dt = time.perf_counter() - t0
         seconds += dt
         record = _epoch_record(stage, epoch, totals, optim.opt.param_groups[0]["lr"], dt, rt)
+        if stage.score is not None and s.val_every and ((epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs):
+            # outside the epoch's seconds: scoring is watching, not training
+            record["val_acc"] = round(stage.score(optim.handed_on()), 5)
 
         def save_then_log(epoch=epoch, seconds=seconds, record=record):
             # checkpoint first, then log: a logged epoch is always a saved one
@@ -285,6 +299,8 @@ def train_stage(stage: Stage, data: DataSplits, aug: Optional[Augment], rt: Runt
         rt.on_main(save_then_log)
         rep.track(record)
         info = f"loss {record['loss']:.3f}  acc {record['train_acc']:.3f}  {record['images_per_s']:,.0f} img/s"
+        if "val_acc" in record:
+            info += f"  val {record['val_acc']:.3f}"
         if rep.progress:
             rep.progress.update(task, advance=1, info=info)
         rep.say(f"{stage.name:<22} epoch {epoch + 1:>3}/{s.epochs}  {info}")
