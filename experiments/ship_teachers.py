@@ -10,6 +10,14 @@ Teachers already shipped in the folder (its teachers.json) and not in the runs s
 files, so that teachers trained in separate runs (on 2 CPU cores, one a session) ship one at a time and the
 ensemble is always of all of them. They must have been scored on the same split.
 
+A run's teacher replaces the one shipped under its name only where it scores higher on the validation split
+(one forward pass; ``--replace`` ships it anyway). One trained on from the very file it replaces (its
+recipe's ``weights:`` names that file: a second training cycle) keeps the earlier cycles in its entry
+(``earlier_cycles``: each cycle's run, schedule, recipe file, score, seconds, and the sha256 and git commit of
+the weights it ended with), and its ``train_seconds`` counts them all.
+
+    python experiments/ship_teachers.py runs/large-cycle2 weights/cifar10-large   # a second cycle, where it pays
+
 Every accuracy in teachers.json is the shipped fp16 file's own, scored again here on the run's validation
 split, one forward pass (val_acc) and with flip test-time augmentation (val_acc_flip_tta: the mean of the
 image's and its mirror's logits, what ``tta: flip`` in a recipe uses). Teachers that the run
@@ -21,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,9 +54,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", type=Path, nargs="+", help="RUN [RUN ...] OUT: teachers-only runs (of one data split), "
                                                          "then the folder to ship into")
+    ap.add_argument("--replace", action="store_true",
+                    help="ship a run's teacher even where it scores no higher than the one shipped under its name")
     args = ap.parse_args()
     *runs, out = args.paths
-    args.out = out
     found: dict[str, tuple[Path, object, int]] = {}  # teacher name -> (run, its config, index); later runs win
     for run in runs:
         recipe = load_recipe(run / "recipe.yaml")
@@ -58,46 +68,37 @@ def main() -> None:
                 print(f"{run}: {tcfg.name} not finished yet, left out")
     data = load_data(recipe.data)
     rt = setup_runtime("cpu", "fp32", False)
-    args.out.mkdir(parents=True, exist_ok=True)
-    kept = _already_shipped(args.out, recipe, data, set(found))
-    shipped, logits, logits_flip = [], [], []
+    out.mkdir(parents=True, exist_ok=True)
+    before = _already_shipped(out, recipe, data)
+    entries = {t["name"]: t for t in before}  # in the order they were shipped; a replaced teacher keeps its place
 
-    def score(model, ck, tcfg, i: int) -> tuple[float, float]:
-        teacher = teacher_from_checkpoint(ck, model, tcfg.model_copy(update={"tta": "none"}), data_info(data), i)
-        flipped = teacher_from_checkpoint(ck, model, tcfg.model_copy(update={"tta": "flip"}), data_info(data), i)
-        out, out_flip = predict(teacher, data.val, rt), predict(flipped, data.val, rt)
-        logits.append(out)
-        logits_flip.append(out_flip)
-        return top1(out, data.val_y), top1(out_flip, data.val_y)
-
-    for i, entry in enumerate(kept):
-        model, ck = load_teacher(args.out / entry["file"], entry["arch"])
-        acc, acc_flip = score(model, ck, TeacherConfig(arch=entry["arch"], name=entry["name"]), i)
-        shipped.append({**entry, "val_acc": acc, "val_acc_flip_tta": acc_flip})
-        print(f"{entry['name']}: {acc:.4f} ({acc_flip:.4f} with flip TTA), already shipped in {args.out}")
     for name, (run, tcfg, i) in found.items():
         if load_recipe(run / "recipe.yaml").data != recipe.data:
             raise SystemExit(f"{run}: trained on other data than {runs[-1]}: its teachers cannot be scored together")
-        src = run / "teachers" / f"{tcfg.name}.pt"
-        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-        ck = _io.load_checkpoint(src, "teacher checkpoint")
-        half = {**ck, "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}}
-        dst = args.out / f"{tcfg.name}.pt"
-        _io.save_checkpoint(half, dst)
-        model, ck2 = load_teacher(dst, tcfg.arch)
-        acc, acc_flip = score(model, ck2, tcfg, len(shipped))
-        recipe_file = _ship_recipe(run, args.out / f"{tcfg.name}.recipe.yaml")
-        epochs = [r for r in log if r.get("stage") == f"teacher-{tcfg.name}"]
-        shipped.append({
-            "name": tcfg.name, "arch": tcfg.arch, "run": str(run), "file": dst.name, "bytes": dst.stat().st_size,
-            "val_acc": acc, "val_acc_flip_tta": acc_flip, "params": count_params(model),
-            "macs": count_macs(model, data.image_size), "train": tcfg.train.model_dump() if tcfg.train else None,
-            "train_seconds": round(float(ck.get("seconds", 0.0)), 1), "recipe": recipe_file.name,
-            "epochs_logged": len(epochs), "last_train_acc": epochs[-1]["train_acc"] if epochs else None,
-            **({"trained_on": (run / "machine.txt").read_text().strip()} if (run / "machine.txt").exists() else {}),
-        })
-        print(f"{tcfg.name}: {acc:.4f} ({acc_flip:.4f} with flip TTA) on {len(data.val)} validation images, "
-              f"{dst} ({dst.stat().st_size / 1e6:.1f} MB)")
+        candidate = _write_fp16(run / "teachers" / f"{name}.pt", out / f".{name}.candidate.pt")
+        try:
+            model, ck = load_teacher(candidate, tcfg.arch)
+            acc = _score(model, ck, tcfg, data, rt, i)[0]
+            shipped = entries.get(name)
+            if shipped is not None and acc <= shipped["val_acc"] and not args.replace:
+                print(f"{name}: {run} scores {acc:.4f}, the shipped file {shipped['val_acc']:.4f}: the shipped one "
+                      "stays (--replace ships it anyway)")
+                continue
+            entries[name] = _ship(run, tcfg, candidate, out, shipped, data)
+        finally:
+            candidate.unlink(missing_ok=True)
+        print(f"{name}: {acc:.4f} from {run}" + (f", replacing {shipped['val_acc']:.4f}" if shipped else ""))
+
+    shipped, logits, logits_flip = [], [], []
+    for i, entry in enumerate(entries.values()):
+        model, ck = load_teacher(out / entry["file"], entry["arch"])
+        acc, acc_flip, out_plain, out_flip = _score(model, ck, TeacherConfig(arch=entry["arch"], name=entry["name"]),
+                                                    data, rt, i)
+        logits.append(out_plain)
+        logits_flip.append(out_flip)
+        shipped.append({**entry, "val_acc": acc, "val_acc_flip_tta": acc_flip})
+        print(f"{entry['name']}: {acc:.4f} ({acc_flip:.4f} with flip TTA) on {len(data.val)} validation images, "
+              f"{out / entry['file']} ({entry['bytes'] / 1e6:.1f} MB)")
     record = {
         "runs": list(dict.fromkeys([t["run"] for t in shipped] + [str(r) for r in runs])),
         "data_root": recipe.data.root, "train_images": len(data.train), "val_images": len(data.val),
@@ -108,9 +109,77 @@ def main() -> None:
         "train_hours": round(sum(t["train_seconds"] for t in shipped) / 3600, 2),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    (args.out / "teachers.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "teachers.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"ensemble of {len(shipped)}: {record['ensemble_val_acc']} "
           f"({record['ensemble_val_acc_flip_tta']} with flip TTA)")
+
+
+def _score(model, ck, tcfg, data, rt, i: int) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """A teacher's validation accuracy in one forward pass and with flip TTA, and the logits of both."""
+    plain = teacher_from_checkpoint(ck, model, tcfg.model_copy(update={"tta": "none"}), data_info(data), i)
+    flipped = teacher_from_checkpoint(ck, model, tcfg.model_copy(update={"tta": "flip"}), data_info(data), i)
+    out, out_flip = predict(plain, data.val, rt), predict(flipped, data.val, rt)
+    return top1(out, data.val_y), top1(out_flip, data.val_y), out, out_flip
+
+
+def _write_fp16(src: Path, dst: Path) -> Path:
+    """A teacher checkpoint with its float weights in fp16, written to ``dst``."""
+    ck = _io.load_checkpoint(src, "teacher checkpoint")
+    half = {**ck, "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}}
+    _io.save_checkpoint(half, dst)
+    return dst
+
+
+def _ship(run: Path, tcfg, candidate: Path, out: Path, shipped: dict | None, data) -> dict:
+    """Move ``candidate`` into place as ``out/<name>.pt`` and return its teachers.json entry (scores are added by
+    the caller). A teacher trained on from the very file it replaces (``weights:`` naming it) is a later cycle
+    of that teacher: the earlier cycles stay in its entry (``earlier_cycles``, oldest first, with the sha256 and
+    the git commit of the file each cycle started from), their recipe files are kept under a cycle number,
+    and ``train_seconds`` counts every cycle."""
+    dst = out / f"{tcfg.name}.pt"
+    continues = (shipped is not None and tcfg.weights is not None
+                 and Path(tcfg.weights).resolve() == dst.resolve())
+    earlier: list[dict] = []
+    if continues:
+        earlier = [*shipped.get("earlier_cycles", []),
+                   {k: v for k, v in shipped.items() if k not in ("earlier_cycles", "name", "arch", "file", "bytes")}]
+        cycle_recipe = out / f"{tcfg.name}.cycle{len(earlier)}.recipe.yaml"
+        if shipped.get("recipe") and (out / shipped["recipe"]).exists():
+            os.replace(out / shipped["recipe"], cycle_recipe)
+            earlier[-1]["recipe"] = cycle_recipe.name
+        earlier[-1]["file_sha256"] = _io.file_sha256(dst)
+        commit = _last_commit(dst)
+        if commit:
+            earlier[-1]["file_commit"] = commit  # git show COMMIT:PATH gives that cycle's weights back
+        earlier[-1]["train_seconds"] = earlier[-1].get("cycle_seconds", earlier[-1]["train_seconds"])
+        earlier[-1].pop("cycle_seconds", None)
+    os.replace(candidate, dst)
+    ck = _io.load_checkpoint(dst, "teacher checkpoint")
+    model, _ = load_teacher(dst, tcfg.arch)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    epochs = [r for r in log if r.get("stage") == f"teacher-{tcfg.name}" and "epoch" in r]
+    cycle_seconds = round(float(ck.get("seconds", 0.0)), 1)
+    return {
+        "name": tcfg.name, "arch": tcfg.arch, "run": str(run), "file": dst.name, "bytes": dst.stat().st_size,
+        "params": count_params(model), "macs": count_macs(model, data.image_size),
+        "train": tcfg.train.model_dump() if tcfg.train else None,
+        "train_seconds": round(cycle_seconds + sum(c["train_seconds"] for c in earlier), 1),
+        **({"cycle_seconds": cycle_seconds, "earlier_cycles": earlier} if earlier else {}),
+        "recipe": _ship_recipe(run, out / f"{tcfg.name}.recipe.yaml").name,
+        "epochs_logged": len(epochs), "last_train_acc": epochs[-1]["train_acc"] if epochs else None,
+        **({"last_val_acc": epochs[-1]["val_acc"]} if epochs and "val_acc" in epochs[-1] else {}),
+        **({"trained_on": (run / "machine.txt").read_text().strip()} if (run / "machine.txt").exists() else {}),
+    }
+
+
+def _last_commit(path: Path) -> str | None:
+    """The last git commit that changed ``path``, if it lies in a git work tree."""
+    try:
+        res = subprocess.run(["git", "log", "-1", "--format=%H", "--", path.name], cwd=path.parent,
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None
 
 
 def _split(recipe) -> dict:
@@ -130,9 +199,9 @@ def _ship_recipe(run: Path, dst: Path) -> Path:
     return dst
 
 
-def _already_shipped(out: Path, recipe, data, replaced: set[str]) -> list[dict]:
-    """The teachers.json entries of ``out`` that no run replaces, after checking they were scored on this
-    recipe's split (an ensemble of teachers scored on different validation images means nothing)."""
+def _already_shipped(out: Path, recipe, data) -> list[dict]:
+    """The teachers.json entries of ``out``, after checking they were scored on this recipe's split (an
+    ensemble of teachers scored on different validation images means nothing)."""
     path = out / "teachers.json"
     if not path.exists():
         return []
@@ -141,7 +210,7 @@ def _already_shipped(out: Path, recipe, data, replaced: set[str]) -> list[dict]:
     if seen != (_split(recipe), len(data.train), len(data.val)):
         raise SystemExit(f"{path}: its teachers were scored on another split than the runs' ({before.get('split')}, "
                          f"{before.get('val_images')} validation images): ship into another folder")
-    kept = [t for t in before["teachers"] if t["name"] not in replaced]
+    kept = before["teachers"]
     for t in kept:
         if not (out / t["file"]).exists():
             raise SystemExit(f"{path}: lists {t['name']}, but {out / t['file']} is missing")

@@ -379,6 +379,60 @@ def test_ship_teachers_adds_a_later_run_to_what_is_shipped(tmp_path):
     assert json.loads((out / "teachers.json").read_text()) == both  # the refused run changed nothing
 
 
+def test_ship_teachers_replaces_a_teacher_only_where_it_scores_higher_and_keeps_its_earlier_cycles(tmp_path):
+    """A second cycle trained on from the shipped file: not shipped where it scores no higher; shipped (here
+    with --replace) with the first cycle in its entry, that cycle's recipe kept, and the seconds of both."""
+    import sys
+
+    import yaml
+
+    from ekdc import _io
+    from tests.conftest import run_cli
+
+    ship = _load("ship_teachers")
+    out = tmp_path / "weights"
+    first = write_recipe(tmp_path / "one.yaml", teachers=[{"arch": "resnet8", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}])
+    assert run_cli("distill", first, "--teachers-only", "--out", tmp_path / "one", "-q").returncode == 0
+    argv = sys.argv
+    try:
+        sys.argv = ["ship_teachers.py", str(tmp_path / "one"), str(out)]
+        ship.main()
+        cycle1 = json.loads((out / "teachers.json").read_text())["teachers"][0]
+        sha1 = _io.file_sha256(out / "resnet8.pt")
+        second = write_recipe(tmp_path / "two.yaml", teachers=[{
+            "arch": "resnet8", "weights": str(out / "resnet8.pt"), "backbone_lr_scale": 1.0,
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "val_every": 1}}])
+        assert run_cli("distill", second, "--teachers-only", "--out", tmp_path / "two", "-q").returncode == 0
+
+        # the shipped teacher scores higher (as its record says): the second cycle does not replace it
+        record = json.loads((out / "teachers.json").read_text())
+        record["teachers"][0]["val_acc"] = 1.0
+        (out / "teachers.json").write_text(json.dumps(record))
+        sys.argv = ["ship_teachers.py", str(tmp_path / "two"), str(out)]
+        ship.main()
+        assert _io.file_sha256(out / "resnet8.pt") == sha1
+        kept = json.loads((out / "teachers.json").read_text())["teachers"]
+        assert kept == [cycle1] and sorted(p.name for p in out.iterdir()) == [
+            "resnet8.pt", "resnet8.recipe.yaml", "teachers.json"]  # no candidate file left behind
+
+        sys.argv = ["ship_teachers.py", "--replace", str(tmp_path / "two"), str(out)]
+        ship.main()
+        entry = json.loads((out / "teachers.json").read_text())["teachers"][0]
+    finally:
+        sys.argv = argv
+    assert _io.file_sha256(out / "resnet8.pt") != sha1
+    (earlier,) = entry["earlier_cycles"]
+    assert earlier["run"] == str(tmp_path / "one") and earlier["val_acc"] == cycle1["val_acc"]
+    assert earlier["file_sha256"] == sha1 and earlier["train_seconds"] == cycle1["train_seconds"]
+    assert entry["train_seconds"] == pytest.approx(entry["cycle_seconds"] + cycle1["train_seconds"], abs=0.11)
+    assert entry["run"] == str(tmp_path / "two") and entry["train"]["lr"] == 0.01
+    # the run's own last score: the same weights in fp32 (40 images: fp16 may flip one)
+    assert entry["last_val_acc"] == pytest.approx(entry["val_acc"], abs=0.026)
+    # both cycles' recipes are kept: the first under its cycle number, the second as the teacher's recipe
+    assert yaml.safe_load((out / earlier["recipe"]).read_text())["teachers"][0]["train"]["lr"] == 0.05
+    assert yaml.safe_load((out / entry["recipe"]).read_text())["teachers"][0]["train"]["lr"] == 0.01
+
+
 @needs_git
 def test_grid_records_keep_a_cell_then_restore_it_in_a_new_session(tmp_path):
     """A finished cell's record (its small files, and seed 0's timed ONNX file) is kept and committed; its
