@@ -189,11 +189,16 @@ def _split(recipe) -> dict:
 
 def _ship_recipe(run: Path, dst: Path) -> Path:
     """The run's resolved recipe beside its teacher: what trained it, exactly (schedule, seed, split), with the
-    data folder relative to the repository where it lies beside it, so that it reads alike on another checkout."""
+    data folder and the teacher files it started from relative to the repository where they lie in it, so that it
+    reads alike on another checkout."""
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     root = resolved.get("data", {}).get("root")
     if root and Path(root).is_absolute():
         resolved["data"]["root"] = os.path.relpath(root, ROOT)
+    for t in resolved.get("teachers") or []:  # the files a later cycle started from, where they lie in the checkout
+        for key in ("weights", "checkpoint", "onnx"):
+            if t.get(key) and Path(t[key]).is_absolute() and Path(t[key]).is_relative_to(ROOT):
+                t[key] = os.path.relpath(t[key], ROOT)
     dst.write_text(f"# the recipe that trained this teacher ({run}/recipe.yaml, resolved)\n"
                    + yaml.safe_dump(resolved, sort_keys=False))
     return dst

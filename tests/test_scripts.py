@@ -577,3 +577,17 @@ def test_the_shipped_evidence_json_describes_its_files_as_they_are():
                                                                           "onnx_bytes"}
     meta = {p.key: p.value for p in onnx.load(str(folder / "teachers.onnx"), load_external_data=False).metadata_props}
     assert meta["ekdc.precision"] == "fp16"
+
+
+def test_a_shipped_recipe_names_files_in_the_checkout_relative_to_it(tmp_path):
+    import yaml
+
+    ship = _load("ship_teachers")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump({
+        "data": {"root": str(ROOT / "data")},
+        "teachers": [{"arch": "wrn_16_4", "weights": str(ROOT / "weights" / "cifar10-large" / "wrn_16_4.pt")},
+                     {"arch": "vgg13", "weights": str(tmp_path / "elsewhere.pt")}]}))
+    shipped = yaml.safe_load(ship._ship_recipe(tmp_path / "run", tmp_path / "r.yaml").read_text())
+    assert shipped["data"]["root"] == "data"
+    assert [t["weights"] for t in shipped["teachers"]] == ["weights/cifar10-large/wrn_16_4.pt", str(tmp_path / "elsewhere.pt")]
