@@ -92,7 +92,9 @@ def data_check_lines(r: dict) -> list[str]:
     modes = ", ".join(f"{m} {n:,}" for m, n in sorted(r["modes"].items()))
     lines = [f"split: {r['split'] or 'not computed (unreadable files: set data.skip_bad_files)'}",
              f"modes: {modes or '-'}; sizes: smallest {size(r['smallest'])}, largest {size(r['largest'])}; "
-             f"imbalance (largest / smallest class): {r['imbalance']:.2f}" if r["imbalance"] else "imbalance: -"]
+             + (f"imbalance (largest / smallest class): {r['imbalance']:.2f}" if r["imbalance"] else "imbalance: -")]
+    if r.get("encodings"):
+        lines.insert(2, "encodings: " + ", ".join(f"{e} {n:,}" for e, n in sorted(r["encodings"].items(), key=lambda kv: -kv[1])))
     shown = collections.Counter()
     for p in r["problems"]:  # a folder of 10,000 .txt files beside its images is one kind, not 10,000 lines
         shown[p["kind"]] += 1

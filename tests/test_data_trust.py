@@ -118,6 +118,31 @@ def test_data_check_reports_and_exits(folder):
     assert res.returncode == 1 and "identical files in classes cat, dog" in res.stdout
 
 
+def test_data_check_names_each_encoding_with_a_jpegs_quality_and_chroma_subsampling(folder, tmp_path):
+    from ekdc.data.decode import check_image, jpeg_quality
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8))
+    im.save(folder / "cat" / "a.jpg", quality=75)  # Pillow's default: colour at half resolution
+    im.save(folder / "cat" / "b.jpg", quality=75)
+    im.save(folder / "dog" / "c.jpg", quality=95, subsampling=0)
+    im.convert("L").save(folder / "dog" / "d.jpg", quality=40)
+    custom = [min(255, 3 + i) for i in range(64)]  # tables of the encoder's own, no libjpeg quality
+    im.save(folder / "dog" / "e.jpg", qtables=[custom, custom], subsampling=1)
+    res = run_cli("data", "check", folder, "--json", tmp_path / "check.json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = json.loads((tmp_path / "check.json").read_text())
+    assert r["encodings"] == {"PNG": 12, "JPEG q75 4:2:0": 2, "JPEG q95 4:4:4": 1, "JPEG q40": 1,
+                              f"JPEG {jpeg_quality(custom)} 4:2:2": 1}
+    assert jpeg_quality(custom).startswith("~q")  # the nearest, said to be approximate
+    assert "encodings: PNG 12, JPEG q75 4:2:0 2," in res.stdout
+    assert check_image(str(folder / "cat" / "a.jpg")).encoding == "JPEG q75 4:2:0"
+    # every quality libjpeg writes is read back as itself
+    for q in (1, 10, 49, 50, 51, 90, 100):
+        im.save(tmp_path / "q.jpg", quality=q)
+        assert check_image(str(tmp_path / "q.jpg")).encoding.split()[1] == f"q{q}"
+
+
 def _sixteen_bit(tmp_path: Path) -> tuple[Path, Path]:
     g = (np.linspace(0, 1, 20 * 20).reshape(20, 20) * 65535).astype(np.uint16)
     p16, p8 = tmp_path / "g16.png", tmp_path / "g8.png"

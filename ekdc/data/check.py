@@ -2,9 +2,9 @@
 
 Class counts and the split each gets; what the scan left out and why (links that would relabel,
 loops, folders with no image, files reached twice); identical files by content; unreadable files;
-image modes; the smallest and largest sizes; class imbalance. Headers only, unless ``decode``. Problems
-that would make training wrong (a relabelling link, an invented class, one image under two classes)
-set ``wrong``: the command then exits 1.
+image modes and encodings (a JPEG's quality and chroma subsampling); the smallest and largest sizes; class
+imbalance. Headers only, unless ``decode``. Problems that would make training wrong (a relabelling link, an
+invented class, one image under two classes) set ``wrong``: the command then exits 1.
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ class CheckReport:
     identical: list[dict]  # files with the same bytes: paths, classes, wrong (in more than one class)
     unreadable: list[dict]  # path, error
     modes: dict[str, int]
+    # how the files are encoded ("PNG", "JPEG q75 4:2:0", ...): a model learns the codec's artefacts too, and a
+    # lossy training set scores below published figures on the lossless originals
+    encodings: dict[str, int]
     smallest: Optional[tuple[int, int]]
     largest: Optional[tuple[int, int]]
     imbalance: Optional[float]  # the largest class's images / the smallest's
@@ -74,24 +77,26 @@ def _identical(files: list[str], labels, classes: list[str]) -> list[dict]:
     return out
 
 
-def _headers(files: list[str], decode: bool, image_size: int, progress) -> tuple[dict, list, list]:
+def _headers(files: list[str], decode: bool, image_size: int, progress) -> tuple[dict, dict, list, list]:
     modes: dict[str, int] = collections.Counter()
+    encodings: dict[str, int] = collections.Counter()
     sizes, unreadable = [], []
     task = progress.add_task("reading headers" if not decode else "decoding", total=len(files)) if progress else None
     for k, f in enumerate(files):
         try:
-            mode, size = check_image(f)
+            header = check_image(f)
             if decode:
                 decode_image(f, image_size)
-            modes[mode] += 1
-            sizes.append(size)
+            modes[header.mode] += 1
+            encodings[header.encoding] += 1
+            sizes.append(header.size)
         except UserError as err:
             unreadable.append({"path": f, "error": str(err)})
         if task is not None and k % 256 == 0:
             progress.update(task, completed=k)
     if task is not None:
         progress.remove_task(task)
-    return dict(modes), sizes, unreadable
+    return dict(modes), dict(encodings), sizes, unreadable
 
 
 def check_images(cfg, *, decode: bool = False, progress=None, split: str = "the recipe's") -> CheckReport:
@@ -99,7 +104,7 @@ def check_images(cfg, *, decode: bool = False, progress=None, split: str = "the 
     t0 = time.perf_counter()
     root = Path(cfg.root)
     scan = scan_folder(root, "data.root")
-    modes, sizes, unreadable = _headers(scan.files, decode, cfg.image_size, progress)
+    modes, encodings, sizes, unreadable = _headers(scan.files, decode, cfg.image_size, progress)
     counts = collections.Counter(int(y) for y in scan.labels)
     index = index_splits(cfg) if not unreadable or cfg.skip_bad_files else None
     per_split = {name: collections.Counter(int(y) for y in index.part(name).labels) if index else None
@@ -122,6 +127,7 @@ def check_images(cfg, *, decode: bool = False, progress=None, split: str = "the 
                      "detail": untrained_class_words(name, images, cfg)}
                     for name, images in (classes_never_trained(index) if index else []))],
         identical=_identical(scan.files, scan.labels, scan.classes), unreadable=unreadable, modes=modes,
+        encodings=encodings,
         smallest=tuple(areas[0]) if areas else None, largest=tuple(areas[-1]) if areas else None,
         imbalance=(max(counts.values()) / min(counts.values())) if counts else None, images=len(scan.files),
         decoded=decode, split=split if index else None, seconds=round(time.perf_counter() - t0, 2))

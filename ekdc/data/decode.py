@@ -5,7 +5,7 @@ import collections
 import contextlib
 import os
 import warnings
-from typing import IO, Union
+from typing import IO, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -93,14 +93,57 @@ def open_image(src: Union[str, IO[bytes]], name: str = ""):
         yield im
 
 
-def check_image(src: Union[str, IO[bytes]], name: str = "", full: bool = False) -> tuple[str, tuple[int, int]]:
-    """(mode, size) from the header and Pillow's ``verify``, or the UserError ``decode_image`` would raise
-    for this file's size or mode. ``verify`` does not read a JPEG's data, so a truncated JPEG passes unless
-    ``full``, which decodes the image too."""
+# the IJG (libjpeg) luminance quantisation table at quality 50, in natural order: every libjpeg-based encoder
+# (Pillow, OpenCV, ImageMagick, most cameras' software) scales it by the quality it is given
+_IJG_LUMINANCE = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                  14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                  49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+_CHROMA_SAMPLING = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}  # Pillow's get_sampling codes
+
+
+def _ijg_table(quality: int) -> list[int]:
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return [min(255, max(1, (q * scale + 50) // 100)) for q in _IJG_LUMINANCE]
+
+
+def jpeg_quality(luminance_table) -> str:
+    """The libjpeg quality a JPEG's luminance table was scaled for: ``q75`` where it is exactly that table,
+    ``~q75`` for the nearest where the encoder used tables of its own."""
+    table = list(luminance_table)
+    if len(table) != 64:
+        return "q?"
+    best = min(range(1, 101), key=lambda q: sum(abs(a - b) for a, b in zip(_ijg_table(q), table)))
+    return f"q{best}" if _ijg_table(best) == table else f"~q{best}"
+
+
+def encoding_of(im: Image.Image) -> str:
+    """How an opened image file is encoded: its format, and for a JPEG the quality its quantisation tables
+    were scaled for and its chroma subsampling (4:2:0 keeps colour at half the width and height)."""
+    fmt = im.format or "unknown"
+    if fmt != "JPEG":
+        return fmt
+    from PIL import JpegImagePlugin
+
+    tables = getattr(im, "quantization", None) or {}
+    parts = ["JPEG", jpeg_quality(tables[0]) if 0 in tables else "q?"]
+    sampling = _CHROMA_SAMPLING.get(JpegImagePlugin.get_sampling(im)) if im.mode in ("RGB", "YCbCr") else None
+    return " ".join(parts + ([sampling] if sampling else []))
+
+
+class ImageHeader(NamedTuple):
+    mode: str
+    size: tuple[int, int]
+    encoding: str  # ``encoding_of``
+
+
+def check_image(src: Union[str, IO[bytes]], name: str = "", full: bool = False) -> ImageHeader:
+    """Mode, size and encoding from the header and Pillow's ``verify``, or the UserError ``decode_image``
+    would raise for this file's size or mode. ``verify`` does not read a JPEG's data, so a truncated JPEG
+    passes unless ``full``, which decodes the image too."""
     with open_image(src, name) as im:
         if im.mode not in MODES:
             raise UserError(f"cannot read image {name or src}: image mode '{im.mode}' is not one ekdc decodes")
-        mode, size = im.mode, im.size
+        mode, size, encoding = im.mode, im.size, encoding_of(im)
         try:
             im.verify()
         except (OSError, ValueError, SyntaxError) as err:
@@ -111,7 +154,7 @@ def check_image(src: Union[str, IO[bytes]], name: str = "", full: bool = False) 
                 im.load()
             except (OSError, ValueError, SyntaxError) as err:
                 raise UserError(f"cannot read image {name or src}: {err}") from None
-    return mode, size
+    return ImageHeader(mode, size, encoding)
 
 
 EXIF_ORIENTATION = 0x0112  # the tag cameras and phones write instead of rotating the pixels
