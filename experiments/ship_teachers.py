@@ -144,9 +144,10 @@ def _ship(run: Path, tcfg, candidate: Path, out: Path, shipped: dict | None, dat
         earlier = [*shipped.get("earlier_cycles", []),
                    {k: v for k, v in shipped.items() if k not in ("earlier_cycles", "name", "arch", "file", "bytes")}]
         cycle_recipe = out / f"{tcfg.name}.cycle{len(earlier)}.recipe.yaml"
-        if shipped.get("recipe") and (out / shipped["recipe"]).exists():
+        kept_recipe = shipped.get("recipe") and (out / shipped["recipe"]).exists()
+        if kept_recipe:
             os.replace(out / shipped["recipe"], cycle_recipe)
-            earlier[-1]["recipe"] = cycle_recipe.name
+        earlier[-1]["recipe"] = cycle_recipe.name if kept_recipe else None  # its name is the new cycle's now
         earlier[-1]["file_sha256"] = _io.file_sha256(dst)
         commit = _last_commit(dst)
         if commit:
