@@ -591,3 +591,53 @@ def test_a_shipped_recipe_names_files_in_the_checkout_relative_to_it(tmp_path):
     shipped = yaml.safe_load(ship._ship_recipe(tmp_path / "run", tmp_path / "r.yaml").read_text())
     assert shipped["data"]["root"] == "data"
     assert [t["weights"] for t in shipped["teachers"]] == ["weights/cifar10-large/wrn_16_4.pt", str(tmp_path / "elsewhere.pt")]
+
+
+FAKE_AIRBENCH = '''
+import torch
+hyp = {"opt": {"train_epochs": 9.9}}
+class Loader:
+    def __init__(self, gpu=0):
+        self.images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+        data = torch.load(PATH, map_location=torch.device(gpu))
+        self.images = self.images.half() / 255
+def make_net():
+    net = torch.nn.Linear(2, 2)
+    net = net.half().cuda()
+    return net
+def timed():
+    starter = torch.cuda.Event(enable_timing=True)
+    ender = torch.cuda.Event(enable_timing=True)
+    starter.record(); ender.record()
+    torch.cuda.synchronize()
+    return starter.elapsed_time(ender)
+'''
+
+
+def test_airbench_reference_runs_airbench_on_the_cpu_and_refuses_another_snapshot(tmp_path):
+    ref = _load("airbench_reference")
+    repo = tmp_path / "airbench"
+    (repo / "legacy").mkdir(parents=True)
+    (repo / "legacy" / "airbench94.py").write_text(FAKE_AIRBENCH)
+    torch_ = pytest.importorskip("torch")
+    torch_.save({"x": 1}, tmp_path / "d.pt")
+    ns = ref.load_airbench(repo)
+    ns["PATH"] = str(tmp_path / "d.pt")
+    # every CUDA and fp16 call is gone: these run on a machine without a GPU, in fp32
+    assert ns["make_net"]().weight.dtype == torch_.float32
+    assert ns["Loader"]().images.dtype == torch_.float32
+    assert ns["timed"]() >= 0
+    (repo / "legacy" / "airbench94.py").write_text(FAKE_AIRBENCH.replace("net = net.half().cuda()", "net = net.cuda()"))
+    with pytest.raises(SystemExit, match="has no 'net = net.half"):
+        ref.load_airbench(repo)
+
+
+def test_airbench_reference_page_puts_the_run_beside_the_published_figure(tmp_path):
+    ref = _load("airbench_reference")
+    result = {"runs": [{"run": 0, "tta0": 0.88, "tta1": 0.89, "tta2": 0.9001, "seconds": 10.0, "epochs": 9.9},
+                       {"run": 1, "tta0": 0.86, "tta1": 0.87, "tta2": 0.8801, "seconds": 10.0, "epochs": 9.9}],
+              "images": {"train": 45000, "val": 5000}, "machine": "m", "command": "python experiments/x.py"}
+    page = ref.write_page(result, tmp_path, "ignored")
+    assert "| airbench94 on ekdc's split (run 1) | 9.9 | 45,000 | 86.00% | 87.00% | 88.01% | 10 |" in page
+    assert "scores 5.00 points under its published figure" in page  # 94.01 against the mean of 90.01 and 88.01
+    assert json.loads((tmp_path / "airbench-reference.json").read_text())["published"]["tta2"] == 0.9401
