@@ -5,8 +5,8 @@
     python experiments/headline.py --report-only    # rebuild the pages from finished runs
     python experiments/headline.py --keep-cache --commit   # at a session's end: the teacher cache built so far
 
-Trains the rows of ``recipes/cifar10-strong.yaml`` through ``ekdc compare`` (the recipe's student, and the
-same student with ``ce`` at the same schedule; one seed) into runs/headline/, and the branch question beside
+Trains the rows of ``recipes/cifar10-strong.yaml`` through ``ekdc compare`` (the recipe's student, the
+same student with ``ce`` and with DKD at the same schedule; one seed) into runs/headline/, and the branch question beside
 them (runs/headline/three-branch/: a 3-branch student of the recipe student's MACs with ``avg_kd`` and ``ekd``,
 and the one-branch student ``ekdc plan`` picks for its latency), exports the recipe's student
 in fp32 and int8 with the teacher ensemble beside it, benches every file (``ekdc bench``: 3 interleaved
@@ -155,7 +155,8 @@ def train(args) -> dict:
 def main() -> None:
     global OUT, DOCS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="recipe,ce")
+    # recipe+dkd: does DKD, which paid +2.01 points on 500 images a class (docs/EVIDENCE.md), pay at full data?
+    ap.add_argument("--rows", default="recipe,ce,recipe+dkd")
     ap.add_argument("--branch-rows", default="avg_kd,ekd,planned:avg_kd",
                     help="rows of the 3-branch student ('' for none)")
     ap.add_argument("--report-only", action="store_true")
@@ -282,6 +283,10 @@ def _findings(record: dict) -> list[str]:
     if student and ce:
         lines.append(f"- **Distillation against the labels alone** (`ce`, the same student and schedule): "
                      f"{pts(student, ce):+.2f} points ({acc(student)} against {acc(ce)}).")
+    dkd = rows.get("recipe+dkd student fp32")
+    if student and dkd:
+        lines.append(f"- **DKD** (the same student and schedule, DKD with its warm-up instead of KL): "
+                     f"{pts(dkd, student):+.2f} points ({acc(dkd)} against {acc(student)}).")
     three = rows.get(_branch_label("avg_kd"))
     if student and three:
         lines.append(f"- **Equal MACs:** three branches ({three['macs'] / 1e6:.1f}M MACs) against the one-branch "

@@ -539,6 +539,10 @@ def test_headline_findings_are_computed_from_the_table():
     assert "Equal latency:** three branches against the one branch `ekdc plan` picked for their latency (150.0M MACs; " \
            "0.69 against 0.70 ms at batch 1 here): -0.20 points." in text
     assert "EKD's objective" not in text  # the ekd row has not finished
+    assert "DKD" not in text  # nor has the DKD row
+    text = "\n".join(hl._findings({"rows": [*rows, row("recipe+dkd student fp32", 0.9085, 100e6)]}))
+    assert "**DKD** (the same student and schedule, DKD with its warm-up instead of KL): +0.35 points (90.85% against " \
+           "90.50%)." in text
     assert "the recipe's one branch" not in text  # 0.5 ms against 0.7: not the same latency
     rows[0] = row("student fp32", 0.905, 100e6, 0.69, 8.0, 6.0)  # as fast as the three branches: a second answer
     assert "runs at 0.69 ms too (within 5% of the three branches' 0.70 ms): three branches against it, +0.50" in \
