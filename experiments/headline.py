@@ -156,7 +156,7 @@ def main() -> None:
     global OUT, DOCS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # recipe+dkd: does DKD, which paid +2.01 points on 500 images a class (docs/EVIDENCE.md), pay at full data?
-    ap.add_argument("--rows", default="recipe,ce,recipe+dkd")
+    ap.add_argument("--rows", default="recipe,recipe+dkd,ce")
     ap.add_argument("--branch-rows", default="avg_kd,ekd,planned:avg_kd",
                     help="rows of the 3-branch student ('' for none)")
     ap.add_argument("--report-only", action="store_true")
