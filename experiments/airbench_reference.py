@@ -211,4 +211,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ekdc.errors import UserError
+    try:
+        main()
+    except UserError as e:  # a data folder or recipe that cannot be read: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
