@@ -9,7 +9,9 @@ A row says which ensemble it was distilled from: ``"teachers"`` when the teacher
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -68,7 +70,9 @@ FIELDS = {
     "files[].macs": "the trained student's multiply-accumulates per image (PyTorch, before folding)",
     "files[].onnx_macs": "what the file computes per image, counted in its graph: a padded fold computes its "
                          "zero channels too, so it may exceed macs",
-    "files[].onnx_params": "parameters stored in the file (a padded fold stores its zero channels)",
+    "files[].onnx_params": "the weights and biases of the file's compute nodes (convolutions, matrix products), "
+                           "counted as ekdc bench counts them (a padded fold stores its zero channels); small "
+                           "constants such as the normalisation's mean and 1/std are not counted",
     "files[].latency_ms": "batch-1 p50 on ONNX Runtime CPU, from the driver's bench rounds (machine in the docs page)",
     "files[].latency_ms_b64": "p50 of a batch of 64, the same way; img_s_b64: images/s at batch 64",
     "files[].latency_rounds_ms": "each bench round's batch-1 p50 (null where the file was timed in one bench run)",
@@ -76,10 +80,16 @@ FIELDS = {
     "files[].mode, kd_loss, student, params": "how the student was trained (ekdc compare's row), its layout and "
                                               "its PyTorch parameters",
     "files[].teachers": "which ensemble it was distilled from: the key of that entry",
-    "teachers": "the ensemble: val_acc (of its teachers.onnx, fp16 weights, float32 I/O), macs, train_images, "
-                "files (each teacher file's sha256)",
+    "teachers": "the ensemble: val_acc (of its teachers.onnx, fp16 weights, float32 I/O; val_acc_fp32_weights: "
+                "the same graph with fp32 weights), macs, train_images, onnx (with onnx_macs, onnx_params, "
+                "onnx_bytes as for files[]), files (each teacher file's sha256)",
     "split": "the validation split every accuracy is on: val_per_class images of each class drawn with "
-             "split_seed from the CIFAR-10 training JPEGs (ekdc's stratified_split), the rest for training",
+             "split_seed from the CIFAR-10 training JPEGs, the rest for training; val_files names its list "
+             "beside this file (sha256sum's format: '<sha256>  <class>/<file>' under the data folder, "
+             "checked with 'sha256sum -c' there; the label is the class's index in the ONNX files' "
+             "ekdc.classes), val_files_sha256 the list's own digest. The draw, for another reader: "
+             "numpy.random.default_rng(split_seed); the files sorted by path; for each class in label order, "
+             "a permutation of its files, the first val_per_class of which are validation",
 }
 
 
@@ -97,10 +107,37 @@ def file_row(entry: dict, grid: Path, onnx: str, *, per_class: Optional[int], tr
     return {**row, **measured}
 
 
-def split_of(data) -> dict:
-    """The validation split a recipe's ``data:`` draws (what every accuracy of the page is on)."""
+VAL_FILES = "val-files.sha256"
+
+
+def split_of(data, folder: Path) -> dict:
+    """The validation split a recipe's ``data:`` draws (what every accuracy of the page is on), its files
+    listed in ``folder``/val-files.sha256: a client elsewhere scores the shipped files on exactly them."""
+    from ekdc._io import atomic_path
+
     carve = {"val_per_class": data.val_per_class} if data.val_per_class else {"val_fraction": data.val_fraction}
-    return {**carve, "split_seed": data.split_seed, "data": "/".join(Path(data.root).parts[-2:]) if data.root else data.dataset}
+    listing = val_listing(data)
+    with atomic_path(folder / VAL_FILES) as tmp:
+        tmp.write_text(listing)
+    return {**carve, "split_seed": data.split_seed,
+            "data": "/".join(Path(data.root).parts[-2:]) if data.root else data.dataset,
+            "val_files": VAL_FILES, "val_files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def val_listing(data) -> str:
+    """The validation split's files in ``sha256sum``'s format, paths relative to the data folder, in split
+    order (the order ekdc scores them in)."""
+    from ekdc.data.splits import index_splits
+
+    part = index_splits(data).val
+    root = os.path.abspath(data.root)
+    lines = []
+    for i in part.positions:
+        path = part.source.files[i]
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        lines.append(f"{digest}  {Path(os.path.relpath(os.path.abspath(path), root)).as_posix()}\n")
+    return "".join(lines)
 
 
 def _file_figures(folder: Path, entry: dict) -> None:
@@ -179,5 +216,5 @@ if __name__ == "__main__":  # refresh the files' own figures and the key descrip
     from ekdc import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "cifar10-strong.yaml")
-    write_evidence(docs, json.loads((docs / "evidence.json").read_text()), split_of(recipe.data))
+    write_evidence(docs, json.loads((docs / "evidence.json").read_text()), split_of(recipe.data, docs))
     print(f"wrote {docs / 'evidence.json'}")

@@ -227,7 +227,7 @@ def write_page(report: dict, check: dict, args) -> None:
              *(_kept_reading(docs / "EVIDENCE.md") or ["(written once the grid is complete)"]), ""]
     (docs / "EVIDENCE.md").write_text("\n".join(lines))
     (docs / "evidence" / "pairs.json").write_text(json.dumps({"pairs": pairs, "convergence": conv}, indent=1) + "\n")
-    _artifacts(report, docs / "evidence", split_of(recipe.data))
+    _artifacts(report, docs / "evidence", split_of(recipe.data, docs / "evidence"))
 
 
 def _artifacts(report: dict, folder: Path, split: dict) -> None:

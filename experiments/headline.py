@@ -214,7 +214,7 @@ def main() -> None:
     if DOCS == ROOT / "docs":
         _readme(record)
     _plot(record, DOCS / "headline.png")
-    _evidence(record, students, files["teacher ensemble"], split_of(load_recipe(RECIPE, args.set).data), reports)
+    _evidence(record, students, files["teacher ensemble"], split_of(load_recipe(RECIPE, args.set).data, DOCS / "evidence"), reports)
     print(md)
 
 

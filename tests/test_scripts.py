@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -553,6 +554,39 @@ def test_headline_findings_are_computed_from_the_table():
     assert "**not met**" in "\n".join(hl._findings({"rows": rows}))
 
 
+def test_the_validation_split_is_listed_for_clients_that_have_only_the_files(tmp_path):
+    """split_of writes the validation files beside evidence.json in sha256sum's format, paths under the data
+    folder, in the order ekdc scores them: exactly the split ekdc draws, and the list's digest in the entry."""
+    import hashlib
+
+    from PIL import Image
+
+    from ekdc.data.splits import index_splits
+    from ekdc.recipe import DataConfig
+
+    ev = _load("evidence_files")
+    root = tmp_path / "data"
+    for c in ("cat", "dog", "owl"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (i * 40, len(c) * 20, 0)).save(root / c / f"{i} x.png")
+    data = DataConfig(dataset="imagefolder", root=str(root), image_size=8, val_per_class=2, split_seed=3)
+    split = ev.split_of(data, tmp_path / "out")
+    listing = (tmp_path / "out" / split["val_files"]).read_text()
+    assert split["val_files_sha256"] == hashlib.sha256(listing.encode()).hexdigest()
+    assert (split["val_per_class"], split["split_seed"]) == (2, 3)
+    part = index_splits(data).val
+    expected = [str(Path(part.source.files[i]).relative_to(root).as_posix()) for i in part.positions]
+    rows = [line.split("  ", 1) for line in listing.splitlines()]
+    assert [r[1] for r in rows] == expected and len(rows) == 6  # "0 x.png": a name with a space stays whole
+    assert sorted(r[1].split("/")[0] for r in rows) == ["cat", "cat", "dog", "dog", "owl", "owl"]
+    for digest, rel in rows:
+        assert digest == hashlib.sha256((root / rel).read_bytes()).hexdigest()
+    other = ev.split_of(DataConfig(dataset="imagefolder", root=str(root), image_size=8, val_per_class=2, split_seed=4),
+                        tmp_path / "out")
+    assert other["val_files_sha256"] != split["val_files_sha256"]  # another seed, another draw, another list
+
+
 def test_the_shipped_evidence_json_describes_its_files_as_they_are():
     """docs/evidence/ is read elsewhere, by clients that have only the files: every row's file is there, its
     MACs and parameters are the file's own (a padded fold counts its zeros), every key is described, the
@@ -581,6 +615,17 @@ def test_the_shipped_evidence_json_describes_its_files_as_they_are():
                                                                           "onnx_bytes"}
     meta = {p.key: p.value for p in onnx.load(str(folder / "teachers.onnx"), load_external_data=False).metadata_props}
     assert meta["ekdc.precision"] == "fp16"
+    for key in set(data["teachers"]) - {"files"}:  # the ensemble's keys are described too
+        assert key in data["fields"]["teachers"], key
+    # the validation files a client scores on: listed, the list's digest recorded, 500 a class of ekdc.classes
+    import hashlib
+    from collections import Counter
+
+    listing = (folder / data["split"]["val_files"]).read_text()
+    assert hashlib.sha256(listing.encode()).hexdigest() == data["split"]["val_files_sha256"]
+    per_class = Counter(line.split("  ", 1)[1].split("/")[0] for line in listing.splitlines())
+    assert set(per_class) == set(json.loads(meta["ekdc.classes"]))
+    assert set(per_class.values()) == {data["split"]["val_per_class"]}
 
 
 def test_a_shipped_recipe_names_files_in_the_checkout_relative_to_it(tmp_path):
