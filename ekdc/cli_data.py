@@ -26,12 +26,13 @@ def data_check(
 
     from ._io import check_outputs, write_json
     from .data.check import check_images
-    from .data.config import DataConfig
     from .recipe import load_recipe
     from .tables import data_check_lines, data_check_table
 
     if target.is_dir():
-        cfg, split = DataConfig(dataset="imagefolder", root=str(target)), "ekdc's default (val_fraction 0.1, split_seed 0)"
+        cfg, split = _folder_data(target, set_), "ekdc's default (val_fraction 0.1, split_seed 0)"
+        if set_:
+            split = f"ekdc's default with {', '.join(set_)}"
     elif target.is_file():
         cfg, split = load_recipe(target, set_).data, f"the recipe's ({target})"
         if cfg.dataset != "imagefolder":
@@ -49,6 +50,27 @@ def data_check(
         console.print(f"wrote {json_path}")
     if report["wrong"]:
         raise typer.Exit(1)
+
+
+def _folder_data(folder: Path, overrides: list[str]):
+    """A bare folder's data: ekdc's defaults, with ``--set data.KEY=VALUE`` (the split's keys, the image size)
+    applied as a recipe would: any other key is refused rather than ignored."""
+    from pydantic import ValidationError
+
+    from .data.config import DataConfig
+    from .recipe import apply_overrides
+    from .recipe.messages import first_error
+
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("data.") or key in ("data.root", "data.dataset"):
+            raise UserError(f"--set {item}: with a folder only its data: keys apply (data.val_per_class, "
+                            f"data.split_seed, ...; the folder is data.root); give a recipe for the others")
+    raw = apply_overrides({"data": {"dataset": "imagefolder", "root": str(folder)}}, overrides)["data"]
+    try:
+        return DataConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(first_error(err, f"{folder} (--set)", DataConfig)) from None
 
 
 @data_app.command("shard")

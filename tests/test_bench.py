@@ -408,6 +408,40 @@ def test_model_from_elsewhere(art, tmp_path):
     assert res.returncode == 0 and "do not apply to student.onnx" in " ".join(res.stdout.split()), res.stdout
 
 
+def test_the_current_folder_as_a_model_is_one_line(tmp_path):
+    """'.' has no file name to put a default reference beside: said as the folder it is, before anything else."""
+    for arg in (".", "./", ""):
+        res = run_cli(arg, cwd=tmp_path)
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == \
+            ["ekdc: error: model . is a folder, not a model file"], (arg, res.stderr)
+
+
+def test_an_ekdc_model_is_scored_by_its_class_names(art, tmp_path):
+    """--data's classes are matched to the model's ekdc.classes by name: another order is read by name, and the
+    same count of unrelated names is refused (an accuracy would compare unrelated labels)."""
+    import onnxruntime as ort
+
+    from ekdc.benchmark import bench
+    from ekdc.data import index_splits
+    from ekdc.recipe import load_recipe
+
+    common = dict(against=art["teachers"], batches=(1,), runs=2, repeats=1, warmup=0, threads=1, data=art["recipe"])
+    names = [f"class_{i}" for i in range(CLASSES)]
+    renamed, unrelated = tmp_path / "renamed.onnx", tmp_path / "unrelated.onnx"
+    for path, classes in ((renamed, names[::-1]), (unrelated, [f"digit_{i}" for i in range(CLASSES)])):
+        m = onnx.load(str(art["student"]))
+        next(p for p in m.metadata_props if p.key == "ekdc.classes").value = json.dumps(classes)
+        onnx.save(m, str(path))
+    x, y = index_splits(load_recipe(art["recipe"]).data).take("val")
+    logits = ort.InferenceSession(str(art["student"]), providers=["CPUExecutionProvider"]).run(
+        None, {"images": (x.float() / 255).numpy()})[0]
+    rep = bench([renamed], **common)
+    got = next(m for m in rep["models"] if m["name"] == "renamed.onnx")["accuracy"]
+    assert got == pytest.approx(float((logits[:, ::-1].argmax(1) == y.numpy()).mean()))
+    with pytest.raises(UserError, match=r"--data: .*class 'class_0' is not among unrelated.onnx's classes"):
+        bench([unrelated], **common)
+
+
 @pytest.mark.parametrize("case, word", [
     ("missing", "not found"),
     ("garbage", "not an ONNX file"),

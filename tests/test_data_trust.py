@@ -283,3 +283,73 @@ def test_one_class_is_refused_by_check_distill_and_shard(folder, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and "a classifier needs at least 2" in lines[0], res.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
+
+
+def test_split_folders_under_the_root_are_wrong_not_classes(tmp_path):
+    """root/train/<class>, root/val/<class>: the root one level too high would train 'train' against 'val'.
+    data check says so (exit 1) and points at the folder to name; the training folder itself is fine."""
+    root = tmp_path / "ds"
+    for k, split in enumerate(("train", "val")):
+        for c in ("cat", "dog"):
+            for i in range(3):
+                _img(root / split / c / f"{i}.png", 10 * k + i + (50 if c == "dog" else 0))
+    res = run_cli("data", "check", root)
+    assert res.returncode == 1 and "split_folders" in res.stdout and "point data.root at the training folder" in \
+        res.stdout, res.stdout
+    res = run_cli("data", "check", root / "train")
+    assert res.returncode == 0 and "no problem found" in res.stdout, res.stdout
+
+
+def test_a_file_or_link_the_scan_cannot_read_is_one_line_or_a_reported_file(folder, monkeypatch):
+    """An entry the scan cannot stat (a link into a folder this user may not enter) stops in one line naming
+    it; a file whose bytes cannot be read is reported unreadable, never a traceback from the duplicate
+    search that reads every file's bytes."""
+    from ekdc.data import check, folder as folder_mod
+
+    locked = str(folder / "dog" / "d2.png")
+    real_take = folder_mod._ClassWalk._take
+
+    def take(self, e):
+        if e.path == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_take(self, e)
+
+    monkeypatch.setattr(folder_mod._ClassWalk, "_take", take)
+    with pytest.raises(UserError, match=r"cannot read .*d2.png \(Permission denied\)"):
+        folder_mod.scan_folder(folder, "data.root")
+    monkeypatch.setattr(folder_mod._ClassWalk, "_take", real_take)
+
+    (folder / "dog" / "d2-copy.png").write_bytes(Path(locked).read_bytes())  # same size: its bytes get read
+    real_check, real_digest = check.check_image, check._digest
+
+    def refuse(path, *a, **k):
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_digest(path, *a, **k)
+
+    def header(path, *a, **k):
+        if str(path) == locked:
+            raise UserError(f"cannot read image {path}: Permission denied")
+        return real_check(path, *a, **k)
+
+    monkeypatch.setattr(check, "_digest", refuse)
+    monkeypatch.setattr(check, "check_image", header)
+    report = check.check_images(_data(folder))
+    assert [u["path"] for u in report.unreadable] == [locked] and report.wrong
+    assert report.identical == []  # the copy has no readable twin
+
+
+def test_data_check_of_a_folder_takes_its_data_keys_and_refuses_the_others(folder, tmp_path):
+    """--set on a bare folder sets its data: keys as a recipe would (the split counted by them); a key a folder
+    has not is refused in one line, never ignored."""
+    res = run_cli("data", "check", folder, "--set", "data.val_per_class=2", "--json", tmp_path / "c.json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert [(c["train"], c["val"]) for c in report["classes"]] == [(4, 2), (4, 2)]
+    assert "data.val_per_class=2" in report["split"]
+    for item, word in (("distill.epochs=3", "only its data: keys apply"), ("data.root=/elsewhere", "the folder is "
+                                                                                   "data.root"),
+                       ("data.val_per_class=0", "must be > 0")):
+        res = run_cli("data", "check", folder, "--set", item)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and word in lines[0], (item, res.stderr)

@@ -24,6 +24,9 @@ def model_paths(models) -> list[Path]:
     paths = [Path(models)] if isinstance(models, (str, os.PathLike)) else [Path(m) for m in models]
     if not paths:
         raise UserError("no model to bench: give at least one exported .onnx file")
+    for p in paths:  # said here, before a report's paths are made from it ('.' has no name to put beside)
+        if p.is_dir():
+            raise UserError(f"model {p} is a folder, not a model file")
     return paths
 
 

@@ -124,7 +124,15 @@ def _feed_for(e: Entry, val: ValData, foreign: Optional[dict]) -> tuple[Optional
     if e.info.from_ekdc:
         if len(e.info.classes) != len(val.classes):
             return None, f"{val.source} has {len(val.classes)} classes but {e.name} predicts {len(e.info.classes)}"
-        return {}, None
+        model_classes = list(e.info.classes)
+        if model_classes == list(val.classes):
+            return {}, None
+        missing = [c for c in val.classes if c not in model_classes]
+        if missing:  # the same count of unrelated names: an accuracy would compare unrelated labels
+            return None, (f"{val.source}'s class '{missing[0]}' is not among {e.name}'s classes "
+                          f"({', '.join(model_classes[:4])}{', ...' if len(model_classes) > 4 else ''})")
+        # the same classes in another order: the model's outputs read by name, in the data's order
+        return {"class_index": [model_classes.index(c) for c in val.classes], "width": len(model_classes)}, None
     if foreign is None:
         return None, (f"{e.name} carries no ekdc metadata, so nothing says how to feed it: give --classes "
                       "(its outputs in order) and --preprocess")

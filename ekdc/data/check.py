@@ -9,6 +9,7 @@ invented class, one image under two classes) set ``wrong``: the command then exi
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -59,16 +60,20 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _identical(files: list[str], labels, classes: list[str]) -> list[dict]:
-    """Groups of files with the same bytes: sizes first, then a hash of the files that share a size."""
+def _identical(files: list[str], labels, classes: list[str], unreadable: set[str]) -> list[dict]:
+    """Groups of files with the same bytes: sizes first, then a hash of the files that share a size. A file
+    that cannot be read is in no group (it is reported as unreadable)."""
     by_size = collections.defaultdict(list)
     for i, f in enumerate(files):
-        by_size[os.path.getsize(f)].append(i)
+        if f not in unreadable:
+            with contextlib.suppress(OSError):
+                by_size[os.path.getsize(f)].append(i)
     by_hash = collections.defaultdict(list)
     for group in by_size.values():
         if len(group) > 1:
             for i in group:
-                by_hash[_digest(files[i])].append(i)
+                with contextlib.suppress(OSError):  # gone or locked since its header was read
+                    by_hash[_digest(files[i])].append(i)
     out = []
     for group in by_hash.values():
         if len(group) > 1:
@@ -126,7 +131,7 @@ def check_images(cfg, *, decode: bool = False, progress=None, split: str = "the 
                   *({"kind": "no_training_image", "path": str(root / name), "wrong": True,
                      "detail": untrained_class_words(name, images, cfg)}
                     for name, images in (classes_never_trained(index) if index else []))],
-        identical=_identical(scan.files, scan.labels, scan.classes), unreadable=unreadable, modes=modes,
+        identical=_identical(scan.files, scan.labels, scan.classes, {u["path"] for u in unreadable}), unreadable=unreadable, modes=modes,
         encodings=encodings,
         smallest=tuple(areas[0]) if areas else None, largest=tuple(areas[-1]) if areas else None,
         imbalance=(max(counts.values()) / min(counts.values())) if counts else None, images=len(scan.files),

@@ -28,10 +28,16 @@ PROBLEMS = {
     "other_class_link": (True, "links into another class's folder (they would relabel its images), not followed"),
     "in_two_classes": (True, "files linked into two classes, kept in the first only"),
     "empty_class": (True, "folders with no image, not classes"),
+    "split_folders": (True, "class folders named like splits (train, val, test), not like classes: is the root one "
+                            "level too high?"),
     "duplicate_path": (False, "files reached twice (through links), taken once"),
     "not_image": (False, "files that are not images ekdc reads, left out"),
     "broken_link": (False, "links that lead nowhere, left out"),
 }
+
+
+# names a data set's split folders go by: two of them as class folders mean the root is one level too high
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 
 @dataclasses.dataclass
@@ -88,29 +94,36 @@ class _ClassWalk:
         for e in entries:
             if e.name.startswith("."):
                 continue
-            target = os.path.realpath(e.path)
-            if e.is_symlink() and not os.path.exists(target):  # wherever it points, there is nothing to take
-                self.problems.append(Problem("broken_link", e.path, f"a link to {target}, which does not exist: "
-                                                                    "left out"))
-                continue
-            if e.is_symlink():
-                kind = self._link_problem(target)
-                if kind is not None:
-                    where = "the root or a folder above it" if kind == "loop" else "another class's folder"
-                    self.problems.append(Problem(kind, e.path, f"a link to {target}, inside {where}: not followed"))
-                    continue
-            if e.is_dir():
-                self.walk(e.path)
-            elif not e.name.lower().endswith(IMG_EXTENSIONS):
-                ext = os.path.splitext(e.name)[1] or "no extension"
-                self.problems.append(Problem("not_image", e.path, f"{ext} is not an image ekdc reads: left out"))
-            elif not os.path.isfile(target):  # a pipe or a socket named like an image
-                self.problems.append(Problem("not_image", e.path, "not a regular file: left out"))
-            elif target in self.found:
-                self.problems.append(Problem("duplicate_path", e.path, f"the same file as {self.found[target]}: "
-                                                                       "taken once"))
-            else:
-                self.found[target] = e.path
+            try:
+                self._take(e)
+            except OSError as err:  # a link into a folder this user may not enter, a file gone meanwhile
+                raise UserError(f"data.root: cannot read {e.path} ({err.strerror or err})") from None
+
+    def _take(self, e: os.DirEntry) -> None:
+        """One entry of a class folder: an image taken, a folder walked, or a problem said."""
+        target = os.path.realpath(e.path)
+        if e.is_symlink() and not os.path.exists(target):  # wherever it points, there is nothing to take
+            self.problems.append(Problem("broken_link", e.path, f"a link to {target}, which does not exist: "
+                                                                "left out"))
+            return
+        if e.is_symlink():
+            kind = self._link_problem(target)
+            if kind is not None:
+                where = "the root or a folder above it" if kind == "loop" else "another class's folder"
+                self.problems.append(Problem(kind, e.path, f"a link to {target}, inside {where}: not followed"))
+                return
+        if e.is_dir():
+            self.walk(e.path)
+        elif not e.name.lower().endswith(IMG_EXTENSIONS):
+            ext = os.path.splitext(e.name)[1] or "no extension"
+            self.problems.append(Problem("not_image", e.path, f"{ext} is not an image ekdc reads: left out"))
+        elif not os.path.isfile(target):  # a pipe or a socket named like an image
+            self.problems.append(Problem("not_image", e.path, "not a regular file: left out"))
+        elif target in self.found:
+            self.problems.append(Problem("duplicate_path", e.path, f"the same file as {self.found[target]}: "
+                                                                   "taken once"))
+        else:
+            self.found[target] = e.path
 
 
 def scan_folder(root: Path, what: str) -> FolderScan:
@@ -120,7 +133,10 @@ def scan_folder(root: Path, what: str) -> FolderScan:
         raise UserError(f"{what}: {root} is a file, not a folder of class folders" if root.exists()
                         else f"{what}: folder not found: {root}")
     root_real = os.path.realpath(root)
-    names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as err:
+        raise UserError(f"{what}: cannot list {root} ({err.strerror or err})") from None
     class_dirs = {c: os.path.realpath(root / c) for c in names}
     classes, files, labels, real, problems = [], [], [], [], []
     owner: dict[str, str] = {}  # real path -> the class that took it (a file linked in from outside by two)
@@ -145,6 +161,11 @@ def scan_folder(root: Path, what: str) -> FolderScan:
         labels += [len(classes) - 1] * len(listed)
     if not files:
         raise UserError(f"{what}: no images in class folders under {root} (expected {root}/<class>/<image>)")
+    splits = [c for c in classes if c.lower() in SPLIT_NAMES]
+    if len(splits) >= 2:  # root/train/<class>/..., root/val/<class>/...: each split would become a class
+        problems.append(Problem("split_folders", str(root), f"its class folders {splits} are named like splits: "
+                                                            "point data.root at the training folder (and "
+                                                            "data.val_root at the validation one)"))
     if len(classes) < 2:  # trains and scores 100% while learning nothing
         raise UserError(f"{what}: one class folder with images under {root} ({classes[0]}): a classifier needs at "
                         f"least 2 (expected {root}/<class>/<image>, one folder a class)")
