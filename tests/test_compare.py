@@ -145,6 +145,24 @@ def test_cli_compare_refuses_a_bad_row_before_training(tmp_path):
     assert not (tmp_path / "g2" / "teachers").exists()  # refused before the teachers train
 
 
+def test_a_one_branch_student_that_cannot_be_matched_fails_before_the_teachers(tmp_path, monkeypatch):
+    """The equal-MACs student is arithmetic on the recipe: a grid that cannot have it is refused before its
+    teachers train (hours on real data), not after."""
+    import ekdc.comparison.grid as grid
+
+    trained = []
+    monkeypatch.setattr(grid, "_teachers", lambda *a, **k: trained.append(1) or {})
+
+    def unmatched(*a, **k):
+        raise UserError("compare: the closest one-branch student has 990,820 MACs against 940,192: more than 5% apart")
+
+    monkeypatch.setattr(grid, "equal_macs_student", unmatched)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **TINY))
+    with pytest.raises(UserError, match="more than 5% apart"):
+        compare(recipe, rows="recipe,plain:avg_kd", seeds=[0], out=tmp_path / "g", progress=False)
+    assert trained == []
+
+
 def test_a_dkd_row_takes_dkds_warm_up(tmp_path):
     """+dkd ramps the KD term up over 1/12 of the epochs (DKD's 20 of 240) unless the recipe gives its own
     ramp; a KL row keeps the recipe's; a ramp of one epoch or less is left out (it changes nothing)."""

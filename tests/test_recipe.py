@@ -155,6 +155,17 @@ def test_yaml_cannot_run_code(tmp_path):
     assert "not valid YAML" in msg
 
 
+def test_a_key_given_twice_is_refused_not_the_last_kept(tmp_path):
+    """YAML keeps the last of two equal keys without a word: a recipe's 'mode: ekd' ... 'mode: ce' would
+    train ce. ekdc refuses it, naming both lines; an anchor merged in ('<<: *base') may still be overridden."""
+    msg = _error(tmp_path, "name: x\nmode: ekd\nseed: 1\nmode: ce\n")
+    assert "line 4" in msg and "key 'mode' is given twice (first on line 2)" in msg, msg
+    assert "key 'epochs' is given twice" in _error(tmp_path, "distill: {epochs: 2, epochs: 3}\n")
+    from ekdc.recipe.loading import load_yaml
+
+    assert load_yaml("a: &d {x: 1, y: 2}\nb:\n  <<: *d\n  x: 3\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+
+
 def test_set_overrides(tmp_path):
     p = write_recipe(tmp_path / "r.yaml")
     r = load_recipe(p, ["mode=avg_kd", "distill.temperature=2.5", "teachers.0.arch=resnet20",

@@ -351,8 +351,9 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
         students = read_grid_file(out / "students.json") or {}
         _check_finished(recipe, parsed, seeds, out, students, move)
     else:
-        raw = _teachers(recipe, out, move, console, progress)
+        # the students first: a grid whose one-branch student cannot be matched fails before hours of teachers
         students = _students(recipe, parsed, out, say, console)
+        raw = _teachers(recipe, out, move, console, progress)
         cells = _cells(raw, parsed, seeds, students, out)
         _distinct(cells[: len(parsed)], by_kind=False)  # the one-branch students chosen: still no two the same
         for k, (row, seed, cell, r) in enumerate(cells):

@@ -13,6 +13,7 @@ from .._io import existing_file
 from ..errors import UserError
 from ..models import PlanSpace, count_macs, count_params, create_model, get_student
 from ..recipe import Recipe, StudentConfig, student_from_dict
+from ..recipe.loading import load_yaml
 
 CandidateSpec = Union[dict, StudentConfig]
 
@@ -117,7 +118,7 @@ def read_candidates(path: Union[str, Path], recipe: Optional[Recipe] = None) -> 
     wrong one is named by the file."""
     path = existing_file(path, "--candidates", "a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError):
         raise UserError(f"--candidates {path}: not valid YAML") from None
     if not isinstance(raw, list) or not raw:

@@ -24,7 +24,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise UserError(f"--set {item!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -97,13 +97,41 @@ def _check_known_path(parts: list[str], item: str) -> None:
         raise UserError(f"--set {item}: unknown key '{'.'.join(parts)}'{hint}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last silently: a recipe
+    that says ``mode: ekd`` and, further down, ``mode: ce`` would train ``ce`` without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *defaults' merges, later keys override
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    given = key in first_line
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if given:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (first on line {first_line[key] + 1})",
+                        key_node.start_mark)
+                first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """YAML as a recipe reads it: safe, and a key given twice in one mapping is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"recipe not found: {path}")
     if path.is_dir():
         raise UserError(f"recipe {path} is a folder, not a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
