@@ -116,6 +116,24 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+# what a report flag writes: an existing file is replaced only when it is one of those (or empty), so that a
+# slip of the finger (--json recipe.yaml, --plot notes.txt) never turns a user's file into a report
+REPORT_KINDS = {"json": "a JSON file", "plot": "a PNG image"}
+
+
+def _replaceable_report(flag: str, path: Path) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return True
+        if flag == "plot":
+            with open(path, "rb") as fh:
+                return fh.read(8) == b"\x89PNG\r\n\x1a\n"
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):  # unreadable, not UTF-8 (a UnicodeDecodeError is a ValueError), not JSON
+        return False
+
+
 def check_outputs(inputs: dict[str, str | os.PathLike], **paths: Optional[str | os.PathLike]) -> None:
     """Before any work: no output file (``--json``, ``--plot``, ``--out``: the keyword is the flag) may be one of
     the command's inputs (``{what it is: its path}``) or lie inside an input folder, where a report would
@@ -129,6 +147,9 @@ def check_outputs(inputs: dict[str, str | os.PathLike], **paths: Optional[str | 
             raise UserError(f"--{flag} and --{twin} are the same file {path}: give each its own")
         if path.is_dir():
             raise UserError(f"--{flag} {path} is a folder; give a file name")
+        if flag in REPORT_KINDS and not _replaceable_report(flag, path):
+            raise UserError(f"--{flag} {path} exists and is not {REPORT_KINDS[flag]}: it is left as it is; give "
+                            f"--{flag} another file (or remove it)")
         for what, (source, source_real) in sources.items():
             if real[flag] == source_real:
                 raise UserError(f"--{flag} {path} is the {what}: give --{flag} another file")

@@ -353,3 +353,24 @@ def test_data_check_of_a_folder_takes_its_data_keys_and_refuses_the_others(folde
         res = run_cli("data", "check", folder, "--set", item)
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and word in lines[0], (item, res.stderr)
+
+
+def test_a_report_flag_never_turns_a_users_file_into_a_report(folder, tmp_path):
+    """--json over a recipe, --plot over notes: refused in one line and the file kept; an earlier report of the
+    same kind (or an empty file, as mktemp makes) is replaced."""
+    from ekdc._io import check_outputs
+
+    recipe = tmp_path / "cif.yaml"
+    recipe.write_text("name: mine\n")
+    res = run_cli("data", "check", folder, "--json", recipe)
+    assert res.returncode == 2 and "exists and is not a JSON file" in res.stderr, res.stderr
+    assert recipe.read_text() == "name: mine\n"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(UserError, match="exists and is not a PNG image"):
+        check_outputs({}, plot=notes)
+    (tmp_path / "old.json").write_text('{"an": "earlier report"}')
+    (tmp_path / "empty.json").write_text("")
+    for name in ("old.json", "empty.json"):
+        res = run_cli("data", "check", folder, "--json", tmp_path / name)
+        assert res.returncode == 0 and json.loads((tmp_path / name).read_text())["classes"], res.stderr
