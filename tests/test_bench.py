@@ -416,6 +416,19 @@ def test_the_current_folder_as_a_model_is_one_line(tmp_path):
             ["ekdc: error: model . is a folder, not a model file"], (arg, res.stderr)
 
 
+def test_a_measuring_process_killed_without_a_word_points_at_the_batch(art, monkeypatch):
+    """SIGKILL with no output is, on Linux, most often the out-of-memory killer: the line says to cut --batch."""
+    import subprocess as sp
+
+    import ekdc.benchmark.rounds as rounds
+    from ekdc.benchmark import bench
+
+    monkeypatch.setattr(rounds.subprocess, "run", lambda args, **k: sp.CompletedProcess(args, -9, "", ""))
+    with pytest.raises(UserError, match=r"exit code -9\): no output; killed \(SIGKILL\), most often for memory: try a "
+                                        r"smaller --batch than 64"):
+        bench([art["student"]], against=art["teachers"], batches=(1, 64), runs=2, repeats=1, warmup=0, threads=1)
+
+
 def test_an_ekdc_model_is_scored_by_its_class_names(art, tmp_path):
     """--data's classes are matched to the model's ekdc.classes by name: another order is read by name, and the
     same count of unrelated names is refused (an accuracy would compare unrelated labels)."""

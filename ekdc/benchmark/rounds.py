@@ -134,7 +134,11 @@ def _run_child(e: Entry, s: Settings, tmp: Path, val_paths: Optional[tuple[str, 
         res = json.loads(out_path.read_text())
     except (OSError, ValueError):
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"{e.name}: the measuring process died (exit code {proc.returncode}): {tail[:200]}") from None
+        # SIGKILL with nothing said is, on Linux, most often the out-of-memory killer: the batch is what to cut
+        hint = (f"; killed (SIGKILL), most often for memory: try a smaller --batch than {max(s.batches)}"
+                if proc.returncode == -9 else "")
+        raise UserError(f"{e.name}: the measuring process died (exit code {proc.returncode}): {tail[:200]}{hint}") \
+            from None
     if "error" in res:
         raise UserError(f"{e.name}: {res['error']}")
     return res
