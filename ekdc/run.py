@@ -234,6 +234,8 @@ def open_finished_run(run_dir: str | Path | None, runs_root: str | Path = "runs"
     if run_dir is None:
         return find_latest_run(runs_root)
     run = RunDir(run_dir)
+    if run.path.is_file():
+        raise UserError(f"{run.path} is a file; ekdc export reads a run folder (what ekdc distill wrote)")
     if not run.path.is_dir():
         raise UserError(f"run folder not found: {run.path}")
     if not run.recipe_path.is_file():

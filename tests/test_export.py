@@ -114,6 +114,8 @@ def test_export_bad_input(tiny_run, tmp_path):
 
     one_line(run_cli("export", "--runs", tmp_path / "no-runs"), "no run found")
     one_line(run_cli("export", tmp_path / "missing-run"), "run folder not found")
+    (tmp_path / "img.png").write_bytes(b"\x89PNG")
+    one_line(run_cli("export", tmp_path / "img.png"), "img.png is a file; ekdc export reads a run folder")
     half = tmp_path / "half"
     half.mkdir()
     (half / "recipe.yaml").write_text((tiny_run / "recipe.yaml").read_text())
