@@ -147,14 +147,14 @@ def check_outputs(inputs: dict[str, str | os.PathLike], **paths: Optional[str | 
             raise UserError(f"--{flag} and --{twin} are the same file {path}: give each its own")
         if path.is_dir():
             raise UserError(f"--{flag} {path} is a folder; give a file name")
-        if flag in REPORT_KINDS and not _replaceable_report(flag, path):
-            raise UserError(f"--{flag} {path} exists and is not {REPORT_KINDS[flag]}: it is left as it is; give "
-                            f"--{flag} another file (or remove it)")
         for what, (source, source_real) in sources.items():
             if real[flag] == source_real:
                 raise UserError(f"--{flag} {path} is the {what}: give --{flag} another file")
             if source.is_dir() and real[flag].is_relative_to(source_real):
                 raise UserError(f"--{flag} {path} lies inside the {what} {source}: give --{flag} a file outside it")
+        if flag in REPORT_KINDS and not _replaceable_report(flag, path):
+            raise UserError(f"--{flag} {path} exists and is not {REPORT_KINDS[flag]}: it is left as it is; give "
+                            f"--{flag} another file (or remove it)")
         ensure_writable_dir(path.parent)
 
 

@@ -59,6 +59,7 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
     ok = _recipe(d)
     (d / "not_yaml.yaml").write_text("data: [1, 2\nteachers: }\n")
     (d / "list.yaml").write_text("- a\n- b\n")
+    (d / "twice.yaml").write_text(ok.read_text() + "name: other\n")  # the recipe's name, given again below
     (d / "empty_root" / "cat").mkdir(parents=True)
     (d / "corrupt.pt").write_bytes(b"\x80\x04 this is no checkpoint")
     (d / "corrupt.onnx").write_bytes(b"garbage, not protobuf")
@@ -126,6 +127,7 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("recipe missing", ["distill", str(d / "missing.yaml")]),
         ("recipe not YAML", ["distill", str(d / "not_yaml.yaml")]),
         ("recipe not a mapping", ["distill", str(d / "list.yaml")]),
+        ("a key given twice", ["distill", str(d / "twice.yaml")]),
         ("unknown key", ["distill", str(ok), "--set", "distill.temprature=2"]),
         ("a key inside a value", ["distill", str(ok), "--set", "data.augment=false", "--set", "data.augment.cutout=3"]),
         ("wrong type", ["distill", str(ok), "--set", "distill.epochs=many"]),
