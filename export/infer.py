@@ -72,22 +72,29 @@ def _center(im: Image.Image, side: int) -> Image.Image:
 def load_images(paths: list[str], size: int, pre: dict) -> np.ndarray:
     batch = np.empty((len(paths), 3, size, size), dtype=np.float32)
     for i, p in enumerate(paths):
-        with open_image(p) as im:
-            if pre.get("exif_orientation") and im.getexif().get(0x0112, 1) not in (0, 1):  # turned as a viewer shows it
-                im = ImageOps.exif_transpose(im)
-            im = to_rgb(im)
-            if "resize_shorter" in pre:  # as ekdc decodes photos: shorter side to C, centre C x C, centre crop
-                c = int(pre["resize_shorter"])
-                a = pre.get("max_aspect")
-                if a and max(im.size) > a * min(im.size):  # a strip: its centre square first
-                    im = _center(im, min(im.size))
-                k = c / min(im.size)
-                im = _center(im.resize((max(c, round(im.size[0] * k)), max(c, round(im.size[1] * k))), Image.BILINEAR), c)
-                im = _center(im, int(pre["center_crop"]))
-            else:
-                im = im.resize((size, size), Image.BILINEAR)
-            batch[i] = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        try:
+            batch[i] = _load_one(p, size, pre)
+        except (OSError, ValueError) as err:  # Pillow's own words ("Truncated File Read") name no file
+            raise ValueError(str(err) if p in str(err) else f"cannot read image {p}: {err}") from None
     return batch
+
+
+def _load_one(p: str, size: int, pre: dict) -> np.ndarray:
+    with open_image(p) as im:
+        if pre.get("exif_orientation") and im.getexif().get(0x0112, 1) not in (0, 1):  # turned as a viewer shows it
+            im = ImageOps.exif_transpose(im)
+        im = to_rgb(im)
+        if "resize_shorter" in pre:  # as ekdc decodes photos: shorter side to C, centre C x C, centre crop
+            c = int(pre["resize_shorter"])
+            a = pre.get("max_aspect")
+            if a and max(im.size) > a * min(im.size):  # a strip: its centre square first
+                im = _center(im, min(im.size))
+            k = c / min(im.size)
+            im = _center(im.resize((max(c, round(im.size[0] * k)), max(c, round(im.size[1] * k))), Image.BILINEAR), c)
+            im = _center(im, int(pre["center_crop"]))
+        else:
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

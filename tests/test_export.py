@@ -197,7 +197,12 @@ def test_infer_example_bad_inputs_one_line_exit_2(tiny_export, tmp_path):
     m = onnx.load(out / "student.onnx")
     del m.metadata_props[:]
     onnx.save(m, foreign)
+    full = tmp_path / "full.jpg"  # a JPEG cut short: Pillow's own words ("Truncated File Read") name no file
+    Image.effect_noise((64, 64), 60).convert("RGB").save(full, quality=95)
+    truncated = tmp_path / "cut short.jpg"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
     cases = [(tmp_path / "missing.onnx", img, "cannot load", []), (corrupt, img, "cannot load", []),
+             (out / "student.onnx", truncated, f"cannot read image {truncated}", []),
              (foreign, img, "is not an ekdc export", []), (out / "student.onnx", tmp_path / "no.png", "no.png", []),
              (out / "student.onnx", img, "--top 0: must be 1 or more", ["--top", "0"]),
              (out / "student.onnx", img, "--top -1: must be 1 or more", ["--top", "-1"])]
