@@ -6,6 +6,8 @@ kill at any moment leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import hashlib
 import io
 import json
@@ -114,6 +116,34 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     except OSError as err:
         raise UserError(f"output folder {path} is not writable: {err.strerror or err}") from None
     return path
+
+
+def leaves_no_new_empty_folder(arg: str):
+    """Decorate a function whose ``arg`` names its output folder: when it fails, the folders it made for it (the
+    folder and any missing parents) are removed again if they are still empty, so that a refused or failed
+    command (a full disk, a bad input found late) leaves nothing the user did not have."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            missing, folder = [], Path(bound.arguments[arg]).absolute()
+            while not folder.exists() and folder != folder.parent:
+                missing.append(folder)
+                folder = folder.parent
+            try:
+                return fn(*args, **kwargs)
+            except BaseException:
+                for made in missing:  # the deepest first; one that holds anything stays, and so its parents
+                    try:
+                        made.rmdir()
+                    except OSError:
+                        break
+                raise
+        return run
+    return wrap
 
 
 # what a report flag writes: an existing file is replaced only when it is one of those (or empty), so that a

@@ -112,3 +112,35 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert m["train_images"] == 120 and all((r["steps"], r["images"]) == (7, 112) for r in student), student
     assert sorted(p.name for p in run.iterdir()) == ["data.json", "log.jsonl", "metrics.json", "recipe.yaml", "student.pt",
                                                      "teachers"]
+
+
+def test_a_failed_export_or_shard_leaves_no_empty_folder_it_made(tiny_run, tmp_path, monkeypatch):
+    """export and data shard make their output folder (and its parents) first: when they fail after that (a
+    full disk, a corrupt checkpoint found late), the folders they made go again if still empty; a folder the
+    user had stays."""
+    from PIL import Image
+
+    from ekdc import UserError, export
+    from ekdc.data import shard_writer
+    from ekdc.deploy import export as export_mod
+
+    def fail(*a, **k):
+        raise UserError("cannot write: No space left on device")
+
+    monkeypatch.setattr(export_mod.checkpoint, "load_student", fail)
+    with pytest.raises(UserError, match="No space left"):
+        export(tiny_run, tmp_path / "new" / "export")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError):
+        export(tiny_run, tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()  # the user's own folder is never removed
+
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 90, ord(c), 0)).save(tmp_path / "img" / c / f"{i}.png")
+    monkeypatch.setattr(shard_writer, "_write_tars", fail)
+    with pytest.raises(UserError, match="No space left"):
+        shard_writer.write_shards(tmp_path / "img", tmp_path / "shards" / "v1")
+    assert not (tmp_path / "shards").exists()

@@ -152,6 +152,7 @@ def _write_tars(scan, order, shard_size: int, n_shards: int, prefix: str, out: P
     return samples, sizes
 
 
+@_io.leaves_no_new_empty_folder("out")
 def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000, seed: int = 0,
                  prefix: str = "shard", progress=None, overwrite: bool = False) -> dict:
     """An image folder (``root/<class>/<image>``, scanned as training scans it) as tar shards of

@@ -106,6 +106,7 @@ def _images(recipe, classes: list[str], parity_images: int, calib_images: int, r
     return val_x, val_y, calib_x
 
 
+@_io.leaves_no_new_empty_folder("out")
 def export(run_dir: str | Path | None = None, out: str | Path = "export", *, fold_mode: str = "auto",
            calib_images: int = 256, parity_images: int = 0, runs_root: str | Path = "runs", console=None,
            teachers: bool = True, qad: Optional[QADSettings] = None, **formats: bool) -> dict:
