@@ -129,8 +129,9 @@ def leaves_no_new_empty_folder(arg: str):
         def run(*args, **kwargs):
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
-            missing, folder = [], Path(bound.arguments[arg]).absolute()
-            while not folder.exists() and folder != folder.parent:
+            given = bound.arguments[arg]
+            missing, folder = [], Path(given).absolute() if given is not None else None
+            while folder is not None and not folder.exists() and folder != folder.parent:
                 missing.append(folder)
                 folder = folder.parent
             try:
