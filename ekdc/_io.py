@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import hashlib
+import inspect
 import io
 import json
 import os

@@ -30,9 +30,8 @@ def data_check(
     from .tables import data_check_lines, data_check_table
 
     if target.is_dir():
-        cfg, split = _folder_data(target, set_), "ekdc's default (val_fraction 0.1, split_seed 0)"
-        if set_:
-            split = f"ekdc's default with {', '.join(set_)}"
+        cfg = _folder_data(target, set_)
+        split = f"ekdc's default with {', '.join(set_)}" if set_ else "ekdc's default (val_fraction 0.1, split_seed 0)"
     elif target.is_file():
         cfg, split = load_recipe(target, set_).data, f"the recipe's ({target})"
         if cfg.dataset != "imagefolder":

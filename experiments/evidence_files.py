@@ -113,12 +113,11 @@ VAL_FILES = "val-files.sha256"
 def split_of(data, folder: Path) -> dict:
     """The validation split a recipe's ``data:`` draws (what every accuracy of the page is on), its files
     listed in ``folder``/val-files.sha256: a client elsewhere scores the shipped files on exactly them."""
-    from ekdc._io import atomic_path
+    from ekdc._io import write_text
 
     carve = {"val_per_class": data.val_per_class} if data.val_per_class else {"val_fraction": data.val_fraction}
     listing = val_listing(data)
-    with atomic_path(folder / VAL_FILES) as tmp:
-        tmp.write_text(listing)
+    write_text(folder / VAL_FILES, listing)
     return {**carve, "split_seed": data.split_seed,
             "data": "/".join(Path(data.root).parts[-2:]) if data.root else data.dataset,
             "val_files": VAL_FILES, "val_files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
@@ -127,17 +126,13 @@ def split_of(data, folder: Path) -> dict:
 def val_listing(data) -> str:
     """The validation split's files in ``sha256sum``'s format, paths relative to the data folder, in split
     order (the order ekdc scores them in)."""
+    from ekdc._io import file_sha256
     from ekdc.data.splits import index_splits
 
     part = index_splits(data).val
     root = os.path.abspath(data.root)
-    lines = []
-    for i in part.positions:
-        path = part.source.files[i]
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        lines.append(f"{digest}  {Path(os.path.relpath(os.path.abspath(path), root)).as_posix()}\n")
-    return "".join(lines)
+    files = (part.source.files[i] for i in part.positions)
+    return "".join(f"{file_sha256(f)}  {Path(os.path.relpath(os.path.abspath(f), root)).as_posix()}\n" for f in files)
 
 
 def _file_figures(folder: Path, entry: dict) -> None:

@@ -131,8 +131,8 @@ def check_images(cfg, *, decode: bool = False, progress=None, split: str = "the 
                   *({"kind": "no_training_image", "path": str(root / name), "wrong": True,
                      "detail": untrained_class_words(name, images, cfg)}
                     for name, images in (classes_never_trained(index) if index else []))],
-        identical=_identical(scan.files, scan.labels, scan.classes, {u["path"] for u in unreadable}), unreadable=unreadable, modes=modes,
-        encodings=encodings,
+        identical=_identical(scan.files, scan.labels, scan.classes, {u["path"] for u in unreadable}),
+        unreadable=unreadable, modes=modes, encodings=encodings,
         smallest=tuple(areas[0]) if areas else None, largest=tuple(areas[-1]) if areas else None,
         imbalance=(max(counts.values()) / min(counts.values())) if counts else None, images=len(scan.files),
         decoded=decode, split=split if index else None, seconds=round(time.perf_counter() - t0, 2))
