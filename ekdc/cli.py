@@ -243,17 +243,14 @@ def compare(
     """Does the multi-branch student pay on this data? Rows over seeds, against equal-cost one-branch students."""
     from ._io import check_outputs, write_json
     from .comparison import compare as run_compare
-    from .comparison import compare_table, parse_rows, write_compare_plot
+    from .comparison import compare_table, parse_rows, parse_seeds, write_compare_plot
     from .recipe import load_recipe
     from .recipe.inert import check_recipe
 
     r = load_recipe(recipe, set_)
     check_recipe(r, str(recipe))  # what ekdc distill refuses, compare refuses
     parse_rows(rows)  # a bad row is named before any training
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    seed_list = parse_seeds(seeds)  # a bad or repeated seed is named before any training
     check_outputs({"recipe": recipe}, json=json_path, plot=plot)  # before any training, as plan and bench do
     report = run_compare(r, rows, seed_list, out, console=console, progress=not quiet, report_only=report_only)
     if report_only and not any(row["acc"] for row in report["rows"]):

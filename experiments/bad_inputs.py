@@ -223,6 +223,7 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("compare: a teacher file replaced since the grid's cells were distilled from it",
          ["compare", str(d / "from_files.yaml"), "--rows", "recipe", "--out", str(d / "c5")]),
         ("compare: two rows that train the same", ["compare", str(ok), "--rows", "ekd,recipe", "--out", str(d / "c3")]),
+        ("compare: a seed listed twice", ["compare", str(ok), "--seeds", "0,0", "--out", str(d / "c6")]),
         ("recipe empty", ["distill", str(d / "empty.yaml")]),
         ("true where a number belongs", ["distill", str(ok), "--set", "distill.epochs=true"]),
         ("a float that is not finite", ["distill", str(ok), "--set", "distill.temperature=inf"]),

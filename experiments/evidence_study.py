@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from ekdc import load_recipe  # noqa: E402
 from ekdc.benchmark.machine import cpu_model  # noqa: E402
-from ekdc.comparison import compare, compare_table, parse_row, write_compare_plot  # noqa: E402
+from ekdc.comparison import compare, compare_table, parse_row, parse_seeds, write_compare_plot  # noqa: E402
 from ekdc.comparison.stats import mean_std, paired_diffs, pct, pct_mean_std  # noqa: E402
 from evidence_files import LIMITED, cpu_hours, file_row, shipped_teachers, split_of, update_evidence  # noqa: E402
 from grid_records import RECORDS, commit, keep_cell, keep_grid, restore  # noqa: E402
@@ -257,7 +257,7 @@ def main(argv=None) -> None:
     ap.add_argument("--commit", action="store_true", help="commit each cell's record as it ends (experiments/records/"
                     "evidence/): a grid longer than a work session goes on in the next")
     args = ap.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.seeds = parse_seeds(args.seeds)
     args.console = None
     report, check = run(args)
     write_page(report, check, args)

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ekdc import bench, export  # noqa: E402
+from ekdc.comparison import parse_seeds  # noqa: E402
 from ekdc.deploy.qad import QADSettings  # noqa: E402
 
 METHODS = ("ptq", "qad", "qat_labels")
@@ -172,7 +173,7 @@ def main(argv=None) -> None:
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.seeds = parse_seeds(args.seeds)
     args.methods = [m for m in args.methods.split(",") if m]
     if not args.methods or set(args.methods) - set(METHODS):
         ap.error(f"--methods {','.join(args.methods)}: each must be one of {', '.join(METHODS)}")

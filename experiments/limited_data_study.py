@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ekdc import load_recipe  # noqa: E402
-from ekdc.comparison import compare, parse_row  # noqa: E402
+from ekdc.comparison import compare, parse_row, parse_seeds  # noqa: E402
 from ekdc.comparison.stats import mean_std  # noqa: E402
 
 # each mode of the page and the ``ekdc compare`` row that trains it
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs-root", default="runs/study")
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[5000, 10000])
     ap.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
-    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], help="extra recipe override for every cell")
     ap.add_argument("--teachers", action="append", default=[], metavar="SIZE=DIR",
                     type=lambda s: (int(s.split("=", 1)[0]), s.split("=", 1)[1]),

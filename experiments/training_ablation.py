@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ekdc import distill, load_recipe  # noqa: E402
+from ekdc.comparison import parse_seeds  # noqa: E402
 from ekdc.comparison.stats import mean_std, paired_diffs, paired_gap, pct_mean_std  # noqa: E402
 from ekdc.models import fastnet  # noqa: E402
 
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     cells = []
-    for seed in map(int, args.seeds.split(",")):
+    for seed in parse_seeds(args.seeds):
         for row in args.rows.split(","):
             out = ROOT / "runs" / "ablation" / f"{row}-pc{args.per_class}-e{args.epochs}-s{seed}"
             if args.report_only and not (out / "teachers" / "metrics.json").exists():

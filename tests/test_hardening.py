@@ -81,6 +81,23 @@ def test_resume_refuses_a_different_recipe(tmp_path, tiny_run):
     assert res.returncode == 2 and "differs" in res.stderr and "distill.temperature" in res.stderr
 
 
+def test_a_damaged_teacher_on_resume_names_the_way_back(tmp_path, tiny_run):
+    """A teacher file cut short (a copy that ended early) is named with what to do: delete it, and --resume
+    trains that teacher again; doing so finishes the run."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    teacher = next((run / "teachers").glob("*.pt"))
+    teacher.write_bytes(teacher.read_bytes()[:100])
+    res = run_cli("distill", tiny_run.parent / "tiny.yaml", "--out", run, "--resume", "-q")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"{teacher} is corrupt" in lines[0] and f"delete it, and --resume trains teacher {teacher.stem} again" in lines[0]
+    teacher.unlink()
+    res = run_cli("distill", tiny_run.parent / "tiny.yaml", "--out", run, "--resume", "-q")
+    assert res.returncode == 0, res.stderr
+    assert teacher.exists()
+
+
 def test_divergence_stops_with_stage_and_epoch(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", teachers=[{"arch": "resnet8", "train": {
         "epochs": 4, "batch_size": 16, "lr": 1.0e+12, "warmup_epochs": 0}}])

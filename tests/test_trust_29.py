@@ -310,6 +310,20 @@ def test_rows_that_train_the_same_are_refused_before_training(tmp_path, mode, ro
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.parametrize("seeds, words", [
+    ("0,0", "--seeds: 0 is listed twice"),
+    ("0,-1", "--seeds: -1 is out of range"),
+    ("0,1.5", "--seeds: '1.5' is not an integer"),
+    (",", "--seeds: give at least one seed"),
+])
+def test_bad_seeds_are_refused_before_training(tmp_path, seeds, words):
+    """A repeated seed asks for the same cell twice, as a repeated row does: both are refused, not merged."""
+    path = write_recipe(tmp_path / "r.yaml", **TINY_AVG)
+    line = _one_line_exit_2(run_cli("compare", path, "--rows", "recipe", "--seeds", seeds, "--out", tmp_path / "g", "-q"))
+    assert words in line
+    assert not (tmp_path / "g").exists()
+
+
 def test_rows_of_a_dkd_recipe_keep_to_what_their_mode_uses(tmp_path):
     """A ce row of a recipe with DKD settings and a cache drops them (they would change nothing), and a
     KL row drops DKD's alpha and beta, instead of being refused."""

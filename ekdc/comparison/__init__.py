@@ -9,6 +9,7 @@ latency, each over several seeds, sharing teachers and the teacher-output cache.
 """
 from .grid import compare
 from .report import compare_table, write_compare_plot
-from .rows import DEFAULT_ROWS, Row, parse_row, parse_rows
+from .rows import DEFAULT_ROWS, Row, parse_row, parse_rows, parse_seeds
 
-__all__ = ["DEFAULT_ROWS", "Row", "compare", "compare_table", "parse_row", "parse_rows", "write_compare_plot"]
+__all__ = ["DEFAULT_ROWS", "Row", "compare", "compare_table", "parse_row", "parse_rows", "parse_seeds",
+           "write_compare_plot"]

@@ -33,7 +33,7 @@ from ..recipe import Recipe, dump_recipe, recipe_from_dict
 from ..recipe.inert import check_recipe, effective
 from ..run import RunDir, all_differences
 from .report import build_report, cell_figures, read_grid_file
-from .rows import DEFAULT_ROWS, Row, parse_rows, row_recipe
+from .rows import DEFAULT_ROWS, Row, parse_rows, parse_seeds, row_recipe
 from .students import (
     equal_macs_student,
     planned_student,
@@ -332,9 +332,7 @@ def compare(recipe: Recipe, rows: Sequence[str] | str = DEFAULT_ROWS, seeds: Seq
     as they end."""
     parsed = parse_rows(rows)
     check_recipe(recipe)
-    seeds = sorted({int(s) for s in seeds})
-    if not seeds:
-        raise UserError("--seeds: give at least one seed")
+    seeds = sorted(parse_seeds(seeds))  # cells and reports go seed-major, in ascending order
     # absolute from here on: a cell's recipe.yaml holds absolute paths (teacher files, the shared cache),
     # and a resumed grid compares its recipes with the ones it makes now, from whatever folder it runs in
     out = (Path(out) if out is not None else Path("runs") / "compare" / recipe.name).resolve()

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional
+from typing import Optional, Sequence
 
+from ..data.config import MAX_SEED
 from ..errors import UserError
 from ..losses import get_term, list_terms, terms_of_mode
 
@@ -95,6 +96,28 @@ def parse_rows(text: str | list[str] | tuple[str, ...]) -> list[Row]:
     if dup:
         raise UserError(f"--rows: '{dup}' is listed twice")
     return rows
+
+
+def parse_seeds(seeds: str | Sequence[int]) -> list[int]:
+    """``--seeds``: ``"0,1,2"`` or a sequence of ints, each a recipe seed (0 .. 2**32-1), each once, in the
+    order given. A seed listed twice is an error, as a row listed twice is: it would ask for a cell twice."""
+    items = [t.strip() for t in seeds.split(",") if t.strip()] if isinstance(seeds, str) else list(seeds)
+    if not items:
+        raise UserError("--seeds: give at least one seed, such as 0,1,2")
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, str) and re.fullmatch(r"[+-]?\d+", item):
+            seed = int(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            seed = item
+        else:
+            raise UserError(f"--seeds: '{item}' is not an integer (expected comma-separated seeds such as 0,1,2)")
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"--seeds: {seed} is out of range (a seed is 0 .. {MAX_SEED})")
+        if seed in out:
+            raise UserError(f"--seeds: {seed} is listed twice")
+        out.append(seed)
+    return out
 
 
 def row_recipe(raw: dict, row: Row, student: Optional[dict]) -> dict:

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .. import checkpoint
 from ..data import DataSplits
+from ..errors import UserError
 from ..losses import Objective
 from ..models import EKDStudent, create_model
 from ..recipe import Recipe, TeacherConfig
@@ -63,7 +64,11 @@ def _obtain_teacher(ti: int, tcfg: TeacherConfig, recipe: Recipe, data: DataSpli
         # a kill between saving the teacher and deleting its stage checkpoint leaves the latter behind
         rt.on_main(lambda: run.stage_ckpt(stage_name).unlink(missing_ok=True))
         rep.say(f"[dim]teacher {tcfg.name}: already in this run, loaded {final}[/dim]")
-        model, ck = checkpoint.load_teacher(final, tcfg.arch)
+        try:
+            model, ck = checkpoint.load_teacher(final, tcfg.arch)
+        except UserError as err:  # a half-copied or damaged file: the run can make it again
+            raise UserError(f"{err}; delete it, and --resume {'trains' if tcfg.train else 'loads'} teacher {tcfg.name} "
+                            "again") from None
         return teacher_from_checkpoint(ck, model, tcfg, info, ti), float(ck.get("seconds", 0.0))
     if tcfg.train is None:
         teacher = frozen_teacher(tcfg, ti, info)
