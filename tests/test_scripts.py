@@ -690,3 +690,33 @@ def test_airbench_reference_page_puts_the_run_beside_the_published_figure(tmp_pa
     assert "| airbench94 on ekdc's split (run 1) | 9.9 | 45,000 | 86.00% | 87.00% | 88.01% | 10 |" in page
     assert "scores 5.00 points under its published figure" in page  # 94.01 against the mean of 90.01 and 88.01
     assert json.loads((tmp_path / "airbench-reference.json").read_text())["published"]["tta2"] == 0.9401
+
+
+def test_soft_targets_reads_only_finished_chunks_and_scores_them(tmp_path):
+    """experiments/soft_targets.py: the accuracies and probabilities of a hand-made cache, over the images
+    of its finished chunks only (a build still running has zeros elsewhere)."""
+    import numpy as np
+
+    mod = _load("soft_targets")
+    n, k, m, c = 300, 2, 2, 3  # two chunks of 256: the first finished, the second not
+    labels = np.arange(n) % c
+    odd = np.arange(n) % 2 == 1
+    logits = np.zeros((n, k, m, c), np.float16)
+    logits[np.arange(n), :, 0, labels] = 4.0  # teacher 0: always right, sure
+    logits[np.arange(n), :, 1, np.where(odd, (labels + 1) % c, labels)] = np.where(odd, 2.0, 4.0)[:, None]
+    folder = tmp_path / "cache"  # teacher 1: right on even images; on odd ones wrong, less sure
+    folder.mkdir()
+    logits.tofile(folder / "logits.f16")
+    (folder / "done").write_bytes(bytes([1, 0]))
+    (folder / "key.json").write_text(json.dumps({"layout": {"images": n, "views": k, "teachers": m, "classes": c}}))
+    images = mod.finished_images(folder)
+    assert images.sum() == 256 and images[:256].all()
+    s = mod.cache_stats(folder, labels, images)
+    assert s["images"] == 256 and s["views"] == 512
+    assert s["teacher_acc"] == pytest.approx([1.0, 0.5])
+    sure, other = np.exp(4.0) / (np.exp(4.0) + 2), 1 / (np.exp(4.0) + 2)  # a logit of 4 against two of 0
+    unsure, rest = np.exp(2.0) / (np.exp(2.0) + 2), 1 / (np.exp(2.0) + 2)  # a logit of 2
+    # even images: both teachers give (sure, other, other); odd ones: the mean with teacher 1's wrong answer
+    assert s["ensemble_acc"] == pytest.approx(1.0)  # (sure + rest) / 2 = 0.54 beats (other + unsure) / 2 = 0.40
+    assert s["mean_p_true"] == pytest.approx((sure + (sure + rest) / 2) / 2, abs=1e-3)
+    assert s["mean_p_runner_up"] == pytest.approx((other + (other + unsure) / 2) / 2, abs=1e-3)
