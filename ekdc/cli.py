@@ -204,7 +204,8 @@ def plan(
     if budget is None:
         raise UserError("give the budget: --latency MS (or student.latency_ms in the recipe)")
     plot = plot if plot is not None else (out.with_suffix(".png") if out is not None else None)
-    check_outputs({"input recipe": recipe}, out=out, plot=plot, json=json_path)
+    check_outputs({"input recipe": recipe, **({"candidates file": candidates} if candidates else {})}, out=out, plot=plot,
+                  json=json_path)
     try:
         result = plan_student(r, budget, batch=batch, provider=provider, threads=threads, precision=precision,
                               candidates=read_candidates(candidates, r) if candidates else None, repeats=repeats,

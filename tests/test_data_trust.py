@@ -76,6 +76,20 @@ def test_an_empty_class_folder_is_not_a_class(folder, tmp_path):
     assert res.returncode == 1 and "WRONG: empty_class" in res.stdout and str(folder / "empty") in res.stdout
 
 
+def test_one_class_left_after_unreadable_files_is_refused_by_shard_and_distill(folder, tmp_path):
+    """Two class folders, one of them only unreadable files: with those left out one class is left, which
+    trains and scores 100% while learning nothing. data shard and distill (skip_bad_files) refuse it."""
+    for f in (folder / "dog").iterdir():
+        f.write_bytes(b"not an image")
+    res = run_cli("data", "shard", folder, tmp_path / "sh")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "only class 'cat' has an image that can be packed" in lines[0]
+    assert not (tmp_path / "sh").exists()
+    with pytest.raises(UserError, match=r"one class \(cat\): a classifier needs at least 2"):
+        load_data(_data(folder, skip_bad_files=True))
+
+
 def test_files_it_does_not_read_and_broken_links_are_named(folder, tmp_path):
     Image.new("RGB", (12, 12)).save(folder / "cat" / "c9.gif")
     for i in range(25):  # many of one kind: data check shows 20 and counts the rest

@@ -137,6 +137,11 @@ def test_planned_yaml_loads_and_trains(tmp_path):
     out = tmp_path / "planned.yaml"
     res = run_cli("plan", recipe, "--out", recipe, "--latency", "1000", "--candidates", cands)
     assert res.returncode == 2 and "is the input recipe" in res.stderr  # refused before any timing
+    before = cands.read_bytes()
+    for flag in ("--out", "--json"):  # the candidates file is an input too: never replaced by a report
+        res = run_cli("plan", recipe, "--latency", "1000", "--candidates", cands, flag, cands)
+        assert res.returncode == 2 and f"{flag} {cands} is the candidates file" in res.stderr, res.stderr
+    assert cands.read_bytes() == before
     res = run_cli("plan", recipe, "--latency", "1000", "--candidates", cands, "--repeats", "1", "--out", out)
     assert res.returncode == 0, res.stderr
     assert "holds for" in res.stdout and (tmp_path / "planned.png").stat().st_size > 0

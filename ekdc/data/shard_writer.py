@@ -181,6 +181,9 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, shard_size: 
     for k, c in enumerate(scan.classes):
         if k not in used:
             left_out.append({"path": str(folder / c), "why": "empty_class: holds no image that can be packed: not a class"})
+    if len(used) < 2:  # the scan saw two classes, but what is left of them is one: no classifier trains on it
+        raise UserError(f"FOLDER {folder}: only class '{scan.classes[used[0]]}' has an image that can be packed "
+                        f"({len(left_out)} left out; 'ekdc data check {folder}' says why): a classifier needs at least 2")
     remap = {old_label: new for new, old_label in enumerate(used)}
     classes = [scan.classes[k] for k in used]
     out = _io.ensure_writable_dir(out)

@@ -151,6 +151,10 @@ def index_splits(cfg) -> SplitIndex:
     """The data set the recipe names, a seeded stratified validation split carved from it (unless it
     has its own), and optionally a seeded stratified subset of the rest for training (limited data)."""
     train_src, val_src = get_dataset(cfg.dataset)(cfg)
+    if len(train_src.classes) < 2:  # any source: a shard set of one class, a plugin's, a folder after skip_bad_files
+        where = " ".join(str(x) for x in (cfg.dataset, getattr(cfg, "root", None) or getattr(cfg, "urls", None)) if x)
+        raise UserError(f"data ({where}): one class ({', '.join(map(str, train_src.classes)) or 'none'}): a "
+                        "classifier needs at least 2, or it trains and scores 100% while learning nothing")
     limited = cfg.per_class is not None or cfg.train_fraction is not None
     if train_src.ordered:
         if val_src is None:
