@@ -90,6 +90,27 @@ def test_one_class_left_after_unreadable_files_is_refused_by_shard_and_distill(f
         load_data(_data(folder, skip_bad_files=True))
 
 
+def test_a_validation_folder_or_shard_set_holding_training_files_is_refused(folder, tmp_path):
+    """data.val_root naming the training folder (by another path) or data.val_urls the training shards would
+    score the model on what it trained on: refused, by distill and data check alike."""
+    same = write_recipe(tmp_path / "same.yaml", data={"dataset": "imagefolder", "root": str(folder), "image_size": 12,
+                                                       "val_root": str(folder / ".." / folder.name)})
+    res = run_cli("data", "shard", folder, tmp_path / "sh")
+    assert res.returncode == 0, res.stderr
+    shard = str(tmp_path / "sh" / "shard-000000.tar")
+    shards = write_recipe(tmp_path / "r.yaml", data={"dataset": "webdataset", "urls": shard, "val_urls": shard,
+                                                      "image_size": 12})
+    for cmd, words in [(["data", "check", same], "data.val_root: the validation data holds 12 of the training data's 12 files"),
+                       (["distill", same, "--out", tmp_path / "run"], "data.val_root: the validation data holds 12"),
+                       (["distill", shards, "--out", tmp_path / "run"],
+                        "data.val_urls: the validation data holds 1 of the training data's 1 shards")]:
+        res = run_cli(*cmd)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert words in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_files_it_does_not_read_and_broken_links_are_named(folder, tmp_path):
     Image.new("RGB", (12, 12)).save(folder / "cat" / "c9.gif")
     for i in range(25):  # many of one kind: data check shows 20 and counts the rest

@@ -3,6 +3,7 @@ any image is decoded."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import numpy as np
@@ -163,6 +164,7 @@ def index_splits(cfg) -> SplitIndex:
         if limited:
             raise UserError(f"data.per_class / data.train_fraction: {cfg.dataset}'s images are read in order, so a "
                             "stratified subset cannot be drawn from them; subset the data itself")
+        _refuse_shared(train_src, val_src)
         return SplitIndex(cfg, list(train_src.classes), Split(train_src, None), _whole(val_src))
     if val_src is None:
         vk = dict(per_class=cfg.val_per_class) if cfg.val_per_class else dict(fraction=cfg.val_fraction)
@@ -170,6 +172,7 @@ def index_splits(cfg) -> SplitIndex:
                                               key="data.val_per_class" if cfg.val_per_class else "", **vk)
         val = Split(train_src, val_idx)
     else:
+        _refuse_shared(train_src, val_src)
         val, train_idx = _whole(val_src), np.arange(len(train_src))
     if limited:
         # a second, independent stream: the limited subset never depends on the validation draw
@@ -178,6 +181,22 @@ def index_splits(cfg) -> SplitIndex:
             candidates=train_idx, names=list(train_src.classes), key="data.per_class" if cfg.per_class else "",
         )
     return SplitIndex(cfg, list(train_src.classes), Split(train_src, train_idx), val)
+
+
+def _refuse_shared(train_src: ImageSource, val_src: ImageSource) -> None:
+    """A validation source of its own (data.val_root, data.val_urls) that holds training files scores the model
+    on images it trained on: an accuracy that looks fine and means nothing. Files (and shards) are compared by
+    their real paths; copies under other names are ``ekdc data check``'s duplicate search's to find."""
+    items = [getattr(src, "files", None) or getattr(src, "shards", None) for src in (train_src, val_src)]
+    if any(x is None for x in items):  # a built-in or plugin source: nothing to compare by
+        return
+    real = [{(x if "://" in str(x) else os.path.realpath(x)): x for x in xs} for xs in items]
+    shared = [real[1][r] for r in real[1] if r in real[0]]
+    if shared:
+        kind, key = ("files", "data.val_root") if getattr(val_src, "files", None) else ("shards", "data.val_urls")
+        raise UserError(f"{key}: the validation data holds {len(shared)} of the training data's {len(items[0])} {kind} "
+                        f"(first: {shared[0]}): it would score the model on images it trained on; give {key} data of "
+                        "its own, or leave it out to carve a validation split")
 
 
 def _whole(source: ImageSource) -> Split:
