@@ -282,28 +282,35 @@ def list_models_cmd(
     filter_: Optional[str] = typer.Option(None, "--filter", "-f", help="Search ekdc's registry, torchvision and timm "
                                           "(a shell pattern such as 'resnet*', or a part of a name)."),
 ):
-    """List the architectures a recipe can name (teachers.N.arch)."""
-    from .plugins import load_plugins
+    """List the architectures a recipe can name: teachers (teachers.N.arch) and student families (student.arch)."""
+    from .plugins import failed_plugins, load_plugins
 
     load_plugins()  # the architectures installed plugins add are listed and searched too
     if filter_ is None:
-        from .models import list_models
+        from .models import list_models, list_students
 
-        console.print("ekdc's registry (arch: NAME):")
-        for name in list_models():
+        students = list_students()
+        console.print("ekdc's registry, teachers (teachers.N.arch: NAME):")
+        for name in (n for n in list_models() if n not in students):
+            console.print(f"  {name}")
+        console.print("student families (student.arch: NAME):")
+        for name in students:
             console.print(f"  {name}")
         console.print("torchvision classification models: arch: torchvision:NAME (e.g. torchvision:resnet50)\n"
                       "timm models: arch: timm:NAME (e.g. timm:efficientnet_b0, timm:resnet50.a1_in1k)\n"
                       "an ONNX classifier from any framework: onnx: PATH\n"
                       "search all three: ekdc models --filter PATTERN")
-        return
-    from .teachers import search
+    else:
+        from .teachers import search
 
-    found = [name for names in search(filter_).values() for name in names]
-    for name in found:
-        console.print(name)
-    if not found:
-        console.print(f"no architecture matches '{filter_}' in ekdc's registry, torchvision or timm")
+        found = [name for names in search(filter_).values() for name in names]
+        for name in found:
+            console.print(name)
+        if not found:
+            console.print(f"no architecture matches '{filter_}' in ekdc's registry, torchvision or timm")
+    # a plugin that did not load adds nothing: the listing is where its author looks, so it says why
+    for p in dict.fromkeys((p.distribution, p.error) for p in failed_plugins()):
+        print(f"warning: plugin {p[0]} failed to load, so none of its names are listed: {p[1]}", file=sys.stderr)
 
 
 def main() -> None:

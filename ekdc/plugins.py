@@ -128,6 +128,15 @@ def failure_hint() -> str:
     return "; plugins that failed to load: " + ", ".join(said)
 
 
+def origin(kind: str, name: str) -> str:
+    """' (plugin DIST)' where an installed plugin added ``name`` to the ``kind`` registry ("students",
+    "models", "terms", "datasets"), else '': an error about a plugin's code names the package to fix."""
+    if _LOADED is None:  # no plugin loaded in this process: nothing came from one
+        return ""
+    found = next((p.distribution for p in _LOADED if name in p.provides.get(kind, [])), None)
+    return f" (plugin {found})" if found else ""
+
+
 def used_by(recipe) -> list[dict]:
     """The loaded plugins whose names ``recipe`` uses, and which names (what a run records)."""
     names = {"students": {recipe.student.arch}, "datasets": {recipe.data.dataset},

@@ -169,6 +169,62 @@ def test_an_installed_plugin_extends_distill_and_export(tmp_path, monkeypatch):
         assert "this run used plugin ekdc-tinyplug 0.1" in lines[0] and "install it" in lines[0]
 
 
+BROKEN_STUDENTS = """
+
+class WrongShape(TinyStudent):  # one logit where there are two classes
+    def forward(self, x, return_branches=False):
+        out = super().forward(x, return_branches)
+        return out[..., :1] if not return_branches else BranchOutputs(out.logits[..., :1], out.features, None)
+
+
+class WrongFold(TinyStudent):  # trains fine; its deploy-time form computes something else
+    def fold(self, layout):
+        return nn.Sequential(_Folded(self), nn.Tanh())
+
+
+@register_student
+def tiny_wrongshape(num_classes=10, **kw):
+    return WrongShape(num_classes, **kw)
+
+
+@register_student
+def tiny_wrongfold(num_classes=10, **kw):
+    return WrongFold(num_classes, **kw)
+"""
+
+
+@pytest.mark.slow
+def test_a_plugin_student_that_breaks_the_protocol_is_named_with_its_package(tmp_path, monkeypatch):
+    """A plugin student whose outputs have the wrong shape is refused before any teacher trains; one whose
+    fold() computes something else is refused at export, naming the package (not 'a bug in ekdc'), with
+    nothing written. Both one line, exit 2."""
+    site = tmp_path / "site"
+    _install(site)
+    (site / "tinyplug.py").write_text(PLUGIN + BROKEN_STUDENTS)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    raw = tiny_recipe(mode="avg_kd")
+    raw["data"] = {"dataset": "tiny_stripes", "num_samples": 48, "image_size": 8, "val_fraction": 0.25}
+    raw["teachers"] = [{"arch": "tiny_teacher", "train": {"epochs": 1, "batch_size": 16, "lr": 0.1}}]
+    raw["distill"] = {**raw["distill"], "epochs": 1, "batch_size": 16}
+    for arch in ("tiny_wrongshape", "tiny_wrongfold"):
+        raw["student"] = {"arch": arch, "num_branches": 2}
+        (tmp_path / f"{arch}.yaml").write_text(yaml.safe_dump(raw))
+    res = run_cli("distill", tmp_path / "tiny_wrongshape.yaml", "--out", tmp_path / "ws", fresh=True)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert ("student 'tiny_wrongshape' (plugin ekdc-tinyplug) returns model(x) of shape [2, 1] for 2 images; "
+            "expected [2, 2]") in lines[0]
+    assert not (tmp_path / "ws").exists()  # refused before anything trained: no run folder left
+    res = run_cli("distill", tmp_path / "tiny_wrongfold.yaml", "--out", tmp_path / "wf", "-q", fresh=True)
+    assert res.returncode == 0, res.stderr
+    res = run_cli("export", tmp_path / "wf", "--out", tmp_path / "export", fresh=True)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "student 'tiny_wrongfold' (plugin ekdc-tinyplug): the folded student (grouped) does not match" in lines[0]
+    assert "bug in ekdc" not in lines[0]
+    assert not list((tmp_path / "export").glob("*.onnx"))  # nothing written (a folder not made globs empty)
+
+
 def test_a_plugin_that_fails_to_import_is_named_where_its_names_are_missing(tmp_path, monkeypatch):
     site = tmp_path / "site"
     _install(site)
@@ -182,6 +238,10 @@ def test_a_plugin_that_fails_to_import_is_named_where_its_names_are_missing(tmp_
     line = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(line) == 1
     assert "unknown student 'tiny_student'" in line[0] and "ekdc-tinyplug" in line[0] and "needs libfoo" in line[0]
+    res = run_cli("models", fresh=True)  # where a plugin's author looks for its names: it says why they are missing
+    assert res.returncode == 0 and "student families (student.arch: NAME):\n  ekd_student" in res.stdout, res.stdout
+    assert ("warning: plugin ekdc-tinyplug failed to load, so none of its names are listed: ImportError: needs libfoo"
+            in res.stderr)
 
 
 @pytest.mark.parametrize("body", ["import argparse\nargparse.ArgumentParser().parse_args()\n",

@@ -26,8 +26,10 @@ from ..contract import (
     ort_session,
     top1,
 )
+from ..errors import UserError
 from ..formats import get_format
 from ..models import EKDStudent
+from ..plugins import origin
 from ..run import RunDir
 from .compose import compose_teachers
 from .fold import fold, fold_layouts
@@ -167,9 +169,14 @@ def export_student_fp32(job: ExportContext, source: None = None) -> Built:
     reference = run_torch(DeployModel(job.student, job.mean, job.std).eval(), job.val_x)  # trained, unfolded
     entry, logits = _checked(job, paths[choice], "student", "fp32", reference, "PyTorch")
     if entry["parity"]["max_rel_diff"] > FP32_PARITY_TOLERANCE:  # the fold is exact: a gap this size is a bug
-        raise RuntimeError(f"the folded student ({choice}) does not match the trained student: max relative "
-                           f"|Δlogit| {entry['parity']['max_rel_diff']:.1e} > {FP32_PARITY_TOLERANCE:.0e}; nothing was "
-                           f"written to {job.out}. This is a bug in ekdc: please report it with the run folder")
+        arch = getattr(job.student, "arch", "")
+        gap = (f"the folded student ({choice}) does not match the trained student: max relative |Δlogit| "
+               f"{entry['parity']['max_rel_diff']:.1e} > {FP32_PARITY_TOLERANCE:.0e}; nothing was written to {job.out}")
+        plugin = origin("students", arch)
+        if plugin:  # a plugin's fold(): its package's to fix, and the user's input, not ekdc's failure
+            raise UserError(f"student '{arch}'{plugin}: {gap}. Its fold('{choice}') must compute the trained "
+                            "student's mean logits")
+        raise RuntimeError(f"{gap}. This is a bug in ekdc: please report it with the run folder")
     path = job.staged("student.onnx")
     _copy_into_place(paths[choice], path)
     entry["file"] = "student.onnx"

@@ -13,6 +13,7 @@ from .. import _io
 from ..data import load_data
 from ..data.check import scan_summary
 from ..data.fingerprint import record_or_check
+from ..models import check_student, create_model
 from ..plugins import write_used
 from ..recipe import Recipe, dump_recipe
 from ..recipe.inert import check_recipe
@@ -59,6 +60,9 @@ def distill(recipe: Recipe, out: str | Path | None = None, *, resume: bool = Fal
             _before_training(recipe, data, rt, run, rep, teachers_only)
             planned = not teachers_only and recipe.student.latency_ms is not None
             config = None if teachers_only else planned_student_config(recipe, data, rt, run, rep)
+            if config is not None:  # a student that breaks the protocol is named before any teacher trains
+                check_student(create_model(recipe.student.arch, num_classes=data.num_classes, **config),
+                              data.num_classes, data.image_size)
             teachers, teacher_s = teacher_stage(recipe, data, rt, run, rep)
             if teachers_only:
                 _teachers_only_scores(data, teachers, teacher_s, rt, run, rep)

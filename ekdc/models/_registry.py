@@ -114,6 +114,37 @@ def register_student(fn: Optional[Callable[..., nn.Module]] = None, *, settings:
     return add(fn) if fn is not None else add
 
 
+def check_student(model: nn.Module, num_classes: int, image_size: int) -> None:
+    """One forward of two blank images, before anything trains: a student (a plugin's above all) whose
+    outputs break the protocol is named in one line, not met as an index error deep in a loss after the
+    teachers have trained. Eval mode, so that BatchNorm's running statistics are left as they are."""
+    import torch
+
+    from ..plugins import origin
+
+    name = getattr(model, "arch", type(model).__name__)
+    who = f"student '{name}'{origin('students', name)}"
+    n = int(getattr(model, "num_branches", 1))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.zeros(2, 3, image_size, image_size, device=next(model.parameters()).device)
+            mean, branches = model(x), model(x, return_branches=True)
+    except Exception as err:  # noqa: BLE001 - whatever the family raises, it is the family's to fix
+        raise UserError(f"{who} fails on a batch of 2 images of {image_size} px: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    finally:
+        model.train(was_training)
+    logits = getattr(branches, "logits", None)
+    shapes = {"model(x)": (tuple(getattr(mean, "shape", ())), (2, num_classes)),
+              "model(x, return_branches=True).logits": (tuple(getattr(logits, "shape", ())), (n, 2, num_classes))}
+    for call, (got, want) in shapes.items():
+        if got != want:
+            raise UserError(f"{who} returns {call} of shape {list(got)} for 2 images; expected {list(want)} "
+                            f"({n} branch(es), {num_classes} classes)")
+
+
 def list_students() -> list[str]:
     return sorted(_STUDENTS)
 
