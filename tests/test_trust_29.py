@@ -197,6 +197,12 @@ def test_a_shard_of_another_write_is_refused(shard_sets):
     (t / "train" / "shard-000001.tar").rename(t / "train" / "shard-000009.tar")  # not what shards.json lists
     with pytest.raises(UserError, match="shard-000009.tar is not listed in .*shards.json.* two writes are mixed"):
         load_data(load_recipe(_shard_recipe(t, t / "train", t / "val")).data)
+    # a pattern that names a shard the set does not have (an earlier, larger write's): not "mixed", missing
+    (t / "train" / "shard-000009.tar").rename(t / "train" / "shard-000001.tar")
+    recipe = _shard_recipe(t, t / "train", t / "val", urls=str(t / "train" / "shard-{000000..000005}.tar"))
+    with pytest.raises(UserError, match=r"shard-000003.tar does not exist; .*shards.json lists 3 shards "
+                                        r"\(shard-000000.tar .. shard-000002.tar\): fix data.urls to name those"):
+        load_data(load_recipe(recipe).data)
 
 
 def test_a_short_shard_stops_in_one_line_or_is_skipped_and_counted(shard_sets):

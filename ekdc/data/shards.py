@@ -256,6 +256,11 @@ def _shard_index(shards: list[str], what: str) -> dict[str, tuple[int, Optional[
         if meta is None:
             continue
         samples, sizes = meta.get("samples") or {}, meta.get("bytes") or {}
+        if p.name not in samples and not p.exists():  # a pattern wider than the set (an earlier, larger write)
+            names = sorted(samples)
+            listed = f"{names[0]} .. {names[-1]}" if len(names) > 1 else (names[0] if names else "none")
+            raise UserError(f"{what}: {s} does not exist; {p.parent / SHARDS_INDEX} lists {len(names)} shards "
+                            f"({listed}): fix {what} to name those")
         if p.name not in samples:
             raise UserError(f"{what}: {s} is not listed in {p.parent / SHARDS_INDEX}, which lists {len(samples)} other "
                             "shards: shards of two writes are mixed in that folder; write them again into an empty one")
