@@ -109,6 +109,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and check that files can be written in it (one line, exit 2 if not)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} is a file, not a folder: give another")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".ekdc-probe-"):

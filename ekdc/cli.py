@@ -94,7 +94,7 @@ def export(
     fold: str = typer.Option("auto", "--fold", help="Branch layout: grouped, separate, padded (FastNet: channels to multiples of 16), none, or auto (timed on ONNX Runtime)."),
     calib: int = typer.Option(256, "--calib", help="Training images used to calibrate int8."),
     parity_images: int = typer.Option(0, "--parity-images", show_default=False,
-                                      help="Validation images for parity and accuracy [default: all]."),
+                                      help="Validation images for parity and accuracy (0: all) [default: all]."),
     runs_root: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the newest run."),
     teachers: bool = typer.Option(True, "--teachers/--no-teachers",
                                   help="Also write teachers.onnx (--no-teachers: the run's teachers are not on this machine)."),

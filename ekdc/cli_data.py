@@ -97,6 +97,7 @@ def data_shard(
         say(f"replaced the {r['replaced']} shards an earlier write left in {r['out']}")
     for line in left_out_summary(r["left_out"], str(Path(r["out"]) / SHARDS_INDEX)):
         say(f"warning: {line}")
-    say(f"wrote {r['shards']} shards of {r['samples']:,} samples ({r['classes']} classes) to {r['out']}; "
+    say(f"wrote {r['shards']} shard{'s' if r['shards'] != 1 else ''} of {r['samples']:,} samples ({r['classes']} "
+        f"classes) to {r['out']}; "
         f"train from them with data: {{dataset: webdataset, urls: \"{r['pattern']}\", val_urls: ...}} "
         "(the validation shards: shard the validation folder the same way)")

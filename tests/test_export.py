@@ -126,6 +126,9 @@ def test_export_bad_input(tiny_run, tmp_path):
     (corrupt / "student.pt").write_bytes(b"\x80\x04garbage")
     one_line(run_cli("export", corrupt), "corrupt")
     one_line(run_cli("export", tiny_run, "--out", "/proc/ekdc-no"), "not writable")
+    (tmp_path / "notes.txt").write_text("mine")
+    one_line(run_cli("export", tiny_run, "--out", tmp_path / "notes.txt"), "notes.txt is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     one_line(run_cli("export", tiny_run, "--fold", "diagonal"), "--fold")
     one_line(run_cli("export", tiny_run, "--out", tmp_path / "p", "--parity-images", "-5"), "--parity-images must be >= 0")
     from ekdc import UserError

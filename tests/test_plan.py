@@ -258,7 +258,7 @@ def test_a_fastnet_student_is_planned_in_its_own_family(tmp_path):
     overrides = [shlex.split(line)[1] for line in lines]
     assert recipe_from_dict(apply_overrides(recipe.model_dump(mode="json"), overrides)) == planned
     # a candidate of another family, or with ekd_student's keys, is refused in one line naming it
-    with pytest.raises(UserError, match=r"candidates\.0: arch is ekd_student but the recipe's student is a fastnet"):
+    with pytest.raises(UserError, match=r"candidates\.0: arch is ekd_student but the recipe's student is fastnet"):
         plan_student(recipe, 1.0, candidates=[{"arch": "ekd_student"}])
     with pytest.raises(UserError, match=r"candidates\.1: trunk_width is a key of ekd_student"):
         plan_student(recipe, 1.0, candidates=[small, {"trunk_width": 8}])

@@ -23,7 +23,7 @@ def equal_macs_student(config: dict, num_classes: int, image_size: int,
     (config, its MACs, the target)."""
     _widened = get_student(arch).one_branch_widened
     if _widened is None:
-        raise UserError(f"compare: a {arch} student has no one-branch form of equal MACs (its family gives no "
+        raise UserError(f"compare: student {arch} has no one-branch form of equal MACs (its family gives no "
                         "one_branch_widened)")
     target = student_macs(config, num_classes, image_size, arch)
     macs = lambda m: student_macs(_widened(config, m), num_classes, image_size, arch)  # noqa: E731

@@ -48,7 +48,7 @@ def fold(student: nn.Module, layout: Layout = "grouped") -> nn.Module:
     if layout == "none":
         return _plain_student(student)
     if layout not in accepted_layouts(student):
-        raise UserError(f"--fold {layout}: a {getattr(student, 'arch', type(student).__name__)} student folds to "
+        raise UserError(f"--fold {layout}: student {getattr(student, 'arch', type(student).__name__)} folds to "
                         f"{', '.join(accepted_layouts(student) + ['none'])}")
     was = student.training
     student.eval()

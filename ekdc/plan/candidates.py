@@ -65,7 +65,7 @@ def plan_space(arch: str) -> PlanSpace:
     """The family's search space; one line when ``ekdc plan`` has none for it."""
     space = get_student(arch).plan
     if space is None:
-        raise UserError(f"ekdc plan has no search space for a {arch} student (its family registers no PlanSpace): "
+        raise UserError(f"ekdc plan has no search space for student {arch} (its family registers no PlanSpace): "
                         "give its widths yourself")
     return space
 
@@ -103,7 +103,7 @@ def candidate_configs(recipe: Recipe, candidates: Optional[Sequence[CandidateSpe
             raise UserError(f"{where}.{i}: num_branches is {given['num_branches']} but the recipe's student has "
                             f"{base['num_branches']} (student.num_branches: the planner keeps the branch count)")
         if isinstance(given, dict) and given.get("arch", arch) != arch:
-            raise UserError(f"{where}.{i}: arch is {given['arch']} but the recipe's student is a {arch} (the planner "
+            raise UserError(f"{where}.{i}: arch is {given['arch']} but the recipe's student is {arch} (the planner "
                             "keeps the family: plan with a recipe of that student)")
         raw = {**base, **given, "arch": arch} if isinstance(given, dict) else given
         cfg = student_from_dict(raw, f"{where}.{i}").model_kwargs()
