@@ -221,6 +221,9 @@ def test_a_short_shard_stops_in_one_line_or_is_skipped_and_counted(shard_sets):
     assert res.returncode == 0, res.stderr
     m = json.loads((t / "skip" / "metrics.json").read_text())
     assert m["short_shards"] == [str(shard)] and "skipped_samples" in m and m["train_images"] == 12
+    # the shard held 4; the tar reader stops at the cut before it hands over even the whole first sample
+    assert m["lost_samples"] == 4 and m["train_images"] - m["lost_samples"] == 8
+    assert "shards shorter than their shards.json says, 4 samples missing from them" in res.stdout + res.stderr
 
 
 def test_a_bad_sample_in_a_shard_is_skipped_and_counted(shard_sets):
@@ -244,7 +247,7 @@ def test_a_bad_sample_in_a_shard_is_skipped_and_counted(shard_sets):
     d = load_data(load_recipe(_shard_recipe(t, t / "train", t / "val", skip_bad_files=True)).data)
     d.train.workers = 1  # skipped in a worker process, counted in the main one
     assert sum(len(c.labels) for c in d.train.epoch(None, 0, 0, 4)) == 12  # 11 samples, read again to fill 3 batches
-    assert d.read_problems() == {"skipped_samples": 1, "short_shards": []}
+    assert d.read_problems() == {"skipped_samples": 1, "short_shards": [], "lost_samples": 0}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ class DataSplits:
             return {}
         reports = [src.report() for src in sources]
         return {"skipped_samples": sum(r.get("skipped_samples", 0) for r in reports),
-                "short_shards": sorted({s for r in reports for s in r.get("short_shards", [])})}
+                "short_shards": sorted({s for r in reports for s in r.get("short_shards", [])}),
+                "lost_samples": sum(r.get("lost_samples", 0) for r in reports)}
 
     @property
     def train_y(self) -> torch.Tensor:

@@ -18,7 +18,7 @@ indices into it); a shard that the ``shards.json`` beside it does not list (shar
 each shard's size and sample count against ``shards.json``; each sample's label and, with
 ``data.skip_bad_files``, its image. A problem stops the run in one line, or (``skip_bad_files``) the
 sample or what is left of the shard is skipped and counted (``metrics.json``: ``skipped_samples``,
-``short_shards``).
+``short_shards``, and ``lost_samples``, the samples short shards no longer hold).
 """
 from __future__ import annotations
 
@@ -185,7 +185,8 @@ class ShardSource(OrderedSource):
         """What was skipped, for metrics.json."""
         bad = [(s, k, d) for (kind, s, k), d in self.skips.items() if kind == "bad_sample"]
         short = sorted({s for (kind, s, _) in self.skips if kind == "short_shard"})
-        return {"skipped_samples": len(bad), "short_shards": short,
+        lost = sum(int(k) for (kind, _, k) in self.skips if kind == "lost_samples")
+        return {"skipped_samples": len(bad), "short_shards": short, "lost_samples": lost,
                 "first_skipped": (f"{bad[0][0]}: sample {bad[0][1]}: {bad[0][2]}" if bad else None)}
 
     def _short(self, shard: str, detail: str) -> None:
@@ -216,6 +217,7 @@ class ShardSource(OrderedSource):
                 if not self.skip_bad:
                     raise
                 self.note("short_shard", shard, "", f"unreadable after {n} samples ({err})")
+                self._lost(shard, expected, n)
                 return
             n += 1
             key = str(s.get("__key__"))
@@ -236,6 +238,13 @@ class ShardSource(OrderedSource):
         if expected is not None and n != expected:
             self._short(shard, f"holds {n:,} samples, {SHARDS_INDEX} lists {expected:,} (cut short, or written again "
                                "since?)")
+            self._lost(shard, expected, n)
+
+    def _lost(self, shard: str, expected: Optional[int], read: int) -> None:
+        """The samples a short shard no longer holds (where its shards.json counts them): a note whose key is
+        the count, so that a worker process sends it to the main one as it sends the others."""
+        if expected is not None and expected > read:
+            self.note("lost_samples", shard, str(expected - read), "")
 
 
 def _shard_index(shards: list[str], what: str) -> dict[str, tuple[int, Optional[int]]]:

@@ -127,7 +127,8 @@ def _say_skipped(data, rep: Reporter) -> None:
     skipped = data.read_problems()
     if skipped.get("skipped_samples") or skipped.get("short_shards"):
         rep.say(f"[yellow]warning:[/yellow] data.skip_bad_files: {skipped['skipped_samples']} samples skipped, "
-                f"{len(skipped['short_shards'])} shards shorter than their shards.json says (metrics.json lists them)")
+                f"{len(skipped['short_shards'])} shards shorter than their shards.json says, "
+                f"{skipped.get('lost_samples', 0)} samples missing from them (metrics.json lists them)")
 
 
 def _before_training(recipe: Recipe, data, rt: Runtime, run: RunDir, rep: Reporter, teachers_only: bool) -> None:
