@@ -165,3 +165,23 @@ def test_qad_resumes_after_kill_9(tiny_run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "resumed qad-" in res.stdout
     assert not list(ckpts.glob("qad-*.pt")) and (tmp_path / "out" / "student.int8.onnx").is_file()
+
+
+def test_bench_notes_a_tensorrt_form_int8_file_timed_on_onnx_runtime():
+    """QAD's student.int8.tensorrt.onnx runs its convolutions in float on ONNX Runtime: bench says so where it
+    times it there, and says nothing on TensorRT or for ONNX Runtime's own int8 form."""
+    import json
+    from types import SimpleNamespace
+
+    from ekdc.benchmark.runner import tensorrt_form_notes
+    from ekdc.contract import META_QUANTIZATION
+
+    def entry(name, form):
+        meta = {META_QUANTIZATION: json.dumps({"method": "qad", "form": form})} if form else {}
+        return SimpleNamespace(name=name, info=SimpleNamespace(metadata=meta))
+
+    entries = [entry("student.int8.tensorrt.onnx", "tensorrt-qdq: ..."), entry("student.int8.onnx", "onnxruntime-qdq: ..."),
+               entry("student.onnx", None)]
+    notes = tensorrt_form_notes(entries, "cpu")
+    assert len(notes) == 1 and notes[0].startswith("note: student.int8.tensorrt.onnx is int8 in TensorRT's Q/DQ form")
+    assert tensorrt_form_notes(entries, "tensorrt") == []

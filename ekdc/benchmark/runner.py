@@ -9,6 +9,7 @@ a reader can tell a real difference from noise.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -16,6 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 from rich.console import Console
 
 from .._io import check_outputs, write_json
+from ..contract import META_QUANTIZATION
 from ..errors import UserError
 from ..onnx_graph import inspect_model
 from .pooling import build_report
@@ -55,6 +57,8 @@ def bench(models: Union[PathLike, Sequence[PathLike]], *, against: Optional[Path
     if val is not None:
         val = check_data_fits(val, entries, console, foreign)
     say(console, plan_line(entries, settings))
+    for line in tensorrt_form_notes(entries, settings.provider):
+        say(console, line)
     with tempfile.TemporaryDirectory(prefix="ekdc-bench-") as tmp:
         val_paths = save_val(val, Path(tmp)) if val is not None else None
         results = run_rounds(entries, settings, Path(tmp), val_paths, console)
@@ -66,6 +70,24 @@ def bench(models: Union[PathLike, Sequence[PathLike]], *, against: Optional[Path
         write_plot(report, plot_path)
         say(console, f"wrote {plot_path}")
     return report
+
+
+def tensorrt_form_notes(entries: list, provider: str) -> list[str]:
+    """A note for each int8 file in TensorRT's Q/DQ form (QAD's ``student.int8.tensorrt.onnx``) timed on ONNX
+    Runtime's CPU or CUDA provider: its convolutions run in float there, so its time is not int8's."""
+    if provider == "tensorrt":
+        return []
+    out = []
+    for e in entries:
+        try:
+            form = json.loads(e.info.metadata.get(META_QUANTIZATION, "{}")).get("form", "")
+        except (ValueError, AttributeError):
+            continue
+        if str(form).startswith("tensorrt-qdq"):
+            out.append(f"note: {e.name} is int8 in TensorRT's Q/DQ form: on ONNX Runtime ({provider}) its convolutions "
+                       "run in float, so its time is not int8's (build a TensorRT engine from it, or bench "
+                       "student.int8.onnx)")
+    return out
 
 
 def time_models(models: Sequence[PathLike], *, batches: Iterable[int] = (1,), threads: Optional[int] = None,
