@@ -172,7 +172,7 @@ def onnx_teacher(tcfg, i: int, data: DataInfo) -> Teacher:
     if not classes and k != len(data.classes):
         raise UserError(f"teachers.{i}: {tcfg.onnx} has {k} outputs and the data {len(data.classes)} classes; "
                         "give its classes: in output order")
-    idx = class_index(classes, k, data, f"teachers.{i}") if classes else None
+    idx = class_index(classes, k, data, f"teachers.{i} ({tcfg.onnx})") if classes else None
     unit_mean, unit_std = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]) if ekdc is not None else (IMAGENET_MEAN, IMAGENET_STD)
     pre = Preprocess(size, tcfg.mean or unit_mean, tcfg.std or unit_std, bgr=tcfg.channel_order == "bgr",
                      nhwc=tcfg.layout == "nhwc")
