@@ -130,7 +130,8 @@ def test_shards_moved_to_another_folder_give_the_same_epoch(tmp_path):
     """The shuffle is seeded by the shards' names, not their paths: a run is reproduced from the data."""
     def epoch(folder):
         train = _write_shards(folder, shards=4, per_shard=24)
-        register_dataset("toy_moved")(lambda cfg: Sources(TarShards(train), TarShards(train[:1])))
+        val = _write_shards(folder.with_name("val"), shards=1, per_shard=8)  # a validation set of its own
+        register_dataset("toy_moved")(lambda cfg: Sources(TarShards(train), TarShards(val)))
         try:
             data = load_data(_recipe("toy_moved").data)
             data.train.workers = 0

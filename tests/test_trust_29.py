@@ -73,7 +73,9 @@ def test_shard_packs_only_what_the_folder_check_accepts(tmp_path):
     assert "0x" not in out and str(root / "cat") in out
     assert len([n for n in _tar_members(tmp_path / "out") if n.endswith(".cls")]) == 11
     # and what was packed trains: every sample decodes and is labelled by its folder
-    d = load_data(load_recipe(_shard_recipe(tmp_path, tmp_path / "out", tmp_path / "out")).data)
+    val = _folder(tmp_path / "val_img", per_class=2)  # validation shards of their own (training ones are refused)
+    assert run_cli("data", "shard", val, tmp_path / "val").returncode == 0
+    d = load_data(load_recipe(_shard_recipe(tmp_path, tmp_path / "out", tmp_path / "val")).data)
     assert len(d.train) == 11 and sorted(d.train.labels.tolist()) == [0] * 6 + [1] * 5
 
 
