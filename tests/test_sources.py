@@ -157,3 +157,21 @@ def test_ordered_sources_refuse_what_needs_positions(toy_tar):
 def test_an_ordered_source_in_memory_is_random_access(toy_tar):
     data = load_data(_recipe(loader="memory").data)
     assert data.loader == "memory" and data.train_x.shape == (96, 3, 16, 16) and data.train.random_access
+
+
+@pytest.mark.parametrize("labels, words", [
+    (np.arange(40) % 3, "the training labels run from 0 to 2, but a label is a class's index, 0 .. 1 for its 2 classes"),
+    (np.arange(40) % 2 - 1, "the training labels run from -1 to 0"),
+])
+def test_a_data_sets_labels_outside_its_classes_are_refused(labels, words):
+    """A plugin data set whose labels do not index its classes (3 labels for 2 names, or -1) is one line
+    before anything trains, not an index error in a loss or a ValueError from a count."""
+    from ekdc.data import TensorSource
+
+    images = torch.zeros(40, 3, 8, 8, dtype=torch.uint8)
+    register_dataset("toy_labels")(lambda cfg: Sources(TensorSource(images, labels, ["a", "b"])))
+    try:
+        with pytest.raises(UserError, match=words):
+            index_splits(_recipe("toy_labels", image_size=8).data)
+    finally:
+        unregister_dataset("toy_labels")

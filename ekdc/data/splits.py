@@ -156,6 +156,14 @@ def index_splits(cfg) -> SplitIndex:
         where = " ".join(str(x) for x in (cfg.dataset, getattr(cfg, "root", None) or getattr(cfg, "urls", None)) if x)
         raise UserError(f"data ({where}): one class ({', '.join(map(str, train_src.classes)) or 'none'}): a "
                         "classifier needs at least 2, or it trains and scores 100% while learning nothing")
+    for src, which in ((train_src, "training"), (val_src, "validation")):  # a plugin's labels, above all
+        if isinstance(src, IndexedSource) and len(src.labels):
+            lo, hi = int(np.min(src.labels)), int(np.max(src.labels))
+            if lo < 0 or hi >= len(train_src.classes):
+                raise UserError(f"data ({cfg.dataset}): the {which} labels run from {lo} to {hi}, but a label is a "
+                                f"class's index, 0 .. {len(train_src.classes) - 1} for its {len(train_src.classes)} "
+                                f"classes ({', '.join(map(str, train_src.classes[:5]))}"
+                                f"{', ...' if len(train_src.classes) > 5 else ''})")
     limited = cfg.per_class is not None or cfg.train_fraction is not None
     if train_src.ordered:
         if val_src is None:
