@@ -89,6 +89,20 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
             torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(bomb_root / c / f"{i}.png")
     _bomb(bomb_root / "cat" / "huge.png")
     torchvision.transforms.functional.to_pil_image(torch.rand(3, 8, 8)).save(d / "one_class" / "cat" / "0.png")
+    # two good classes (bomb_root less its bomb); the same with one class of files that are no images
+    two_root, half_bad = d / "two_root", d / "half_bad"
+    for c in ("cat", "dog"):
+        (two_root / c).mkdir(parents=True)
+        (half_bad / c).mkdir(parents=True)
+        for i in range(4):
+            shutil.copy(bomb_root / c / f"{i}.png", two_root / c / f"{i}.png")
+            if c == "cat":
+                shutil.copy(bomb_root / c / f"{i}.png", half_bad / c / f"{i}.png")
+            else:
+                (half_bad / c / f"{i}.png").write_text("not an image\n")
+    same_val = yaml.safe_load(ok.read_text()) | {"data": {"dataset": "imagefolder", "root": str(two_root),
+                                                          "val_root": f"{two_root}/../{two_root.name}", "image_size": 8}}
+    (d / "same_val.yaml").write_text(yaml.safe_dump(same_val, sort_keys=False))
     (d / "shards").mkdir()
     # shards of bomb_root (its bomb left out), and a copy of them with a shard cut short
     subprocess.run([sys.executable, "-m", "ekdc", "data", "shard", str(bomb_root), str(d / "sh"), "--shard-size", "4"],
@@ -224,6 +238,9 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
          ["compare", str(d / "from_files.yaml"), "--rows", "recipe", "--out", str(d / "c5")]),
         ("compare: two rows that train the same", ["compare", str(ok), "--rows", "ekd,recipe", "--out", str(d / "c3")]),
         ("compare: a seed listed twice", ["compare", str(ok), "--seeds", "0,0", "--out", str(d / "c6")]),
+        ("data shard: one class left once unreadable files are left out", ["data", "shard", str(half_bad),
+                                                                          str(d / "sh_half")]),
+        ("validation folder is the training folder", ["distill", str(d / "same_val.yaml"), "--out", str(d / "o14")]),
         ("recipe empty", ["distill", str(d / "empty.yaml")]),
         ("true where a number belongs", ["distill", str(ok), "--set", "distill.epochs=true"]),
         ("a float that is not finite", ["distill", str(ok), "--set", "distill.temperature=inf"]),
