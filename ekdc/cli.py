@@ -309,7 +309,7 @@ def list_models_cmd(
         if not found:
             console.print(f"no architecture matches '{filter_}' in ekdc's registry, torchvision or timm")
     # a plugin that did not load adds nothing: the listing is where its author looks, so it says why
-    for dist, error in dict.fromkeys((p.distribution, p.error) for p in failed_plugins()):
+    for dist, error in failed_plugins():
         print(f"warning: plugin {dist} failed to load, so none of its names are listed: {error}", file=sys.stderr)
 
 

@@ -115,17 +115,15 @@ def load_plugins() -> list[Plugin]:
     return _LOADED
 
 
-def failed_plugins() -> list[Plugin]:
-    return [p for p in load_plugins() if p.error]
+def failed_plugins() -> list[tuple[str, str]]:
+    """(package, why) of each plugin that failed to load, each once: one package's entry points fail alike."""
+    return list(dict.fromkeys((p.distribution, p.error) for p in load_plugins() if p.error))
 
 
 def failure_hint() -> str:
     """A clause for 'unknown name' errors: the plugins that failed to load, or ''."""
     bad = failed_plugins()
-    if not bad:
-        return ""
-    said = dict.fromkeys(f"{p.distribution} ({p.error})" for p in bad)  # one package's entry points fail alike
-    return "; plugins that failed to load: " + ", ".join(said)
+    return "; plugins that failed to load: " + ", ".join(f"{dist} ({why})" for dist, why in bad) if bad else ""
 
 
 def origin(kind: str, name: str) -> str:
