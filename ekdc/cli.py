@@ -173,8 +173,8 @@ def bench(
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="YAML recipe: its data (image size, classes) and teachers (branches)."),
-    latency: Optional[float] = typer.Option(None, "--latency", "-l", help="Budget: p50 latency in ms per batch "
-                                            "(default: the recipe's student.latency_ms)."),
+    latency: Optional[str] = typer.Option(None, "--latency", "-l", help="Budget: p50 latency per batch, in ms "
+                                          "(0.6, or with a unit: 0.6ms, 600us) [default: the recipe's student.latency_ms]."),
     batch: int = typer.Option(1, "--batch", "-b", help="Batch size the budget is for."),
     provider: str = typer.Option("cpu", "--provider", help="cpu, cuda or tensorrt."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: all usable cores)."),
@@ -191,6 +191,7 @@ def plan(
     """Choose the student with the most MACs within a latency budget, timed on this machine before training."""
     from .plan import (
         NoStudentFits,
+        parse_latency,
         plan_student,
         planned_yaml,
         read_candidates,
@@ -200,7 +201,7 @@ def plan(
     from .recipe import load_recipe
 
     r = load_recipe(recipe, set_)
-    budget = latency if latency is not None else r.student.latency_ms
+    budget = parse_latency(latency) if latency is not None else r.student.latency_ms
     if budget is None:
         raise UserError("give the budget: --latency MS (or student.latency_ms in the recipe)")
     plot = plot if plot is not None else (out.with_suffix(".png") if out is not None else None)

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from ekdc import UserError, load_recipe
-from ekdc.plan import (Candidate, NoStudentFits, choose, default_candidates, mark_pareto, plan_student, planned_recipe,
-                       set_lines, short_config)
+from ekdc.plan import (Candidate, NoStudentFits, choose, default_candidates, mark_pareto, parse_latency, plan_student,
+                       planned_recipe, set_lines, short_config)
 from ekdc.recipe import apply_overrides, dump_recipe, recipe_from_dict
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
@@ -119,10 +119,21 @@ def test_latency_ms_excludes_explicit_widths(tmp_path):
     assert r.student.latency_ms == 0.5 and recipe_from_dict(yaml.safe_load(dump_recipe(r))) == r
 
 
+def test_latency_is_read_in_ms_or_with_a_unit():
+    assert parse_latency("0.6") == 0.6 and parse_latency("0.6ms") == 0.6 and parse_latency(" 0.6 MS ") == 0.6
+    assert parse_latency("600us") == pytest.approx(0.6) and parse_latency("600\u00b5s") == pytest.approx(0.6)
+    assert parse_latency("0.5s") == 500.0 and parse_latency("1e-1") == pytest.approx(0.1)
+    for text in ("", "ms", "1 min", "fast", "0.6msx"):
+        with pytest.raises(UserError, match=r"expected a number of ms such as 0.6"):
+            parse_latency(text)
+    res = run_cli("plan", "recipes/cifar10-limited.yaml", "--latency", "-1ms")  # parsed, then refused as a budget
+    assert res.returncode == 2 and "the budget must be a number of ms more than 0" in res.stderr.strip().splitlines()[-1]
+
+
 def test_impossible_budget_is_one_line_and_exit_2(tmp_path):
     recipe = write_recipe(tmp_path / "tiny.yaml", **ONE_TEACHER)
     cands = _candidates_file(tmp_path / "c.yaml", SMALL, MEDIUM)
-    res = run_cli("plan", recipe, "--latency", "0.00001", "--candidates", cands, "--repeats", "1")
+    res = run_cli("plan", recipe, "--latency", "0.01us", "--candidates", cands, "--repeats", "1")  # 1e-05 ms
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert "no student meets 1e-05 ms at batch 1 on cpu" in lines[0]
@@ -142,7 +153,7 @@ def test_planned_yaml_loads_and_trains(tmp_path):
         res = run_cli("plan", recipe, "--latency", "1000", "--candidates", cands, flag, cands)
         assert res.returncode == 2 and f"{flag} {cands} is the candidates file" in res.stderr, res.stderr
     assert cands.read_bytes() == before
-    res = run_cli("plan", recipe, "--latency", "1000", "--candidates", cands, "--repeats", "1", "--out", out)
+    res = run_cli("plan", recipe, "--latency", "1s", "--candidates", cands, "--repeats", "1", "--out", out)
     assert res.returncode == 0, res.stderr
     assert "holds for" in res.stdout and (tmp_path / "planned.png").stat().st_size > 0
     planned = load_recipe(out)

@@ -24,9 +24,9 @@ from .candidates import (
            short_config,
 )
 from .rewrite import planned_recipe, planned_yaml, set_lines
-from .search import NoStudentFits, Plan, choose, mark_pareto, plan_student
+from .search import NoStudentFits, Plan, choose, mark_pareto, parse_latency, plan_student
 from .show import plan_table, write_plan_plot
 
 __all__ = ["Candidate", "NoStudentFits", "Plan", "candidate_configs", "choose", "default_candidates", "mark_pareto",
-           "plan_space", "plan_student", "plan_table", "planned_recipe", "planned_yaml", "read_candidates",
+           "parse_latency", "plan_space", "plan_student", "plan_table", "planned_recipe", "planned_yaml", "read_candidates",
            "same_stages", "set_lines", "short_config", "write_plan_plot"]

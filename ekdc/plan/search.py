@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import re
 import statistics
 import tempfile
 import time
@@ -121,6 +122,22 @@ def choose(candidates: Sequence[Candidate], budget_ms: float) -> Optional[Candid
     """The candidate with the most MACs whose p50 is within the budget (the faster of a tie); None if none."""
     fits = [c for c in candidates if c.p50_ms is not None and c.p50_ms <= budget_ms]
     return max(fits, key=lambda c: (c.macs, -c.p50_ms)) if fits else None
+
+
+_LATENCY_UNITS = {"ms": 1.0, "us": 1e-3, "\u00b5s": 1e-3, "s": 1e3}
+
+
+def parse_latency(text: str) -> float:
+    """``--latency`` as a person writes it: ``0.6`` (ms), ``0.6ms``, ``600us`` or ``0.0006s``, in ms."""
+    m = re.fullmatch(r"\s*([-+0-9.eE]+|nan|inf)\s*(ms|us|\u00b5s|s)?\s*", text, flags=re.IGNORECASE)
+    try:
+        if m is None:
+            raise ValueError
+        value = float(m.group(1)) * _LATENCY_UNITS[(m.group(2) or "ms").lower()]
+    except ValueError:
+        raise UserError(f"--latency {text!r}: expected a number of ms such as 0.6 (or with a unit: 0.6ms, "
+                        f"600us, 0.0006s)") from None
+    return value
 
 
 def _check_args(latency_ms: float, batch: int, provider: str, threads: Optional[int], precision: str,
