@@ -167,26 +167,31 @@ def _replaceable_report(flag: str, path: Path) -> bool:
         return False
 
 
-def check_outputs(inputs: dict[str, str | os.PathLike], **paths: Optional[str | os.PathLike]) -> None:
+def check_outputs(inputs: dict[str, str | os.PathLike], *, derived: Optional[dict[str, str]] = None,
+                  **paths: Optional[str | os.PathLike]) -> None:
     """Before any work: no output file (``--json``, ``--plot``, ``--out``: the keyword is the flag) may be one of
     the command's inputs (``{what it is: its path}``) or lie inside an input folder, where a report would
-    overwrite a model, a recipe or an image; and each must be a writable file name."""
+    overwrite a model, a recipe or an image; and each must be a writable file name. ``derived`` names an
+    output the user did not give but the command chose (``{"plot": "the plot beside --out"}``), so that a
+    refusal does not blame a flag that was never typed."""
     given = {flag: Path(p) for flag, p in paths.items() if p is not None}
     real = {flag: path.resolve() for flag, path in given.items()}
     sources = {what: (Path(source), Path(source).resolve()) for what, source in inputs.items()}
+    called = {flag: (derived or {}).get(flag, f"--{flag}") for flag in given}
     for flag, path in given.items():
         twin = next((f for f in given if f != flag and real[f] == real[flag]), None)
         if twin is not None:  # the second report would overwrite the first
-            raise UserError(f"--{flag} and --{twin} are the same file {path}: give each its own")
+            raise UserError(f"{called[flag]} and {called[twin]} are the same file {path}: give each its own")
         if path.is_dir():
-            raise UserError(f"--{flag} {path} is a folder; give a file name")
+            raise UserError(f"{called[flag]} {path} is a folder; give a file name")
         for what, (source, source_real) in sources.items():
             if real[flag] == source_real:
-                raise UserError(f"--{flag} {path} is the {what}: give --{flag} another file")
+                raise UserError(f"{called[flag]} {path} is the {what}: give --{flag} another file")
             if source.is_dir() and real[flag].is_relative_to(source_real):
-                raise UserError(f"--{flag} {path} lies inside the {what} {source}: give --{flag} a file outside it")
+                raise UserError(f"{called[flag]} {path} lies inside the {what} {source}: give --{flag} a file "
+                                f"outside it")
         if flag in REPORT_KINDS and not _replaceable_report(flag, path):
-            raise UserError(f"--{flag} {path} exists and is not {REPORT_KINDS[flag]}: it is left as it is; give "
+            raise UserError(f"{called[flag]} {path} exists and is not {REPORT_KINDS[flag]}: it is left as it is; give "
                             f"--{flag} another file (or remove it)")
         ensure_writable_dir(path.parent)
 

@@ -204,9 +204,10 @@ def plan(
     budget = parse_latency(latency) if latency is not None else r.student.latency_ms
     if budget is None:
         raise UserError("give the budget: --latency MS (or student.latency_ms in the recipe)")
+    derived = {"plot": "the plot beside --out"} if plot is None and out is not None else {}
     plot = plot if plot is not None else (out.with_suffix(".png") if out is not None else None)
     check_outputs({"input recipe": recipe, **({"candidates file": candidates} if candidates else {})}, out=out, plot=plot,
-                  json=json_path)
+                  json=json_path, derived=derived)
     try:
         result = plan_student(r, budget, batch=batch, provider=provider, threads=threads, precision=precision,
                               candidates=read_candidates(candidates, r) if candidates else None, repeats=repeats,

@@ -142,6 +142,17 @@ def test_impossible_budget_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in res.stderr and "Pareto" in res.stdout  # the measurements are still shown
 
 
+def test_a_plot_plan_chose_is_not_called_a_flag_the_user_never_gave(tmp_path):
+    (tmp_path / "planned.png").write_text("my notes")  # beside --out, where plan would put its plot
+    res = run_cli("plan", "recipes/cifar10-limited.yaml", "--latency", "1", "--out", tmp_path / "planned.yaml")
+    assert res.returncode == 2, res.stderr
+    assert f"the plot beside --out {tmp_path / 'planned.png'} exists and is not a PNG image" in res.stderr
+    assert "give --plot another file" in res.stderr and (tmp_path / "planned.png").read_text() == "my notes"
+    res = run_cli("plan", "recipes/cifar10-limited.yaml", "--latency", "1", "--out", tmp_path / "planned.yaml",
+                  "--plot", tmp_path / "planned.png")  # given by the user, it is the flag's
+    assert res.returncode == 2 and f"--plot {tmp_path / 'planned.png'} exists" in res.stderr, res.stderr
+
+
 def test_planned_yaml_loads_and_trains(tmp_path):
     recipe = write_recipe(tmp_path / "tiny.yaml", **ONE_TEACHER)
     cands = _candidates_file(tmp_path / "c.yaml", SMALL, MEDIUM)
