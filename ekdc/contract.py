@@ -81,10 +81,10 @@ def ort_providers(provider: str = "cpu", trt_options: Optional[dict[str, Any]] =
     return [("TensorrtExecutionProvider", {"device_id": device_id, **(trt_options or {})}), cuda, "CPUExecutionProvider"]
 
 
-def ort_session(path: str | os.PathLike, *, threads: Optional[int] = None, provider: str = "cpu",
+def ort_session(path: str | os.PathLike | bytes, *, threads: Optional[int] = None, provider: str = "cpu",
                 trt_options: Optional[dict[str, Any]] = None, spin: bool = True, device_id: int = 0):
-    """An ONNX Runtime session as export and bench both use it: every graph optimisation, sequential
-    execution, one inter-op thread, ``threads`` intra-op threads (default: the usable cores).
+    """An ONNX Runtime session (of a file, or a model's bytes) as export and bench both use it: every graph
+    optimisation, sequential execution, one inter-op thread, ``threads`` intra-op threads (default: the usable cores).
     ``spin=False`` for a session that shares the CPUs with other work (an ONNX teacher beside PyTorch
     training): ONNX Runtime's idle threads otherwise spin and starve it."""
     import onnxruntime as ort
@@ -97,7 +97,8 @@ def ort_session(path: str | os.PathLike, *, threads: Optional[int] = None, provi
     opts.intra_op_num_threads = int(threads or usable_cores())
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=ort_providers(provider, trt_options, device_id))
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, opts, providers=ort_providers(provider, trt_options, device_id))
 
 
 def top1(logits, labels) -> float:

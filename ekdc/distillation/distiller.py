@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..losses import Objective
 from ..models import EKDStudent
 from ..teachers import Teacher
+from ..teachers.ort_runner import OrtTeacher, runs_in_ort
 from ..training.trainer import Batch, Losses, param_groups
 from .teacher_cache import TeacherCache
 
@@ -19,11 +20,14 @@ from .teacher_cache import TeacherCache
 class Distiller(nn.Module):
     """The EKD student stage: frozen teachers, the multi-branch student and the objective."""
 
-    def __init__(self, student: EKDStudent, teachers: list[Teacher], loss: Objective):
+    def __init__(self, student: EKDStudent, teachers: list[Teacher], loss: Objective, teacher_runtime: str = "auto"):
         super().__init__()
         self.student = student
         self.teachers = nn.ModuleList(teachers)
         self.loss = loss
+        # "auto": PyTorch teachers on the CPU in fp32 run in ONNX Runtime (ort_runner.py says why); "torch": never
+        self.teacher_runtime = teacher_runtime
+        self._ort: dict[int, OrtTeacher] = {}  # by teacher index, made on first use
         self.cache: Optional[TeacherCache] = None  # set: the teachers' outputs are read from it, not computed
         self._teachers_checked = False
         if loss.needs_features:
@@ -40,11 +44,7 @@ class Distiller(nn.Module):
 
     def teacher_targets(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
         """Teacher logits ``[M,B,C]`` and, where the loss matches features, their pooled features."""
-        with torch.inference_mode():
-            if self.loss.needs_features:
-                outs = [t.forward_with_features(pixels) for t in self.teachers]
-            else:
-                outs = [(t(pixels), None) for t in self.teachers]
+        outs = [self._run_teacher(i, t, pixels) for i, t in enumerate(self.teachers)]
         if not self._teachers_checked:  # once: a broken teacher would otherwise read as a diverging student
             bad = next((t.name for t, o in zip(self.teachers, outs) if not torch.isfinite(o[0]).all()), None)
             if bad is not None:
@@ -55,6 +55,14 @@ class Distiller(nn.Module):
         logits = torch.stack([o[0].float() for o in outs]).clone()
         feats = [o[1].clone() for o in outs] if self.loss.needs_features else None
         return logits, feats
+
+    def _run_teacher(self, i: int, teacher: Teacher, pixels: torch.Tensor):
+        if self.teacher_runtime == "auto" and runs_in_ort(teacher, pixels):
+            if i not in self._ort:
+                self._ort[i] = OrtTeacher(teacher, self.loss.needs_features)
+            return self._ort[i](pixels)
+        with torch.inference_mode():
+            return teacher.forward_with_features(pixels) if self.loss.needs_features else (teacher(pixels), None)
 
     def forward_train(self, student: nn.Module, batch: Batch) -> tuple[torch.Tensor, Losses]:
         """``student`` is ``self.student``, or the DistributedDataParallel wrapper around it."""

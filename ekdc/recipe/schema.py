@@ -266,6 +266,9 @@ class DistillConfig(Schedule):
     weights: dict[str, float] = Field(default_factory=dict, validate_default=True, description="each loss term's weight "
                                       "(ekdc.losses.list_terms(); terms left out keep their default)")
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
+    teacher_runtime: Literal["auto", "torch"] = Field(
+        "auto", description="auto: frozen PyTorch teachers on a CPU in fp32 run in ONNX Runtime (faster; checked "
+                            "against PyTorch on the first batch, PyTorch where they differ); torch: always PyTorch")
 
     @classmethod
     def extensions(cls) -> dict[str, type[BaseModel]]:

@@ -1,0 +1,128 @@
+"""distill.teacher_runtime: frozen PyTorch teachers on the CPU run in ONNX Runtime, checked against PyTorch."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ekdc.distillation.distiller import Distiller
+from ekdc.losses import Objective
+from ekdc.models import create_model
+from ekdc.recipe import TeacherConfig, recipe_from_dict
+from ekdc.teachers import DataInfo, Preprocess, Teacher, trainable_teacher
+from ekdc.teachers.ort_runner import CHECKS, OrtTeacher, runs_in_ort
+from tests.conftest import tiny_recipe
+
+INFO = DataInfo(["a", "b", "c", "d"], 16, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+
+
+def _teacher(tta: str = "none", class_index=None) -> Teacher:
+    torch.manual_seed(0)
+    t = trainable_teacher(TeacherConfig(arch="resnet8"), 0, INFO)
+    return Teacher(t.model, t.pre, name="resnet8", arch="resnet8", source="ekdc", head=t.head, tta=tta,
+                   class_index=class_index)
+
+
+def _eager(teacher: Teacher, pixels: torch.Tensor, features: bool):
+    with torch.inference_mode():
+        return teacher.forward_with_features(pixels) if features else (teacher(pixels), None)
+
+
+@pytest.mark.parametrize("features,tta,class_index", [(False, "none", None), (True, "flip", None),
+                                                      (False, "none", [3, 2, 1, 0])])
+def test_onnx_runtime_gives_what_pytorch_gives_after_its_checks(features, tta, class_index):
+    teacher = _teacher(tta, class_index)
+    runner = OrtTeacher(teacher, features, threads=1)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.rand(n, 3, 16, 16, generator=g) for n in (7, 5, 3, 9)]  # the export saw 2 images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: a warning here fails the test
+        outs = [runner(b) for b in batches]
+    assert runner.fallback_reason is None and runner.checks_left == 0 and runner._session is not None
+    for b, (logits, feats) in zip(batches, outs):
+        want_logits, want_feats = _eager(teacher, b, features)
+        assert logits.shape == (len(b), 4)
+        assert torch.allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
+        assert (feats is None) == (not features)
+        if features:
+            assert feats.shape == want_feats.shape and torch.allclose(feats, want_feats, atol=1e-4, rtol=1e-4)
+    # after its checks the runner no longer calls PyTorch: a teacher changed now shows the graph is ONNX's
+    with torch.no_grad():
+        teacher.model.fc.bias.add_(100.0)
+    assert not torch.allclose(runner(batches[0])[0], _eager(teacher, batches[0], features)[0], atol=1.0)
+
+
+class _InputDependent(nn.Module):
+    """A net whose Python branch depends on the values of its input: a trace freezes the branch it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        pooled = x.mean((2, 3))
+        return self.fc(pooled) if float(pooled.mean()) > 0.5 else -self.fc(pooled)
+
+
+def test_a_teacher_whose_graph_differs_runs_in_pytorch_with_a_warning():
+    teacher = Teacher(_InputDependent(), Preprocess(16, [0, 0, 0], [1, 1, 1]), name="odd", arch="odd", source="ekdc")
+    runner = OrtTeacher(teacher, False, threads=1)
+    bright, dark = torch.full((4, 3, 16, 16), 0.9), torch.full((4, 3, 16, 16), 0.1)
+    assert torch.allclose(runner(bright)[0], _eager(teacher, bright, False)[0])  # traced on this branch: agrees
+    with pytest.warns(UserWarning, match=r"teacher odd runs in PyTorch, not ONNX Runtime: its ONNX logits differ"):
+        logits, _ = runner(dark)  # the second check finds the frozen branch
+    assert torch.allclose(logits, _eager(teacher, dark, False)[0]) and runner.fallback_reason
+    assert torch.allclose(runner(bright)[0], _eager(teacher, bright, False)[0])  # PyTorch from now on
+
+
+class _NoExport(nn.Module):
+    def forward(self, x):
+        return torch.from_numpy(x.mean((2, 3)).numpy().repeat(2, axis=1)[:, :4].copy())
+
+
+def test_a_teacher_that_does_not_export_runs_in_pytorch_with_a_warning(monkeypatch):
+    import ekdc.teachers.ort_runner as ort_runner
+
+    def refuse(*_a, **_k):
+        raise RuntimeError("Unsupported: an op ONNX lacks\nmore lines")
+
+    monkeypatch.setattr(ort_runner.torch.onnx, "export", refuse)
+    teacher = Teacher(_NoExport(), Preprocess(16, [0, 0, 0], [1, 1, 1]), name="np", arch="np", source="ekdc")
+    runner = OrtTeacher(teacher, False, threads=1)
+    x = torch.rand(3, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"teacher np runs in PyTorch, not ONNX Runtime: it does not export to ONNX "
+                                         r"\(Unsupported: an op ONNX lacks\)"):
+        logits, _ = runner(x)
+    assert logits.shape == (3, 4) and runner.fallback_reason and runner._session is None
+
+
+def test_which_teachers_onnx_runtime_runs():
+    teacher, x = _teacher(), torch.rand(2, 3, 16, 16)
+    assert runs_in_ort(teacher, x)
+    assert not runs_in_ort(teacher, x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast: PyTorch's kernels are the fast path
+        assert not runs_in_ort(teacher, x)
+    onnx_teacher = Teacher(nn.Identity(), Preprocess(16, [0, 0, 0], [1, 1, 1]), name="f", arch="f", source="onnx")
+    assert not runs_in_ort(onnx_teacher, x)  # already ONNX Runtime's
+
+
+@pytest.mark.parametrize("runtime", ["auto", "torch"])
+def test_the_distiller_runs_teachers_where_the_recipe_says(runtime):
+    recipe = recipe_from_dict(tiny_recipe(distill={"teacher_runtime": runtime}))
+    assert recipe.distill.teacher_runtime == runtime
+    teachers = [_teacher(), _teacher("flip")]
+    student = create_model("ekd_student", num_classes=4, num_branches=2)
+    distiller = Distiller(student, teachers, Objective.from_recipe(recipe), teacher_runtime=runtime)
+    x = torch.rand(6, 3, 16, 16)
+    for _ in range(CHECKS + 1):
+        logits, _ = distiller.teacher_targets(x)
+    assert len(distiller._ort) == (2 if runtime == "auto" else 0)
+    want = torch.stack([_eager(t, x, False)[0] for t in teachers])
+    assert logits.shape == (2, 6, 4) and torch.allclose(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_runtime_is_a_recipe_choice_of_two():
+    with pytest.raises(Exception, match="teacher_runtime"):
+        recipe_from_dict(tiny_recipe(distill={"teacher_runtime": "tensorrt"}))
