@@ -96,6 +96,13 @@ def test_a_teacher_that_does_not_export_runs_in_pytorch_with_a_warning(monkeypat
                                          r"\(Unsupported: an op ONNX lacks\)"):
         logits, _ = runner(x)
     assert logits.shape == (3, 4) and runner.fallback_reason and runner._session is None
+    said: list[str] = []  # in a run, the line goes to the run's console, once, not to Python's warnings
+    runner = OrtTeacher(teacher, False, threads=1, say=said.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner(x), runner(x)
+    assert said == ["[yellow]warning:[/yellow] teacher np runs in PyTorch, not ONNX Runtime: it does not export to "
+                    "ONNX (Unsupported: an op ONNX lacks)"]
 
 
 def test_which_teachers_onnx_runtime_runs():

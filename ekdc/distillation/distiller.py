@@ -2,7 +2,7 @@
 frozen teachers, the student and the loss; ``forward_train`` returns ``(logits, losses)``)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -20,13 +20,15 @@ from .teacher_cache import TeacherCache
 class Distiller(nn.Module):
     """The EKD student stage: frozen teachers, the multi-branch student and the objective."""
 
-    def __init__(self, student: EKDStudent, teachers: list[Teacher], loss: Objective, teacher_runtime: str = "auto"):
+    def __init__(self, student: EKDStudent, teachers: list[Teacher], loss: Objective, teacher_runtime: str = "auto",
+                 say: Optional[Callable[[str], None]] = None):
         super().__init__()
         self.student = student
         self.teachers = nn.ModuleList(teachers)
         self.loss = loss
         # "auto": PyTorch teachers on the CPU in fp32 run in ONNX Runtime (ort_runner.py says why); "torch": never
         self.teacher_runtime = teacher_runtime
+        self._say = say  # where a teacher that falls back to PyTorch is reported (the run's console)
         self._ort: dict[int, OrtTeacher] = {}  # by teacher index, made on first use
         self.cache: Optional[TeacherCache] = None  # set: the teachers' outputs are read from it, not computed
         self._teachers_checked = False
@@ -59,7 +61,7 @@ class Distiller(nn.Module):
     def _run_teacher(self, i: int, teacher: Teacher, pixels: torch.Tensor):
         if self.teacher_runtime == "auto" and runs_in_ort(teacher, pixels):
             if i not in self._ort:
-                self._ort[i] = OrtTeacher(teacher, self.loss.needs_features)
+                self._ort[i] = OrtTeacher(teacher, self.loss.needs_features, say=self._say)
             return self._ort[i](pixels)
         with torch.inference_mode():
             return teacher.forward_with_features(pixels) if self.loss.needs_features else (teacher(pixels), None)

@@ -124,7 +124,8 @@ def student_stage(recipe: Recipe, data: DataSplits, teachers: list[Teacher], rt:
     torch.manual_seed(recipe.seed)
     student = create_model(recipe.student.arch, num_classes=data.num_classes, **config)
     d = recipe.distill
-    distiller = Distiller(student, teachers, Objective.from_recipe(recipe), teacher_runtime=d.teacher_runtime)
+    distiller = Distiller(student, teachers, Objective.from_recipe(recipe), teacher_runtime=d.teacher_runtime,
+                          say=rep.say)
     rt.prepare(student)
     if run.student_path.exists():
         trained, ck = checkpoint.load_student(run.student_path)

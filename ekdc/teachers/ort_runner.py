@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -46,10 +46,12 @@ class _Outputs(nn.Module):
 class OrtTeacher:
     """``teacher`` exported to ONNX on its first call and run by ONNX Runtime on ``threads`` threads;
     called as ``(pixels) -> (logits, features or None)``. ``fallback_reason`` says why PyTorch runs it
-    instead (None while ONNX Runtime does)."""
+    instead (None while ONNX Runtime does), and ``say`` (default: ``warnings.warn``) is told so once."""
 
-    def __init__(self, teacher: Teacher, features: bool, threads: Optional[int] = None):
+    def __init__(self, teacher: Teacher, features: bool, threads: Optional[int] = None,
+                 say: Optional[Callable[[str], None]] = None):
         self.teacher, self.features = teacher, features
+        self.say = say
         self.threads = threads or torch.get_num_threads()
         self._session = None
         self.fallback_reason: Optional[str] = None
@@ -93,7 +95,11 @@ class OrtTeacher:
 
     def _give_up(self, reason: str, expected=None):
         self._session, self.fallback_reason = None, reason
-        warnings.warn(f"teacher {self.teacher.name} runs in PyTorch, not ONNX Runtime: {reason}", stacklevel=3)
+        line = f"teacher {self.teacher.name} runs in PyTorch, not ONNX Runtime: {reason}"
+        if self.say is not None:
+            self.say(f"[yellow]warning:[/yellow] {line}")
+        else:
+            warnings.warn(line, stacklevel=3)
         return expected
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
