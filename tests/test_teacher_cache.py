@@ -20,7 +20,7 @@ from ekdc import distill, load_recipe
 from ekdc.data import augment, load_data
 from ekdc.distillation import teacher_cache as tc
 from ekdc.distillation.distiller import Distiller
-from ekdc.training.runtime import setup_runtime
+from ekdc.training.runtime import Runtime, setup_runtime
 from ekdc.errors import UserError
 from ekdc.recipe import apply_overrides, recipe_from_dict
 from ekdc.run import RunDir
@@ -100,6 +100,34 @@ def test_features_are_cached_for_feature_matching(cached_run, tmp_path):
         assert torch.allclose(stored, live, rtol=2e-3, atol=2e-3 * live.abs().max().item())
     # features are part of the key: the logits-only cache of the same run is another folder
     assert cache.folder.name != Path(json.loads((run_path / "metrics.json").read_text())["teacher_cache"]["path"]).name
+
+
+def test_a_reduced_precision_run_reads_a_complete_fp32_cache_and_never_the_reverse(cached_run, tmp_path):
+    run_path, recipe = cached_run
+    data, teachers, rt = _setup(run_path, recipe)
+    aug, said = recipe.data.augment_config, []
+    fp32_folder = Path(json.loads((run_path / "metrics.json").read_text())["teacher_cache"]["path"])
+    bf16 = Runtime(torch.device("cpu"), torch.bfloat16, False)
+
+    def never(px):
+        raise AssertionError("the teachers ran")
+
+    for path in (run_path / "teacher_cache", fp32_folder):  # the folder of caches, or the cache's own folder
+        cfg = recipe.distill.teacher_cache.model_copy(update={"path": str(path)})
+        cache = tc.open_teacher_cache(cfg, tmp_path, teachers, data, aug, bf16, never, False, said.append)
+        assert cache.folder == fp32_folder and "reading the complete fp32 cache" in said[-1]
+    calls = []
+
+    def live(px):
+        calls.append(len(px))
+        return _live(teachers, px), None
+
+    cfg = recipe.distill.teacher_cache.model_copy(update={"path": str(tmp_path / "caches")})
+    built = tc.open_teacher_cache(cfg, tmp_path, teachers, data, aug, bf16, live, False, said.append)
+    assert calls and json.loads((built.folder / "key.json").read_text())["doc"]["precision"] == "bf16 autocast"
+    calls.clear()  # an fp32 run beside only a bf16 cache builds its own: bf16 outputs are not what it would compute
+    own = tc.open_teacher_cache(cfg, tmp_path, teachers, data, aug, rt, live, False, said.append)
+    assert calls and own.folder != built.folder
 
 
 def test_the_key_changes_with_teachers_split_augmentation_views_seed_and_decoder(cached_run, monkeypatch):

@@ -18,7 +18,8 @@ views hit every time, at the price of K views per image instead of one fresh vie
 
 The cache folder (``distill.teacher_cache.path``, by default the run's ``teacher_cache/``) holds caches
 by key, so a cache is rebuilt (in a new subfolder) whenever anything its outputs depend on changes, and
-is never read for the wrong key.
+is never read for the wrong key, with one exception: a run in reduced precision reads a complete cache
+built in fp32 (more exact than its own would be) instead of building one.
 """
 from __future__ import annotations
 
@@ -99,7 +100,11 @@ def cache_key(teachers: list[Teacher], data: DataSplits, aug: Optional[Augment],
         "precision": precision,
         "features": features,
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(), doc
+    return _key_of(doc), doc
+
+
+def _key_of(doc: dict) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def _augment_doc(aug: Optional[Augment]) -> Optional[dict]:
@@ -170,7 +175,14 @@ def open_teacher_cache(cfg: TeacherCacheConfig, run_path: Path, teachers: list[T
     check_cacheable(data)
     # rank 0's key (hashing the split once, not once a rank), which every rank then uses
     key, doc = rt.from_main(cache_key(teachers, data, aug, cfg, rt.precision_text, features) if rt.is_main else None)
-    folder = _folder_for(cache_root(cfg, run_path), key, doc)
+    root = cache_root(cfg, run_path)
+    fp32 = _complete_fp32(root, doc)
+    if fp32 is not None and not _complete(root, key):
+        say(f"[dim]teacher cache: reading the complete fp32 cache {fp32} (this run is {doc['precision']}; the "
+            f"teachers' fp32 outputs are what its own would approximate)[/dim]")
+        folder = fp32
+    else:
+        folder = _folder_for(root, key, doc)
     layout = Layout(len(data.train), cfg.views, len(teachers), data.num_classes,
                     tuple(t.num_features for t in teachers) if features else (),
                     param_width(aug))
@@ -221,6 +233,24 @@ def _folder_for(root: Path, key: str, doc: dict) -> Path:
                             f"({root.parent}) to build one for this run")
         return root
     return root / key[:20]
+
+
+def _complete(root: Path, key: str) -> Optional[Path]:
+    """The complete cache of ``key`` under ``root`` (or ``root`` itself, where it is that cache), or None."""
+    for folder in (root, root / key[:20]):
+        if (folder / "complete.json").exists() and (folder / "key.json").exists():
+            if _read_json(folder / "key.json").get("key") == key:
+                return folder
+    return None
+
+
+def _complete_fp32(root: Path, doc: dict) -> Optional[Path]:
+    """For a run in reduced precision (bf16 autocast, fp16 AMP): the complete cache of the same teachers,
+    data and views built in fp32, if there is one. Its outputs are the ones the run's own would only
+    approximate, so it is read rather than another built; an fp32 run never reads a reduced-precision one."""
+    if doc["precision"] == "fp32":
+        return None
+    return _complete(root, _key_of({**doc, "precision": "fp32"}))
 
 
 def _read_json(path: Path) -> dict:
