@@ -66,6 +66,7 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
     (d / "text.pt").write_text("a text file named .pt\n")
     (d / "empty.yaml").write_text("# nothing but a comment\n")
     (d / "one_class" / "cat").mkdir(parents=True)
+    (d / "notes.png").write_text("my notes, where plan would put its plot\n")
     import torch
     import torchvision
 
@@ -186,6 +187,9 @@ def _cases(d: Path) -> list[tuple[str, list[str]]]:
         ("plan: no student meets the budget", ["plan", str(ok), "--latency", "0.0001", "--candidates",
                                                str(d / "candidates.yaml"), "--repeats", "1"]),
         ("plan: --out is the recipe itself", ["plan", str(ok), "--latency", "1", "--out", str(ok)]),
+        ("plan: a budget that is not a time", ["plan", str(ok), "--latency", "1 minute"]),
+        ("plan: the plot beside --out is another file", ["plan", str(ok), "--latency", "1ms", "--out",
+                                                         str(d / "notes.yaml")]),
         ("plan: a candidate of another student family", ["plan", str(d / "fast.yaml"), "--latency", "1", "--candidates",
                                                          str(d / "candidates.yaml")]),
         ("export: the teachers it trained are missing", ["export", str(d / "moved"), "--out", str(d / "e3")]),
