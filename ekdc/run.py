@@ -201,8 +201,9 @@ def _check_resumed_recipe(run: RunDir, recipe) -> None:
     )
 
     saved, given = run.recipe().model_dump(mode="json"), recipe.model_dump(mode="json")
+    # watching changes no result; nor does which runtime runs the frozen teachers (checked to agree)
     diffs = [d for d in all_differences(effective(saved), effective(given))
-             if not d.startswith("tracking.")]  # watching changes no result
+             if not d.startswith(("tracking.", "distill.teacher_runtime"))]
     if not diffs and saved != given:
         write_text(run.recipe_path, dump_recipe(recipe))
     if not diffs:

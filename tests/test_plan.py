@@ -121,9 +121,10 @@ def test_latency_ms_excludes_explicit_widths(tmp_path):
 
 def test_latency_is_read_in_ms_or_with_a_unit():
     assert parse_latency("0.6") == 0.6 and parse_latency("0.6ms") == 0.6 and parse_latency(" 0.6 MS ") == 0.6
-    assert parse_latency("600us") == pytest.approx(0.6) and parse_latency("600\u00b5s") == pytest.approx(0.6)
+    assert parse_latency("700us") == 0.7 and parse_latency("700\u00b5s") == 0.7  # exactly: 700 / 1000
+    assert parse_latency("700\u03bcs") == 0.7  # the Greek mu, which many keyboards give for the micro sign
     assert parse_latency("0.5s") == 500.0 and parse_latency("1e-1") == pytest.approx(0.1)
-    for text in ("", "ms", "1 min", "fast", "0.6msx"):
+    for text in ("", "ms", "1 min", "fast", "0.6msx", "1\u017f", "5ks"):
         with pytest.raises(UserError, match=r"expected a number of ms such as 0.6"):
             parse_latency(text)
     res = run_cli("plan", "recipes/cifar10-limited.yaml", "--latency", "-1ms")  # parsed, then refused as a budget

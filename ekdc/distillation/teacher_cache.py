@@ -176,8 +176,9 @@ def open_teacher_cache(cfg: TeacherCacheConfig, run_path: Path, teachers: list[T
     # rank 0's key (hashing the split once, not once a rank), which every rank then uses
     key, doc = rt.from_main(cache_key(teachers, data, aug, cfg, rt.precision_text, features) if rt.is_main else None)
     root = cache_root(cfg, run_path)
-    fp32 = _complete_fp32(root, doc)
-    if fp32 is not None and not _complete(root, key):
+    # decided on rank 0 and shared: ranks that looked at the disk each would disagree if a build ended between
+    fp32 = rt.from_main((None if _complete(root, key) else _complete_fp32(root, doc)) if rt.is_main else None)
+    if fp32 is not None:
         say(f"[dim]teacher cache: reading the complete fp32 cache {fp32} (this run is {doc['precision']}; the "
             f"teachers' fp32 outputs are what its own would approximate)[/dim]")
         folder = fp32

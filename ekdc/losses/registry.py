@@ -26,7 +26,8 @@ MODES = ("ce", "avg_kd", "ekd")
 NEEDS = ("teacher_logits", "teacher_features", "labels", "epoch")
 # names a term may not take: they are the student schedule's own keys under distill:
 RESERVED = frozenset({"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "schedule",
-                      "warmup_epochs", "label_smoothing", "ema_decay", "temperature", "weights", "teacher_cache"})
+                      "warmup_epochs", "label_smoothing", "ema_decay", "temperature", "weights", "teacher_cache",
+                      "teacher_runtime"})
 
 
 @dataclasses.dataclass

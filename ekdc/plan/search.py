@@ -124,20 +124,21 @@ def choose(candidates: Sequence[Candidate], budget_ms: float) -> Optional[Candid
     return max(fits, key=lambda c: (c.macs, -c.p50_ms)) if fits else None
 
 
-_LATENCY_UNITS = {"ms": 1.0, "us": 1e-3, "\u00b5s": 1e-3, "s": 1e3}
+_MICRO = ("us", "\u00b5s", "\u03bcs")  # u, the micro sign and the Greek mu: keyboards give either
+_PER_MS = {"ms": 1.0, "s": 1e-3, **{u: 1e3 for u in _MICRO}}  # units in a millisecond
 
 
 def parse_latency(text: str) -> float:
     """``--latency`` as a person writes it: ``0.6`` (ms), ``0.6ms``, ``600us`` or ``0.0006s``, in ms."""
-    m = re.fullmatch(r"\s*([-+0-9.eE]+|nan|inf)\s*(ms|us|\u00b5s|s)?\s*", text, flags=re.IGNORECASE)
+    m = re.fullmatch(r"\s*([-+0-9.eE]+|nan|inf)\s*([a-zA-Z\u00b5\u03bc]*)\s*", text, flags=re.IGNORECASE)
+    unit = m.group(2).lower() if m else ""
     try:
-        if m is None:
+        if m is None or (unit or "ms") not in _PER_MS:
             raise ValueError
-        value = float(m.group(1)) * _LATENCY_UNITS[(m.group(2) or "ms").lower()]
+        return float(m.group(1)) / _PER_MS[unit or "ms"]  # divided: 700us is 0.7 exactly, not 0.7000000000000001
     except ValueError:
         raise UserError(f"--latency {text!r}: expected a number of ms such as 0.6 (or with a unit: 0.6ms, "
                         f"600us, 0.0006s)") from None
-    return value
 
 
 def _check_args(latency_ms: float, batch: int, provider: str, threads: Optional[int], precision: str,

@@ -268,7 +268,8 @@ class DistillConfig(Schedule):
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
     teacher_runtime: Literal["auto", "torch"] = Field(
         "auto", description="auto: frozen PyTorch teachers on a CPU in fp32 run in ONNX Runtime (faster; checked "
-                            "against PyTorch on the first batch, PyTorch where they differ); torch: always PyTorch")
+                            "against PyTorch on the first batches and now and then after, PyTorch where they differ); "
+                            "torch: always PyTorch")
 
     @classmethod
     def extensions(cls) -> dict[str, type[BaseModel]]:

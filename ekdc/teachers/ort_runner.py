@@ -1,16 +1,17 @@
 """Frozen PyTorch teachers on the CPU, run by ONNX Runtime.
 
-On a CPU, in fp32, ONNX Runtime runs ekdc's CIFAR-10 teachers 1.2-1.6x faster than eager PyTorch at
-batch 256 (fastnet_l 1.19x, wrn_16_4 1.64x, vgg13 1.43x; ``experiments/teacher_runtime.py``): it folds
-each BatchNorm into its convolution and its convolution kernels suit these small images. A distillation
-on a CPU spends most of its time in the teachers (building a teacher-output cache, or live teachers at
-every step), so a frozen teacher is exported once, in memory, and run there. The exported graph is the
-whole ``Teacher`` (preprocessing, class order, flip TTA, and the pooled features where the loss matches
-them), so it is a drop-in for ``Teacher.forward`` / ``forward_with_features``.
+On a CPU, in fp32, ONNX Runtime runs ekdc's CIFAR-10 teachers 1.15-1.83x faster than eager PyTorch at
+batch 256 (fastnet_l 1.16x, wrn_16_4 1.83x, vgg13 1.15x, 1.42x in all, on a 2-core AVX2 EPYC;
+``experiments/teacher_runtime.py``, docs/TEACHER-CACHE.md). A distillation on a CPU spends most of its
+time in the teachers (building a teacher-output cache, or live teachers at every step), so a frozen
+teacher is exported once, in memory, and run there. The exported graph is the whole ``Teacher``
+(preprocessing, class order, flip TTA, and the pooled features where the loss matches them), so it is a
+drop-in for ``Teacher.forward`` / ``forward_with_features``.
 
-It is checked, not trusted: on its first two batches the runner's outputs are compared with PyTorch's, and
-a teacher that does not export, or whose outputs differ, runs in PyTorch as before, with a warning that
-says why. Teachers from ONNX files already run in ONNX Runtime; on a GPU, or under autocast, PyTorch runs them.
+It is checked, not trusted: on its first two batches, and on one in a hundred after them, the runner's
+outputs are compared with PyTorch's, and a teacher that does not export, whose outputs differ, or that
+ONNX Runtime fails to run, runs in PyTorch from then on, with a warning that says why. Teachers from ONNX
+files already run in ONNX Runtime; on a GPU, or under autocast, PyTorch runs them.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from .base import Teacher
 # what ONNX Runtime's fp32 kernels may differ by from PyTorch's (summation order, BatchNorm folded into
 # the convolution): far below what moves a soft target, far above what a wrong graph gives
 RTOL, ATOL = 1e-3, 1e-3
-CHECKS = 2  # batches run both ways before ONNX Runtime's outputs are used alone
+CHECKS = 2  # the first batches run both ways, before ONNX Runtime's outputs are used alone
+SPOT_CHECK_EVERY = 100  # and one batch in this many after them: about 1.5% more teacher time
 
 
 class _Outputs(nn.Module):
@@ -46,7 +48,10 @@ class _Outputs(nn.Module):
 class OrtTeacher:
     """``teacher`` exported to ONNX on its first call and run by ONNX Runtime on ``threads`` threads;
     called as ``(pixels) -> (logits, features or None)``. ``fallback_reason`` says why PyTorch runs it
-    instead (None while ONNX Runtime does), and ``say`` (default: ``warnings.warn``) is told so once."""
+    instead (None while ONNX Runtime does), and ``say`` (default: ``warnings.warn``) is told so once.
+
+    Once a check has passed, ONNX Runtime's outputs are what every batch gets, checked or not, so a run
+    resumed mid-way (whose first batches are checked again) takes the same numeric path as one that was not."""
 
     def __init__(self, teacher: Teacher, features: bool, threads: Optional[int] = None,
                  say: Optional[Callable[[str], None]] = None):
@@ -55,7 +60,7 @@ class OrtTeacher:
         self.threads = threads or torch.get_num_threads()
         self._session = None
         self.fallback_reason: Optional[str] = None
-        self.checks_left = CHECKS
+        self.calls = 0  # batches run so far: the first CHECKS, and every SPOT_CHECK_EVERY-th, are checked
 
     def _eager(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         with torch.inference_mode():
@@ -74,30 +79,32 @@ class OrtTeacher:
             self._session = ort_session(_export(_Outputs(self.teacher, self.features), pixels),
                                         threads=self.threads, spin=False)
         except Exception as err:  # noqa: BLE001 - the exporter's and ONNX Runtime's many exception types
-            return f"it does not export to ONNX ({(str(err).strip().splitlines() or ['?'])[0][:120]})"
+            return f"it does not export to ONNX ({_first_line(err)})"
         return None
 
-    def _check(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """PyTorch's outputs, compared with ONNX Runtime's: a traced graph can freeze a Python branch that
-        depends on the input, so the first ``CHECKS`` batches (other images each) are run both ways."""
+    def _checked(self, pixels: torch.Tensor, got) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``got`` (ONNX Runtime's outputs) if PyTorch's agree with them, else PyTorch's, from now on. A traced
+        graph can freeze a Python branch that depends on the input's values, or on its batch size: hence
+        checks on the first batches, and on one batch in ``SPOT_CHECK_EVERY`` after them."""
         expected = self._eager(pixels)
-        try:
-            got = self._run(pixels)
-        except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types
-            return self._give_up(f"ONNX Runtime cannot run it ({(str(err).strip().splitlines() or ['?'])[0][:120]})",
-                                 expected)
         for name, want, have in zip(("logits", "features"), expected, got):
-            if want is not None and not torch.allclose(have, want.float(), rtol=RTOL, atol=ATOL, equal_nan=True):
+            if want is None:
+                continue
+            if have.shape != want.shape:
+                return self._give_up(f"its ONNX {name} are {list(have.shape)} where PyTorch's are {list(want.shape)}",
+                                     expected)
+            if not torch.allclose(have, want.float(), rtol=RTOL, atol=ATOL, equal_nan=True):
                 diff = float((have - want.float()).abs().max())
                 return self._give_up(f"its ONNX {name} differ from PyTorch's by up to {diff:.3g}", expected)
-        self.checks_left -= 1
-        return expected
+        return got
 
     def _give_up(self, reason: str, expected=None):
         self._session, self.fallback_reason = None, reason
         line = f"teacher {self.teacher.name} runs in PyTorch, not ONNX Runtime: {reason}"
         if self.say is not None:
-            self.say(f"[yellow]warning:[/yellow] {line}")
+            from rich.markup import escape  # the reason quotes an exception, which may hold [brackets]
+
+            self.say(f"[yellow]warning:[/yellow] {escape(line)}")
         else:
             warnings.warn(line, stacklevel=3)
         return expected
@@ -109,9 +116,18 @@ class OrtTeacher:
                 self._give_up(reason)
         if self.fallback_reason is not None:
             return self._eager(pixels)
-        if self.checks_left > 0:
-            return self._check(pixels)
-        return self._run(pixels)
+        check = self.calls < CHECKS or self.calls % SPOT_CHECK_EVERY == 0
+        self.calls += 1
+        try:
+            got = self._run(pixels)
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime's own exception types (a shape it cannot take, memory)
+            self._give_up(f"ONNX Runtime cannot run it on {list(pixels.shape)} ({_first_line(err)})")
+            return self._eager(pixels)
+        return self._checked(pixels, got) if check else got
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or ["?"])[0][:120]
 
 
 def _export(module: nn.Module, example: torch.Tensor) -> bytes:
