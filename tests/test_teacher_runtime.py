@@ -26,6 +26,11 @@ def _teacher(tta: str = "none", class_index=None) -> Teacher:
                    class_index=class_index)
 
 
+def _plain(net: nn.Module, name: str, source: str = "ekdc") -> Teacher:
+    """``net`` as a teacher of [0,1] images at 16 px, without normalisation."""
+    return Teacher(net, Preprocess(16, [0, 0, 0], [1, 1, 1]), name=name, arch=name, source=source)
+
+
 def _eager(teacher: Teacher, pixels: torch.Tensor, features: bool):
     with torch.inference_mode():
         return teacher.forward_with_features(pixels) if features else (teacher(pixels), None)
@@ -68,7 +73,7 @@ class _InputDependent(nn.Module):
 
 
 def test_a_teacher_whose_graph_differs_runs_in_pytorch_with_a_warning():
-    teacher = Teacher(_InputDependent(), Preprocess(16, [0, 0, 0], [1, 1, 1]), name="odd", arch="odd", source="ekdc")
+    teacher = _plain(_InputDependent(), "odd")
     runner = OrtTeacher(teacher, False, threads=1)
     bright, dark = torch.full((4, 3, 16, 16), 0.9), torch.full((4, 3, 16, 16), 0.1)
     assert torch.allclose(runner(bright)[0], _eager(teacher, bright, False)[0], atol=1e-5)  # traced on this branch
@@ -106,7 +111,7 @@ class _BatchBaked(nn.Module):
 
 
 def test_a_graph_that_froze_the_batch_size_falls_back_and_a_failing_run_too():
-    teacher = Teacher(_BatchBaked(), Preprocess(16, [0, 0, 0], [1, 1, 1]), name="baked", arch="b", source="ekdc")
+    teacher = _plain(_BatchBaked(), "baked")
     runner = OrtTeacher(teacher, False, threads=1)
     x = torch.rand(7, 3, 16, 16)
     with pytest.warns(UserWarning, match=r"teacher baked runs in PyTorch, not ONNX Runtime: (its ONNX logits are "
@@ -139,7 +144,7 @@ def test_a_teacher_that_does_not_export_runs_in_pytorch_with_a_warning(monkeypat
         raise RuntimeError("Unsupported: an op ONNX lacks\nmore lines")
 
     monkeypatch.setattr(ort_runner.torch.onnx, "export", refuse)
-    teacher = Teacher(_NoExport(), Preprocess(16, [0, 0, 0], [1, 1, 1]), name="np", arch="np", source="ekdc")
+    teacher = _plain(_NoExport(), "np")
     runner = OrtTeacher(teacher, False, threads=1)
     x = torch.rand(3, 3, 16, 16)
     with pytest.warns(UserWarning, match=r"teacher np runs in PyTorch, not ONNX Runtime: it does not export to ONNX "
@@ -161,7 +166,7 @@ def test_which_teachers_onnx_runtime_runs():
     assert not runs_in_ort(teacher, x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 autocast: PyTorch's kernels are the fast path
         assert not runs_in_ort(teacher, x)
-    onnx_teacher = Teacher(nn.Identity(), Preprocess(16, [0, 0, 0], [1, 1, 1]), name="f", arch="f", source="onnx")
+    onnx_teacher = _plain(nn.Identity(), "f", source="onnx")
     assert not runs_in_ort(onnx_teacher, x)  # already ONNX Runtime's
 
 
